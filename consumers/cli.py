@@ -1,0 +1,88 @@
+"""The `jobstream` command line: worker, migrate, publish, status, job, dlq, health, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from consumers import commands
+from consumers.settings import Settings
+from streams import JobstreamError
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jobstream", description=__doc__)
+    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: INFO)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    w = sub.add_parser("worker", help="run a worker replica until SIGTERM/SIGINT")
+    w.add_argument("--queues", nargs="+", metavar="Q", help="queues to serve (default: all)")
+    w.add_argument("--concurrency", type=int, help="jobs in flight per queue")
+    w.add_argument("--burst", action="store_true", help="drain the queues, then exit")
+
+    sub.add_parser("migrate", help="apply the SQL migrations (idempotent)")
+
+    pub = sub.add_parser("publish", help="validate and publish one job")
+    pub.add_argument("queue")
+    pub.add_argument("payload", help="the payload as a JSON object")
+    pub.add_argument("--id", dest="job_id", help="job id (default: generated)")
+    pub.add_argument("--delay", type=float, help="run it after this many seconds")
+
+    st = sub.add_parser("status", help="per-queue stream and job counts")
+    st.add_argument("--json", action="store_true")
+
+    job = sub.add_parser("job", help="one job: its row, executions and hash")
+    job.add_argument("job_id")
+    job.add_argument("--json", action="store_true")
+
+    dlq = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="dlq", required=True)
+    dl = dlq.add_parser("list", help="newest dead letters")
+    dl.add_argument("queue", nargs="?")
+    dl.add_argument("--count", type=int, default=20)
+    ds = dlq.add_parser("show", help="one dead letter, all fields")
+    ds.add_argument("dead_id")
+    ds.add_argument("--queue")
+    dr = dlq.add_parser("replay", help="publish dead letters again with attempt 1")
+    dr.add_argument("queue")
+    dr.add_argument("dead_ids", nargs="*", metavar="ID")
+    dr.add_argument("--all", action="store_true")
+    dp = dlq.add_parser("purge", help="delete dead letters")
+    dp.add_argument("queue")
+    dp.add_argument("--older-than", help="only those older than this: 30s, 15m, 12h, 7d")
+
+    h = sub.add_parser("health", help="exit 0 when Redis, PostgreSQL (and the worker) are alive")
+    h.add_argument("--consumer", help="also require this worker's heartbeat")
+
+    d = sub.add_parser("demo", help="start two workers and push real jobs through them")
+    d.add_argument("--events", type=int, default=3000)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except JobstreamError as exc:
+        print(f"jobstream: {exc}", file=sys.stderr)
+        return 2
+    level = (args.log_level or settings.log_level).upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    try:
+        return asyncio.run(commands.run(args, settings))
+    except JobstreamError as exc:
+        print(f"jobstream: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

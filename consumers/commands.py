@@ -1,0 +1,196 @@
+"""What each `jobstream` subcommand does, and how it prints."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from consumers import ops
+from consumers.deps import Deps
+from consumers.runtime import connect, run_worker
+from consumers.settings import Settings
+from schema.migrate import apply_migrations
+from schema.payloads import PAYLOADS
+from streams import ConfigError, list_dead, purge_dead, read_dead, replay_dead
+
+__all__ = ["parse_duration_ms", "render_table", "run"]
+
+_UNITS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    """`30s`, `15m`, `12h`, `7d` → milliseconds; ConfigError otherwise."""
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not match:
+        raise ConfigError(f"invalid duration {text!r}: use a number and s, m, h or d (e.g. 7d)")
+    return int(match[1]) * _UNITS[match[2]]
+
+
+def render_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    """A plain fixed-width table."""
+    cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))
+    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join([line, *body])
+
+
+def _json(value: Any) -> str:
+    return msgspec.json.format(msgspec.json.encode(value, enc_hook=str)).decode()
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the parsed command; return the process exit code."""
+    if args.command == "worker":
+        return await run_worker(settings, args.queues, args.concurrency, burst=args.burst)
+    if args.command == "migrate":
+        return await _migrate(settings)
+    if args.command == "demo":
+        from consumers.demo import run_demo
+
+        return await run_demo(settings, args.events)
+    async with connect(settings) as deps:
+        if args.command == "publish":
+            job_id = await deps.publisher.publish(
+                args.queue, args.payload, args.job_id, delay_s=args.delay
+            )
+            print(job_id)
+            return 0
+        if args.command == "status":
+            return await _status(deps, args.json)
+        if args.command == "job":
+            return await _job(deps, args.job_id, args.json)
+        if args.command == "dlq":
+            return await _dlq(deps, args)
+        if args.command == "health":
+            problem = await ops.health(deps, args.consumer)
+            print(problem or "ok")
+            return 1 if problem else 0
+    raise ConfigError(f"unknown command {args.command}")
+
+
+async def _migrate(settings: Settings) -> int:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        applied = await apply_migrations(conn)
+    finally:
+        await conn.close()
+    names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
+    print(f"migrations applied: {names}" if applied else "migrations: up to date")
+    return 0
+
+
+async def _status(deps: Deps, as_json: bool) -> int:
+    rows = await ops.queue_status(deps)
+    if as_json:
+        print(_json(rows))
+        return 0
+    for r in rows:
+        jobs = r["jobs"]
+        r["jobs"] = " ".join(f"{k}={v}" for k, v in sorted(jobs.items())) or "-"
+        r["oldest_pending_s"] = r.pop("oldest_pending_age_s")
+    columns = [
+        "queue",
+        "length",
+        "pending",
+        "lag",
+        "consumers",
+        "oldest_pending_s",
+        "delayed",
+        "dead",
+        "jobs",
+    ]
+    print(render_table(rows, columns))
+    return 0
+
+
+async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
+    info = await ops.job_info(deps, job_id)
+    if info is None:
+        print(f"no job {job_id!r} in PostgreSQL or Redis")
+        return 1
+    if as_json:
+        print(_json(info))
+        return 0
+    job = info["job"] or {}
+    for key, value in job.items():
+        print(f"{key:>16}: {value}")
+    print("executions:")
+    print(
+        render_table(
+            info["executions"],
+            ["attempt", "outcome", "duration_ms", "worker_id", "started_at", "error"],
+        )
+    )
+    print("hash:")
+    for key, value in sorted(info["hash"].items()):
+        print(f"{key:>16}: {value}")
+    return 0
+
+
+async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
+    r, keys = deps.redis, deps.keys
+    queues = sorted(PAYLOADS)
+    if args.dlq == "list":
+        rows = []
+        for queue in [args.queue] if args.queue else queues:
+            for letter in await list_dead(r, keys, queue, args.count):
+                f = letter.fields
+                rows.append(
+                    {
+                        "dead_id": letter.dead_id,
+                        "queue": queue,
+                        "job_id": f.get("job_id"),
+                        "reason": f.get("reason"),
+                        "attempts": f.get("attempts"),
+                        "failed_at": f.get("failed_at"),
+                        "error": (f.get("error") or "")[:80],
+                    }
+                )
+        print(
+            render_table(
+                rows, ["dead_id", "queue", "job_id", "reason", "attempts", "failed_at", "error"]
+            )
+        )
+        return 0
+    if args.dlq == "show":
+        for queue in [args.queue] if args.queue else queues:
+            found = await read_dead(r, keys, queue, args.dead_id)
+            if found is not None:
+                print(_json({"dead_id": found.dead_id, "queue": queue, **found.fields}))
+                return 0
+        print(f"no dead letter {args.dead_id}")
+        return 1
+    if args.dlq == "replay":
+        return await _replay(deps, args)
+    older = parse_duration_ms(args.older_than) if args.older_than else None
+    n = await purge_dead(r, keys, args.queue, older)
+    print(f"purged {n} dead letters of {args.queue}")
+    return 0
+
+
+async def _replay(deps: Deps, args: argparse.Namespace) -> int:
+    if not args.all and not args.dead_ids:
+        raise ConfigError("dlq replay needs dead-letter IDs or --all")
+    r, keys = deps.redis, deps.keys
+    if args.all:
+        letters = []
+        while batch := await list_dead(r, keys, args.queue, 500):
+            for letter in reversed(batch):  # oldest first
+                await replay_dead(r, deps.pool, keys, letter)
+            letters += batch
+        print(f"replayed {len(letters)} dead letters of {args.queue}")
+        return 0
+    found = [await read_dead(r, keys, args.queue, i) for i in args.dead_ids]
+    missing = [i for i, f in zip(args.dead_ids, found, strict=True) if f is None]
+    if missing:
+        raise ConfigError(f"no dead letter {', '.join(missing)} in {args.queue}")
+    for one in found:
+        if one is not None:
+            entry = await replay_dead(r, deps.pool, keys, one)
+            print(f"replayed {one.dead_id} as {entry} (job {one.fields.get('job_id')})")
+    return 0

@@ -1,0 +1,378 @@
+"""Parse bounces (RFC 3464 reports and common non-standard notices) into failed recipients.
+
+Pure: no database, no network, no logging of message content; `parse_bounce` never raises.
+"""
+
+from __future__ import annotations
+
+import email
+import email.errors
+import email.header
+import email.message
+import email.parser
+import email.policy
+import email.utils
+import re
+from collections.abc import Iterator
+from typing import Literal
+
+import msgspec
+
+from consumers import dsn_text
+
+__all__ = ["BouncedRecipient", "Kind", "ParsedBounce", "classify_status", "parse_bounce"]
+
+Kind = Literal["hard", "soft", "unknown"]
+_Message = email.message.Message
+
+_MAX_RECIPIENTS = 1000
+_MAX_DIAGNOSTIC = 1000
+_FAILED_ACTIONS = frozenset({"failed", "failure", "error", "bounced", "undeliverable"})
+_DELAYED_ACTIONS = frozenset({"delayed", "delay", "deferred"})
+_SUCCESS_ACTIONS = frozenset({"delivered", "relayed", "expanded"})
+_CLASS_KIND: dict[str, Kind] = {"5": "hard", "4": "soft"}
+_RETURNED_TYPES = frozenset(
+    {"message/rfc822", "message/rfc822-headers", "text/rfc822-headers", "message/global"}
+)
+_RECIPIENT_FIELDS = ("Original-Recipient", "Final-Recipient", "X-Actual-Recipient")
+
+_FULL_RE = re.compile(
+    r"mailbox (?:is )?full|mail ?folder is full|over ?quota|quota (?:exceeded|violation)"
+    r"|exceed\w*(?: \w+){0,3} quota|disk quota|insufficient (?:system )?storage"
+    r"|mailbox space|too much mail",
+    re.IGNORECASE,
+)
+_TEMPORARY_RE = re.compile(
+    r"greylist|graylist|try again later|temporar(?:y|ily)|deferred|delayed|timed? ?out"
+    r"|connection refused|too many connections|rate limit",
+    re.IGNORECASE,
+)
+_PERMANENT_RE = re.compile(
+    r"user unknown|unknown user|no such (?:user|mailbox|recipient|address)|does ?n[o']t exist"
+    r"|invalid (?:recipient|mailbox|address|user)|address rejected|mailbox unavailable"
+    r"|(?:user|mailbox|recipient) not found|account (?:has been )?(?:disabled|discontinued|closed)"
+    r"|no mailbox|not listed|unknown recipient|not recognized|unknown host|host not found"
+    r"|addressee unknown|bad destination|no longer valid|not a valid user|unroute?able",
+    re.IGNORECASE,
+)
+_POLICY_RE = re.compile(
+    r"(?<![\d.])[45]\.7\.\d{1,3}|\bspam|black ?list|block ?list|\bpolicy\b|\bdmarc\b|\bspf\b"
+    r"|\bdkim\b|reputation|\brbl\b|spamhaus|unsolicited|unable to relay|relay(?:ing)? denied",
+    re.IGNORECASE,
+)
+_MESSAGE_ID_RE = re.compile(r"^[\s>]*message-id:\s*(<[^<>\s]+@[^<>\s]+>)", re.I | re.M)
+_FIELD_TYPE_RE = re.compile(r"^\s*[\w.\-]+\s*;\s*")
+_SPACE_RE = re.compile(r"\s+")
+
+
+class BouncedRecipient(msgspec.Struct, frozen=True, kw_only=True):
+    """One recipient a bounce reports as failed or delayed."""
+
+    address: str  # lower-cased
+    kind: Kind
+    status: str | None  # enhanced status code like "5.1.1", else SMTP code like "550"
+    diagnostic: str | None  # remote reply or Diagnostic-Code, whitespace-collapsed, <= 1000 chars
+    action: str | None  # RFC 3464 Action, lower-cased, when from a report
+    remote_mta: str | None
+    sender_side: bool = False  # 5.7.x / policy: the sender's problem, not the recipient's
+
+
+class ParsedBounce(msgspec.Struct, frozen=True, kw_only=True):
+    """What a bounce says: whether it is one, who failed, and which message bounced."""
+
+    is_bounce: bool
+    recipients: list[BouncedRecipient]
+    original_message_id: str | None  # with angle brackets, from the returned headers
+
+
+def parse_bounce(raw: bytes) -> ParsedBounce:
+    """Parse a raw RFC 5322 message into the recipients it reports as bounced.
+
+    An RFC 3464 report (a `message/delivery-status` part) is trusted first; failing
+    that, the human-readable notice is searched. Never raises: input that cannot be
+    parsed yields `is_bounce=False`.
+    """
+    try:
+        return _parse(bytes(raw))
+    except Exception:  # safety boundary: hostile or broken input must never fail the caller
+        return ParsedBounce(is_bounce=False, recipients=[], original_message_id=None)
+
+
+def classify_status(
+    status: str | None, action: str | None, diagnostic: str | None
+) -> tuple[Kind, bool]:
+    """Classify one recipient's outcome as (kind, sender_side).
+
+    Precedence: the report's Action (`failed` is hard even with a 4.x.x status,
+    `delayed` is soft), then a full mailbox (soft), then the enhanced status class, then
+    the SMTP reply class, then known temporary or permanent wording. `sender_side` is
+    set for 5.7.x/4.7.x codes and policy wording (spam, blocklists, DMARC, relaying).
+    """
+    verb = (action or "").strip().lower().split(" ", 1)[0].rstrip(";:,")
+    if verb in _SUCCESS_ACTIONS:
+        return "unknown", False
+    enhanced = dsn_text.enhanced_code(status) or dsn_text.enhanced_code(diagnostic)
+    kind = _kind_from_action(verb) or _kind_from_codes(status, enhanced, diagnostic)
+    kind = kind or _kind_from_text(diagnostic)
+    return kind, _is_sender_side(enhanced, diagnostic)
+
+
+def _kind_from_action(verb: str) -> Kind | None:
+    if verb in _FAILED_ACTIONS:
+        return "hard"
+    if verb in _DELAYED_ACTIONS:
+        return "soft"
+    return None
+
+
+def _kind_from_codes(
+    status: str | None, enhanced: str | None, diagnostic: str | None
+) -> Kind | None:
+    if _is_mailbox_full(enhanced, diagnostic):
+        return "soft"
+    if enhanced is not None:
+        return _CLASS_KIND.get(enhanced[0])
+    code = dsn_text.smtp_code(status) or dsn_text.smtp_code(diagnostic)
+    return _CLASS_KIND.get(code[0]) if code else None
+
+
+def _is_mailbox_full(enhanced: str | None, diagnostic: str | None) -> bool:
+    """A full mailbox clears by itself: X.2.2, or full/quota wording under a vague code."""
+    if enhanced is not None and enhanced[1:] == ".2.2":
+        return True
+    if enhanced is not None and not enhanced.endswith(".0.0"):
+        return False
+    return bool(diagnostic and _FULL_RE.search(diagnostic))
+
+
+def _kind_from_text(diagnostic: str | None) -> Kind:
+    if not diagnostic:
+        return "unknown"
+    if _TEMPORARY_RE.search(diagnostic):
+        return "soft"
+    return "hard" if _PERMANENT_RE.search(diagnostic) else "unknown"
+
+
+def _is_sender_side(enhanced: str | None, diagnostic: str | None) -> bool:
+    if enhanced is not None and enhanced[1:4] == ".7.":
+        return True
+    return bool(diagnostic and _POLICY_RE.search(diagnostic))
+
+
+# --- parsing -----------------------------------------------------------------------
+
+
+def _parse(raw: bytes) -> ParsedBounce:
+    # compat32 is the lenient policy: it keeps raw 8-bit bytes and never raises on
+    # malformed headers, which the default policy may do on access.
+    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    blocks = list(_report_blocks(msg))
+    recipients = _dedupe(r for r in map(_recipient_from_block, blocks) if r is not None)
+    if not recipients:
+        sender, subject = _header(msg, "From"), _header(msg, "Subject")
+        if not blocks and not dsn_text.looks_like_bounce(sender, subject):
+            return ParsedBounce(is_bounce=False, recipients=[], original_message_id=None)
+        recipients = _recipients_from_text(msg)
+    return ParsedBounce(
+        is_bounce=True, recipients=recipients, original_message_id=_original_message_id(msg)
+    )
+
+
+def _report_blocks(msg: _Message) -> Iterator[_Message]:
+    """Yield the field blocks of every `message/delivery-status` part.
+
+    The parser already splits such a body into one sub-message per blank-line-separated
+    block; a body it left as text is split here the same way.
+    """
+    for part in msg.walk():
+        if part.get_content_type() != "message/delivery-status":
+            continue
+        payload = part.get_payload()
+        if isinstance(payload, list):
+            yield from (block for block in payload if isinstance(block, _Message))
+        elif isinstance(payload, str):
+            parser = email.parser.HeaderParser(policy=email.policy.compat32)
+            yield from (parser.parsestr(chunk.strip()) for chunk in re.split(r"\n\s*\n", payload))
+
+
+def _recipient_from_block(block: _Message) -> BouncedRecipient | None:
+    address = next(filter(None, (_address_field(block, name) for name in _RECIPIENT_FIELDS)), None)
+    if address is None:
+        return None
+    action = _field(block, "Action")
+    action = action.lower().split(" ", 1)[0] if action else None
+    if action in _SUCCESS_ACTIONS:
+        return None
+    status_field = _field(block, "Status")
+    diagnostic = _strip_type(_field(block, "Diagnostic-Code"))
+    status = _status(status_field, diagnostic)
+    kind, sender_side = classify_status(status, action, diagnostic or status_field)
+    return BouncedRecipient(
+        address=address,
+        kind=kind,
+        status=status,
+        diagnostic=diagnostic[:_MAX_DIAGNOSTIC] if diagnostic else None,
+        action=action,
+        remote_mta=_host(_strip_type(_field(block, "Remote-MTA"))),
+        sender_side=sender_side,
+    )
+
+
+def _status(status_field: str | None, diagnostic: str | None) -> str | None:
+    """Prefer the Status field; take the diagnostic's code when it is more precise."""
+    enhanced = dsn_text.enhanced_code(status_field)
+    detail = dsn_text.enhanced_code(diagnostic)
+    if enhanced is None or (enhanced.endswith(".0.0") and detail and detail[0] == enhanced[0]):
+        enhanced = detail or enhanced
+    return enhanced or dsn_text.smtp_code(status_field) or dsn_text.smtp_code(diagnostic)
+
+
+def _recipients_from_text(msg: _Message) -> list[BouncedRecipient]:
+    text = "\n".join(_notice_texts(msg))
+    exclude = frozenset(_own_addresses(msg))
+    action = "delayed" if dsn_text.is_delay_notice(text) else "failed"
+    findings = dsn_text.find_recipients(text, exclude, _reporter_domain(msg))
+    recipients = []
+    for found in findings:
+        kind, sender_side = classify_status(found.code, action, found.diagnostic)
+        recipients.append(
+            BouncedRecipient(
+                address=found.address,
+                kind=kind,
+                status=found.code,
+                diagnostic=found.diagnostic,
+                action=None,
+                remote_mta=None,
+                sender_side=sender_side,
+            )
+        )
+    return _dedupe(recipients)
+
+
+def _notice_texts(msg: _Message) -> list[str]:
+    """Return the human-readable parts of the notice, never those of the returned message."""
+    plain: list[str] = []
+    markup: list[str] = []
+    stack = [msg]
+    while stack:
+        part = stack.pop(0)
+        if part.get_content_maintype() == "message":
+            continue  # the returned original, its headers, or the report itself
+        if part.is_multipart():
+            stack[:0] = [p for p in part.get_payload() if isinstance(p, _Message)]
+        elif part.get_content_type() == "text/plain" and not _is_attachment(part):
+            plain.append(_part_text(part))
+        elif part.get_content_type() == "text/html" and not _is_attachment(part):
+            markup.append(dsn_text.html_to_text(_part_text(part)))
+    return plain or markup
+
+
+def _is_attachment(part: _Message) -> bool:
+    return str(part.get("Content-Disposition", "")).strip().lower().startswith("attachment")
+
+
+def _part_text(part: _Message) -> str:
+    payload = part.get_payload(decode=True)
+    if not isinstance(payload, bytes):
+        return ""
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        return payload.decode(charset, errors="replace")
+    except (LookupError, ValueError):  # unknown or unusable charset label
+        return payload.decode("latin-1")
+
+
+def _original_message_id(msg: _Message) -> str | None:
+    """Find the Message-ID of the bounced original in the returned headers or the text."""
+    for part in msg.walk():
+        if part.get_content_type() not in _RETURNED_TYPES:
+            continue
+        headers = _returned_headers(part)
+        if headers is None or headers.get_content_type() == "multipart/report":
+            continue  # a forwarded report: the original is further down
+        match = _MESSAGE_ID_RE.search(f"Message-ID: {_header(headers, 'Message-ID')}")
+        if match:
+            return match.group(1)
+    match = _MESSAGE_ID_RE.search("\n".join(_all_texts(msg)))
+    return match.group(1) if match else None
+
+
+def _returned_headers(part: _Message) -> _Message | None:
+    payload = part.get_payload()
+    if isinstance(payload, list):
+        return payload[0] if payload and isinstance(payload[0], _Message) else None
+    return email.parser.HeaderParser(policy=email.policy.compat32).parsestr(_part_text(part))
+
+
+def _all_texts(msg: _Message) -> Iterator[str]:
+    for part in msg.walk():
+        if part.get_content_maintype() == "text":
+            yield _part_text(part)
+
+
+# --- header helpers ------------------------------------------------------------------
+
+
+def _header(msg: _Message, name: str) -> str:
+    """Return a header decoded from RFC 2047 and whitespace-collapsed, or ''."""
+    value = msg.get(name)
+    if value is None:
+        return ""
+    try:
+        text = str(email.header.make_header(email.header.decode_header(str(value))))
+    except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
+        text = str(value)
+    return _SPACE_RE.sub(" ", text).strip()
+
+
+def _field(block: _Message, name: str) -> str | None:
+    value = block.get(name)
+    text = _SPACE_RE.sub(" ", str(value)).strip() if value is not None else ""
+    return text or None
+
+
+def _strip_type(value: str | None) -> str | None:
+    """Drop the `type;` prefix of a DSN field (`smtp; 550 ...`, `dns; mx.example.com`)."""
+    if value is None:
+        return None
+    return _FIELD_TYPE_RE.sub("", value, count=1).strip() or None
+
+
+def _host(value: str | None) -> str | None:
+    """Keep the host name of a Remote-MTA value, without its comment or final dot."""
+    return value.split(" ", 1)[0].rstrip(".") or None if value else None
+
+
+def _address_field(block: _Message, name: str) -> str | None:
+    """Return the address of a recipient field (`rfc822; <a@b>`), if it holds a valid one."""
+    value = _strip_type(_field(block, name))
+    candidate = (value or "").strip().strip("<>").strip().lower()
+    return candidate if dsn_text.ADDRESS_RE.fullmatch(candidate) else None
+
+
+def _own_addresses(msg: _Message) -> Iterator[str]:
+    """Yield the notice's own addresses: never failed recipients of the original."""
+    names = ("From", "To", "Cc", "Sender", "Return-Path", "Reply-To", "Errors-To")
+    values = [_header(msg, name) for name in names]
+    for _, address in email.utils.getaddresses(values):
+        if address:
+            yield address.lower()
+
+
+def _reporter_domain(msg: _Message) -> str | None:
+    """Return the registered-looking domain (last two labels) of the notice's sender."""
+    _, address = email.utils.parseaddr(_header(msg, "From"))
+    labels = address.rpartition("@")[2].lower().split(".")
+    return ".".join(labels[-2:]) if len(labels) >= 2 and all(labels[-2:]) else None
+
+
+def _dedupe(
+    recipients: Iterator[BouncedRecipient] | list[BouncedRecipient],
+) -> list[BouncedRecipient]:
+    """Keep the first report of each address, at most `_MAX_RECIPIENTS` of them."""
+    seen: dict[str, BouncedRecipient] = {}
+    for recipient in recipients:
+        seen.setdefault(recipient.address, recipient)
+        if len(seen) >= _MAX_RECIPIENTS:
+            break
+    return list(seen.values())

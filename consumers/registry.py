@@ -1,0 +1,17 @@
+"""The registry: queue → payload struct, handler and policy. Explicit assembly, no import magic."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from consumers import analytics
+from consumers.handler import HandlerSpec
+
+__all__ = ["HANDLERS", "by_queue"]
+
+HANDLERS: tuple[HandlerSpec[Any], ...] = (analytics.record_event,)
+
+
+def by_queue() -> dict[str, HandlerSpec[Any]]:
+    """The registered handlers keyed by queue name."""
+    return {spec.queue: spec for spec in HANDLERS}

@@ -1,0 +1,154 @@
+"""The worker process: connect, build the routes, run the engine, stop cleanly on signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from consumers.deps import Deps
+from consumers.handler import HandlerSpec
+from consumers.registry import by_queue
+from consumers.settings import Settings, redact_url
+from schema.payloads import PAYLOADS
+from streams import ConfigError, Engine, EngineConfig, Keys, Policy, Publisher
+
+__all__ = ["connect", "consumer_name", "keys_of", "make_engine", "run_worker"]
+
+logger = logging.getLogger(__name__)
+
+
+def consumer_name(settings: Settings) -> str:
+    """`<hostname>-<pid>-<random>`, unless configured (a stable name resumes its own entries)."""
+    if settings.consumer_name:
+        return settings.consumer_name
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def keys_of(settings: Settings) -> Keys:
+    return Keys(settings.stream_prefix, settings.job_prefix)
+
+
+async def _pool(settings: Settings) -> asyncpg.Pool:
+    delay = 0.2
+    while True:
+        try:
+            return await asyncpg.create_pool(
+                settings.database_url, min_size=1, max_size=settings.pg_pool_size, timeout=10
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            logger.error(
+                "PostgreSQL at %s unavailable (%s); retrying in %.1fs",
+                redact_url(settings.database_url),
+                type(exc).__name__,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+@asynccontextmanager
+async def connect(settings: Settings) -> AsyncIterator[Deps]:
+    """Open Redis and PostgreSQL for the lifetime of the block."""
+    redis = aioredis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=False,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        max_connections=None,
+    )
+    pool = await _pool(settings)
+    keys = keys_of(settings)
+    try:
+        yield Deps(pool, redis, Publisher(redis, keys, PAYLOADS), settings, keys)
+    finally:
+        await pool.close()
+        await redis.aclose()
+
+
+def _select(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
+    known = by_queue()
+    if not queues:
+        return list(known.values())
+    unknown = [q for q in queues if q not in known]
+    if unknown:
+        raise ConfigError(
+            f"no handler for queue {', '.join(unknown)} (handled: {', '.join(sorted(known))})"
+        )
+    return [known[q] for q in queues]
+
+
+def make_engine(
+    deps: Deps,
+    queues: Sequence[str] | None = None,
+    concurrency: int | None = None,
+    *,
+    burst: bool = False,
+    extra: Sequence[HandlerSpec[Any]] = (),
+) -> Engine:
+    """The engine for the selected queues (all handled ones by default)."""
+    s = deps.settings
+    specs = [*_select(queues), *extra] if queues or not extra else list(extra)
+    limit = concurrency or s.concurrency
+    routes = []
+    for spec in specs:
+        policy = spec.policy
+        if limit is not None:
+            policy = Policy(**{**_fields(policy), "concurrency": limit})
+        routes.append(spec.route(deps, policy))
+    config = EngineConfig(
+        consumer=consumer_name(s),
+        keys=deps.keys,
+        group=s.group,
+        block_ms=s.block_ms,
+        max_deliveries=s.max_deliveries,
+        max_payload_bytes=s.max_payload_bytes,
+        alive_ttl_ms=s.alive_ttl_ms,
+        reclaim_interval_s=s.reclaim_interval_s,
+        reclaim_ceiling_ms=s.reclaim_ceiling_ms,
+        trim_interval_s=s.trim_interval_s,
+        grace_s=s.shutdown_grace_s,
+        hash_ttl_s=s.hash_ttl_s,
+        dead_maxlen=s.dead_maxlen,
+        burst=burst,
+    )
+    return Engine(deps.redis, deps.pool, routes, config)
+
+
+def _fields(policy: Policy) -> dict[str, Any]:
+    return {f: getattr(policy, f) for f in policy.__struct_fields__}
+
+
+async def run_worker(
+    settings: Settings,
+    queues: Sequence[str] | None = None,
+    concurrency: int | None = None,
+    *,
+    burst: bool = False,
+) -> int:
+    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code."""
+    _select(queues)  # fail on an unknown queue before connecting anywhere
+    async with connect(settings) as deps:
+        engine = make_engine(deps, queues, concurrency, burst=burst)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, engine.stop)
+        logger.info(
+            "worker %s started: queues=%s redis=%s database=%s",
+            engine.cfg.consumer,
+            ",".join(engine.lanes),
+            redact_url(settings.redis_url),
+            redact_url(settings.database_url),
+        )
+        await engine.run()
+        logger.info("worker %s stopped after %d jobs", engine.cfg.consumer, engine.processed)
+    return 0

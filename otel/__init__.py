@@ -1,0 +1,5 @@
+"""Tracing and metrics setup from the standard `OTEL_*` variables, and propagation helpers."""
+
+from otel.propagation import extract, inject, is_recording_enabled
+
+__all__ = ["extract", "inject", "is_recording_enabled"]

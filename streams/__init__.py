@@ -1,0 +1,49 @@
+"""The generic engine: publish, read, dispatch, record, ack, reclaim, retry, dead-letter, trim.
+
+It knows nothing of email; `consumers` gives it routes.
+"""
+
+from streams.dead_letters import DeadLetter, list_dead, purge_dead, read_dead, replay_dead
+from streams.dispatch import Route
+from streams.errors import (
+    ConfigError,
+    JobError,
+    JobstreamError,
+    PermanentError,
+    PublishError,
+    RetryableError,
+)
+from streams.job import Job
+from streams.keys import Keys, check_queue_name
+from streams.policy import Policy, backoff_s
+from streams.publisher import Publisher, new_job_id
+from streams.status import TERMINAL, Status
+from streams.trimmer import trim
+from streams.worker import Engine, EngineConfig
+
+__all__ = [
+    "TERMINAL",
+    "ConfigError",
+    "DeadLetter",
+    "Engine",
+    "EngineConfig",
+    "Job",
+    "JobError",
+    "JobstreamError",
+    "Keys",
+    "PermanentError",
+    "Policy",
+    "PublishError",
+    "Publisher",
+    "RetryableError",
+    "Route",
+    "Status",
+    "backoff_s",
+    "check_queue_name",
+    "list_dead",
+    "new_job_id",
+    "purge_dead",
+    "read_dead",
+    "replay_dead",
+    "trim",
+]

@@ -1,0 +1,180 @@
+"""Running one delivery: decode, run the handler under its timeout and span, classify.
+
+`execute` is the one exception boundary per job: every `Exception` becomes an outcome and
+only cancellation escapes. It knows nothing of any queue in particular.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+from opentelemetry import trace
+
+from otel import extract
+from schema.envelope import Envelope, EnvelopeError, decode_envelope, safe_job_id
+from streams.errors import PermanentError, RetryableError
+from streams.job import Delivery, Job, Outcome, Result
+from streams.policy import Policy, backoff_s
+
+__all__ = ["Handler", "Route", "classify", "invalid_result", "prepare", "retry_fields"]
+
+logger = logging.getLogger("streams.jobs")
+_tracer = trace.get_tracer("jobstream.worker")
+
+Handler = Callable[[Any, Job], Awaitable[Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A queue's handler as the engine sees it: decode bytes, run, with a policy."""
+
+    queue: str
+    decode: Callable[[bytes], Any]
+    handle: Handler
+    policy: Policy
+
+
+def classify(exc: BaseException, attempt: int, policy: Policy) -> tuple[Outcome, str]:
+    """Outcome and dead-letter reason of a failed attempt."""
+    if isinstance(exc, PermanentError | msgspec.DecodeError):
+        return Outcome.FAILED, "permanent"
+    if attempt >= policy.max_attempts:
+        return Outcome.FAILED, "exhausted"
+    return Outcome.RETRYING, ""  # RetryableError, TimeoutError and anything unforeseen
+
+
+def retry_fields(d: Delivery, job_id: str, attempt: int) -> dict[str, str]:
+    """Fields of the retry entry: the original ones with the job id and `attempt + 1`."""
+    out = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in d.fields.items()}
+    out["id"] = job_id
+    out["attempt"] = str(attempt + 1)
+    return out
+
+
+def invalid_result(d: Delivery, error: str, payload: bytes | None = None) -> Result:
+    """A failed, dead-lettered outcome for an entry that could not be decoded or routed."""
+    now = time.time()
+    attempt = 1
+    raw_attempt = d.fields.get(b"attempt", b"1")
+    if raw_attempt.isdigit() and int(raw_attempt) > 0:
+        attempt = int(raw_attempt)
+    return Result(
+        d,
+        safe_job_id(d.entry_id, d.fields),
+        attempt,
+        Outcome.FAILED,
+        payload=payload,
+        error=error,
+        reason="invalid",
+        started_at=now,
+        finished_at=now,
+        executed=False,
+    )
+
+
+def prepare(route: Route, d: Delivery, max_payload_bytes: int) -> tuple[Envelope, Any] | Result:
+    """Decode an entry for its route; an invalid entry yields its failed Result instead."""
+    try:
+        env = decode_envelope(d.entry_id, d.fields)
+    except EnvelopeError as exc:
+        return invalid_result(d, f"invalid entry: {exc}")
+    if len(env.payload) > max_payload_bytes:
+        return invalid_result(
+            d, f"invalid entry: payload is {len(env.payload)} bytes, at most {max_payload_bytes}"
+        )
+    try:
+        return env, route.decode(env.payload)
+    except msgspec.ValidationError as exc:
+        return invalid_result(d, f"invalid payload for {route.queue}: {exc}", env.payload)
+    except msgspec.DecodeError as exc:
+        return invalid_result(d, f"invalid payload for {route.queue}: not JSON ({exc})")
+
+
+async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delivery) -> Result:
+    """Run the handler once; return the attempt's Result. Only cancellation escapes."""
+    started = time.time()
+    mono = time.perf_counter()
+    outcome, reason, value, error = Outcome.COMPLETED, "", None, None
+    exc: Exception | None = None
+    try:
+        async with asyncio.timeout(route.policy.timeout_s):
+            value = await route.handle(payload, job)
+    except TimeoutError as e:
+        exc = e
+        error = f"TimeoutError: handler exceeded its {route.policy.timeout_s:g}s timeout"
+    except Exception as e:  # CancelledError is not an Exception: it propagates
+        exc = e
+        error = f"{type(e).__name__}: {e}"
+    result_json: str | None = None
+    if exc is None and value is not None:
+        try:
+            result_json = msgspec.json.encode(value).decode()
+        except (TypeError, msgspec.EncodeError) as e:
+            exc = PermanentError(f"handler result is not JSON-encodable: {e}")
+            error = f"PermanentError: {exc}"
+    finished = time.time()
+    res = Result(
+        d,
+        job.id,
+        job.attempt,
+        Outcome.COMPLETED,
+        payload=env.payload,
+        result_json=result_json,
+        started_at=started,
+        finished_at=finished,
+        duration_ms=round((time.perf_counter() - mono) * 1000),
+    )
+    if exc is not None:
+        outcome, reason = classify(exc, job.attempt, route.policy)
+        res.outcome, res.error, res.reason, res.exception = outcome, error, reason, exc
+        if outcome is Outcome.RETRYING:
+            wait = backoff_s(route.policy, job.attempt)
+            if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
+                wait = max(wait, exc.retry_after_s)
+            res.retry_at = finished + wait
+            res.retry_fields = retry_fields(d, job.id, job.attempt)
+    return res
+
+
+async def execute_traced(
+    route: Route, env: Envelope, payload: Any, job: Job, d: Delivery, attrs: dict[str, Any]
+) -> Result:
+    """`execute` inside a CONSUMER span that is a child of, and links to, the producer's."""
+    parent = extract(env.traceparent, env.tracestate)
+    links = []
+    if parent is not None:
+        ctx = trace.get_current_span(parent).get_span_context()
+        if ctx.is_valid:
+            links.append(trace.Link(ctx))
+    attributes = {
+        **attrs,
+        "messaging.message.id": d.entry_id,
+        "messaging.message.conversation_id": job.id,
+        "messaging.redis.message.delivery_count": d.delivery_count,
+        "jobstream.job.attempt": job.attempt,
+    }
+    with _tracer.start_as_current_span(
+        f"process {attrs['messaging.destination.name']}",
+        context=parent,
+        kind=trace.SpanKind.CONSUMER,
+        attributes=attributes,
+        links=links,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        res = await execute(route, env, payload, job, d)
+        if res.exception is not None:
+            span.record_exception(res.exception)
+            span.set_attribute("error.type", type(res.exception).__qualname__)
+            span.set_status(trace.StatusCode.ERROR, res.error)
+            if res.outcome is Outcome.RETRYING:
+                span.add_event("retry scheduled", {"jobstream.retry_at": res.retry_at or 0.0})
+            else:
+                span.add_event("dead-lettered", {"jobstream.reason": res.reason or ""})
+        return res

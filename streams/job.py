@@ -1,0 +1,60 @@
+"""Records that travel through the engine: a delivered entry, the job a handler sees, a result."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = ["Delivery", "Job", "Outcome", "Result"]
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What a handler knows of its job besides the payload."""
+
+    id: str
+    queue: str
+    attempt: int
+    entry_id: str
+    enqueued_at_ms: int
+    delivery_count: int = 1
+    traceparent: str | None = None
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One entry read from a stream, with how many times Redis has delivered it."""
+
+    queue: str
+    entry_id: str
+    fields: dict[bytes, bytes]
+    delivery_count: int = 1
+    started_mono: float = 0.0
+
+
+class Outcome(enum.StrEnum):
+    COMPLETED = "completed"
+    RETRYING = "retrying"
+    FAILED = "failed"
+    SKIPPED = "skipped"  # already completed before this delivery: ack only
+
+
+@dataclass(slots=True)
+class Result:
+    """The outcome of one attempt, ready to settle (record, then retry/dead-letter, then ack)."""
+
+    delivery: Delivery
+    job_id: str
+    attempt: int
+    outcome: Outcome
+    payload: bytes | None = None
+    result_json: str | None = None
+    error: str | None = None
+    reason: str | None = None  # dead-letter reason: exhausted, permanent, invalid, deliveries
+    started_at: float = 0.0  # epoch seconds
+    finished_at: float = 0.0
+    duration_ms: int = 0
+    retry_at: float | None = None  # epoch seconds of the next attempt
+    retry_fields: dict[str, str] = field(default_factory=dict)
+    executed: bool = True  # False: the handler never ran (invalid entry, skipped)
+    exception: BaseException | None = None

@@ -1,0 +1,121 @@
+"""The PostgreSQL side of status recording: one statement per flush for every job in it.
+
+`jobs` is upserted (a `completed` row is never overwritten) and `job_executions` gets one
+row per finished attempt, in the same round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+
+__all__ = ["ExecRow", "JobRow", "fetch_statuses", "write_batch"]
+
+WRITE_BATCH_SQL = """
+WITH up AS (
+    INSERT INTO jobs AS j (id, queue, status, payload, result, error, attempts, worker_id,
+                           stream_entry_id, created_at, started_at, completed_at, updated_at,
+                           next_attempt_at)
+    SELECT u.id, u.queue, u.status, u.payload::jsonb, u.result::jsonb, u.error, u.attempt,
+           $13, u.entry_id, to_timestamp(u.created_at), to_timestamp(u.started_at),
+           to_timestamp(u.completed_at), now(), to_timestamp(u.next_attempt_at)
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::int[], $8::text[], $9::float8[], $10::float8[], $11::float8[],
+                $12::float8[])
+         AS u(id, queue, status, payload, result, error, attempt, entry_id, created_at,
+              started_at, completed_at, next_attempt_at)
+    ON CONFLICT (id) DO UPDATE SET
+        status = EXCLUDED.status,
+        payload = COALESCE(EXCLUDED.payload, j.payload),
+        result = EXCLUDED.result,
+        error = EXCLUDED.error,
+        attempts = EXCLUDED.attempts,
+        worker_id = EXCLUDED.worker_id,
+        stream_entry_id = EXCLUDED.stream_entry_id,
+        started_at = EXCLUDED.started_at,
+        completed_at = EXCLUDED.completed_at,
+        updated_at = now(),
+        next_attempt_at = EXCLUDED.next_attempt_at
+    WHERE j.status <> 'completed'
+    RETURNING 1
+), ex AS (
+    INSERT INTO job_executions (job_id, attempt, outcome, error, duration_ms, worker_id,
+                                started_at, finished_at)
+    SELECT e.job_id, e.attempt, e.outcome, e.error, e.duration_ms, $13,
+           to_timestamp(e.started_at), to_timestamp(e.finished_at)
+    FROM unnest($14::text[], $15::int[], $16::text[], $17::text[], $18::int[],
+                $19::float8[], $20::float8[])
+         AS e(job_id, attempt, outcome, error, duration_ms, started_at, finished_at)
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM up) AS jobs, (SELECT count(*) FROM ex) AS executions
+"""
+
+FETCH_STATUSES_SQL = "SELECT id, status FROM jobs WHERE id = ANY($1::text[])"
+
+
+@dataclass(slots=True)
+class JobRow:
+    id: str
+    queue: str
+    status: str
+    payload: str | None
+    result: str | None
+    error: str | None
+    attempt: int
+    entry_id: str
+    created_at: float
+    started_at: float | None
+    completed_at: float | None
+    next_attempt_at: float | None
+
+
+@dataclass(slots=True)
+class ExecRow:
+    job_id: str
+    attempt: int
+    outcome: str
+    error: str | None
+    duration_ms: int
+    started_at: float
+    finished_at: float
+
+
+async def write_batch(
+    conn: asyncpg.Pool | asyncpg.Connection,
+    worker_id: str,
+    jobs: Sequence[JobRow],
+    executions: Sequence[ExecRow],
+) -> None:
+    """Upsert `jobs` and insert `job_executions` in one round trip (one implicit transaction)."""
+    await conn.execute(
+        WRITE_BATCH_SQL,
+        [r.id for r in jobs],
+        [r.queue for r in jobs],
+        [r.status for r in jobs],
+        [r.payload for r in jobs],
+        [r.result for r in jobs],
+        [r.error for r in jobs],
+        [r.attempt for r in jobs],
+        [r.entry_id for r in jobs],
+        [r.created_at for r in jobs],
+        [r.started_at for r in jobs],
+        [r.completed_at for r in jobs],
+        [r.next_attempt_at for r in jobs],
+        worker_id,
+        [e.job_id for e in executions],
+        [e.attempt for e in executions],
+        [e.outcome for e in executions],
+        [e.error for e in executions],
+        [e.duration_ms for e in executions],
+        [e.started_at for e in executions],
+        [e.finished_at for e in executions],
+    )
+
+
+async def fetch_statuses(pool: asyncpg.Pool, job_ids: Sequence[str]) -> dict[str, str]:
+    """Current PostgreSQL status of each job id that has a row."""
+    rows = await pool.fetch(FETCH_STATUSES_SQL, list(job_ids))
+    return {row["id"]: row["status"] for row in rows}

@@ -1,0 +1,143 @@
+"""Taking over what dead replicas left pending, without stealing from live ones (inv. 4).
+
+A replica proves it is alive with a short-TTL key. Entries of consumers without one are
+claimed at once; anything idle past the safety ceiling is claimed whoever holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from streams.job import Delivery
+from streams.keys import Keys
+
+__all__ = ["Reclaimer"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Reclaimer:
+    redis: aioredis.Redis
+    keys: Keys
+    group: str
+    consumer: str
+    ceiling_ms: int = 3_600_000
+    claim_min_idle_ms: int = 1_000
+    batch: int = 100
+
+    async def reclaim(self, queue: str) -> list[Delivery]:
+        """Claim entries of dead consumers and of any consumer past the ceiling."""
+        stream = self.keys.stream(queue)
+        out: list[Delivery] = []
+        consumers: Any = await self.redis.xinfo_consumers(stream, self.group)
+        for info in consumers:
+            name = _text(info["name"])
+            if name == self.consumer:
+                continue
+            if await self.redis.exists(self.keys.alive(name)):
+                continue
+            if int(info["pending"]) == 0:
+                if int(info.get("idle", 0)) > self.claim_min_idle_ms:
+                    await self.redis.xgroup_delconsumer(stream, self.group, name)
+                    logger.info("removed gone consumer %s from %s", name, stream)
+                continue
+            out += await self._claim_from(queue, stream, name)
+        out += await self._claim_ceiling(queue, stream)
+        return out
+
+    async def _claim_from(self, queue: str, stream: str, name: str) -> list[Delivery]:
+        rows: Any = await self.redis.xpending_range(
+            stream, self.group, min="-", max="+", count=self.batch, consumername=name
+        )
+        counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        if not counts:
+            return []
+        claimed: Any = await self.redis.xclaim(
+            stream,
+            self.group,
+            self.consumer,
+            self.claim_min_idle_ms,
+            list(counts),
+        )
+        got = [
+            Delivery(queue, _text(eid), fields, counts.get(_text(eid), 0) + 1)
+            for eid, fields in claimed
+            if fields is not None
+        ]
+        if got:
+            logger.warning("reclaimed %d entries of dead consumer %s on %s", len(got), name, stream)
+        return got
+
+    async def _claim_ceiling(self, queue: str, stream: str) -> list[Delivery]:
+        reply: Any = await self.redis.xautoclaim(
+            stream, self.group, self.consumer, self.ceiling_ms, "0-0", count=self.batch
+        )
+        claimed = reply[1]
+        deleted = reply[2] if len(reply) > 2 else []
+        if deleted:  # Redis 7 drops deleted entries from the pending list and reports them
+            logger.warning(
+                "%d pending entries of %s were deleted before being processed: %s",
+                len(deleted),
+                stream,
+                ", ".join(_text(d) for d in deleted[:10]),
+            )
+        if not claimed:
+            return []
+        ids = [_text(eid) for eid, _ in claimed]
+        rows = await self.redis.xpending_range(
+            stream,
+            self.group,
+            min=ids[0],
+            max=ids[-1],
+            count=len(ids) * 2,
+            consumername=self.consumer,
+        )
+        counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        logger.warning("reclaimed %d entries idle past the ceiling on %s", len(ids), stream)
+        return [
+            Delivery(queue, _text(eid), fields, counts.get(_text(eid), 2))
+            for eid, fields in claimed
+            if fields is not None
+        ]
+
+    async def own_pending(self, queue: str, after: str = "0-0") -> list[Delivery]:
+        """Entries this consumer name already holds (a restarted worker resumes them first)."""
+        stream = self.keys.stream(queue)
+        reply: Any = await self.redis.xreadgroup(
+            self.group, self.consumer, {stream: after}, count=self.batch
+        )
+        if not reply:
+            return []
+        entries = reply[0][1]
+        if not entries:
+            return []
+        ids = [_text(eid) for eid, _ in entries]
+        rows = await self.redis.xpending_range(
+            stream,
+            self.group,
+            min=ids[0],
+            max=ids[-1],
+            count=len(ids) * 2,
+            consumername=self.consumer,
+        )
+        counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        return [
+            Delivery(queue, eid, fields or {}, counts.get(eid, 2))
+            for eid, (_, fields) in zip(ids, entries, strict=True)
+        ]
+
+    async def refresh(self, queue: str, entry_ids: list[Any]) -> None:
+        """Reset the idle time of our own long-running entries so the ceiling never takes them."""
+        if entry_ids:
+            await self.redis.xclaim(
+                self.keys.stream(queue), self.group, self.consumer, 0, entry_ids, justid=True
+            )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else value

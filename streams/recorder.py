@@ -1,0 +1,322 @@
+"""Settlement, batched: record outcomes in PostgreSQL, then retry/dead-letter, hash and ack.
+
+Concurrent jobs share one PostgreSQL statement and one Redis pipeline per flush. The flush
+never raises: it retries its stores with backoff (inv. 7), and acks only what PostgreSQL
+has committed (inv. 1). A failing hash write is logged and never fails a job (inv. 2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from streams.dead_letters import dead_fields
+from streams.job import Delivery, Outcome, Result
+from streams.keys import Keys
+from streams.pg_store import ExecRow, JobRow, write_batch
+from streams.status import Status
+
+__all__ = ["Recorder", "RecorderConfig", "Start"]
+
+logger = logging.getLogger(__name__)
+
+_STATUS = {
+    Outcome.COMPLETED: Status.COMPLETED,
+    Outcome.RETRYING: Status.RETRYING,
+    Outcome.FAILED: Status.FAILED,
+}
+_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
+@dataclass(slots=True)
+class Start:
+    """A job that just started: recorded `running` by the next flush, never awaited."""
+
+    delivery: Delivery
+    job_id: str
+    attempt: int
+    payload: bytes
+    started_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecorderConfig:
+    group: str
+    worker_id: str
+    keys: Keys
+    hash_ttl_s: int = 7 * 24 * 3600
+    dead_maxlen: int = 100_000
+    max_batch: int = 2000
+
+
+def _iso(ts: float | None) -> str:
+    if ts is None:
+        return ""
+    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def _payload_text(payload: bytes | None) -> str | None:
+    if payload is None:
+        return None
+    try:
+        text = payload.decode()
+    except UnicodeDecodeError:
+        return None
+    # jsonb refuses NUL characters; such a payload stays in the stream and dead letters.
+    return None if "\\u0000" in text else text
+
+
+class Recorder:
+    """Coalesces status writes and acks of concurrent jobs into one flush at a time."""
+
+    def __init__(self, redis: aioredis.Redis, pool: asyncpg.Pool, config: RecorderConfig) -> None:
+        self._redis = redis
+        self._pool = pool
+        self._cfg = config
+        self._pending: list[Start | tuple[Result, asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._pg_down = False
+        self._redis_down = False
+        self.flushes = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="recorder")
+
+    async def close(self) -> None:
+        """Flush everything outstanding, then stop."""
+        while self._pending:
+            self._wake.set()
+            await asyncio.sleep(0.005)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        # A flush cancelled mid-way leaves its futures unresolved: write them out now.
+        while self._pending:
+            await self._flush_some()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
+
+    def started(self, start: Start) -> None:
+        """Queue the `running` record of a job; the handler does not wait for it."""
+        self._pending.append(start)
+        self._wake.set()
+
+    def settle(self, result: Result) -> asyncio.Future[None]:
+        """Queue an outcome; the future resolves once it is committed and the entry acked."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((result, fut))
+        self._wake.set()
+        return fut
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                await self._flush_some()
+
+    async def _flush_some(self) -> None:
+        batch = self._pending[: self._cfg.max_batch]
+        del self._pending[: len(batch)]
+        results = [item for item in batch if isinstance(item, tuple)]
+        jobs, execs = self._rows(batch)
+        if jobs or execs:
+            await self._write_pg(jobs, execs)
+        await self._write_redis(jobs, [r for r, _ in results])
+        self.flushes += 1
+        for _, fut in results:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _rows(
+        self, batch: Iterable[Start | tuple[Result, asyncio.Future[None]]]
+    ) -> tuple[list[JobRow], list[ExecRow]]:
+        rows: dict[str, JobRow] = {}  # one row per job id: ON CONFLICT may touch a row once
+        execs: list[ExecRow] = []
+        for item in batch:
+            if isinstance(item, Start):
+                d = item.delivery
+                rows[item.job_id] = JobRow(
+                    item.job_id,
+                    d.queue,
+                    Status.RUNNING,
+                    _payload_text(item.payload),
+                    None,
+                    None,
+                    item.attempt,
+                    d.entry_id,
+                    _created(d),
+                    item.started_at,
+                    None,
+                    None,
+                )
+                continue
+            r = item[0]
+            if r.outcome is Outcome.SKIPPED:
+                continue
+            d = r.delivery
+            done = r.finished_at if r.outcome is not Outcome.RETRYING else None
+            prev = rows.get(r.job_id)
+            payload = _payload_text(r.payload) if r.payload is not None else None
+            if payload is None and prev is not None:
+                payload = prev.payload
+            rows[r.job_id] = JobRow(
+                r.job_id,
+                d.queue,
+                _STATUS[r.outcome],
+                payload,
+                r.result_json,
+                r.error,
+                r.attempt,
+                d.entry_id,
+                _created(d),
+                r.started_at or None,
+                done,
+                r.retry_at,
+            )
+            if r.executed:
+                execs.append(
+                    ExecRow(
+                        r.job_id,
+                        r.attempt,
+                        r.outcome.value,
+                        r.error,
+                        r.duration_ms,
+                        r.started_at,
+                        r.finished_at,
+                    )
+                )
+        return list(rows.values()), execs
+
+    async def _write_pg(self, jobs: list[JobRow], execs: list[ExecRow]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await write_batch(self._pool, self._cfg.worker_id, jobs, execs)
+            except _DATA_ERRORS as exc:
+                logger.warning("batch refused by PostgreSQL (%s); writing jobs one by one", exc)
+                await self._write_pg_singly(jobs, execs)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                if not self._pg_down:
+                    logger.error(
+                        "PostgreSQL unavailable (%s): nothing is acked until it is back; "
+                        "retrying with backoff up to 5s",
+                        type(exc).__name__,
+                    )
+                    self._pg_down = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._pg_down:
+                logger.warning("PostgreSQL is back: recording resumed")
+                self._pg_down = False
+            return
+
+    async def _write_pg_singly(self, jobs: list[JobRow], execs: list[ExecRow]) -> None:
+        for row in jobs:
+            mine = [e for e in execs if e.job_id == row.id]
+            try:
+                await write_batch(self._pool, self._cfg.worker_id, [row], mine)
+            except _DATA_ERRORS as exc:
+                row.payload = None
+                row.result = None
+                row.error = f"{row.error or ''} (payload or result not storable: {exc})".strip()
+                await write_batch(self._pool, self._cfg.worker_id, [row], mine)
+
+    async def _write_redis(self, jobs: list[JobRow], results: list[Result]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await self._pipeline(jobs, results)
+            except (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+                if not self._redis_down:
+                    logger.error(
+                        "Redis unavailable (%s): acks wait until it is back; retrying with "
+                        "backoff up to 5s",
+                        type(e).__name__,
+                    )
+                    self._redis_down = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if self._redis_down:
+                logger.warning("Redis is back: acks resumed")
+                self._redis_down = False
+            return
+
+    async def _pipeline(self, jobs: list[JobRow], results: list[Result]) -> None:
+        keys, cfg = self._cfg.keys, self._cfg
+        pipe = self._redis.pipeline(transaction=False)
+        hash_cmds = 0
+        for row in jobs:
+            pipe.hset(keys.job(row.id), mapping=self._hash_fields(row))
+            hash_cmds += 1
+            if row.status in (Status.COMPLETED, Status.FAILED):
+                pipe.expire(keys.job(row.id), cfg.hash_ttl_s)
+                hash_cmds += 1
+        acks: dict[str, list[str]] = {}
+        for r in results:
+            d = r.delivery
+            if r.outcome is Outcome.RETRYING and r.retry_at is not None:
+                member = msgspec.json.encode(r.retry_fields)
+                pipe.zadd(keys.delayed(d.queue), {member: int(r.retry_at * 1000)})
+            elif r.outcome is Outcome.FAILED:
+                fields = dead_fields(
+                    d.fields,
+                    queue=d.queue,
+                    job_id=r.job_id,
+                    entry_id=d.entry_id,
+                    reason=r.reason or "failed",
+                    error=r.error or "",
+                    attempts=r.attempt,
+                    failed_at=r.finished_at or time.time(),
+                )
+                pipe.xadd(keys.dead(d.queue), fields, maxlen=cfg.dead_maxlen, approximate=True)
+            acks.setdefault(d.queue, []).append(d.entry_id)
+        for queue, ids in acks.items():
+            pipe.xack(keys.stream(queue), cfg.group, *ids)
+        replies = await pipe.execute(raise_on_error=False)
+        self._check(replies, hash_cmds)
+
+    def _check(self, replies: list[object], hash_cmds: int) -> None:
+        for i, reply in enumerate(replies):
+            if not isinstance(reply, Exception):
+                continue
+            if isinstance(reply, redis.exceptions.ConnectionError):
+                raise reply
+            if i < hash_cmds:  # inv. 2: the hash is a view; its failure fails no job
+                logger.warning("job hash write failed: %s", reply)
+            else:
+                logger.error("settlement command failed: %s", reply)
+
+    def _hash_fields(self, row: JobRow) -> dict[Any, Any]:
+        return {
+            "status": row.status,
+            "queue": row.queue,
+            "attempt": row.attempt,
+            "worker_id": self._cfg.worker_id,
+            "started_at": _iso(row.started_at),
+            "updated_at": _iso(time.time()),
+            "completed_at": _iso(row.completed_at),
+            "result": row.result or "",
+            "error": row.error or "",
+        }
+
+
+def _created(d: Delivery) -> float:
+    return int(d.entry_id.partition("-")[0]) / 1000.0

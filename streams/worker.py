@@ -1,0 +1,372 @@
+"""The engine runtime: groups, readers, dispatch with bounded concurrency, and the loops
+that keep the invariants (heartbeat, reclaim, delayed promotion, trimming, drain).
+
+Generic: it runs `Route`s and knows nothing of email.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from otel import is_recording_enabled
+from schema.envelope import enqueued_at_ms
+from streams.delayed import Promoter
+from streams.dispatch import Route, execute, execute_traced, invalid_result, prepare
+from streams.job import Delivery, Job, Outcome, Result
+from streams.keys import Keys
+from streams.pg_store import fetch_statuses
+from streams.reclaimer import Reclaimer
+from streams.recorder import Recorder, RecorderConfig, Start
+from streams.trimmer import trim
+
+__all__ = ["Engine", "EngineConfig"]
+
+logger = logging.getLogger(__name__)
+job_log = logging.getLogger("streams.jobs")
+_CONN_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    consumer: str
+    keys: Keys = field(default_factory=Keys)
+    group: str = "workers"
+    block_ms: int = 1000
+    read_count: int = 500
+    max_deliveries: int = 5
+    max_payload_bytes: int = 16 * 1024 * 1024
+    alive_ttl_ms: int = 10_000
+    reclaim_interval_s: float = 5.0
+    reclaim_ceiling_ms: int = 3_600_000
+    promote_interval_s: float = 0.25
+    trim_interval_s: float = 10.0
+    grace_s: float = 30.0
+    hash_ttl_s: int = 7 * 24 * 3600
+    dead_maxlen: int = 100_000
+    burst: bool = False
+
+
+class _Lane:
+    """One queue's dispatch: at most `policy.concurrency` jobs in flight, no pacing."""
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.running: dict[str, Delivery] = {}
+        self.free = asyncio.Event()
+        self.free.set()
+
+    @property
+    def room(self) -> int:
+        return self.route.policy.concurrency - len(self.tasks)
+
+    def spawn(self, coro: Awaitable[None], d: Delivery) -> None:
+        d.started_mono = time.perf_counter()
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        self.running[d.entry_id] = d
+        if self.room <= 0:
+            self.free.clear()
+        task.add_done_callback(lambda t: self._done(t, d.entry_id))
+
+    def _done(self, task: asyncio.Task[None], entry_id: str) -> None:
+        self.tasks.discard(task)
+        self.running.pop(entry_id, None)
+        self.free.set()
+
+
+class Engine:
+    """Runs routes against Redis Streams and records every outcome in PostgreSQL."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        pool: asyncpg.Pool,
+        routes: Sequence[Route],
+        config: EngineConfig,
+    ) -> None:
+        self.redis, self.pool, self.cfg = redis, pool, config
+        self.lanes = {r.queue: _Lane(r) for r in routes}
+        self.recorder = Recorder(
+            redis,
+            pool,
+            RecorderConfig(
+                config.group, config.consumer, config.keys, config.hash_ttl_s, config.dead_maxlen
+            ),
+        )
+        self.reclaimer = Reclaimer(
+            redis, config.keys, config.group, config.consumer, config.reclaim_ceiling_ms
+        )
+        self.promoter = Promoter(redis, config.keys)
+        self.stopping = asyncio.Event()
+        self.heartbeat_at = 0.0
+        self.processed = 0
+        self._traced = is_recording_enabled()
+        self._attrs = {
+            q: {
+                "messaging.system": "redis",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": config.keys.stream(q),
+                "messaging.consumer.group.name": config.group,
+                "messaging.client.id": config.consumer,
+            }
+            for q in self.lanes
+        }
+        self._down: set[str] = set()
+
+    # ---- lifecycle -------------------------------------------------------------------
+    async def run(self) -> None:
+        """Run until `stop()` (or, in burst mode, until the queues are drained), then drain."""
+        await self._retrying("start", self._setup)
+        self.recorder.start()
+        loops = [asyncio.create_task(self._read_loop(lane)) for lane in self.lanes.values()]
+        loops += [
+            asyncio.create_task(self._every(self.cfg.alive_ttl_ms / 3000, self._heartbeat)),
+            asyncio.create_task(self._every(self.cfg.reclaim_interval_s, self._reclaim)),
+            asyncio.create_task(self._every(self.cfg.promote_interval_s, self._promote)),
+            asyncio.create_task(self._every(self.cfg.trim_interval_s, self._trim)),
+        ]
+        try:
+            await self.stopping.wait()
+        finally:
+            # Loops are not cancelled mid-command: each sees `stopping` within one block_ms
+            # or interval, so no entry is read and then abandoned.
+            _, stuck = await asyncio.wait(loops, timeout=self.cfg.block_ms / 1000 + 10)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await self._drain()
+
+    def stop(self) -> None:
+        """Stop reading; in-flight jobs get the grace period to finish."""
+        self.stopping.set()
+        for lane in self.lanes.values():
+            lane.free.set()
+
+    async def _setup(self) -> None:
+        for queue in self.lanes:
+            try:
+                await self.redis.xgroup_create(
+                    self.cfg.keys.stream(queue), self.cfg.group, id="0", mkstream=True
+                )
+            except redis.exceptions.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+        await self._heartbeat()
+        for queue, lane in self.lanes.items():  # a restarted worker resumes its own first
+            after = "0-0"
+            while batch := await self.reclaimer.own_pending(queue, after):
+                after = batch[-1].entry_id
+                await self._dispatch_redelivered(lane, batch)
+                if len(batch) < self.reclaimer.batch:
+                    break
+
+    async def _drain(self) -> None:
+        tasks = [t for lane in self.lanes.values() for t in lane.tasks]
+        if tasks:
+            logger.info("draining %d in-flight jobs (grace %.0fs)", len(tasks), self.cfg.grace_s)
+            _, left = await asyncio.wait(tasks, timeout=self.cfg.grace_s)
+            if left:
+                ids = [d.entry_id for lane in self.lanes.values() for d in lane.running.values()]
+                logger.warning(
+                    "grace period over: %d jobs left pending for other workers: %s",
+                    len(left),
+                    ", ".join(ids[:20]),
+                )
+                for task in left:
+                    task.cancel()
+                await asyncio.gather(*left, return_exceptions=True)
+        await self.recorder.close()
+        with contextlib.suppress(*_CONN_ERRORS):
+            await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
+
+    # ---- resilience helpers ----------------------------------------------------------
+    async def _retrying(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await fn()
+            except (*_CONN_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                if what not in self._down:
+                    pg = isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError)
+                    logger.error(
+                        "%s: %s unavailable (%s); retrying with backoff up to 5s",
+                        what,
+                        "PostgreSQL" if pg else "Redis",
+                        exc,
+                    )
+                    self._down.add(what)
+                if self.stopping.is_set() and what != "start":
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if what in self._down:
+                logger.warning("%s: connection is back", what)
+                self._down.discard(what)
+            return
+
+    async def _every(self, interval_s: float, fn: Callable[[], Awaitable[None]]) -> None:
+        while not self.stopping.is_set():
+            try:
+                await self._retrying(fn.__name__.strip("_"), fn)
+            except redis.exceptions.RedisError as exc:  # a refused command must not stop the loop
+                logger.error("%s failed: %s", fn.__name__.strip("_"), exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), interval_s)
+
+    # ---- reading and dispatch ---------------------------------------------------------
+    async def _read_loop(self, lane: _Lane) -> None:
+        stream = self.cfg.keys.stream(lane.route.queue)
+        while True:
+            await lane.free.wait()
+            if self.stopping.is_set():
+                return
+            count = max(1, min(lane.room, self.cfg.read_count))
+            reply: Any = []
+
+            async def read(count: int = count) -> None:
+                nonlocal reply
+                reply = await self.redis.xreadgroup(
+                    self.cfg.group,
+                    self.cfg.consumer,
+                    {stream: ">"},
+                    count=count,
+                    block=self.cfg.block_ms,
+                )
+
+            try:
+                await self._retrying(f"read {stream}", read)
+            except redis.exceptions.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                await self._setup()  # the stream or group was deleted under us
+                continue
+            entries = reply[0][1] if reply else []
+            for eid, fields in entries:
+                d = Delivery(lane.route.queue, eid.decode(), fields)
+                lane.spawn(self._process(lane, d), d)
+            if not entries and self.cfg.burst and await self._drained():
+                self.stop()
+
+    async def _drained(self) -> bool:
+        if any(lane.tasks for lane in self.lanes.values()) or self.recorder.backlog:
+            return False
+        for queue in self.lanes:
+            stream = self.cfg.keys.stream(queue)
+            if await self.redis.zcard(self.cfg.keys.delayed(queue)):
+                return False
+            groups = await self.redis.xinfo_groups(stream)
+            mine = [g for g in groups if g["name"].decode() == self.cfg.group]
+            if mine and (int(mine[0]["pending"]) or int(mine[0].get("lag") or 0)):
+                return False
+        return True
+
+    async def _dispatch_redelivered(self, lane: _Lane, batch: list[Delivery]) -> None:
+        """Entries delivered before: ack those PostgreSQL shows completed (inv. 3), run the rest."""
+        ids = [d.fields.get(b"id", d.entry_id.encode()).decode(errors="replace") for d in batch]
+        statuses: dict[str, str] = {}
+
+        async def fetch() -> None:
+            nonlocal statuses
+            statuses = await fetch_statuses(self.pool, ids)
+
+        await self._retrying("check redelivered", fetch)
+        for job_id, d in zip(ids, batch, strict=True):
+            if statuses.get(job_id) == "completed":
+                now = time.time()
+                skip = Result(
+                    d, job_id, 0, Outcome.SKIPPED, started_at=now, finished_at=now, executed=False
+                )
+                lane.spawn(self._settle(skip), d)
+            elif d.delivery_count > self.cfg.max_deliveries:
+                res = invalid_result(
+                    d,
+                    f"delivered {d.delivery_count} times, more than max_deliveries "
+                    f"{self.cfg.max_deliveries}: the job keeps crashing its worker",
+                )
+                res.reason = "deliveries"
+                lane.spawn(self._settle(res), d)
+            else:
+                lane.spawn(self._process(lane, d), d)
+
+    async def _process(self, lane: _Lane, d: Delivery) -> None:
+        route = lane.route
+        prepared = prepare(route, d, self.cfg.max_payload_bytes)
+        if isinstance(prepared, Result):
+            job_log.warning(
+                "job invalid job=%s queue=%s error=%s", prepared.job_id, route.queue, prepared.error
+            )
+            await self._settle(prepared)
+            return
+        env, payload = prepared
+        job = Job(
+            env.job_id,
+            route.queue,
+            env.attempt,
+            d.entry_id,
+            enqueued_at_ms(d.entry_id),
+            d.delivery_count,
+            env.traceparent,
+        )
+        self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time()))
+        if job_log.isEnabledFor(logging.INFO):
+            job_log.info("job started job=%s queue=%s attempt=%d", job.id, route.queue, job.attempt)
+        if self._traced:
+            res = await execute_traced(route, env, payload, job, d, self._attrs[route.queue])
+        else:
+            res = await execute(route, env, payload, job, d)
+        if job_log.isEnabledFor(logging.INFO):
+            job_log.info(
+                "job %s job=%s queue=%s attempt=%d duration_ms=%d%s",
+                res.outcome.value,
+                job.id,
+                route.queue,
+                job.attempt,
+                res.duration_ms,
+                f" error={res.error}" if res.error else "",
+            )
+        await self._settle(res)
+
+    async def _settle(self, res: Result) -> None:
+        # inv. 1: once the outcome exists it must be recorded and acked, even while stopping.
+        await asyncio.shield(self.recorder.settle(res))
+        self.processed += 1
+
+    # ---- maintenance loops ------------------------------------------------------------
+    async def _heartbeat(self) -> None:
+        await self.redis.set(
+            self.cfg.keys.alive(self.cfg.consumer), str(time.time()), px=self.cfg.alive_ttl_ms
+        )
+        self.heartbeat_at = time.time()
+        long_ms = self.cfg.reclaim_ceiling_ms / 2
+        now = time.perf_counter()
+        for queue, lane in self.lanes.items():
+            old = [
+                eid for eid, d in lane.running.items() if (now - d.started_mono) * 1000 > long_ms
+            ]
+            await self.reclaimer.refresh(queue, old)
+
+    async def _reclaim(self) -> None:
+        for queue, lane in self.lanes.items():
+            claimed = await self.reclaimer.reclaim(queue)
+            if claimed:
+                await self._dispatch_redelivered(lane, claimed)
+
+    async def _promote(self) -> None:
+        for queue in self.lanes:
+            await self.promoter.promote(queue)
+
+    async def _trim(self) -> None:
+        for queue in self.lanes:
+            await trim(self.redis, self.cfg.keys, queue)

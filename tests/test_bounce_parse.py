@@ -1,0 +1,222 @@
+"""Bounce parsing against the real-bounce corpus, the extra samples and edge cases."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from consumers.dsn import BouncedRecipient, ParsedBounce, classify_status, parse_bounce
+
+DATA = Path(__file__).parent / "data"
+CORPUS = DATA / "bounces"
+EXTRA = DATA / "bounces_extra"
+
+# Cases the parser does not match, each with the specific reason.
+XFAIL = {
+    "bounces/yale_01.txt": (
+        "the notice names the recipient only as the bare local name 'userx'; the expected "
+        "pair userx@yale.edu / userx@cs.yale.edu comes from a Yale-only rule of the source "
+        "package, not from anything the message states"
+    ),
+}
+
+
+def _cases() -> list[object]:
+    cases: list[object] = []
+    for base in (CORPUS, EXTRA):
+        expected = json.loads((base / "expected.json").read_text(encoding="utf-8"))
+        for name, want in sorted(expected.items()):
+            key = f"{base.name}/{name}"
+            marks = [pytest.mark.xfail(strict=True, reason=XFAIL[key])] if key in XFAIL else []
+            cases.append(pytest.param(base / "messages" / name, want, id=key, marks=marks))
+    return cases
+
+
+def test_every_sample_has_an_expectation():
+    for base in (CORPUS, EXTRA):
+        expected = json.loads((base / "expected.json").read_text(encoding="utf-8"))
+        assert sorted(p.name for p in (base / "messages").iterdir()) == sorted(expected)
+    assert len(json.loads((CORPUS / "expected.json").read_text(encoding="utf-8"))) == 117
+
+
+@pytest.mark.parametrize(("path", "want"), _cases())
+def test_sample(path, want):
+    parsed = parse_bounce(path.read_bytes())
+    addresses = {r.address for r in parsed.recipients}
+    assert addresses == {a.lower() for a in want["addresses"]}
+    if want["kind"] == "unknown" and not want["addresses"]:
+        assert not parsed.recipients or not parsed.is_bounce
+    for recipient in parsed.recipients:
+        assert recipient.kind == want["kind"], recipient
+    if want["addresses"]:
+        assert parsed.is_bounce
+
+
+@pytest.mark.parametrize("name", ["groupwise_03.txt", "qmail_08.txt"])
+def test_ordinary_mail_is_not_a_bounce(name):
+    parsed = parse_bounce((CORPUS / "messages" / name).read_bytes())
+    assert parsed == ParsedBounce(is_bounce=False, recipients=[], original_message_id=None)
+
+
+@pytest.mark.parametrize(
+    ("status", "action", "diagnostic", "expected"),
+    [
+        ("5.1.1", "failed", None, ("hard", False)),
+        ("4.4.7", "failed", "timed out", ("hard", False)),  # corpus rule: Action wins
+        ("5.1.1", "delayed", None, ("soft", False)),
+        ("4.4.1", None, None, ("soft", False)),
+        ("5.1.1", None, None, ("hard", False)),
+        ("550", None, "User unknown", ("hard", False)),
+        ("451", None, None, ("soft", False)),
+        ("5.2.2", None, "Mailbox full", ("soft", False)),
+        ("552", None, "mailbox is full", ("soft", False)),
+        ("5.0.0", None, "quota exceeded", ("soft", False)),
+        ("5.2.2", "failed", "Mailbox full", ("hard", False)),
+        ("4.7.1", "delayed", "Greylisted", ("soft", True)),
+        ("5.7.1", "failed", "blocked using zen.spamhaus.org", ("hard", True)),
+        ("5.7.26", None, "DMARC policy", ("hard", True)),
+        ("5.0.0", "failed", "550 5.7.1 unsolicited mail", ("hard", True)),
+        (None, None, "550 5.1.1 no such user", ("hard", False)),
+        (None, None, "User unknown", ("hard", False)),
+        (None, None, "greylisted, try again later", ("soft", False)),
+        (None, None, "message rejected as spam", ("unknown", True)),
+        (None, None, None, ("unknown", False)),
+        ("", "", "", ("unknown", False)),
+        ("2.0.0", "delivered", None, ("unknown", False)),
+        ("5.1.1", "Failed (Bad destination mailbox address)", None, ("hard", False)),
+        (None, "FAILURE", None, ("hard", False)),
+        ("not a code", "weird", "nothing useful", ("unknown", False)),
+    ],
+)
+def test_classify_status(status, action, diagnostic, expected):
+    assert classify_status(status, action, diagnostic) == expected
+
+
+_FOLDED_DSN = b"""\
+From: MAILER-DAEMON@mx.example.org (Mail Delivery System)
+To: bounces@example.org
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="b1"
+
+--b1
+Content-Type: text/plain
+
+Delivery failed.
+
+--b1
+Content-Type: MESSAGE/Delivery-Status
+
+reporting-mta: dns; mx.example.org
+
+ORIGINAL-RECIPIENT: RFC822;
+  <Someone@Example.NET>
+final-recipient: rfc822; forwarded@example.com
+ACTION: Failed
+status: 5.1.1
+   (bad destination mailbox)
+REMOTE-mta: DNS; mx1.example.net
+diagnostic-CODE: SMTP; 550-5.1.1 The account
+ does not
+\texist here
+
+--b1
+Content-Type: text/rfc822-headers
+
+From: app@example.org
+To: Someone@Example.NET
+Message-Id: <abc.123@app.example.org>
+Subject: hello
+
+--b1--
+"""
+
+
+def test_folded_mixed_case_fields():
+    parsed = parse_bounce(_FOLDED_DSN)
+    assert parsed.is_bounce
+    assert parsed.original_message_id == "<abc.123@app.example.org>"
+    assert parsed.recipients == [
+        BouncedRecipient(
+            address="someone@example.net",
+            kind="hard",
+            status="5.1.1",
+            diagnostic="550-5.1.1 The account does not exist here",
+            action="failed",
+            remote_mta="mx1.example.net",
+            sender_side=False,
+        )
+    ]
+
+
+def test_sender_side_policy_rejection():
+    parsed = parse_bounce((EXTRA / "messages" / "postfix_policy_01.eml").read_bytes())
+    (recipient,) = parsed.recipients
+    assert (recipient.kind, recipient.status, recipient.sender_side) == ("hard", "5.7.1", True)
+    assert recipient.remote_mta == "mx.example.net"
+
+
+def test_greylisting_is_soft():
+    parsed = parse_bounce((EXTRA / "messages" / "greylist_01.eml").read_bytes())
+    (recipient,) = parsed.recipients
+    assert (recipient.kind, recipient.action, recipient.status) == ("soft", "delayed", "4.7.1")
+
+
+def test_text_bounce_status_and_diagnostic():
+    parsed = parse_bounce((CORPUS / "messages" / "postfix_01.txt").read_bytes())
+    (recipient,) = parsed.recipients
+    assert recipient.status == "5.1.1"
+    assert recipient.action is None
+    assert recipient.diagnostic is not None
+    assert "User unknown" in recipient.diagnostic
+    assert len(recipient.diagnostic) <= 1000
+
+
+@pytest.mark.parametrize(
+    ("path", "message_id"),
+    [
+        (CORPUS / "messages" / "dsn_08.txt", "<NEBBLDPBKLOKNHPAEECGAENDCIAA.zope@toenjes.com>"),
+        (CORPUS / "messages" / "dsn_09.txt", "<3BE4F1EC.8306C281@nleaudio.com>"),
+        (CORPUS / "messages" / "dsn_15.txt", "<mailman.4360.1149475419.1567.gpc-talk@grizz.org>"),
+        (
+            CORPUS / "messages" / "bounce_03.txt",
+            "<20021027170004.27298.9909.Mailman@mail.python.org>",
+        ),
+        (EXTRA / "messages" / "office365_01.eml", "<20260303091400.4242.abc@mail.example.org>"),
+        (EXTRA / "messages" / "exim_mailbox_full_01.eml", "<receipt.31337@app.example.org>"),
+    ],
+    ids=lambda value: value.name if isinstance(value, Path) else "",
+)
+def test_original_message_id(path, message_id):
+    assert parse_bounce(path.read_bytes()).original_message_id == message_id
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"",
+        b"\x00\xff\xfe garbage \x80\x81",
+        b"\r\n\r\n\r\n",
+        b'Content-Type: multipart/report; boundary="x"\n\n--x\nContent-Type: message/'
+        b"delivery-status\n\nFinal-Recipient: rfc822; \xff@\xfe\nAction: failed\n--x",
+        b"From: MAILER-DAEMON@x\nSubject: =?bogus?Q?=ZZ?=\nContent-Type: text/plain; "
+        b"charset=no-such-charset\n\n<a@example.com>: 550 \xff\xfe",
+        b'Content-Type: multipart/mixed; boundary="unterminated"\n\n--unterminated\n',
+        b"From: postmaster@example.com\n" + b"Subject: Undeliverable\n\n" + b"x@" * 50_000,
+    ],
+)
+def test_never_raises(raw):
+    parsed = parse_bounce(raw)
+    assert isinstance(parsed, ParsedBounce)
+
+
+def test_random_bytes_never_raise():
+    rng = random.Random(20260306)
+    sample = (CORPUS / "messages" / "dsn_10.txt").read_bytes()
+    for _ in range(200):
+        cut = rng.randrange(len(sample))
+        noise = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
+        assert isinstance(parse_bounce(sample[:cut] + noise + sample[cut:]), ParsedBounce)
