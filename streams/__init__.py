@@ -15,6 +15,7 @@ from streams.errors import (
 )
 from streams.job import Job
 from streams.keys import Keys, check_queue_name
+from streams.observe import NullObserver, Observer
 from streams.policy import Policy, backoff_s
 from streams.publisher import Publisher, new_job_id
 from streams.status import TERMINAL, Status
@@ -31,6 +32,8 @@ __all__ = [
     "JobError",
     "JobstreamError",
     "Keys",
+    "NullObserver",
+    "Observer",
     "PermanentError",
     "Policy",
     "PublishError",

@@ -24,6 +24,7 @@ from streams.delayed import Promoter
 from streams.dispatch import Route, execute, execute_traced, invalid_result, prepare
 from streams.job import Delivery, Job, Outcome, Result
 from streams.keys import Keys
+from streams.observe import NullObserver, Observer
 from streams.pg_store import fetch_statuses
 from streams.reclaimer import Reclaimer
 from streams.recorder import Recorder, RecorderConfig, Start
@@ -94,8 +95,10 @@ class Engine:
         pool: asyncpg.Pool,
         routes: Sequence[Route],
         config: EngineConfig,
+        observer: Observer | None = None,
     ) -> None:
         self.redis, self.pool, self.cfg = redis, pool, config
+        self.observer: Observer = observer or NullObserver()
         self.lanes = {r.queue: _Lane(r) for r in routes}
         self.recorder = Recorder(
             redis,
@@ -320,6 +323,7 @@ class Engine:
             env.traceparent,
         )
         self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time()))
+        self.observer.job_started(route.queue)
         if job_log.isEnabledFor(logging.INFO):
             job_log.info("job started job=%s queue=%s attempt=%d", job.id, route.queue, job.attempt)
         if self._traced:
@@ -342,6 +346,7 @@ class Engine:
         # inv. 1: once the outcome exists it must be recorded and acked, even while stopping.
         await asyncio.shield(self.recorder.settle(res))
         self.processed += 1
+        self.observer.job_finished(res.delivery.queue, res.outcome.value, res.duration_ms / 1000)
 
     # ---- maintenance loops ------------------------------------------------------------
     async def _heartbeat(self) -> None:
@@ -370,3 +375,11 @@ class Engine:
     async def _trim(self) -> None:
         for queue in self.lanes:
             await trim(self.redis, self.cfg.keys, queue)
+            stream = self.cfg.keys.stream(queue)
+            groups: Any = await self.redis.xinfo_groups(stream)
+            for g in groups:
+                if g["name"].decode() == self.cfg.group:
+                    dead = int(await self.redis.xlen(self.cfg.keys.dead(queue)))
+                    self.observer.queue_stats(
+                        queue, int(g["pending"]), int(g.get("lag") or 0), dead
+                    )
