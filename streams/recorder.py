@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import hiredis
 import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -57,6 +59,8 @@ class RecorderConfig:
     hash_ttl_s: int = 7 * 24 * 3600
     dead_maxlen: int = 100_000
     max_batch: int = 2000
+    max_backlog: int = 4000
+    redis_timeout_s: float = 30.0
 
 
 def _iso(ts: float | None) -> str:
@@ -83,45 +87,59 @@ class Recorder:
         self._redis = redis
         self._pool = pool
         self._cfg = config
-        self._pending: list[Start | tuple[Result, asyncio.Future[None]]] = []
+        self._pending: list[Start | Result] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pg_down = False
         self._redis_down = False
         self.flushes = 0
+        self.settled = 0
+        self._flushing = 0
+        self.has_room = asyncio.Event()  # cleared while the backlog is over max_backlog
+        self.has_room.set()
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="recorder")
 
-    async def close(self) -> None:
-        """Flush everything outstanding, then stop."""
-        while self._pending:
+    async def close(self, timeout_s: float = 30.0) -> int:
+        """Flush everything outstanding (waiting at most `timeout_s`), then stop.
+
+        Returns how many records could not be written; their entries stay pending, unacked,
+        for another worker (inv. 1), which is safe but means they will run again.
+        """
+        deadline = time.monotonic() + timeout_s
+        while self.backlog and time.monotonic() < deadline and self._task is not None:
             self._wake.set()
             await asyncio.sleep(0.005)
+        left = self.backlog
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        # A flush cancelled mid-way leaves its futures unresolved: write them out now.
-        while self._pending:
-            await self._flush_some()
+        if left:
+            logger.error("%d outcomes not recorded before exit: their entries stay pending", left)
+        return left
 
     @property
     def backlog(self) -> int:
-        return len(self._pending)
+        """Records not yet committed and acked, the flush in progress included."""
+        return len(self._pending) + self._flushing
 
     def started(self, start: Start) -> None:
         """Queue the `running` record of a job; the handler does not wait for it."""
         self._pending.append(start)
         self._wake.set()
 
-    def settle(self, result: Result) -> asyncio.Future[None]:
-        """Queue an outcome; the future resolves once it is committed and the entry acked."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((result, fut))
+    def settle(self, result: Result) -> None:
+        """Hand over an outcome: the recorder commits it, then retries/dead-letters and acks.
+
+        The caller does not wait; `close()` flushes whatever is outstanding (inv. 1, 6).
+        """
+        self._pending.append(result)
         self._wake.set()
-        return fut
+        if len(self._pending) > self._cfg.max_backlog:
+            self.has_room.clear()
 
     async def _loop(self) -> None:
         while True:
@@ -133,19 +151,19 @@ class Recorder:
     async def _flush_some(self) -> None:
         batch = self._pending[: self._cfg.max_batch]
         del self._pending[: len(batch)]
-        results = [item for item in batch if isinstance(item, tuple)]
+        self._flushing = len(batch)
+        results = [item for item in batch if isinstance(item, Result)]
         jobs, execs = self._rows(batch)
         if jobs or execs:
             await self._write_pg(jobs, execs)
-        await self._write_redis(jobs, [r for r, _ in results])
+        await self._write_redis(jobs, results)
         self.flushes += 1
-        for _, fut in results:
-            if not fut.done():
-                fut.set_result(None)
+        self.settled += len(results)
+        self._flushing = 0
+        if len(self._pending) <= self._cfg.max_backlog:
+            self.has_room.set()
 
-    def _rows(
-        self, batch: Iterable[Start | tuple[Result, asyncio.Future[None]]]
-    ) -> tuple[list[JobRow], list[ExecRow]]:
+    def _rows(self, batch: Iterable[Start | Result]) -> tuple[list[JobRow], list[ExecRow]]:
         rows: dict[str, JobRow] = {}  # one row per job id: ON CONFLICT may touch a row once
         execs: list[ExecRow] = []
         for item in batch:
@@ -166,7 +184,7 @@ class Recorder:
                     None,
                 )
                 continue
-            r = item[0]
+            r = item
             if r.outcome is Outcome.SKIPPED:
                 continue
             d = r.delivery
@@ -261,20 +279,19 @@ class Recorder:
 
     async def _pipeline(self, jobs: list[JobRow], results: list[Result]) -> None:
         keys, cfg = self._cfg.keys, self._cfg
-        pipe = self._redis.pipeline(transaction=False)
-        hash_cmds = 0
+        cmds: list[tuple[Any, ...]] = []
+        now = _iso(time.time())
         for row in jobs:
-            pipe.hset(keys.job(row.id), mapping=self._hash_fields(row))
-            hash_cmds += 1
+            cmds.append(self._hset(row, now))
             if row.status in (Status.COMPLETED, Status.FAILED):
-                pipe.expire(keys.job(row.id), cfg.hash_ttl_s)
-                hash_cmds += 1
+                cmds.append(("EXPIRE", keys.job(row.id), cfg.hash_ttl_s))
+        hash_cmds = len(cmds)
         acks: dict[str, list[str]] = {}
         for r in results:
             d = r.delivery
             if r.outcome is Outcome.RETRYING and r.retry_at is not None:
                 member = msgspec.json.encode(r.retry_fields)
-                pipe.zadd(keys.delayed(d.queue), {member: int(r.retry_at * 1000)})
+                cmds.append(("ZADD", keys.delayed(d.queue), int(r.retry_at * 1000), member))
             elif r.outcome is Outcome.FAILED:
                 fields = dead_fields(
                     d.fields,
@@ -286,36 +303,58 @@ class Recorder:
                     attempts=r.attempt,
                     failed_at=r.finished_at or time.time(),
                 )
-                pipe.xadd(keys.dead(d.queue), fields, maxlen=cfg.dead_maxlen, approximate=True)
+                flat = [x for kv in fields.items() for x in kv]
+                cmds.append(
+                    ("XADD", keys.dead(d.queue), "MAXLEN", "~", cfg.dead_maxlen, "*", *flat)
+                )
             acks.setdefault(d.queue, []).append(d.entry_id)
-        for queue, ids in acks.items():
-            pipe.xack(keys.stream(queue), cfg.group, *ids)
-        replies = await pipe.execute(raise_on_error=False)
-        self._check(replies, hash_cmds)
+        for queue, ids in acks.items():  # inv. 1: after the ZADD/XADD above, in order
+            cmds.append(("XACK", keys.stream(queue), cfg.group, *ids))
+        if cmds:
+            self._check(await self._send(cmds), hash_cmds)
+
+    async def _send(self, cmds: list[tuple[Any, ...]]) -> list[object]:
+        """Send commands in one round trip; packed by hiredis, which is much cheaper per job."""
+        pool = self._redis.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            # One deadline for the whole round trip instead of one per reply.
+            async with asyncio.timeout(self._cfg.redis_timeout_s):
+                await conn.send_packed_command(b"".join(map(hiredis.pack_command, cmds)), False)
+                replies: list[object] = []
+                for _ in cmds:
+                    try:
+                        replies.append(await conn.read_response(timeout=math.inf))
+                    except redis.exceptions.ResponseError as exc:
+                        replies.append(exc)
+            return replies
+        except BaseException:
+            await conn.disconnect()
+            raise
+        finally:
+            await pool.release(conn)
 
     def _check(self, replies: list[object], hash_cmds: int) -> None:
         for i, reply in enumerate(replies):
             if not isinstance(reply, Exception):
                 continue
-            if isinstance(reply, redis.exceptions.ConnectionError):
-                raise reply
             if i < hash_cmds:  # inv. 2: the hash is a view; its failure fails no job
                 logger.warning("job hash write failed: %s", reply)
             else:
                 logger.error("settlement command failed: %s", reply)
 
-    def _hash_fields(self, row: JobRow) -> dict[Any, Any]:
-        return {
-            "status": row.status,
-            "queue": row.queue,
-            "attempt": row.attempt,
-            "worker_id": self._cfg.worker_id,
-            "started_at": _iso(row.started_at),
-            "updated_at": _iso(time.time()),
-            "completed_at": _iso(row.completed_at),
-            "result": row.result or "",
-            "error": row.error or "",
-        }
+    def _hset(self, row: JobRow, now: str) -> tuple[Any, ...]:
+        cmd: list[Any] = ["HSET", self._cfg.keys.job(row.id), "status", row.status.encode(),
+                          "queue", row.queue, "attempt", row.attempt, "worker_id",
+                          self._cfg.worker_id, "updated_at", now]  # fmt: skip
+        if row.started_at is not None:
+            cmd += ("started_at", _iso(row.started_at))
+        if row.status in (Status.COMPLETED, Status.FAILED):
+            cmd += ("completed_at", _iso(row.completed_at), "result", row.result or "")
+            cmd += ("error", row.error or "")
+        elif row.status == Status.RETRYING:
+            cmd += ("error", row.error or "")
+        return tuple(cmd)
 
 
 def _created(d: Delivery) -> float:

@@ -58,18 +58,22 @@ class EngineConfig:
 
 
 class _Lane:
-    """One queue's dispatch: at most `policy.concurrency` jobs in flight, no pacing."""
+    """One queue's dispatch: at most `policy.concurrency` handlers running, no pacing.
+
+    A slot frees when its handler returns; settlement continues in the same task, so
+    the recorder batches the outcomes of many more jobs than the concurrency.
+    """
 
     def __init__(self, route: Route) -> None:
         self.route = route
-        self.tasks: set[asyncio.Task[None]] = set()
-        self.running: dict[str, Delivery] = {}
+        self.tasks: set[asyncio.Task[None]] = set()  # running or settling
+        self.running: dict[str, Delivery] = {}  # holding a slot
         self.free = asyncio.Event()
         self.free.set()
 
     @property
     def room(self) -> int:
-        return self.route.policy.concurrency - len(self.tasks)
+        return self.route.policy.concurrency - len(self.running)
 
     def spawn(self, coro: Awaitable[None], d: Delivery) -> None:
         d.started_mono = time.perf_counter()
@@ -80,10 +84,14 @@ class _Lane:
             self.free.clear()
         task.add_done_callback(lambda t: self._done(t, d.entry_id))
 
+    def release(self, entry_id: str) -> None:
+        """The handler is done with its slot (its outcome may still be settling)."""
+        if self.running.pop(entry_id, None) is not None:
+            self.free.set()
+
     def _done(self, task: asyncio.Task[None], entry_id: str) -> None:
         self.tasks.discard(task)
-        self.running.pop(entry_id, None)
-        self.free.set()
+        self.release(entry_id)
 
 
 class Engine:
@@ -189,7 +197,7 @@ class Engine:
                 for task in left:
                     task.cancel()
                 await asyncio.gather(*left, return_exceptions=True)
-        await self.recorder.close()
+        await self.recorder.close(self.cfg.grace_s)
         with contextlib.suppress(*_CONN_ERRORS):
             await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
 
@@ -233,6 +241,7 @@ class Engine:
         stream = self.cfg.keys.stream(lane.route.queue)
         while True:
             await lane.free.wait()
+            await self.recorder.has_room.wait()  # backpressure: bounded settlement backlog
             if self.stopping.is_set():
                 return
             count = max(1, min(lane.room, self.cfg.read_count))
@@ -307,6 +316,7 @@ class Engine:
         route = lane.route
         prepared = prepare(route, d, self.cfg.max_payload_bytes)
         if isinstance(prepared, Result):
+            lane.release(d.entry_id)
             job_log.warning(
                 "job invalid job=%s queue=%s error=%s", prepared.job_id, route.queue, prepared.error
             )
@@ -330,6 +340,7 @@ class Engine:
             res = await execute_traced(route, env, payload, job, d, self._attrs[route.queue])
         else:
             res = await execute(route, env, payload, job, d)
+        lane.release(d.entry_id)
         if job_log.isEnabledFor(logging.INFO):
             job_log.info(
                 "job %s job=%s queue=%s attempt=%d duration_ms=%d%s",
@@ -343,8 +354,8 @@ class Engine:
         await self._settle(res)
 
     async def _settle(self, res: Result) -> None:
-        # inv. 1: once the outcome exists it must be recorded and acked, even while stopping.
-        await asyncio.shield(self.recorder.settle(res))
+        # inv. 1: once handed over, the recorder commits then acks it, even while stopping.
+        self.recorder.settle(res)
         self.processed += 1
         self.observer.job_finished(res.delivery.queue, res.outcome.value, res.duration_ms / 1000)
 
