@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -81,7 +82,9 @@ async def worker(db: str, prefix: str, n: int, concurrency: int) -> None:
         ended = time.perf_counter()
     # From the first job's start until every outcome is committed and acked (run() returns
     # after the final flush); the burst-mode idle check adds at most a few ms.
-    print(json.dumps({"jobs": engine.recorder.settled, "seconds": ended - (clock.first or started)}))
+    print(
+        json.dumps({"jobs": engine.recorder.settled, "seconds": ended - (clock.first or started)})
+    )
 
 
 async def plain_loop(db: str, prefix: str, n: int) -> tuple[int, float]:
@@ -96,7 +99,7 @@ async def plain_loop(db: str, prefix: str, n: int) -> tuple[int, float]:
     decode = msgspec.json.Decoder(Noop).decode
     started = time.perf_counter()
     while done < n:
-        reply = await redis.xreadgroup("workers", "plain", {stream: ">"}, count=500, block=100)
+        reply: Any = await redis.xreadgroup("workers", "plain", {stream: ">"}, count=500, block=100)
         if not reply:
             continue
         entries = reply[0][1]
@@ -119,13 +122,14 @@ async def plain_loop(db: str, prefix: str, n: int) -> tuple[int, float]:
     return done, seconds
 
 
-async def engine_run(db: str, prefix: str, n: int, concurrency: int, env: dict[str, str]) -> dict:
+async def engine_run(db: str, prefix: str, n: int, concurrency: int, env: dict[str, str]) -> Any:
     redis = aioredis.Redis.from_url(REDIS_URL)
     await publish(redis, Keys(f"{prefix}jobs:", f"{prefix}job:"), n)
     await redis.aclose()
     cmd = [sys.executable, "-m", "bench.throughput", "--worker", "--db", db, "--prefix", prefix,
            "--n", str(n), "--concurrency", str(concurrency)]  # fmt: skip
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)  # noqa: ASYNC221
+    # (the benchmark does nothing else meanwhile)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

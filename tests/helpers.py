@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import subprocess
+import sys
 from typing import Any
 
 from schema.payloads import AnalyticsEvent
@@ -16,3 +19,24 @@ def event(event_id: str, type_: str = "open", mailbox: str = "mb-1", **kw: Any) 
         occurred_at=kw.pop("occurred_at", dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)),
         **kw,
     )
+
+
+async def run(
+    *args: str, env: dict[str, str] | None = None, limit_s: float = 90
+) -> subprocess.CompletedProcess[str]:
+    """Run a command without blocking the event loop; return its exit code and output."""
+    proc = await asyncio.create_subprocess_exec(
+        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), limit_s)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return subprocess.CompletedProcess(list(args), proc.returncode or 0, out.decode(), err.decode())
+
+
+async def jobstream(env: dict[str, str], *args: str, limit_s: float = 90) -> Any:
+    """`jobstream ARGS` as a subprocess of this interpreter."""
+    return await run(sys.executable, "-m", "consumers.cli", *args, env=env, limit_s=limit_s)

@@ -1,0 +1,71 @@
+"""Test-only queues whose handler counts its executions in Redis and misbehaves on demand."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import msgspec
+
+from consumers.deps import Deps
+from consumers.handler import HandlerSpec, handler
+from streams import Job, PermanentError, Policy, RetryableError
+
+QUEUE = "test-work"
+
+
+class Work(msgspec.Struct, frozen=True, kw_only=True):
+    """What the test handler should do."""
+
+    sleep_s: float = 0.0
+    fail_times: int = 0  # raise RetryableError on the first N attempts
+    permanent: bool = False
+    boom: bool = False  # raise an unforeseen exception
+
+
+def executions_key(deps: Deps) -> str:
+    return f"{deps.keys.prefix}executions"
+
+
+@handler(
+    QUEUE,
+    Work,
+    Policy(max_attempts=3, backoff_base_s=0.05, backoff_cap_s=0.2, timeout_s=20, concurrency=16),
+)
+async def work(w: Work, job: Job, deps: Deps) -> dict[str, Any]:
+    """Count this execution, then sleep / fail as asked. Not idempotent on purpose."""
+    await deps.redis.hincrby(executions_key(deps), job.id, 1)
+    if w.sleep_s:
+        await asyncio.sleep(w.sleep_s)
+    if w.permanent:
+        raise PermanentError(f"job {job.id} refused for good")
+    if w.boom:
+        raise ZeroDivisionError("unforeseen")
+    if job.attempt <= w.fail_times:
+        raise RetryableError(f"transient failure on attempt {job.attempt}")
+    return {"attempt": job.attempt}
+
+
+SPECS: tuple[HandlerSpec[Any], ...] = (work,)
+PAYLOADS = {QUEUE: Work}
+
+
+def main() -> None:
+    """`python -m tests.handlers [--concurrency N] [--burst]`: a worker serving the test queue."""
+    import logging
+
+    from consumers.runtime import run_worker
+    from consumers.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    burst = "--burst" in sys.argv
+    conc = (
+        int(sys.argv[sys.argv.index("--concurrency") + 1]) if "--concurrency" in sys.argv else None
+    )
+    code = asyncio.run(run_worker(Settings.from_env(), None, conc, burst=burst, extra=SPECS))
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

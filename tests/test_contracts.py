@@ -1,0 +1,117 @@
+"""Contracts of the codebase: public surfaces, layering, registry, migrations, settings."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import importlib
+import pathlib
+import re
+
+import asyncpg
+import msgspec
+import pytest
+
+import consumers
+import schema
+from consumers.registry import HANDLERS
+from consumers.settings import Settings
+from schema.migrate import apply_migrations, load_migrations
+from schema.payloads import PAYLOADS
+from streams import ConfigError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGES = ("schema", "streams", "consumers", "otel")
+ALLOWED = {
+    "schema": set(),
+    "otel": set(),
+    "streams": {"schema", "otel"},
+    "consumers": {"streams", "schema", "otel"},
+}
+
+
+def test_packages_resolve_inside_the_repo():
+    for mod in (schema, consumers):
+        assert pathlib.Path(str(mod.__file__)).resolve().is_relative_to(ROOT)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_layering(package: str):
+    for path in (ROOT / package).rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                if top in PACKAGES and top != package:
+                    assert top in ALLOWED[package], f"{path.relative_to(ROOT)} imports {name}"
+
+
+@pytest.mark.parametrize("package", ["streams", "otel"])
+def test_public_all_is_sorted_and_complete(package: str):
+    mod = importlib.import_module(package)
+    names = list(mod.__all__)
+    assert names == sorted(names, key=lambda n: (not n.isupper(), n))
+    for name in names:
+        assert hasattr(mod, name), name
+
+
+def test_registry_has_each_queue_once_with_its_payload():
+    queues = [spec.queue for spec in HANDLERS]
+    assert len(queues) == len(set(queues))
+    for spec in HANDLERS:
+        assert PAYLOADS[spec.queue] is spec.payload
+
+
+# settings.py reads the configuration; the demo passes its environment on to the workers
+# it spawns; otel/ reads only the standard OTEL_* variables of the OpenTelemetry SDK.
+ENV_READERS = {"consumers/settings.py", "consumers/demo.py"}
+
+
+def test_only_settings_reads_the_environment():
+    offenders = []
+    for package in ("schema", "streams", "consumers"):
+        for path in (ROOT / package).rglob("*.py"):
+            if str(path.relative_to(ROOT)) in ENV_READERS:
+                continue
+            if re.search(r"os\.environ|os\.getenv", path.read_text()):
+                offenders.append(str(path.relative_to(ROOT)))
+    assert offenders == []
+
+
+def test_migrations_are_numbered_contiguously():
+    versions = [m.version for m in load_migrations()]
+    assert versions == list(range(1, len(versions) + 1))
+
+
+async def test_migrating_twice_and_concurrently_is_safe(database: str):
+    """Three replicas migrate an empty schema at once: one applies all, the others nothing."""
+    conns = [await asyncpg.connect(database) for _ in range(3)]
+    try:
+        await conns[0].execute("CREATE SCHEMA fresh")
+        for conn in conns:
+            await conn.execute("SET search_path TO fresh")
+        results = await asyncio.gather(*(apply_migrations(conn) for conn in conns))
+        assert sorted(len(r) for r in results) == [0, 0, len(load_migrations())]
+        assert await apply_migrations(conns[0]) == []
+        n = await conns[0].fetchval("SELECT count(*) FROM fresh.schema_migrations")
+        assert n == len(load_migrations())
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+def test_settings_errors_name_the_variable_and_hide_secrets():
+    with pytest.raises(ConfigError, match=r"JOBSTREAM_MAX_DELIVERIES"):
+        Settings.from_env({"JOBSTREAM_MAX_DELIVERIES": "many"})
+    with pytest.raises(ConfigError, match="REDIS_URL"):
+        Settings.from_env({"REDIS_URL": "http://nope"})
+    s = Settings.from_env({"DATABASE_URL": "postgresql://app:hunter2@db:5432/app"})
+    assert "hunter2" not in repr(s)
+    assert "app:***@db" in repr(s)
+    assert Settings.from_env({}).redis_url == "redis://127.0.0.1:6379/0"
+    assert msgspec.structs.replace(s, group="g").group == "g"
