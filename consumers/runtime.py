@@ -134,11 +134,15 @@ async def run_worker(
     concurrency: int | None = None,
     *,
     burst: bool = False,
+    extra: Sequence[HandlerSpec[Any]] = (),
 ) -> int:
-    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code."""
+    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code.
+
+    `extra` adds handlers beyond the registry (benchmarks and tests use it).
+    """
     _select(queues)  # fail on an unknown queue before connecting anywhere
     async with connect(settings) as deps:
-        engine = make_engine(deps, queues, concurrency, burst=burst)
+        engine = make_engine(deps, queues, concurrency, burst=burst, extra=extra)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, engine.stop)
