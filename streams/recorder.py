@@ -95,6 +95,7 @@ class Recorder:
         self.flushes = 0
         self.settled = 0
         self._flushing = 0
+        self._batch: list[Start | Result] = []
         self.has_room = asyncio.Event()  # cleared while the backlog is over max_backlog
         self.has_room.set()
 
@@ -126,6 +127,10 @@ class Recorder:
         """Records not yet committed and acked, the flush in progress included."""
         return len(self._pending) + self._flushing
 
+    def entry_ids(self) -> set[str]:
+        """Entries whose records are waiting or being written (not yet acked)."""
+        return {item.delivery.entry_id for item in (*self._batch, *self._pending)}
+
     def started(self, start: Start) -> None:
         """Queue the `running` record of a job; the handler does not wait for it."""
         self._pending.append(start)
@@ -152,6 +157,7 @@ class Recorder:
         batch = self._pending[: self._cfg.max_batch]
         del self._pending[: len(batch)]
         self._flushing = len(batch)
+        self._batch = batch
         results = [item for item in batch if isinstance(item, Result)]
         jobs, execs = self._rows(batch)
         if jobs or execs:
@@ -160,6 +166,7 @@ class Recorder:
         self.flushes += 1
         self.settled += len(results)
         self._flushing = 0
+        self._batch = []
         if len(self._pending) <= self._cfg.max_backlog:
             self.has_room.set()
 

@@ -202,8 +202,10 @@ class Engine:
             await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
 
     # ---- resilience helpers ----------------------------------------------------------
-    async def _retrying(self, what: str, fn: Callable[[], Awaitable[None]]) -> None:
+    async def _retrying(self, what: str, fn: Callable[[], Awaitable[None]]) -> bool:
+        """Run `fn` until it succeeds, with backoff; True if it had to wait for an outage."""
         delay = 0.1
+        waited = False
         while True:
             try:
                 await fn()
@@ -218,14 +220,15 @@ class Engine:
                     )
                     self._down.add(what)
                 if self.stopping.is_set() and what != "start":
-                    return
+                    return waited
+                waited = True
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
             if what in self._down:
                 logger.warning("%s: connection is back", what)
                 self._down.discard(what)
-            return
+            return waited
 
     async def _every(self, interval_s: float, fn: Callable[[], Awaitable[None]]) -> None:
         while not self.stopping.is_set():
@@ -258,7 +261,8 @@ class Engine:
                 )
 
             try:
-                await self._retrying(f"read {stream}", read)
+                if await self._retrying(f"read {stream}", read):
+                    await self._retrying(f"resume {stream}", lambda: self._resume_own(lane))
             except redis.exceptions.ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
@@ -270,6 +274,23 @@ class Engine:
                 lane.spawn(self._process(lane, d), d)
             if not entries and self.cfg.burst and await self._drained():
                 self.stop()
+
+    async def _resume_own(self, lane: _Lane) -> None:
+        """After a Redis outage: a read may have been delivered to us with its reply lost.
+
+        Such entries sit in our pending list, unknown to us; run them now rather than
+        leave them to the safety ceiling.
+        """
+        known = set(lane.running) | self.recorder.entry_ids()
+        after = "0-0"
+        while batch := await self.reclaimer.own_pending(lane.route.queue, after):
+            after = batch[-1].entry_id
+            fresh = [d for d in batch if d.entry_id not in known]
+            if fresh:
+                logger.warning("resuming %d entries delivered during the outage", len(fresh))
+                await self._dispatch_redelivered(lane, fresh)
+            if len(batch) < self.reclaimer.batch:
+                return
 
     async def _drained(self) -> bool:
         if any(lane.tasks for lane in self.lanes.values()) or self.recorder.backlog:
