@@ -41,6 +41,10 @@ class Keys:
     def alive(self, consumer: str) -> str:
         return f"{self.prefix}alive:{consumer}"
 
+    def dead_pattern(self) -> str:
+        """A SCAN pattern matching every queue's dead-letter stream."""
+        return f"{self.prefix}{{*}}:dead"
+
     def queue_of(self, stream: str) -> str:
         """The queue a stream key belongs to (inverse of `stream`)."""
         return stream[len(self.prefix) + 1 : stream.index("}", len(self.prefix))]

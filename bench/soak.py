@@ -1,0 +1,124 @@
+"""Soak: 200,000 jobs through one worker; the stream stays bounded and RSS stays flat.
+
+    python -m bench.soak --n 200000
+
+Publishes steadily (never more than --max-lag ahead of the worker), samples the stream
+length and the worker's resident memory as it goes, and prints the samples and a verdict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, scratch_database
+from consumers.runtime import connect, make_engine
+from consumers.settings import Settings
+from streams import Keys, Publisher
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def worker(db: str, prefix: str) -> None:
+    settings = Settings(
+        database_url=db,
+        stream_prefix=f"{prefix}jobs:",
+        job_prefix=f"{prefix}job:",
+        trim_interval_s=1.0,
+        hash_ttl_s=30,
+        log_level="WARNING",
+    )
+    async with connect(settings) as deps:
+        engine = make_engine(deps, None, 64, extra=[NOOP])
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, engine.stop)
+        await engine.run()
+
+
+async def lag(r: aioredis.Redis, stream: str) -> int:
+    try:
+        groups: Any = await r.xinfo_groups(stream)
+    except aioredis.ResponseError:
+        return 0
+    return sum(int(g.get("lag") or 0) + int(g["pending"]) for g in groups)
+
+
+async def main(n: int, max_lag: int) -> None:
+    prefix = f"s{uuid.uuid4().hex[:8]}:"
+    keys = Keys(f"{prefix}jobs:", f"{prefix}job:")
+    stream = keys.stream(NOOP_QUEUE)
+    r = aioredis.Redis.from_url(REDIS_URL)
+    async with scratch_database() as db:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.soak", "--worker", "--db", db, "--prefix", prefix,
+            env=env,
+        )  # fmt: skip
+        pub = Publisher(r, keys, {NOOP_QUEUE: Noop}, record_queued=False)
+        samples: list[tuple[int, int, float]] = []
+        published, started = 0, time.perf_counter()
+        try:
+            await asyncio.sleep(1.0)
+            while published < n:
+                if await lag(r, stream) > max_lag:
+                    await asyncio.sleep(0.01)
+                    continue
+                batch = min(2000, n - published)
+                await pub.publish_many(NOOP_QUEUE, [Noop(n=i) for i in range(batch)])
+                published += batch
+                if published % 20_000 == 0:
+                    samples.append((published, int(await r.xlen(stream)), rss_mb(proc.pid)))
+            for _ in range(6000):  # drain: at most 10 minutes
+                if not await lag(r, stream):
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(2.5)  # one more trim pass
+            samples.append((published, int(await r.xlen(stream)), rss_mb(proc.pid)))
+            seconds = time.perf_counter() - started
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+            batch_keys = [k async for k in r.scan_iter(match=f"{prefix}*", count=5000)]
+            for i in range(0, len(batch_keys), 1000):
+                await r.delete(*batch_keys[i : i + 1000])
+            await r.aclose()
+    print(
+        f"{n} jobs in {seconds:.1f}s ({n / seconds:,.0f} jobs/s), publisher kept <= {max_lag} ahead"
+    )
+    print(f"{'published':>10} {'stream length':>14} {'worker RSS MB':>14}")
+    for done, length, rss in samples:
+        print(f"{done:>10} {length:>14} {rss:>14.1f}")
+    warm = samples[min(1, len(samples) - 1)][2]
+    end = samples[-1][2]
+    longest = max(s[1] for s in samples)
+    print(f"longest stream seen: {longest} entries (of {n} published)")
+    print(f"RSS after warm-up {warm:.1f} MB, at the end {end:.1f} MB ({(end - warm) / warm:+.1%})")
+    half = samples[len(samples) // 2][2]
+    print(f"RSS over the second half: {half:.1f} MB -> {end:.1f} MB ({(end - half) / half:+.1%})")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=200_000)
+    ap.add_argument("--max-lag", type=int, default=10_000)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--db", help=argparse.SUPPRESS)
+    ap.add_argument("--prefix", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        asyncio.run(worker(a.db, a.prefix))
+    else:
+        asyncio.run(main(a.n, a.max_lag))
