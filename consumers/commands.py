@@ -134,7 +134,8 @@ async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
 
 async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
     r, keys = deps.redis, deps.keys
-    queues = sorted(PAYLOADS)
+    seen = {keys.queue_of(k.decode()) async for k in r.scan_iter(match=keys.dead_pattern())}
+    queues = sorted(set(PAYLOADS) | seen)
     if args.dlq == "list":
         rows = []
         for queue in [args.queue] if args.queue else queues:

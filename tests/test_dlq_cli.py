@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from consumers.deps import Deps
 from streams import Publisher
@@ -46,7 +47,8 @@ async def test_dlq_list_show_replay_purge(deps: Deps, env_for):
     row = await deps.pool.fetchrow("SELECT status, error FROM jobs WHERE id = $1", job_id)
     assert row["status"] == "queued"
     assert row["error"] is None
-    newest = (await deps.redis.xrevrange(deps.keys.stream(Q), count=1))[0][1]
+    entries: Any = await deps.redis.xrevrange(deps.keys.stream(Q), count=1)
+    newest = entries[0][1]
     assert newest[b"id"].decode() == job_id
     assert newest[b"attempt"] == b"1"
     assert b"reason" not in newest

@@ -218,7 +218,8 @@ async def test_trim_keeps_everything_a_group_still_needs(deps: Deps):
     async with running(engine(deps)):
         await eventually(lambda: all_terminal(deps, ids))
     assert await trim(deps.redis, deps.keys, Q) == 0  # the held entry pins the stream
-    await deps.redis.xack(stream, "workers", (await deps.redis.xrange(stream, count=1))[0][0])
+    first: Any = await deps.redis.xrange(stream, count=1)
+    await deps.redis.xack(stream, "workers", first[0][0])
     removed = await trim(deps.redis, deps.keys, Q)
     assert removed == 300  # all but the last-delivered entry
     assert await deps.redis.xlen(stream) == 1
