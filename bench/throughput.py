@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ import redis.asyncio as aioredis
 from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, scratch_database
 from consumers.runtime import connect, make_engine
 from consumers.settings import Settings
+from otel.tracing import setup_tracing
 from streams import Keys, Publisher
 
 PLAIN_UPSERT_SQL = """
@@ -74,17 +76,20 @@ async def worker(db: str, prefix: str, n: int, concurrency: int) -> None:
         log_level="WARNING",
     )
     clock = _Clock(n)
+    tracing = setup_tracing("bench", "bench-worker")  # only when OTEL_* says so
     async with connect(settings) as deps:
         engine = make_engine(deps, None, concurrency, burst=True, extra=[NOOP])
         engine.observer = clock
         started = time.perf_counter()
         await engine.run()
+        drained = time.perf_counter()
+        tracing.shutdown(30)  # exporting what was sampled is part of the cost
         ended = time.perf_counter()
     # From the first job's start until every outcome is committed and acked (run() returns
     # after the final flush); the burst-mode idle check adds at most a few ms.
-    print(
-        json.dumps({"jobs": engine.recorder.settled, "seconds": ended - (clock.first or started)})
-    )
+    first = clock.first or started
+    figures = {"jobs": engine.recorder.settled, "seconds": ended - first, "flush": ended - drained}
+    print(json.dumps(figures))
 
 
 async def plain_loop(db: str, prefix: str, n: int) -> tuple[int, float]:
@@ -141,6 +146,61 @@ async def cleanup(prefix: str) -> None:
     await redis.aclose()
 
 
+def _sink(port: int) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "bench.otlp_sink", "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    proc.stdout.readline()  # "OTLP/HTTP sink on ...": it is listening
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def traced_runs(db: str, n: int, concurrency: int, env: dict[str, str]) -> None:
+    """Tracing off, on with every job sampled, and on at a 10 % ratio, each exporting by
+    OTLP/HTTP to a local receiver in its own process."""
+    port = _free_port()
+    sink = _sink(port)
+    otlp = {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_SERVICE_NAME": "jobstream-bench",
+    }
+    runs = {
+        "tracing off": env,
+        "tracing on, all jobs sampled": {**env, **otlp, "OTEL_TRACES_SAMPLER": "always_on"},
+        "tracing on, 10% sampled": {
+            **env, **otlp, "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+            "OTEL_TRACES_SAMPLER_ARG": "0.1",
+        },
+    }  # fmt: skip
+    rates: dict[str, float] = {}
+    flushes: dict[str, float] = {}
+    try:
+        for name, run_env in runs.items():
+            prefix = f"b{uuid.uuid4().hex[:8]}:"
+            try:
+                got = await engine_run(db, prefix, n, concurrency, run_env)
+            finally:
+                await cleanup(prefix)
+            rates[name] = got["jobs"] / got["seconds"]
+            flushes[name] = got["flush"]
+    finally:
+        sink.send_signal(signal.SIGTERM)
+        out, _ = sink.communicate(timeout=30)
+    off = rates["tracing off"]
+    for name, rate in rates.items():
+        print(f"{name:<30} {rate:>9,.0f} jobs/s   ratio to tracing off: {rate / off:.2f}"
+              f"   (final span flush {flushes[name]:.2f}s, included)")  # fmt: skip
+    print(f"receiver: {out.strip().splitlines()[-1]}")
+
+
 async def main(n: int, concurrency: int, tracing: bool) -> None:
     prefix = f"b{uuid.uuid4().hex[:8]}:"
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
@@ -150,14 +210,17 @@ async def main(n: int, concurrency: int, tracing: bool) -> None:
             plain_n, plain_s = await plain_loop(db, prefix, n)
         finally:
             await cleanup(prefix)
-    eng_rate = eng["jobs"] / eng["seconds"]
-    plain_rate = plain_n / plain_s
-    print(f"N={n} concurrency={concurrency}")
-    print(f"engine (full path, 1 worker process): {eng_rate:>9,.0f} jobs/s "
-          f"({eng['jobs']} jobs in {eng['seconds']:.2f}s)")  # fmt: skip
-    print(f"plain redis-py loop (same writes):    {plain_rate:>9,.0f} jobs/s "
-          f"({plain_n} jobs in {plain_s:.2f}s)")  # fmt: skip
-    print(f"ratio engine / plain loop: {eng_rate / plain_rate:.2f}")
+        eng_rate = eng["jobs"] / eng["seconds"]
+        plain_rate = plain_n / plain_s
+        print(f"N={n} concurrency={concurrency}")
+        print(f"engine (full path, 1 worker process): {eng_rate:>9,.0f} jobs/s "
+              f"({eng['jobs']} jobs in {eng['seconds']:.2f}s)")  # fmt: skip
+        print(f"plain redis-py loop (same writes):    {plain_rate:>9,.0f} jobs/s "
+              f"({plain_n} jobs in {plain_s:.2f}s)")  # fmt: skip
+        print(f"ratio engine / plain loop: {eng_rate / plain_rate:.2f}")
+        if tracing:
+            print()
+            await traced_runs(db, n, concurrency, env)
 
 
 if __name__ == "__main__":

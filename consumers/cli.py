@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
-from consumers import commands
+from consumers import commands, commands_mail
+from consumers.logs import setup_logging
 from consumers.settings import Settings
 from streams import JobstreamError
 
@@ -24,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--queues", nargs="+", metavar="Q", help="queues to serve (default: all)")
     w.add_argument("--concurrency", type=int, help="jobs in flight per queue")
     w.add_argument("--burst", action="store_true", help="drain the queues, then exit")
+    w.add_argument("--metrics-port", type=int, metavar="PORT", help="serve /metrics on this port")
+    w.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="json: one object a line"
+    )
 
     sub.add_parser("migrate", help="apply the SQL migrations (idempotent)")
 
@@ -60,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="start two workers and push real jobs through them")
     d.add_argument("--events", type=int, default=3000)
+    commands_mail.add_parsers(sub)
     return p
 
 
@@ -71,10 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jobstream: {exc}", file=sys.stderr)
         return 2
     level = (args.log_level or settings.log_level).upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    setup_logging(level, getattr(args, "log_format", "text"))
     try:
         return asyncio.run(commands.run(args, settings))
     except JobstreamError as exc:

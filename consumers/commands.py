@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 from typing import Any
 
 import asyncpg
 import msgspec
 
-from consumers import ops
+from consumers import commands_mail, ops
 from consumers.deps import Deps
-from consumers.runtime import connect, run_worker
+from consumers.runtime import connect, run_worker, service_version
 from consumers.settings import Settings
+from otel.tracing import setup_tracing
 from schema.migrate import apply_migrations
 from schema.payloads import PAYLOADS
 from streams import ConfigError, list_dead, purge_dead, read_dead, replay_dead
@@ -46,7 +48,13 @@ def _json(value: Any) -> str:
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the parsed command; return the process exit code."""
     if args.command == "worker":
-        return await run_worker(settings, args.queues, args.concurrency, burst=args.burst)
+        return await run_worker(
+            settings,
+            args.queues,
+            args.concurrency,
+            burst=args.burst,
+            metrics_port=args.metrics_port,
+        )
     if args.command == "migrate":
         return await _migrate(settings)
     if args.command == "demo":
@@ -54,12 +62,11 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
         return await run_demo(settings, args.events)
     async with connect(settings) as deps:
+        mail = await commands_mail.run(args, deps)
+        if mail is not None:
+            return mail
         if args.command == "publish":
-            job_id = await deps.publisher.publish(
-                args.queue, args.payload, args.job_id, delay_s=args.delay
-            )
-            print(job_id)
-            return 0
+            return await _publish(deps, args)
         if args.command == "status":
             return await _status(deps, args.json)
         if args.command == "job":
@@ -71,6 +78,19 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             print(problem or "ok")
             return 1 if problem else 0
     raise ConfigError(f"unknown command {args.command}")
+
+
+async def _publish(deps: Deps, args: argparse.Namespace) -> int:
+    # With OTEL_* configured, the PRODUCER span starts the job's trace and travels with it.
+    tracing = setup_tracing(service_version(), None)
+    try:
+        job_id = await deps.publisher.publish(
+            args.queue, args.payload, args.job_id, delay_s=args.delay
+        )
+    finally:
+        await asyncio.to_thread(tracing.shutdown)
+    print(job_id)
+    return 0
 
 
 async def _migrate(settings: Settings) -> int:

@@ -1,9 +1,10 @@
-"""`jobstream demo`: start two worker replicas and push real jobs through them."""
+"""`jobstream demo`: start two worker replicas and push real jobs through all six queues."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import os
 import random
@@ -14,6 +15,9 @@ import time
 
 import asyncpg
 
+from consumers.demo_mail import run_mail_demo
+from consumers.demo_servers import MailSink, hook_receiver, mail_sink
+from consumers.deps import Deps
 from consumers.runtime import connect
 from consumers.settings import Settings
 from schema.payloads import AnalyticsEvent
@@ -51,49 +55,70 @@ def _events(run: str, n: int) -> tuple[list[AnalyticsEvent], collections.Counter
     return events, expected
 
 
-async def _spawn_workers(settings: Settings, n: int) -> list[asyncio.subprocess.Process]:
-    env = {**os.environ, "JOBSTREAM_LOG_LEVEL": "WARNING"}
+async def _spawn_workers(
+    settings: Settings, n: int, extra_env: dict[str, str]
+) -> list[asyncio.subprocess.Process]:
+    env = {**os.environ, "JOBSTREAM_LOG_LEVEL": "ERROR", **extra_env}
     return [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "consumers.cli", "worker", "--queues", "analytics", env=env
+            sys.executable, "-m", "consumers.cli", "worker", env=env
         )
         for _ in range(n)
     ]
 
 
 async def run_demo(settings: Settings, n_events: int = 3000) -> int:
-    """Publish analytics events with duplicates through two workers; print what they did."""
+    """Analytics events with duplicates, then mail through all six queues, on two workers."""
     run = f"demo{secrets.token_hex(3)}"
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            sink: MailSink | None = await stack.enter_async_context(mail_sink())
+        except ImportError:
+            sink = None
+            print("aiosmtpd is not installed (pip install -e '.[dev]'): the mail part is skipped")
+        hooks = await stack.enter_async_context(hook_receiver())
+        # The demo's endpoint and relay listen on loopback: let these workers reach them, and
+        # spread a warmup day over seconds instead of hours.
+        env = {"JOBSTREAM_WEBHOOK_ALLOW_PRIVATE": "true", "JOBSTREAM_WARMUP_SPREAD_S": "4"}
+        print(f"demo {run}: starting 2 worker replicas")
+        workers = await _spawn_workers(settings, 2, env)
+        try:
+            async with connect(settings) as deps:
+                ok = await _analytics(deps, run, n_events)
+                if sink is not None:
+                    ok = await run_mail_demo(deps, f"{run}-mail", sink, hooks) and ok
+                return 0 if ok else 1
+        finally:
+            for w in workers:
+                if w.returncode is None:
+                    w.send_signal(signal.SIGTERM)
+            codes = [await w.wait() for w in workers]
+            print(f"workers stopped (exit codes {codes})")
+    return 1  # not reached: the block returns or raises
+
+
+async def _analytics(deps: Deps, run: str, n_events: int) -> bool:
+    """Publish analytics events (a fifth twice); check each distinct one is counted once."""
     events, expected = _events(run, n_events)
-    print(f"demo {run}: starting 2 worker replicas")
-    workers = await _spawn_workers(settings, 2)
-    try:
-        async with connect(settings) as deps:
-            started = time.perf_counter()
-            ids: list[str] = []
-            for i in range(0, len(events), 500):
-                ids += await deps.publisher.publish_many("analytics", events[i : i + 500])
-            print(
-                f"published {len(ids)} analytics jobs ({n_events} distinct events, "
-                f"{len(ids) - n_events} duplicates)"
-            )
-            done = await _progress(deps.pool, ids)
-            took = time.perf_counter() - started
-            print(f"drained {done} jobs in {took:.2f}s ({done / took:.0f} jobs/s end to end)")
-            rows = await deps.pool.fetch(COUNTS_SQL, f"{run}-%")
-            counted = {r["type"]: int(r["n"]) for r in rows}
-            print(f"{'type':<12} {'counted':>8} {'distinct published':>19}")
-            for t in _TYPES:
-                print(f"{t:<12} {counted.get(t, 0):>8} {expected.get(t, 0):>19}")
-            ok = counted == dict(expected)
-            print("counts equal the distinct events published" if ok else "COUNTS DIFFER")
-            return 0 if ok else 1
-    finally:
-        for w in workers:
-            if w.returncode is None:
-                w.send_signal(signal.SIGTERM)
-        codes = [await w.wait() for w in workers]
-        print(f"workers stopped (exit codes {codes})")
+    started = time.perf_counter()
+    ids: list[str] = []
+    for i in range(0, len(events), 500):
+        ids += await deps.publisher.publish_many("analytics", events[i : i + 500])
+    print(
+        f"published {len(ids)} analytics jobs ({n_events} distinct events, "
+        f"{len(ids) - n_events} duplicates)"
+    )
+    done = await _progress(deps.pool, ids)
+    took = time.perf_counter() - started
+    print(f"drained {done} jobs in {took:.2f}s ({done / took:.0f} jobs/s end to end)")
+    rows = await deps.pool.fetch(COUNTS_SQL, f"{run}-%")
+    counted = {r["type"]: int(r["n"]) for r in rows}
+    print(f"{'type':<12} {'counted':>8} {'distinct published':>19}")
+    for t in _TYPES:
+        print(f"{t:<12} {counted.get(t, 0):>8} {expected.get(t, 0):>19}")
+    ok = counted == dict(expected)
+    print("counts equal the distinct events published" if ok else "COUNTS DIFFER")
+    return ok
 
 
 async def _progress(pool: asyncpg.Pool, ids: list[str], timeout_s: float = 300) -> int:

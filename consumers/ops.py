@@ -8,6 +8,7 @@ from typing import Any
 import redis.exceptions
 
 from consumers.deps import Deps
+from consumers.health import read_report
 from consumers.registry import by_queue
 from schema.payloads import PAYLOADS
 
@@ -94,6 +95,12 @@ async def health(deps: Deps, consumer: str | None = None, max_age_s: float = 30.
         await deps.pool.fetchval("SELECT 1")
     except Exception as exc:  # any failure is the answer here, not an error to raise
         return f"postgresql unreachable: {type(exc).__name__}"
+    if consumer is None and deps.settings.health_file:
+        max_age = 3 * deps.settings.alive_ttl_ms / 1000 + 5
+        report, problem = read_report(deps.settings.health_file, max_age)
+        if problem is not None or report is None:
+            return problem or "no health report"
+        consumer = report.consumer
     if consumer is not None:
         beat = await deps.redis.get(deps.keys.alive(consumer))
         if beat is None:

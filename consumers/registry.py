@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from consumers import analytics
+from consumers import analytics, bounce, processing, sending, warmup, webhook
 from consumers.handler import HandlerSpec
 
 __all__ = ["HANDLERS", "by_queue"]
 
-HANDLERS: tuple[HandlerSpec[Any], ...] = (analytics.record_event,)
+HANDLERS: tuple[HandlerSpec[Any], ...] = (
+    analytics.record_event,
+    processing.process_email,
+    bounce.process_bounce,
+    sending.send_email,
+    warmup.run_warmup,
+    webhook.deliver_webhook,
+)
 
 
 def by_queue() -> dict[str, HandlerSpec[Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import logging
 import os
 import secrets
@@ -17,12 +18,23 @@ import redis.asyncio as aioredis
 
 from consumers.deps import Deps
 from consumers.handler import HandlerSpec
+from consumers.health import write_reports
 from consumers.registry import by_queue
 from consumers.settings import Settings, redact_url
+from otel.metrics import MetricsHandle, setup_metrics
+from otel.tracing import TracingHandle, setup_tracing
 from schema.payloads import PAYLOADS
-from streams import ConfigError, Engine, EngineConfig, Keys, Policy, Publisher
+from streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
 
-__all__ = ["connect", "consumer_name", "keys_of", "make_engine", "run_worker"]
+__all__ = [
+    "connect",
+    "consumer_name",
+    "keys_of",
+    "make_engine",
+    "run_worker",
+    "service_version",
+    "start_telemetry",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,19 +106,26 @@ def make_engine(
     *,
     burst: bool = False,
     extra: Sequence[HandlerSpec[Any]] = (),
+    observer: Observer | None = None,
+    consumer: str | None = None,
 ) -> Engine:
     """The engine for the selected queues (all handled ones by default)."""
     s = deps.settings
     specs = [*_select(queues), *extra] if queues or not extra else list(extra)
     limit = concurrency or s.concurrency
+    overrides = s.policy_overrides()
+    unknown = set(overrides) - {spec.queue for spec in specs}
+    if unknown:
+        raise ConfigError(f"JOBSTREAM_POLICIES names queues not served: {', '.join(unknown)}")
     routes = []
     for spec in specs:
-        policy = spec.policy
+        # Registration first, then configuration, then the command line.
+        fields = {**_fields(spec.policy), **overrides.get(spec.queue, {})}
         if limit is not None:
-            policy = Policy(**{**_fields(policy), "concurrency": limit})
-        routes.append(spec.route(deps, policy))
+            fields["concurrency"] = limit
+        routes.append(spec.route(deps, Policy(**fields)))
     config = EngineConfig(
-        consumer=consumer_name(s),
+        consumer=consumer or consumer_name(s),
         keys=deps.keys,
         group=s.group,
         block_ms=s.block_ms,
@@ -121,7 +140,7 @@ def make_engine(
         dead_maxlen=s.dead_maxlen,
         burst=burst,
     )
-    return Engine(deps.redis, deps.pool, routes, config)
+    return Engine(deps.redis, deps.pool, routes, config, observer)
 
 
 def _fields(policy: Policy) -> dict[str, Any]:
@@ -135,24 +154,68 @@ async def run_worker(
     *,
     burst: bool = False,
     extra: Sequence[HandlerSpec[Any]] = (),
+    metrics_port: int | None = None,
 ) -> int:
-    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code.
-
-    `extra` adds handlers beyond the registry (benchmarks and tests use it).
-    """
+    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code."""
     _select(queues)  # fail on an unknown queue before connecting anywhere
-    async with connect(settings) as deps:
-        engine = make_engine(deps, queues, concurrency, burst=burst, extra=extra)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, engine.stop)
-        logger.info(
-            "worker %s started: queues=%s redis=%s database=%s",
-            engine.cfg.consumer,
-            ",".join(engine.lanes),
-            redact_url(settings.redis_url),
-            redact_url(settings.database_url),
-        )
-        await engine.run()
-        logger.info("worker %s stopped after %d jobs", engine.cfg.consumer, engine.processed)
+    consumer = consumer_name(settings)
+    tracing, metrics = start_telemetry(consumer, prometheus=metrics_port is not None)
+    try:
+        async with connect(settings) as deps:
+            engine = make_engine(
+                deps,
+                queues,
+                concurrency,
+                burst=burst,
+                extra=extra,
+                observer=metrics.observer,
+                consumer=consumer,
+            )
+            if metrics_port is not None:
+                await metrics.serve(metrics_port)
+            await _run(engine, settings)
+    finally:
+        await metrics.aclose()
+        await asyncio.to_thread(tracing.shutdown)
     return 0
+
+
+async def _run(engine: Engine, settings: Settings) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, engine.stop)
+    logger.info(
+        "worker %s started: queues=%s redis=%s database=%s",
+        engine.cfg.consumer,
+        ",".join(engine.lanes),
+        redact_url(settings.redis_url),
+        redact_url(settings.database_url),
+    )
+    reporter = None
+    if settings.health_file:
+        every = settings.alive_ttl_ms / 3000
+        reporter = asyncio.create_task(write_reports(engine, settings.health_file, every))
+    try:
+        await engine.run()
+    finally:
+        if reporter is not None:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
+    logger.info("worker %s stopped after %d jobs", engine.cfg.consumer, engine.processed)
+
+
+def service_version() -> str:
+    """The installed distribution's version (`service.version` of spans and metrics)."""
+    try:
+        return importlib.metadata.version("jobstream")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def start_telemetry(
+    consumer: str | None, *, prometheus: bool = False
+) -> tuple[TracingHandle, MetricsHandle]:
+    """Tracing and metrics from the `OTEL_*` variables; both no-ops when nothing is configured."""
+    version = service_version()
+    tracing = setup_tracing(version, consumer)
+    return tracing, setup_metrics(version, consumer, prometheus=prometheus)

@@ -30,6 +30,14 @@ def redact_url(url: str | None) -> str | None:
     return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
+class _PolicyOverride(msgspec.Struct, forbid_unknown_fields=True):
+    max_attempts: int | None = None
+    backoff_base_s: float | None = None
+    backoff_cap_s: float | None = None
+    timeout_s: float | None = None
+    concurrency: int | None = None
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     """Engine and platform settings (environment variable: `JOBSTREAM_<FIELD>`)."""
 
@@ -43,6 +51,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     concurrency: int | None = None
     max_deliveries: int = 5
     max_payload_bytes: int = 16 * 1024 * 1024
+    # Inbound mail and bounces (consumers/processing.py, bounce.py).
+    max_inbound_bytes: int = 10 * 1024 * 1024
+    soft_bounce_limit: int = 3
+    soft_bounce_window_days: int = 7
     alive_ttl_ms: int = 10_000
     reclaim_interval_s: float = 5.0
     reclaim_ceiling_ms: int = 3_600_000
@@ -53,6 +65,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     trim_interval_s: float = 10.0
     pg_pool_size: int = 20
     log_level: str = "INFO"
+    policies: str = ""
+    """JSON overriding queues' policies, e.g. `{"webhook": {"max_attempts": 12}}`."""
+    health_file: str | None = None
+    """Where a worker reports its health for `jobstream health` (e.g. in a container)."""
+    # Outbound mail, warmup and webhooks (consumers/sending.py, warmup.py, webhook.py).
+    smtp_timeout_s: float = 30.0
+    unsubscribe_url: str = "https://unsubscribe.invalid/one-click"
+    warmup_start_per_day: int = 5
+    warmup_step_per_day: int = 2
+    warmup_max_per_day: int = 40
+    warmup_spread_s: float | None = None  # spread a day's warmup over this; default: rest of day
+    warmup_max_bounce_rate: float = 0.05
+    warmup_min_sample: int = 20
+    webhook_allow_private: bool = False
+    webhook_connect_timeout_s: float = 5.0
+    webhook_timeout_s: float = 15.0
+    webhook_max_response_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
         checks = {
@@ -63,12 +92,37 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "JOBSTREAM_RECLAIM_CEILING_MS": self.reclaim_ceiling_ms >= 1000,
             "JOBSTREAM_SHUTDOWN_GRACE_S": self.shutdown_grace_s >= 0,
             "JOBSTREAM_PG_POOL_SIZE": self.pg_pool_size >= 2,
+            "JOBSTREAM_MAX_INBOUND_BYTES": self.max_inbound_bytes >= 1,
+            "JOBSTREAM_SOFT_BOUNCE_LIMIT": self.soft_bounce_limit >= 1,
+            "JOBSTREAM_SOFT_BOUNCE_WINDOW_DAYS": self.soft_bounce_window_days >= 1,
             "REDIS_URL": self.redis_url.startswith(("redis://", "rediss://", "unix://")),
             "DATABASE_URL": self.database_url.startswith(("postgresql://", "postgres://")),
+            "SMTP_URL": self.smtp_url is None or self.smtp_url.startswith(("smtp://", "smtps://")),
+            "JOBSTREAM_WARMUP_MAX_PER_DAY": 0
+            <= self.warmup_start_per_day
+            <= self.warmup_max_per_day,
+            "JOBSTREAM_WARMUP_MAX_BOUNCE_RATE": 0 <= self.warmup_max_bounce_rate <= 1,
+            "JOBSTREAM_WEBHOOK_TIMEOUT_S": 0
+            < self.webhook_connect_timeout_s
+            <= self.webhook_timeout_s,
         }
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"invalid configuration: {name} is out of range or malformed")
+        self.policy_overrides()
+
+    def policy_overrides(self) -> dict[str, dict[str, float]]:
+        """Queue → policy fields to override, from `JOBSTREAM_POLICIES`."""
+        if not self.policies.strip():
+            return {}
+        try:
+            raw = msgspec.json.decode(self.policies, type=dict[str, _PolicyOverride])
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"invalid configuration: JOBSTREAM_POLICIES: {exc}") from None
+        return {
+            q: {k: v for k, v in msgspec.structs.asdict(o).items() if v is not None}
+            for q, o in raw.items()
+        }
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from otel import extract
+from otel import extract, presample
 from schema.envelope import Envelope, EnvelopeError, decode_envelope, safe_job_id
 from streams.errors import PermanentError, RetryableError
 from streams.job import Delivery, Job, Outcome, Result
@@ -26,6 +27,7 @@ __all__ = ["Handler", "Route", "classify", "invalid_result", "prepare", "retry_f
 
 logger = logging.getLogger("streams.jobs")
 _tracer = trace.get_tracer("jobstream.worker")
+_ROOT = otel_context.Context()
 
 Handler = Callable[[Any, Job], Awaitable[Any]]
 
@@ -143,10 +145,31 @@ async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delive
 
 
 async def execute_traced(
-    route: Route, env: Envelope, payload: Any, job: Job, d: Delivery, attrs: dict[str, Any]
+    route: Route,
+    env: Envelope,
+    payload: Any,
+    job: Job,
+    d: Delivery,
+    attrs: dict[str, Any],
+    around: Callable[[Result | None], None],
 ) -> Result:
-    """`execute` inside a CONSUMER span that is a child of, and links to, the producer's."""
+    """`execute` inside a CONSUMER span that is a child of, and links to, the producer's.
+
+    `around(None)` runs first and `around(result)` last, both inside the span, so the
+    job's start and end log lines carry its trace id.
+    """
     parent = extract(env.traceparent, env.tracestate)
+    name = f"process {attrs['messaging.destination.name']}"
+    unsampled = presample(parent, name)
+    if unsampled is not None:  # no span to build: run under the unsampled context only
+        token = otel_context.attach(unsampled)
+        try:
+            around(None)
+            res = await execute(route, env, payload, job, d)
+            around(res)
+            return res
+        finally:
+            otel_context.detach(token)
     links = []
     if parent is not None:
         ctx = trace.get_current_span(parent).get_span_context()
@@ -160,14 +183,15 @@ async def execute_traced(
         "jobstream.job.attempt": job.attempt,
     }
     with _tracer.start_as_current_span(
-        f"process {attrs['messaging.destination.name']}",
-        context=parent,
+        name,
+        context=parent or _ROOT,  # no traceparent: a new trace, whatever runs the engine
         kind=trace.SpanKind.CONSUMER,
         attributes=attributes,
         links=links,
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
+        around(None)
         res = await execute(route, env, payload, job, d)
         if res.exception is not None:
             span.record_exception(res.exception)
@@ -177,4 +201,26 @@ async def execute_traced(
                 span.add_event("retry scheduled", {"jobstream.retry_at": res.retry_at or 0.0})
             else:
                 span.add_event("dead-lettered", {"jobstream.reason": res.reason or ""})
+        around(res)
         return res
+
+
+def trace_invalid(res: Result, attrs: dict[str, Any]) -> None:
+    """A CONSUMER span for an entry that never reached its handler, marked as an error."""
+    d = res.delivery
+    tp = d.fields.get(b"traceparent")
+    parent = extract(tp.decode(errors="replace"), None) if tp else None
+    with _tracer.start_as_current_span(
+        f"process {attrs['messaging.destination.name']}",
+        context=parent or _ROOT,
+        kind=trace.SpanKind.CONSUMER,
+        attributes={
+            **attrs,
+            "messaging.message.id": d.entry_id,
+            "messaging.message.conversation_id": res.job_id,
+            "messaging.redis.message.delivery_count": d.delivery_count,
+            "error.type": "InvalidEntry",
+        },
+    ) as span:
+        span.set_status(trace.StatusCode.ERROR, res.error)
+        span.add_event("dead-lettered", {"jobstream.reason": res.reason or "invalid"})

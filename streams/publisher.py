@@ -105,15 +105,16 @@ class Publisher:
         if not is_recording_enabled():
             await self._write(queue, bodies, ids, {}, delay_s)
             return ids
+        attributes: dict[str, str | int] = {
+            "messaging.system": "redis",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": stream,
+            "messaging.batch.message_count": len(bodies),
+        }
+        if len(ids) == 1:  # so a job's id finds its producer span too
+            attributes["messaging.message.conversation_id"] = ids[0]
         with _tracer.start_as_current_span(
-            f"send {stream}",
-            kind=trace.SpanKind.PRODUCER,
-            attributes={
-                "messaging.system": "redis",
-                "messaging.operation.type": "send",
-                "messaging.destination.name": stream,
-                "messaging.batch.message_count": len(bodies),
-            },
+            f"send {stream}", kind=trace.SpanKind.PRODUCER, attributes=attributes
         ):
             context: dict[str, str] = {}
             inject(context)

@@ -151,7 +151,13 @@ class Recorder:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
-                await self._flush_some()
+                try:
+                    await self._flush_some()
+                except Exception:  # the loop must outlive any one batch (settle never raises)
+                    logger.exception("flush failed; its records are retried in 1s")
+                    self._pending[:0] = self._batch  # back in front, in order
+                    self._batch, self._flushing = [], 0
+                    await asyncio.sleep(1.0)
 
     async def _flush_some(self) -> None:
         batch = self._pending[: self._cfg.max_batch]

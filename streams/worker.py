@@ -21,7 +21,14 @@ import redis.exceptions
 from otel import is_recording_enabled
 from schema.envelope import enqueued_at_ms
 from streams.delayed import Promoter
-from streams.dispatch import Route, execute, execute_traced, invalid_result, prepare
+from streams.dispatch import (
+    Route,
+    execute,
+    execute_traced,
+    invalid_result,
+    prepare,
+    trace_invalid,
+)
 from streams.job import Delivery, Job, Outcome, Result
 from streams.keys import Keys
 from streams.observe import NullObserver, Observer
@@ -134,19 +141,22 @@ class Engine:
             for q in self.lanes
         }
         self._down: set[str] = set()
+        self._loops: dict[str, asyncio.Task[None]] = {}
 
     # ---- lifecycle -------------------------------------------------------------------
     async def run(self) -> None:
         """Run until `stop()` (or, in burst mode, until the queues are drained), then drain."""
         await self._retrying("start", self._setup)
         self.recorder.start()
-        loops = [asyncio.create_task(self._read_loop(lane)) for lane in self.lanes.values()]
-        loops += [
-            asyncio.create_task(self._every(self.cfg.alive_ttl_ms / 3000, self._heartbeat)),
-            asyncio.create_task(self._every(self.cfg.reclaim_interval_s, self._reclaim)),
-            asyncio.create_task(self._every(self.cfg.promote_interval_s, self._promote)),
-            asyncio.create_task(self._every(self.cfg.trim_interval_s, self._trim)),
-        ]
+        named = {f"read {q}": self._read_loop(lane) for q, lane in self.lanes.items()}
+        named |= {
+            "heartbeat": self._every(self.cfg.alive_ttl_ms / 3000, self._heartbeat),
+            "reclaim": self._every(self.cfg.reclaim_interval_s, self._reclaim),
+            "promote": self._every(self.cfg.promote_interval_s, self._promote),
+            "trim": self._every(self.cfg.trim_interval_s, self._trim),
+        }
+        self._loops = {name: asyncio.create_task(coro, name=name) for name, coro in named.items()}
+        loops = list(self._loops.values())
         try:
             await self.stopping.wait()
         finally:
@@ -157,6 +167,17 @@ class Engine:
                 task.cancel()
             await asyncio.gather(*loops, return_exceptions=True)
             await self._drain()
+
+    def health(self) -> str | None:
+        """None while every loop runs and the heartbeat is fresh; otherwise what is wrong."""
+        for name, task in self._loops.items():
+            if task.done() and not self.stopping.is_set():
+                exc = None if task.cancelled() else task.exception()
+                return f"loop {name} stopped: {exc!r}"
+        age = time.time() - self.heartbeat_at
+        if age > self.cfg.alive_ttl_ms / 1000:
+            return f"no heartbeat for {age:.0f}s (Redis unreachable or event loop blocked)"
+        return None
 
     def stop(self) -> None:
         """Stop reading; in-flight jobs get the grace period to finish."""
@@ -338,6 +359,8 @@ class Engine:
         prepared = prepare(route, d, self.cfg.max_payload_bytes)
         if isinstance(prepared, Result):
             lane.release(d.entry_id)
+            if self._traced:
+                trace_invalid(prepared, self._attrs[route.queue])
             job_log.warning(
                 "job invalid job=%s queue=%s error=%s", prepared.job_id, route.queue, prepared.error
             )
@@ -355,29 +378,45 @@ class Engine:
         )
         self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time()))
         self.observer.job_started(route.queue)
-        if job_log.isEnabledFor(logging.INFO):
-            job_log.info("job started job=%s queue=%s attempt=%d", job.id, route.queue, job.attempt)
         if self._traced:
-            res = await execute_traced(route, env, payload, job, d, self._attrs[route.queue])
-        else:
-            res = await execute(route, env, payload, job, d)
-        lane.release(d.entry_id)
-        if job_log.isEnabledFor(logging.INFO):
-            job_log.info(
-                "job %s job=%s queue=%s attempt=%d duration_ms=%d%s",
-                res.outcome.value,
-                job.id,
-                route.queue,
-                job.attempt,
-                res.duration_ms,
-                f" error={res.error}" if res.error else "",
+
+            def around(res: Result | None) -> None:
+                self._log_job(job, res)
+
+            res = await execute_traced(
+                route, env, payload, job, d, self._attrs[route.queue], around
             )
+        else:
+            self._log_job(job, None)
+            res = await execute(route, env, payload, job, d)
+            self._log_job(job, res)
+        lane.release(d.entry_id)
         await self._settle(res)
+
+    @staticmethod
+    def _log_job(job: Job, res: Result | None) -> None:
+        """One line when a job starts and one when it ends (inside its span, if traced)."""
+        if not job_log.isEnabledFor(logging.INFO):
+            return
+        if res is None:
+            job_log.info("job started job=%s queue=%s attempt=%d", job.id, job.queue, job.attempt)
+            return
+        job_log.info(
+            "job %s job=%s queue=%s attempt=%d duration_ms=%d%s",
+            res.outcome.value,
+            job.id,
+            job.queue,
+            job.attempt,
+            res.duration_ms,
+            f" error={res.error}" if res.error else "",
+        )
 
     async def _settle(self, res: Result) -> None:
         # inv. 1: once handed over, the recorder commits then acks it, even while stopping.
         self.recorder.settle(res)
         self.processed += 1
+        if not res.executed:  # invalid or already done: counted, with no handler run
+            self.observer.job_started(res.delivery.queue)
         self.observer.job_finished(res.delivery.queue, res.outcome.value, res.duration_ms / 1000)
 
     # ---- maintenance loops ------------------------------------------------------------

@@ -22,6 +22,7 @@ class Work(msgspec.Struct, frozen=True, kw_only=True):
     fail_times: int = 0  # raise RetryableError on the first N attempts
     permanent: bool = False
     boom: bool = False  # raise an unforeseen exception
+    result_text: str | None = None  # returned in the result
 
 
 def executions_key(deps: Deps) -> str:
@@ -44,6 +45,8 @@ async def work(w: Work, job: Job, deps: Deps) -> dict[str, Any]:
         raise ZeroDivisionError("unforeseen")
     if job.attempt <= w.fail_times:
         raise RetryableError(f"transient failure on attempt {job.attempt}")
+    if w.result_text is not None:
+        return {"attempt": job.attempt, "text": w.result_text}
     return {"attempt": job.attempt}
 
 

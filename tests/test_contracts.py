@@ -115,3 +115,10 @@ def test_settings_errors_name_the_variable_and_hide_secrets():
     assert "app:***@db" in repr(s)
     assert Settings.from_env({}).redis_url == "redis://127.0.0.1:6379/0"
     assert msgspec.structs.replace(s, group="g").group == "g"
+
+
+def test_readme_configuration_table_matches_settings():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([A-Z_]+)` \|", section, flags=re.MULTILINE))
+    assert documented == set(Settings.__struct_encode_fields__)

@@ -215,3 +215,18 @@ async def test_publish_validates_everything_before_writing(deps: Deps):
     ids = await pub.publish_many("analytics", [event("ok-3"), event("ok-4")])
     assert len(ids) == 2
     assert await deps.redis.xlen(deps.keys.stream("analytics")) == 2
+
+
+async def test_a_result_postgres_cannot_store_fails_no_other_job(deps: Deps):
+    """jsonb refuses NUL characters: that one row loses its result, the batch goes through."""
+    pub = publisher(deps)
+    ok = await pub.publish_many(Q, [handlers.Work() for _ in range(10)])
+    odd = await pub.publish(Q, handlers.Work(result_text="nul \x00 inside"))
+    async with running(engine(deps)):
+        await eventually(lambda: all_terminal(deps, [*ok, odd]))
+    assert set((await statuses(deps, ok)).values()) == {"completed"}
+    row = await deps.pool.fetchrow("SELECT status, result, error FROM jobs WHERE id = $1", odd)
+    assert row["status"] == "completed"
+    assert row["result"] is None
+    assert "not storable" in row["error"]
+    assert (await deps.redis.xpending(deps.keys.stream(Q), "workers"))["pending"] == 0

@@ -75,13 +75,13 @@ async def test_postgres_stopped_and_restarted_while_jobs_flow(
             second = await pub(deps).publish_many(Q, [handlers.Work() for _ in range(50)])
 
             async def handlers_ran_on():
-                return len(await executions(deps)) > len(first) // 4
+                return set(second) <= set(await executions(deps))
 
-            await eventually(handlers_ran_on)
-            await asyncio.sleep(1.0)
+            await eventually(handlers_ran_on, timeout_s=60)
+            await asyncio.sleep(1.0)  # several failed flushes
             pending = (await deps.redis.xpending(stream, "workers"))["pending"]
             acked_during_outage = (await deps.redis.xlen(stream)) - pending
-            assert pending > 0
+            assert pending >= len(second)  # they ran, but nothing unrecorded was acked
             await asyncio.to_thread(own_pg.start)
             ids = [*first, *second]
             await eventually(lambda: all_terminal(deps, ids), timeout_s=60)
@@ -95,7 +95,8 @@ async def test_postgres_stopped_and_restarted_while_jobs_flow(
         assert set((await statuses(deps, ids)).values()) == {"completed"}
         rows = await deps.pool.fetchval("SELECT count(*) FROM jobs")
         assert rows == len(ids)
-    outage_lines = [r for r in caplog.records if "PostgreSQL unavailable" in r.getMessage()]
+    recorder = [r for r in caplog.records if r.name == "streams.recorder"]
+    outage_lines = [r for r in recorder if "PostgreSQL unavailable" in r.getMessage()]
     assert len(outage_lines) == 1  # logged once, not once per retry
     assert any("PostgreSQL is back" in r.getMessage() for r in caplog.records)
 

@@ -1,0 +1,239 @@
+"""The `webhook` queue against a real HTTP server on loopback; signatures checked by hand."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import hashlib
+import hmac
+import json
+import time
+
+import msgspec
+import pytest
+
+from consumers.deps import Deps
+from consumers.events import emit
+from consumers.runtime import make_engine
+from consumers.webhook import add_endpoint, deliver_webhook, resolve_target
+from schema.payloads import WebhookDelivery
+from streams import Job, PermanentError, Policy, RetryableError
+from tests.conftest import eventually, running
+from tests.http_sink import Answer, http_sink
+
+WHEN = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
+
+
+def allow(deps: Deps, **kw) -> Deps:
+    s = msgspec.structs.replace(deps.settings, webhook_allow_private=True, **kw)
+    return dataclasses.replace(deps, settings=s)
+
+
+def job(job_id: str = "wh-job", attempt: int = 1) -> Job:
+    return Job(job_id, "webhook", attempt, "0-1", int(time.time() * 1000))
+
+
+def delivery(endpoint_id: str, message_id: str = "msg_1") -> WebhookDelivery:
+    return WebhookDelivery(
+        endpoint_id=endpoint_id,
+        message_id=message_id,
+        event_type="email.sent",
+        timestamp=WHEN,
+        data={"message_id": "m-1@example.com", "recipients": ["r@example.net"]},
+    )
+
+
+def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
+    """Standard Webhooks verification, written from the spec, not from our signer."""
+    key = base64.b64decode(secret.split("_", 1)[1])
+    content = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
+    sigs = [s.split(",", 1) for s in headers["webhook-signature"].split(" ")]
+    return any(v == "v1" and hmac.compare_digest(sig, expected) for v, sig in sigs)
+
+
+async def rows(deps: Deps):
+    return await deps.pool.fetch("SELECT * FROM webhook_deliveries ORDER BY id")
+
+
+async def test_delivers_signed_standard_webhook_once(deps: Deps):
+    deps = allow(deps)
+    async with http_sink() as sink:
+        ep, secret = await add_endpoint(deps.pool, sink.url(), ["email.sent"])
+        result = await deliver_webhook.fn(delivery(ep), job(), deps)
+        assert result["status"] == "delivered"
+        assert result["status_code"] == 200
+        (req,) = sink.requests
+        assert req.method == "POST"
+        assert req.path == "/hooks"
+        assert req.headers["content-type"] == "application/json"
+        assert req.headers["webhook-id"] == "msg_1"
+        assert abs(int(req.headers["webhook-timestamp"]) - time.time()) < 30
+        assert verify(secret, req.headers, req.body)
+        assert not verify(secret, req.headers, req.body + b" ")
+        body = json.loads(req.body)
+        assert body == {
+            "type": "email.sent",
+            "timestamp": "2026-11-30T10:00:00Z",
+            "data": {"message_id": "m-1@example.com", "recipients": ["r@example.net"]},
+        }
+        # The same webhook-id again (a retry after the commit was lost): not sent twice.
+        again = await deliver_webhook.fn(delivery(ep), job(attempt=2), deps)
+        assert again == {"status": "delivered", "duplicate": True}
+        assert len(sink.requests) == 1
+    (row,) = await rows(deps)
+    assert (row["endpoint_id"], row["webhook_id"], row["job_id"]) == (ep, "msg_1", "wh-job")
+    assert (row["status_code"], row["succeeded"], row["attempt"]) == (200, True, 1)
+    assert row["latency_ms"] >= 0
+    assert row["error"] is None
+
+
+async def test_429_and_5xx_retry_with_retry_after_then_succeed_with_the_same_id(deps: Deps):
+    deps = allow(deps)
+    answers = [Answer(429, {"Retry-After": "7"}), Answer(503), Answer(200)]
+    async with http_sink(answers=answers) as sink:
+        ep, secret = await add_endpoint(deps.pool, sink.url())
+        with pytest.raises(RetryableError, match="429") as first:
+            await deliver_webhook.fn(delivery(ep), job(attempt=1), deps)
+        assert first.value.retry_after_s == 7
+        with pytest.raises(RetryableError, match="503"):
+            await deliver_webhook.fn(delivery(ep), job(attempt=2), deps)
+        await deliver_webhook.fn(delivery(ep), job(attempt=3), deps)
+        assert [r.headers["webhook-id"] for r in sink.requests] == ["msg_1"] * 3
+        assert len({r.body for r in sink.requests}) == 1
+        assert all(verify(secret, r.headers, r.body) for r in sink.requests)
+    got = [(r["attempt"], r["status_code"], r["succeeded"]) for r in await rows(deps)]
+    assert got == [(1, 429, False), (2, 503, False), (3, 200, True)]
+
+
+async def test_through_the_engine_a_500_is_retried_and_delivered(deps: Deps):
+    deps = allow(deps)
+    spec = dataclasses.replace(
+        deliver_webhook, policy=Policy(max_attempts=3, backoff_base_s=0.05, backoff_cap_s=0.1)
+    )
+    async with http_sink(answers=[Answer(500)]) as sink:
+        _, secret = await add_endpoint(deps.pool, sink.url(), ["email.sent"])
+        other, _ = await add_endpoint(deps.pool, sink.url("/other"), ["email.bounced"])
+        ids = await emit(deps, "email.sent", {"message_id": "m-9"}, key="k-9", mailbox_id="mb")
+        (wh_id,) = [i for i in ids if i.startswith("webhook:")]
+        async with running(make_engine(deps, extra=[spec])):
+
+            async def done():
+                return await deps.pool.fetchval(
+                    "SELECT status FROM jobs WHERE id = $1 AND status = 'completed'", wh_id
+                )
+
+            await eventually(done)
+        assert [r.path for r in sink.requests] == ["/hooks", "/hooks"]
+        assert all(verify(secret, r.headers, r.body) for r in sink.requests)
+        body = json.loads(sink.requests[1].body)
+        assert body["type"] == "email.sent"
+        assert body["data"]["message_id"] == "m-9"
+    assert [r["status_code"] for r in await rows(deps)] == [500, 200]
+    assert other not in {r["endpoint_id"] for r in await rows(deps)}
+
+
+async def test_410_disables_the_endpoint_and_other_4xx_are_permanent(deps: Deps):
+    deps = allow(deps)
+    async with http_sink(answers=[Answer(400), Answer(410)]) as sink:
+        ep, _ = await add_endpoint(deps.pool, sink.url())
+        with pytest.raises(PermanentError, match="400"):
+            await deliver_webhook.fn(delivery(ep, "m-a"), job(), deps)
+        with pytest.raises(PermanentError, match="410"):
+            await deliver_webhook.fn(delivery(ep, "m-b"), job(), deps)
+        row = await deps.pool.fetchrow("SELECT * FROM webhook_endpoints WHERE id = $1", ep)
+        assert row["active"] is False
+        assert "410" in row["disabled_reason"]
+        skipped = await deliver_webhook.fn(delivery(ep, "m-c"), job(), deps)
+        assert skipped["status"] == "skipped"
+        assert len(sink.requests) == 2
+
+
+async def test_redirects_are_not_followed(deps: Deps):
+    deps = allow(deps)
+    async with http_sink(answers=[Answer(302, {"Location": "http://127.0.0.1:1/x"})]) as sink:
+        ep, _ = await add_endpoint(deps.pool, sink.url())
+        with pytest.raises(PermanentError, match="302"):
+            await deliver_webhook.fn(delivery(ep), job(), deps)
+        assert len(sink.requests) == 1
+
+
+async def test_slow_endpoint_and_network_errors_are_retryable(deps: Deps):
+    deps = allow(deps, webhook_timeout_s=0.3, webhook_connect_timeout_s=0.3)
+    async with http_sink(answers=[Answer(200, delay_s=1.0)]) as sink:
+        ep, _ = await add_endpoint(deps.pool, sink.url())
+        with pytest.raises(RetryableError, match="unreachable"):
+            await deliver_webhook.fn(delivery(ep, "slow"), job(), deps)
+        closed = sink.url()
+    down, _ = await add_endpoint(deps.pool, closed)
+    with pytest.raises(RetryableError, match="unreachable"):
+        await deliver_webhook.fn(delivery(down, "down"), job(), deps)
+    got = [(r["status_code"], r["succeeded"], bool(r["error"])) for r in await rows(deps)]
+    assert got == [(None, False, True), (None, False, True)]
+
+
+async def test_big_response_bodies_are_not_read_past_the_cap(deps: Deps):
+    deps = allow(deps, webhook_max_response_bytes=1024)
+    async with http_sink(answers=[Answer(200, body=b"x" * 2_000_000)]) as sink:
+        ep, _ = await add_endpoint(deps.pool, sink.url())
+        result = await deliver_webhook.fn(delivery(ep), job(), deps)
+        assert result["status"] == "delivered"
+
+
+async def test_private_addresses_are_refused_unless_allowed(deps: Deps):
+    assert deps.settings.webhook_allow_private is False
+    async with http_sink() as sink:
+        ep, _ = await add_endpoint(deps.pool, sink.url())
+        with pytest.raises(PermanentError, match="refused address"):
+            await deliver_webhook.fn(delivery(ep), job(), deps)
+        by_name, _ = await add_endpoint(deps.pool, sink.url(host="localhost"))
+        with pytest.raises(PermanentError, match="refused address"):
+            await deliver_webhook.fn(delivery(by_name, "m-2"), job(), deps)
+        assert sink.requests == []
+    (row, _) = await rows(deps)
+    assert row["status_code"] is None
+    assert "refused" in row["error"]
+
+
+@pytest.mark.parametrize(
+    ("url", "allowed_private", "ok"),
+    [
+        ("http://127.0.0.1/", False, False),
+        ("http://10.1.2.3/", False, False),
+        ("http://192.168.1.1/", False, False),
+        ("http://[::1]/", False, False),
+        ("http://[::ffff:127.0.0.1]/", False, False),
+        ("http://100.64.0.1/", False, False),
+        ("http://169.254.169.254/latest/meta-data", True, False),
+        ("http://169.254.10.1/", True, False),
+        ("http://[fd00:ec2::254]/", True, False),
+        ("http://0.0.0.0/", True, False),
+        ("http://127.0.0.1/", True, True),
+        ("http://10.1.2.3/", True, True),
+        ("https://93.184.215.14/hook", False, True),
+        ("ftp://93.184.215.14/", True, False),
+    ],
+)
+async def test_address_policy(url: str, allowed_private: bool, ok: bool):
+    if ok:
+        target = await resolve_target(url, allowed_private)
+        assert target.address in url
+    else:
+        with pytest.raises(PermanentError):
+            await resolve_target(url, allowed_private)
+
+
+async def test_the_resolved_address_is_the_one_connected_to(deps: Deps):
+    """A name is resolved once; the connection goes to that address with the name as Host."""
+    deps = allow(deps)
+    async with http_sink() as sink:
+        target = await resolve_target(sink.url(host="localhost"), True)
+        assert target.url.host == "127.0.0.1"
+        assert target.host_header == f"localhost:{sink.port}"
+        ep, secret = await add_endpoint(deps.pool, sink.url(host="localhost"))
+        await deliver_webhook.fn(delivery(ep), job(), deps)
+        (req,) = sink.requests
+        assert req.headers["host"] == f"localhost:{sink.port}"
+        assert req.peer == "127.0.0.1"
+        assert verify(secret, req.headers, req.body)
