@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
+import asyncpg
+import redis.exceptions
+
 from consumers import commands, commands_mail
 from consumers.logs import setup_logging
-from consumers.settings import Settings
+from consumers.settings import Settings, redact_url
 from streams import JobstreamError
 
 __all__ = ["build_parser", "main"]
+
+
+def _positive(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run a worker replica until SIGTERM/SIGINT")
     w.add_argument("--queues", nargs="+", metavar="Q", help="queues to serve (default: all)")
-    w.add_argument("--concurrency", type=int, help="jobs in flight per queue")
+    w.add_argument("--concurrency", type=_positive, help="jobs in flight per queue")
     w.add_argument("--burst", action="store_true", help="drain the queues, then exit")
     w.add_argument("--metrics-port", type=int, metavar="PORT", help="serve /metrics on this port")
     w.add_argument(
@@ -82,6 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JobstreamError as exc:
         print(f"jobstream: {exc}", file=sys.stderr)
         return 2
+    except (OSError, redis.exceptions.RedisError, asyncpg.PostgresError) as exc:
+        # A server that is down or refuses us: one line, never a traceback.
+        if isinstance(exc, BrokenPipeError):  # output piped into `head` and the like
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        print(f"jobstream: {type(exc).__name__}: {redact_url(str(exc))}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -61,7 +61,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         from consumers.demo import run_demo
 
         return await run_demo(settings, args.events)
-    async with connect(settings) as deps:
+    async with connect(settings, wait=False) as deps:
         mail = await commands_mail.run(args, deps)
         if mail is not None:
             return mail
@@ -152,10 +152,23 @@ async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
     return 0
 
 
-async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
+async def _dlq_queues(deps: Deps, args: argparse.Namespace) -> list[str]:
+    """Every queue with a dead stream or a payload; refuse unknown queues and malformed ids."""
     r, keys = deps.redis, deps.keys
     seen = {keys.queue_of(k.decode()) async for k in r.scan_iter(match=keys.dead_pattern())}
     queues = sorted(set(PAYLOADS) | seen)
+    named = getattr(args, "queue", None)
+    if named is not None and named not in queues:
+        raise ConfigError(f"unknown queue {named!r} (known: {', '.join(queues)})")
+    for dead_id in [getattr(args, "dead_id", None), *getattr(args, "dead_ids", [])]:
+        if dead_id is not None and not re.fullmatch(r"\d+-\d+", dead_id):
+            raise ConfigError(f"invalid dead-letter id {dead_id!r}: ids look like 1764496800000-0")
+    return queues
+
+
+async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
+    r, keys = deps.redis, deps.keys
+    queues = await _dlq_queues(deps, args)
     if args.dlq == "list":
         rows = []
         for queue in [args.queue] if args.queue else queues:

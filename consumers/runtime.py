@@ -50,27 +50,32 @@ def keys_of(settings: Settings) -> Keys:
     return Keys(settings.stream_prefix, settings.job_prefix)
 
 
-async def _pool(settings: Settings) -> asyncpg.Pool:
-    delay = 0.2
+async def _pool(settings: Settings, wait: bool) -> asyncpg.Pool:
+    """The PostgreSQL pool; a worker (`wait`) waits for the server, a command does not."""
+    delay, logged = 0.2, False
     while True:
         try:
             return await asyncpg.create_pool(
                 settings.database_url, min_size=1, max_size=settings.pg_pool_size, timeout=10
             )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            logger.error(
-                "PostgreSQL at %s unavailable (%s); retrying in %.1fs",
-                redact_url(settings.database_url),
-                type(exc).__name__,
-                delay,
-            )
+            where = redact_url(settings.database_url)
+            if not wait:
+                raise ConfigError(f"PostgreSQL at {where} unavailable: {exc}") from None
+            if not logged:
+                logger.error("PostgreSQL at %s unavailable (%s); waiting for it with backoff "
+                             "up to 5s", where, type(exc).__name__)  # fmt: skip
+                logged = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
 
 @asynccontextmanager
-async def connect(settings: Settings) -> AsyncIterator[Deps]:
-    """Open Redis and PostgreSQL for the lifetime of the block."""
+async def connect(settings: Settings, *, wait: bool = True) -> AsyncIterator[Deps]:
+    """Open Redis and PostgreSQL for the lifetime of the block.
+
+    `wait=False` (one-off commands) fails at once when PostgreSQL does not answer.
+    """
     redis = aioredis.Redis.from_url(
         settings.redis_url,
         decode_responses=False,
@@ -78,7 +83,7 @@ async def connect(settings: Settings) -> AsyncIterator[Deps]:
         health_check_interval=30,
         max_connections=None,
     )
-    pool = await _pool(settings)
+    pool = await _pool(settings, wait)
     keys = keys_of(settings)
     try:
         yield Deps(pool, redis, Publisher(redis, keys, PAYLOADS), settings, keys)

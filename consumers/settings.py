@@ -95,8 +95,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "JOBSTREAM_MAX_INBOUND_BYTES": self.max_inbound_bytes >= 1,
             "JOBSTREAM_SOFT_BOUNCE_LIMIT": self.soft_bounce_limit >= 1,
             "JOBSTREAM_SOFT_BOUNCE_WINDOW_DAYS": self.soft_bounce_window_days >= 1,
-            "REDIS_URL": self.redis_url.startswith(("redis://", "rediss://", "unix://")),
-            "DATABASE_URL": self.database_url.startswith(("postgresql://", "postgres://")),
+            "REDIS_URL (redis://, rediss:// or unix://)": self.redis_url.startswith(
+                ("redis://", "rediss://", "unix://")
+            ),
+            "DATABASE_URL (postgresql:// or postgres://)": self.database_url.startswith(
+                ("postgresql://", "postgres://")
+            ),
+            "JOBSTREAM_BLOCK_MS (1 to 60000)": 1 <= self.block_ms <= 60_000,
+            "JOBSTREAM_LOG_LEVEL (DEBUG, INFO, WARNING or ERROR)": self.log_level.upper()
+            in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
             "SMTP_URL": self.smtp_url is None or self.smtp_url.startswith(("smtp://", "smtps://")),
             "JOBSTREAM_WARMUP_MAX_PER_DAY": 0
             <= self.warmup_start_per_day

@@ -8,6 +8,7 @@ from __future__ import annotations
 import msgspec
 
 __all__ = [
+    "MAX_ATTEMPT",
     "MAX_ID_LENGTH",
     "Envelope",
     "EnvelopeError",
@@ -17,6 +18,7 @@ __all__ = [
 ]
 
 MAX_ID_LENGTH = 200
+MAX_ATTEMPT = 1_000_000
 _KNOWN = frozenset({b"payload", b"id", b"attempt", b"traceparent", b"tracestate"})
 
 
@@ -58,6 +60,8 @@ def decode_envelope(entry_id: str, fields: dict[bytes, bytes]) -> Envelope:
     job_id = entry_id if raw_id is None or raw_id == b"" else _text(raw_id, "id")
     if len(job_id) > MAX_ID_LENGTH:
         raise EnvelopeError(f"field 'id' is {len(job_id)} characters, at most 200 allowed")
+    if "\x00" in job_id:
+        raise EnvelopeError("field 'id' contains a NUL character")
     if payload is None:
         raise EnvelopeError("field 'payload' is missing")
     raw_attempt = fields.get(b"attempt")
@@ -69,6 +73,8 @@ def decode_envelope(entry_id: str, fields: dict[bytes, bytes]) -> Envelope:
             raise EnvelopeError("field 'attempt' is not an integer") from None
         if attempt < 1:
             raise EnvelopeError("field 'attempt' must be at least 1")
+        if attempt > MAX_ATTEMPT:
+            raise EnvelopeError(f"field 'attempt' is {attempt}, at most {MAX_ATTEMPT} allowed")
     tp = fields.get(b"traceparent")
     ts = fields.get(b"tracestate")
     extra = (
@@ -99,6 +105,6 @@ def safe_job_id(entry_id: str, fields: dict[bytes, bytes]) -> str:
             text = raw.decode()
         except UnicodeDecodeError:
             return entry_id
-        if len(text) <= MAX_ID_LENGTH:
+        if len(text) <= MAX_ID_LENGTH and "\x00" not in text:
             return text
     return entry_id

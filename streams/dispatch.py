@@ -13,12 +13,13 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
 import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from otel import extract, presample
-from schema.envelope import Envelope, EnvelopeError, decode_envelope, safe_job_id
+from schema.envelope import MAX_ATTEMPT, Envelope, EnvelopeError, decode_envelope, safe_job_id
 from streams.errors import PermanentError, RetryableError
 from streams.job import Delivery, Job, Outcome, Result
 from streams.policy import Policy, backoff_s
@@ -44,8 +45,8 @@ class Route:
 
 def classify(exc: BaseException, attempt: int, policy: Policy) -> tuple[Outcome, str]:
     """Outcome and dead-letter reason of a failed attempt."""
-    if isinstance(exc, PermanentError | msgspec.DecodeError):
-        return Outcome.FAILED, "permanent"
+    if isinstance(exc, PermanentError | msgspec.DecodeError | asyncpg.DataError):
+        return Outcome.FAILED, "permanent"  # a payload PostgreSQL refuses will always be refused
     if attempt >= policy.max_attempts:
         return Outcome.FAILED, "exhausted"
     return Outcome.RETRYING, ""  # RetryableError, TimeoutError and anything unforeseen
@@ -64,7 +65,7 @@ def invalid_result(d: Delivery, error: str, payload: bytes | None = None) -> Res
     now = time.time()
     attempt = 1
     raw_attempt = d.fields.get(b"attempt", b"1")
-    if raw_attempt.isdigit() and int(raw_attempt) > 0:
+    if raw_attempt.isdigit() and 0 < int(raw_attempt) <= MAX_ATTEMPT:
         attempt = int(raw_attempt)
     return Result(
         d,

@@ -6,6 +6,7 @@ client is equally valid input; this is the convenient and safe way from Python.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -96,6 +97,8 @@ class Publisher:
         """Publish a batch in one round trip; validate all first, so a bad one writes nothing."""
         if job_ids is not None and len(job_ids) != len(payloads):
             raise PublishError("job_ids and payloads differ in length")
+        if delay_s is not None and not (math.isfinite(delay_s) and 0 <= delay_s <= 366 * 86400):
+            raise PublishError(f"delay of {delay_s} s: use 0 to 31622400 seconds")
         bodies = [self.encode(queue, p) for p in payloads]
         ids = [i or new_job_id() for i in (job_ids or [None] * len(bodies))]
         for job_id in ids:

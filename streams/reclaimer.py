@@ -7,7 +7,8 @@ claimed at once; anything idle past the safety ceiling is claimed whoever holds 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -18,6 +19,7 @@ from streams.keys import Keys
 __all__ = ["Reclaimer"]
 
 logger = logging.getLogger(__name__)
+_DELCONSUMER_LUA = resources.files("streams.lua").joinpath("delconsumer.lua").read_text("utf-8")
 
 
 @dataclass
@@ -29,6 +31,10 @@ class Reclaimer:
     ceiling_ms: int = 3_600_000
     claim_min_idle_ms: int = 1_000
     batch: int = 100
+    _cursors: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._delconsumer = self.redis.register_script(_DELCONSUMER_LUA)
 
     async def reclaim(self, queue: str) -> list[Delivery]:
         """Claim entries of dead consumers and of any consumer past the ceiling."""
@@ -42,8 +48,9 @@ class Reclaimer:
             if await self.redis.exists(self.keys.alive(name)):
                 continue
             if int(info["pending"]) == 0:
-                if int(info.get("idle", 0)) > self.claim_min_idle_ms:
-                    await self.redis.xgroup_delconsumer(stream, self.group, name)
+                if int(info.get("idle", 0)) > self.claim_min_idle_ms and int(
+                    await self._delconsumer(keys=[stream], args=[self.group, name])
+                ):
                     logger.info("removed gone consumer %s from %s", name, stream)
                 continue
             out += await self._claim_from(queue, stream, name)
@@ -67,16 +74,18 @@ class Reclaimer:
         got = [
             Delivery(queue, _text(eid), fields, counts.get(_text(eid), 0) + 1)
             for eid, fields in claimed
-            if fields is not None
+            if fields
         ]
         if got:
             logger.warning("reclaimed %d entries of dead consumer %s on %s", len(got), name, stream)
         return got
 
     async def _claim_ceiling(self, queue: str, stream: str) -> list[Delivery]:
+        start = self._cursors.get(stream, "0-0")
         reply: Any = await self.redis.xautoclaim(
-            stream, self.group, self.consumer, self.ceiling_ms, "0-0", count=self.batch
+            stream, self.group, self.consumer, self.ceiling_ms, start, count=self.batch
         )
+        self._cursors[stream] = _text(reply[0])  # walk the whole pending list over time
         claimed = reply[1]
         deleted = reply[2] if len(reply) > 2 else []
         if deleted:  # Redis 7 drops deleted entries from the pending list and reports them
@@ -102,20 +111,31 @@ class Reclaimer:
         return [
             Delivery(queue, _text(eid), fields, counts.get(_text(eid), 2))
             for eid, fields in claimed
-            if fields is not None
+            if fields
         ]
 
-    async def own_pending(self, queue: str, after: str = "0-0") -> list[Delivery]:
-        """Entries this consumer name already holds (a restarted worker resumes them first)."""
+    async def own_pending(self, queue: str, after: str = "0-0") -> tuple[list[Delivery], str]:
+        """Entries this consumer name already holds after `after`, and the next cursor
+        ("" when there are no more). A restarted worker resumes them first.
+
+        Entries deleted from the stream meanwhile have nothing left to run: they are acked.
+        """
         stream = self.keys.stream(queue)
         reply: Any = await self.redis.xreadgroup(
             self.group, self.consumer, {stream: after}, count=self.batch
         )
-        if not reply:
-            return []
-        entries = reply[0][1]
+        entries = reply[0][1] if reply else []
         if not entries:
-            return []
+            return [], ""
+        cursor = _text(entries[-1][0]) if len(entries) >= self.batch else ""
+        gone = [eid for eid, fields in entries if not fields]  # an entry has at least one field
+        if gone:
+            logger.warning("%d entries of %s were deleted before being processed", len(gone),
+                           stream)  # fmt: skip
+            await self.redis.xack(stream, self.group, *gone)
+        entries = [(eid, fields) for eid, fields in entries if fields]
+        if not entries:
+            return [], cursor
         ids = [_text(eid) for eid, _ in entries]
         rows = await self.redis.xpending_range(
             stream,
@@ -126,10 +146,11 @@ class Reclaimer:
             consumername=self.consumer,
         )
         counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
-        return [
-            Delivery(queue, eid, fields or {}, counts.get(eid, 2))
+        found = [
+            Delivery(queue, eid, fields, counts.get(eid, 2))
             for eid, (_, fields) in zip(ids, entries, strict=True)
         ]
+        return found, cursor
 
     async def refresh(self, queue: str, entry_ids: list[Any]) -> None:
         """Reset the idle time of our own long-running entries so the ceiling never takes them."""

@@ -69,6 +69,11 @@ def _iso(ts: float | None) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
+def _text(value: str | None) -> str | None:
+    """Text PostgreSQL accepts: no NUL characters."""
+    return value.replace("\x00", "\ufffd") if value and "\x00" in value else value
+
+
 def _payload_text(payload: bytes | None) -> str | None:
     if payload is None:
         return None
@@ -96,6 +101,7 @@ class Recorder:
         self.settled = 0
         self._flushing = 0
         self._batch: list[Start | Result] = []
+        self._progress_at = time.time()
         self.has_room = asyncio.Event()  # cleared while the backlog is over max_backlog
         self.has_room.set()
 
@@ -127,12 +133,18 @@ class Recorder:
         """Records not yet committed and acked, the flush in progress included."""
         return len(self._pending) + self._flushing
 
+    def stalled_s(self) -> float:
+        """Seconds outcomes have waited with no flush completing (0 when nothing waits)."""
+        return time.time() - self._progress_at if self.backlog else 0.0
+
     def entry_ids(self) -> set[str]:
         """Entries whose records are waiting or being written (not yet acked)."""
         return {item.delivery.entry_id for item in (*self._batch, *self._pending)}
 
     def started(self, start: Start) -> None:
         """Queue the `running` record of a job; the handler does not wait for it."""
+        if not self.backlog:
+            self._progress_at = time.time()
         self._pending.append(start)
         self._wake.set()
 
@@ -141,6 +153,8 @@ class Recorder:
 
         The caller does not wait; `close()` flushes whatever is outstanding (inv. 1, 6).
         """
+        if not self.backlog:
+            self._progress_at = time.time()
         self._pending.append(result)
         self._wake.set()
         if len(self._pending) > self._cfg.max_backlog:
@@ -171,6 +185,7 @@ class Recorder:
         await self._write_redis(jobs, results)
         self.flushes += 1
         self.settled += len(results)
+        self._progress_at = time.time()
         self._flushing = 0
         self._batch = []
         if len(self._pending) <= self._cfg.max_backlog:
@@ -212,7 +227,7 @@ class Recorder:
                 _STATUS[r.outcome],
                 payload,
                 r.result_json,
-                r.error,
+                _text(r.error),
                 r.attempt,
                 d.entry_id,
                 _created(d),
@@ -226,7 +241,7 @@ class Recorder:
                         r.job_id,
                         r.attempt,
                         r.outcome.value,
-                        r.error,
+                        _text(r.error),
                         r.duration_ms,
                         r.started_at,
                         r.finished_at,
@@ -259,15 +274,20 @@ class Recorder:
             return
 
     async def _write_pg_singly(self, jobs: list[JobRow], execs: list[ExecRow]) -> None:
+        """One bad row must not block the others: write each alone, degrading what it keeps."""
         for row in jobs:
             mine = [e for e in execs if e.job_id == row.id]
             try:
                 await write_batch(self._pool, self._cfg.worker_id, [row], mine)
+                continue
             except _DATA_ERRORS as exc:
                 row.payload = None
                 row.result = None
                 row.error = f"{row.error or ''} (payload or result not storable: {exc})".strip()
+            try:
                 await write_batch(self._pool, self._cfg.worker_id, [row], mine)
+            except _DATA_ERRORS as exc:  # the row itself is beyond storing: say so loudly
+                logger.error("job %s could not be recorded and is dropped: %s", row.id, exc)
 
     async def _write_redis(self, jobs: list[JobRow], results: list[Result]) -> None:
         delay = 0.1
@@ -300,31 +320,61 @@ class Recorder:
                 cmds.append(("EXPIRE", keys.job(row.id), cfg.hash_ttl_s))
         hash_cmds = len(cmds)
         acks: dict[str, list[str]] = {}
+        guarded: list[tuple[int, Result]] = []  # a retry or dead letter, and its command
         for r in results:
-            d = r.delivery
-            if r.outcome is Outcome.RETRYING and r.retry_at is not None:
-                member = msgspec.json.encode(r.retry_fields)
-                cmds.append(("ZADD", keys.delayed(d.queue), int(r.retry_at * 1000), member))
-            elif r.outcome is Outcome.FAILED:
-                fields = dead_fields(
-                    d.fields,
-                    queue=d.queue,
-                    job_id=r.job_id,
-                    entry_id=d.entry_id,
-                    reason=r.reason or "failed",
-                    error=r.error or "",
-                    attempts=r.attempt,
-                    failed_at=r.finished_at or time.time(),
-                )
-                flat = [x for kv in fields.items() for x in kv]
-                cmds.append(
-                    ("XADD", keys.dead(d.queue), "MAXLEN", "~", cfg.dead_maxlen, "*", *flat)
-                )
-            acks.setdefault(d.queue, []).append(d.entry_id)
-        for queue, ids in acks.items():  # inv. 1: after the ZADD/XADD above, in order
-            cmds.append(("XACK", keys.stream(queue), cfg.group, *ids))
-        if cmds:
-            self._check(await self._send(cmds), hash_cmds)
+            cmd = self._follow_up(r)
+            if cmd is None:
+                acks.setdefault(r.delivery.queue, []).append(r.delivery.entry_id)
+            else:
+                guarded.append((len(cmds), r))
+                cmds.append(cmd)
+        cmds += [("XACK", keys.stream(q), cfg.group, *ids) for q, ids in acks.items()]
+        if not cmds:
+            return
+        replies = await self._send(cmds)
+        self._check(replies, hash_cmds)
+        await self._ack_guarded(guarded, replies)
+
+    async def _ack_guarded(self, guarded: list[tuple[int, Result]], replies: list[object]) -> None:
+        """inv. 1: an entry whose retry or dead letter was not written is not acked."""
+        keys, cfg = self._cfg.keys, self._cfg
+        written: dict[str, list[str]] = {}
+        refused = []
+        for i, r in guarded:
+            if isinstance(replies[i], Exception):
+                refused.append(r)
+            else:
+                written.setdefault(r.delivery.queue, []).append(r.delivery.entry_id)
+        if written:
+            acked = [("XACK", keys.stream(q), cfg.group, *ids) for q, ids in written.items()]
+            self._check(await self._send(acked), 0)
+        if refused:
+            logger.error("%d retries or dead letters not written: kept unacked, retried in 1s",
+                         len(refused))  # fmt: skip
+            for r in refused:
+                r.executed = False  # its execution row is already committed
+                asyncio.get_running_loop().call_later(1.0, self.settle, r)
+
+    def _follow_up(self, r: Result) -> tuple[Any, ...] | None:
+        """The retry (delayed set) or dead-letter command an outcome needs before its ack."""
+        d, keys = r.delivery, self._cfg.keys
+        if r.outcome is Outcome.RETRYING and r.retry_at is not None:
+            member = msgspec.json.encode(r.retry_fields)
+            return ("ZADD", keys.delayed(d.queue), int(r.retry_at * 1000), member)
+        if r.outcome is not Outcome.FAILED:
+            return None
+        fields = dead_fields(
+            d.fields,
+            queue=d.queue,
+            job_id=r.job_id,
+            entry_id=d.entry_id,
+            reason=r.reason or "failed",
+            error=r.error or "",
+            attempts=r.attempt,
+            failed_at=r.finished_at or time.time(),
+        )
+        flat = [x for kv in fields.items() for x in kv]
+        return ("XADD", keys.dead(d.queue), "MAXLEN", "~", self._cfg.dead_maxlen, "*", *flat)
 
     async def _send(self, cmds: list[tuple[Any, ...]]) -> list[object]:
         """Send commands in one round trip; packed by hiredis, which is much cheaper per job."""

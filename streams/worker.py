@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from otel import is_recording_enabled
-from schema.envelope import enqueued_at_ms
+from schema.envelope import enqueued_at_ms, safe_job_id
 from streams.delayed import Promoter
 from streams.dispatch import (
     Route,
@@ -142,11 +142,15 @@ class Engine:
         }
         self._down: set[str] = set()
         self._loops: dict[str, asyncio.Task[None]] = {}
+        self._refused: set[str] = set()
 
     # ---- lifecycle -------------------------------------------------------------------
     async def run(self) -> None:
         """Run until `stop()` (or, in burst mode, until the queues are drained), then drain."""
         await self._retrying("start", self._setup)
+        if self.stopping.is_set():  # stopped before it could even start: nothing to drain
+            logger.warning("stopped before the worker could start")
+            return
         self.recorder.start()
         named = {f"read {q}": self._read_loop(lane) for q, lane in self.lanes.items()}
         named |= {
@@ -174,9 +178,14 @@ class Engine:
             if task.done() and not self.stopping.is_set():
                 exc = None if task.cancelled() else task.exception()
                 return f"loop {name} stopped: {exc!r}"
+        if not self.heartbeat_at:
+            return "starting: no heartbeat yet"
         age = time.time() - self.heartbeat_at
         if age > self.cfg.alive_ttl_ms / 1000:
             return f"no heartbeat for {age:.0f}s (Redis unreachable or event loop blocked)"
+        stalled = self.recorder.stalled_s()
+        if stalled > 3 * self.cfg.alive_ttl_ms / 1000:
+            return f"{self.recorder.backlog} outcomes not recorded for {stalled:.0f}s"
         return None
 
     def stop(self) -> None:
@@ -196,12 +205,11 @@ class Engine:
                     raise
         await self._heartbeat()
         for queue, lane in self.lanes.items():  # a restarted worker resumes its own first
-            after = "0-0"
-            while batch := await self.reclaimer.own_pending(queue, after):
-                after = batch[-1].entry_id
-                await self._dispatch_redelivered(lane, batch)
-                if len(batch) < self.reclaimer.batch:
-                    break
+            cursor = "0-0"
+            while cursor:
+                batch, cursor = await self.reclaimer.own_pending(queue, cursor)
+                if batch:
+                    await self._dispatch_redelivered(lane, batch)
 
     async def _drain(self) -> None:
         tasks = [t for lane in self.lanes.values() for t in lane.tasks]
@@ -240,7 +248,7 @@ class Engine:
                         exc,
                     )
                     self._down.add(what)
-                if self.stopping.is_set() and what != "start":
+                if self.stopping.is_set():
                     return waited
                 waited = True
                 await asyncio.sleep(delay)
@@ -253,10 +261,14 @@ class Engine:
 
     async def _every(self, interval_s: float, fn: Callable[[], Awaitable[None]]) -> None:
         while not self.stopping.is_set():
+            name = fn.__name__.strip("_")
             try:
-                await self._retrying(fn.__name__.strip("_"), fn)
+                await self._retrying(name, fn)
+                self._refused.discard(name)
             except redis.exceptions.RedisError as exc:  # a refused command must not stop the loop
-                logger.error("%s failed: %s", fn.__name__.strip("_"), exc)
+                if name not in self._refused:  # once, not every interval
+                    logger.error("%s failed: %s (logged once until it works again)", name, exc)
+                    self._refused.add(name)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), interval_s)
 
@@ -285,9 +297,11 @@ class Engine:
                 if await self._retrying(f"read {stream}", read):
                     await self._retrying(f"resume {stream}", lambda: self._resume_own(lane))
             except redis.exceptions.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                await self._setup()  # the stream or group was deleted under us
+                if "NOGROUP" in str(exc):
+                    await self._retrying("start", self._setup)  # stream or group deleted
+                else:  # refused (e.g. out of memory): say so, wait, try again
+                    logger.error("reading %s refused: %s; retrying in 1s", stream, exc)
+                    await asyncio.sleep(1.0)
                 continue
             entries = reply[0][1] if reply else []
             for eid, fields in entries:
@@ -303,32 +317,38 @@ class Engine:
         leave them to the safety ceiling.
         """
         known = set(lane.running) | self.recorder.entry_ids()
-        after = "0-0"
-        while batch := await self.reclaimer.own_pending(lane.route.queue, after):
-            after = batch[-1].entry_id
+        cursor = "0-0"
+        while cursor:
+            batch, cursor = await self.reclaimer.own_pending(lane.route.queue, cursor)
             fresh = [d for d in batch if d.entry_id not in known]
             if fresh:
                 logger.warning("resuming %d entries delivered during the outage", len(fresh))
                 await self._dispatch_redelivered(lane, fresh)
-            if len(batch) < self.reclaimer.batch:
-                return
 
     async def _drained(self) -> bool:
+        """Burst mode: nothing new was read; is anything else ready for this worker?
+
+        Jobs and retries due later are not ready: they stay for the next run.
+        """
         if any(lane.tasks for lane in self.lanes.values()) or self.recorder.backlog:
             return False
-        for queue in self.lanes:
-            stream = self.cfg.keys.stream(queue)
-            if await self.redis.zcard(self.cfg.keys.delayed(queue)):
-                return False
-            groups = await self.redis.xinfo_groups(stream)
-            mine = [g for g in groups if g["name"].decode() == self.cfg.group]
-            if mine and (int(mine[0]["pending"]) or int(mine[0].get("lag") or 0)):
-                return False
+        now_ms = int(time.time() * 1000)
+        try:
+            for queue in self.lanes:
+                if await self.redis.zcount(self.cfg.keys.delayed(queue), "-inf", now_ms):
+                    return False
+                mine = await self.redis.xpending_range(
+                    self.cfg.keys.stream(queue), self.cfg.group, "-", "+", 1, self.cfg.consumer
+                )
+                if mine:
+                    return False
+        except redis.exceptions.RedisError:
+            return False
         return True
 
     async def _dispatch_redelivered(self, lane: _Lane, batch: list[Delivery]) -> None:
         """Entries delivered before: ack those PostgreSQL shows completed (inv. 3), run the rest."""
-        ids = [d.fields.get(b"id", d.entry_id.encode()).decode(errors="replace") for d in batch]
+        ids = [safe_job_id(d.entry_id, d.fields) for d in batch]
         statuses: dict[str, str] = {}
 
         async def fetch() -> None:

@@ -51,6 +51,7 @@ INVALID = [
     ({"id": "x" * 201, "payload": "{}"}, "at most 200 allowed"),
     ({"id": "bad-attempt", "attempt": "two", "payload": "{}"}, "'attempt' is not an integer"),
     ({"id": "zero-attempt", "attempt": "0", "payload": "{}"}, "'attempt' must be at least 1"),
+    ({"id": "huge-attempt", "attempt": "2147483648", "payload": "{}"}, "at most 1000000 allowed"),
     ({"id": "oversized", "payload": '{"pad": "' + "a" * 3000 + '"}'}, "at most 2048"),
 ]
 
@@ -128,7 +129,7 @@ async def test_ack_only_after_postgres_commit(deps: Deps):
     await deps.pool.execute("ALTER TABLE jobs RENAME TO jobs_away")
     ids = await publisher(deps).publish_many(Q, [handlers.Work() for _ in range(5)])
     stream = deps.keys.stream(Q)
-    async with running(engine(deps)):
+    async with running(engine(deps)) as eng:
 
         async def ran_all():
             return len(await executions(deps)) == 5
@@ -137,6 +138,11 @@ async def test_ack_only_after_postgres_commit(deps: Deps):
         await asyncio.sleep(0.5)  # several failed flush attempts
         pending = await deps.redis.xpending(stream, "workers")
         assert pending["pending"] == 5  # handlers ran, nothing acked
+
+        async def unhealthy():  # health tells that outcomes are stuck, not only that it runs
+            return "outcomes not recorded" in (eng.health() or "")
+
+        await eventually(unhealthy, timeout_s=15)
         for i in ids:  # the view shows nothing the truth has not committed
             assert await deps.redis.hget(deps.keys.job(i), "status") == b"queued"
         await deps.pool.execute("ALTER TABLE jobs_away RENAME TO jobs")
