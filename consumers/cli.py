@@ -1,4 +1,5 @@
-"""The `jobstream` command line: worker, migrate, publish, status, job, dlq, health, demo."""
+"""The `jobstream` command line: worker, migrate, publish, status, job, dlq, health, demo,
+mailbox, webhook and warmup."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def _positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobstream", description=__doc__)
-    p.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: INFO)")
+    p.add_argument(
+        "--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: INFO)"
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     w = sub.add_parser("worker", help="run a worker replica until SIGTERM/SIGINT")

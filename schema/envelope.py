@@ -1,6 +1,6 @@
 """The stream envelope: an entry's flat string fields decoded into a typed record.
 
-Knows the wire format of DESIGN.md and nothing of any queue's payload.
+Knows the producer wire format (see the README) and nothing of any queue's payload.
 """
 
 from __future__ import annotations
