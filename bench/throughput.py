@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -162,7 +163,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def traced_runs(db: str, n: int, concurrency: int, env: dict[str, str]) -> None:
+async def traced_runs(
+    db: str, n: int, concurrency: int, env: dict[str, str], repeat: int = 3
+) -> None:
     """Tracing off, on with every job sampled, and on at a 10 % ratio, each exporting by
     OTLP/HTTP to a local receiver in its own process."""
     port = _free_port()
@@ -180,47 +183,57 @@ async def traced_runs(db: str, n: int, concurrency: int, env: dict[str, str]) ->
             "OTEL_TRACES_SAMPLER_ARG": "0.1",
         },
     }  # fmt: skip
-    rates: dict[str, float] = {}
-    flushes: dict[str, float] = {}
+    samples: dict[str, list[float]] = {name: [] for name in runs}
     try:
-        for name, run_env in runs.items():
-            prefix = f"b{uuid.uuid4().hex[:8]}:"
-            try:
-                got = await engine_run(db, prefix, n, concurrency, run_env)
-            finally:
-                await cleanup(prefix)
-            rates[name] = got["jobs"] / got["seconds"]
-            flushes[name] = got["flush"]
+        # Interleaved repetitions: the tables grow as runs go, so no setting always runs first.
+        for _ in range(repeat):
+            for name, run_env in runs.items():
+                prefix = f"b{uuid.uuid4().hex[:8]}:"
+                try:
+                    got = await engine_run(db, prefix, n, concurrency, run_env)
+                finally:
+                    await cleanup(prefix)
+                samples[name].append(got["jobs"] / got["seconds"])
     finally:
         sink.send_signal(signal.SIGTERM)
         out, _ = sink.communicate(timeout=30)
+    rates = {name: statistics.median(values) for name, values in samples.items()}
     off = rates["tracing off"]
+    print(f"median of {repeat} interleaved runs each, final span flush included:")
     for name, rate in rates.items():
+        spread = ", ".join(f"{v:,.0f}" for v in samples[name])
         print(f"{name:<30} {rate:>9,.0f} jobs/s   ratio to tracing off: {rate / off:.2f}"
-              f"   (final span flush {flushes[name]:.2f}s, included)")  # fmt: skip
+              f"   (runs: {spread})")  # fmt: skip
     print(f"receiver: {out.strip().splitlines()[-1]}")
 
 
-async def main(n: int, concurrency: int, tracing: bool) -> None:
-    prefix = f"b{uuid.uuid4().hex[:8]}:"
+async def main(n: int, concurrency: int, tracing: bool, repeat: int) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    engine_rates: list[float] = []
+    plain_rates: list[float] = []
     async with scratch_database() as db:
-        try:
-            eng = await engine_run(db, prefix, n, concurrency, env)
-            plain_n, plain_s = await plain_loop(db, prefix, n)
-        finally:
-            await cleanup(prefix)
-        eng_rate = eng["jobs"] / eng["seconds"]
-        plain_rate = plain_n / plain_s
-        print(f"N={n} concurrency={concurrency}")
+        # Interleaved repetitions: the tables grow as runs go, so neither side always runs
+        # first on a cold database.
+        for _ in range(repeat):
+            prefix = f"b{uuid.uuid4().hex[:8]}:"
+            try:
+                eng = await engine_run(db, prefix, n, concurrency, env)
+                plain_n, plain_s = await plain_loop(db, prefix, n)
+            finally:
+                await cleanup(prefix)
+            engine_rates.append(eng["jobs"] / eng["seconds"])
+            plain_rates.append(plain_n / plain_s)
+        eng_rate = statistics.median(engine_rates)
+        plain_rate = statistics.median(plain_rates)
+        print(f"N={n} concurrency={concurrency}, median of {repeat} interleaved runs each")
         print(f"engine (full path, 1 worker process): {eng_rate:>9,.0f} jobs/s "
-              f"({eng['jobs']} jobs in {eng['seconds']:.2f}s)")  # fmt: skip
+              f"(runs: {', '.join(f'{r:,.0f}' for r in engine_rates)})")  # fmt: skip
         print(f"plain redis-py loop (same writes):    {plain_rate:>9,.0f} jobs/s "
-              f"({plain_n} jobs in {plain_s:.2f}s)")  # fmt: skip
+              f"(runs: {', '.join(f'{r:,.0f}' for r in plain_rates)})")  # fmt: skip
         print(f"ratio engine / plain loop: {eng_rate / plain_rate:.2f}")
         if tracing:
             print()
-            await traced_runs(db, n, concurrency, env)
+            await traced_runs(db, n, concurrency, env, repeat)
 
 
 if __name__ == "__main__":
@@ -228,6 +241,7 @@ if __name__ == "__main__":
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--tracing", action="store_true")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved runs per setting")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--db", help=argparse.SUPPRESS)
     ap.add_argument("--prefix", help=argparse.SUPPRESS)
@@ -235,4 +249,4 @@ if __name__ == "__main__":
     if a.worker:
         asyncio.run(worker(a.db, a.prefix, a.n, a.concurrency))
     else:
-        asyncio.run(main(a.n, a.concurrency, a.tracing))
+        asyncio.run(main(a.n, a.concurrency, a.tracing, a.repeat))
