@@ -57,3 +57,14 @@ async def scratch_database() -> AsyncIterator[str]:
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def drop_keys(prefix: str) -> None:
+    """Delete every Redis key a benchmark made under `prefix`."""
+    import redis.asyncio as aioredis
+
+    redis = aioredis.Redis.from_url(REDIS_URL)
+    keys = [k async for k in redis.scan_iter(match=f"{prefix}*", count=5000)]
+    for i in range(0, len(keys), 1000):
+        await redis.delete(*keys[i : i + 1000])
+    await redis.aclose()

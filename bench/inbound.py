@@ -24,8 +24,8 @@ from typing import Any
 
 import asyncpg
 import msgspec
-import redis.asyncio as aioredis
 
+from bench.common import drop_keys
 from consumers.deps import Deps
 from consumers.handler import HandlerSpec, handler
 from consumers.runtime import connect, make_engine
@@ -182,14 +182,6 @@ def rate(clock: _Clock) -> float:
     return clock.done / max(clock.last - clock.first, 1e-9)
 
 
-async def cleanup(prefix: str) -> None:
-    redis = aioredis.Redis.from_url(REDIS_URL)
-    keys = [k async for k in redis.scan_iter(match=f"{prefix}*", count=5000)]
-    for i in range(0, len(keys), 1000):
-        await redis.delete(*keys[i : i + 1000])
-    await redis.aclose()
-
-
 async def main(n: int, noop_n: int) -> None:
     payloads, total_bytes = workload(n)
     prefix = f"bin{uuid.uuid4().hex[:8]}:"
@@ -211,7 +203,7 @@ async def main(n: int, noop_n: int) -> None:
                 await publish(noop_publisher, NOOP_QUEUE, [Noop(n=i) for i in range(noop_n)])
                 baseline = await drain(deps, noop_n, [], [noop])
         finally:
-            await cleanup(prefix)
+            await drop_keys(prefix)
     mix = ", ".join(f"{int(w * 100)}% {k}" for k, w in MIX)
     seconds = inbound.last - inbound.first
     print(f"N={n} messages ({mix}), {total_bytes / n / 1024:.1f} KiB average, 1 worker")

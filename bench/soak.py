@@ -19,7 +19,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, scratch_database
+from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, drop_keys, scratch_database
 from consumers.runtime import connect, make_engine
 from consumers.settings import Settings
 from streams import Keys, Publisher
@@ -91,10 +91,8 @@ async def main(n: int, max_lag: int) -> None:
         finally:
             proc.send_signal(signal.SIGTERM)
             await proc.wait()
-            batch_keys = [k async for k in r.scan_iter(match=f"{prefix}*", count=5000)]
-            for i in range(0, len(batch_keys), 1000):
-                await r.delete(*batch_keys[i : i + 1000])
             await r.aclose()
+            await drop_keys(prefix)
     print(
         f"{n} jobs in {seconds:.1f}s ({n / seconds:,.0f} jobs/s), publisher kept <= {max_lag} ahead"
     )

@@ -25,7 +25,7 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
-from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, scratch_database
+from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, drop_keys, scratch_database
 from consumers.runtime import connect, make_engine
 from consumers.settings import Settings
 from otel.tracing import setup_tracing
@@ -139,14 +139,6 @@ async def engine_run(db: str, prefix: str, n: int, concurrency: int, env: dict[s
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-async def cleanup(prefix: str) -> None:
-    redis = aioredis.Redis.from_url(REDIS_URL)
-    batch = [k async for k in redis.scan_iter(match=f"{prefix}*", count=5000)]
-    for i in range(0, len(batch), 1000):
-        await redis.delete(*batch[i : i + 1000])
-    await redis.aclose()
-
-
 def _sink(port: int) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "bench.otlp_sink", "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -192,7 +184,7 @@ async def traced_runs(
                 try:
                     got = await engine_run(db, prefix, n, concurrency, run_env)
                 finally:
-                    await cleanup(prefix)
+                    await drop_keys(prefix)
                 samples[name].append(got["jobs"] / got["seconds"])
     finally:
         sink.send_signal(signal.SIGTERM)
@@ -220,7 +212,7 @@ async def main(n: int, concurrency: int, tracing: bool, repeat: int) -> None:
                 eng = await engine_run(db, prefix, n, concurrency, env)
                 plain_n, plain_s = await plain_loop(db, prefix, n)
             finally:
-                await cleanup(prefix)
+                await drop_keys(prefix)
             engine_rates.append(eng["jobs"] / eng["seconds"])
             plain_rates.append(plain_n / plain_s)
         eng_rate = statistics.median(engine_rates)
