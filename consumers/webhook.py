@@ -264,6 +264,13 @@ async def add_endpoint(
     """Register an endpoint; return its id and its secret (shown to the customer once)."""
     if not url.startswith(("http://", "https://")):
         raise ConfigError("a webhook URL must start with http:// or https://")
+    host = (httpx.URL(url).host or "").strip("[]")
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None  # a name: checked when it is resolved, at each delivery
+    if literal is not None and not _allowed(literal, allow_private=True):
+        raise ConfigError(f"a webhook may never target {host} (metadata, link-local or similar)")
     types = sorted(set(event_types or EVENT_TYPES))
     unknown = [t for t in types if t not in EVENT_TYPES]
     if unknown:

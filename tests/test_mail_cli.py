@@ -88,6 +88,11 @@ async def test_webhook_add_list_disable(deps: Deps, env_for):
     assert endpoint in listed.stdout
     assert secret not in listed.stdout
     assert (await jobstream(env, "webhook", "add", "ftp://x")).returncode == 2
+    metadata = await jobstream(env, "webhook", "add", "http://169.254.169.254/latest")
+    assert metadata.returncode == 2
+    assert "may never target 169.254.169.254" in metadata.stderr
+    v6 = await jobstream(env, "webhook", "add", "http://[fe80::1]/hook")
+    assert v6.returncode == 2
     assert (await jobstream(env, "webhook", "add", "https://x", "--events", "nope")).returncode == 2
     assert (await jobstream(env, "webhook", "disable", endpoint)).returncode == 0
     assert (
