@@ -161,8 +161,8 @@ def main() -> None:
     with OtlpSink(port=args.port) as sink:
         print(f"OTLP/HTTP sink on {sink.endpoint}", flush=True)
         started = time.monotonic()
-        while not stop.wait(1.0):
-            pass
+        while not stop.is_set():  # wakes each second so the signal handlers can run
+            stop.wait(1.0)
         elapsed = time.monotonic() - started
     print(f"received {sink.span_count} spans in {sink.requests} requests over {elapsed:.1f}s")
 

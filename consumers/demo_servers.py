@@ -113,7 +113,7 @@ class HookReceiver:
             ConnectionError,
             ValueError,
         ):
-            pass
+            return  # the client went away or sent garbage: there is nobody to answer
         finally:
             writer.close()
 

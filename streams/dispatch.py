@@ -145,6 +145,16 @@ async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delive
     return res
 
 
+def _attributes(attrs: dict[str, Any], d: Delivery, job_id: str) -> dict[str, Any]:
+    """The queue's constant span attributes plus this delivery's own."""
+    return {
+        **attrs,
+        "messaging.message.id": d.entry_id,
+        "messaging.message.conversation_id": job_id,
+        "messaging.redis.message.delivery_count": d.delivery_count,
+    }
+
+
 async def execute_traced(
     route: Route,
     env: Envelope,
@@ -176,13 +186,7 @@ async def execute_traced(
         ctx = trace.get_current_span(parent).get_span_context()
         if ctx.is_valid:
             links.append(trace.Link(ctx))
-    attributes = {
-        **attrs,
-        "messaging.message.id": d.entry_id,
-        "messaging.message.conversation_id": job.id,
-        "messaging.redis.message.delivery_count": d.delivery_count,
-        "jobstream.job.attempt": job.attempt,
-    }
+    attributes = {**_attributes(attrs, d, job.id), "jobstream.job.attempt": job.attempt}
     with _tracer.start_as_current_span(
         name,
         context=parent or _ROOT,  # no traceparent: a new trace, whatever runs the engine
@@ -215,13 +219,7 @@ def trace_invalid(res: Result, attrs: dict[str, Any]) -> None:
         f"process {attrs['messaging.destination.name']}",
         context=parent or _ROOT,
         kind=trace.SpanKind.CONSUMER,
-        attributes={
-            **attrs,
-            "messaging.message.id": d.entry_id,
-            "messaging.message.conversation_id": res.job_id,
-            "messaging.redis.message.delivery_count": d.delivery_count,
-            "error.type": "InvalidEntry",
-        },
+        attributes={**_attributes(attrs, d, res.job_id), "error.type": "InvalidEntry"},
     ) as span:
         span.set_status(trace.StatusCode.ERROR, res.error)
         span.add_event("dead-lettered", {"jobstream.reason": res.reason or "invalid"})

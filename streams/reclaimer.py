@@ -98,15 +98,7 @@ class Reclaimer:
         if not claimed:
             return []
         ids = [_text(eid) for eid, _ in claimed]
-        rows = await self.redis.xpending_range(
-            stream,
-            self.group,
-            min=ids[0],
-            max=ids[-1],
-            count=len(ids) * 2,
-            consumername=self.consumer,
-        )
-        counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        counts = await self._delivery_counts(stream, ids)
         logger.warning("reclaimed %d entries idle past the ceiling on %s", len(ids), stream)
         return [
             Delivery(queue, _text(eid), fields, counts.get(_text(eid), 2))
@@ -137,20 +129,20 @@ class Reclaimer:
         if not entries:
             return [], cursor
         ids = [_text(eid) for eid, _ in entries]
-        rows = await self.redis.xpending_range(
-            stream,
-            self.group,
-            min=ids[0],
-            max=ids[-1],
-            count=len(ids) * 2,
-            consumername=self.consumer,
-        )
-        counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        counts = await self._delivery_counts(stream, ids)
         found = [
             Delivery(queue, eid, fields, counts.get(eid, 2))
             for eid, (_, fields) in zip(ids, entries, strict=True)
         ]
         return found, cursor
+
+    async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
+        """How often Redis has delivered each of our pending entries `ids` (sorted)."""
+        rows: Any = await self.redis.xpending_range(
+            stream, self.group, min=ids[0], max=ids[-1], count=len(ids) * 2,
+            consumername=self.consumer,
+        )  # fmt: skip
+        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     async def refresh(self, queue: str, entry_ids: list[Any]) -> None:
         """Reset the idle time of our own long-running entries so the ceiling never takes them."""

@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,7 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from streams.backoff import retry_until_done
 from streams.dead_letters import dead_fields
 from streams.job import Delivery, Outcome, Result
 from streams.keys import Keys
@@ -38,6 +39,8 @@ _STATUS = {
     Outcome.FAILED: Status.FAILED,
 }
 _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+_PG_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+_REDIS_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 @dataclass(slots=True)
@@ -95,9 +98,7 @@ class Recorder:
         self._pending: list[Start | Result] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._pg_down = False
-        self._redis_down = False
-        self.flushes = 0
+        self._down: set[str] = set()  # stores known to be unavailable
         self.settled = 0
         self._flushing = 0
         self._batch: list[Start | Result] = []
@@ -183,7 +184,6 @@ class Recorder:
         if jobs or execs:
             await self._write_pg(jobs, execs)
         await self._write_redis(jobs, results)
-        self.flushes += 1
         self.settled += len(results)
         self._progress_at = time.time()
         self._flushing = 0
@@ -191,87 +191,34 @@ class Recorder:
         if len(self._pending) <= self._cfg.max_backlog:
             self.has_room.set()
 
-    def _rows(self, batch: Iterable[Start | Result]) -> tuple[list[JobRow], list[ExecRow]]:
-        rows: dict[str, JobRow] = {}  # one row per job id: ON CONFLICT may touch a row once
+    def _rows(self, batch: Sequence[Start | Result]) -> tuple[list[JobRow], list[ExecRow]]:
+        """One row per job id (ON CONFLICT may touch a row once): the latest record wins,
+        so the batch is read newest first and a job's earlier records are not built at all.
+        """
+        rows: dict[str, JobRow] = {}
         execs: list[ExecRow] = []
-        for item in batch:
-            if isinstance(item, Start):
-                d = item.delivery
-                rows[item.job_id] = JobRow(
-                    item.job_id,
-                    d.queue,
-                    Status.RUNNING,
-                    _payload_text(item.payload),
-                    None,
-                    None,
-                    item.attempt,
-                    d.entry_id,
-                    _created(d),
-                    item.started_at,
-                    None,
-                    None,
-                )
-                continue
-            r = item
-            if r.outcome is Outcome.SKIPPED:
-                continue
-            d = r.delivery
-            done = r.finished_at if r.outcome is not Outcome.RETRYING else None
-            prev = rows.get(r.job_id)
-            payload = _payload_text(r.payload) if r.payload is not None else None
-            if payload is None and prev is not None:
-                payload = prev.payload
-            rows[r.job_id] = JobRow(
-                r.job_id,
-                d.queue,
-                _STATUS[r.outcome],
-                payload,
-                r.result_json,
-                _text(r.error),
-                r.attempt,
-                d.entry_id,
-                _created(d),
-                r.started_at or None,
-                done,
-                r.retry_at,
-            )
-            if r.executed:
-                execs.append(
-                    ExecRow(
-                        r.job_id,
-                        r.attempt,
-                        r.outcome.value,
-                        _text(r.error),
-                        r.duration_ms,
-                        r.started_at,
-                        r.finished_at,
-                    )
-                )
+        for item in reversed(batch):
+            if isinstance(item, Result):
+                if item.outcome is Outcome.SKIPPED:
+                    continue
+                if item.executed:
+                    execs.append(_exec_row(item))
+            if item.job_id not in rows:
+                rows[item.job_id] = _start_row(item) if isinstance(item, Start) else _job_row(item)
         return list(rows.values()), execs
 
     async def _write_pg(self, jobs: list[JobRow], execs: list[ExecRow]) -> None:
-        delay = 0.1
-        while True:
+        async def write() -> None:
             try:
                 await write_batch(self._pool, self._cfg.worker_id, jobs, execs)
             except _DATA_ERRORS as exc:
                 logger.warning("batch refused by PostgreSQL (%s); writing jobs one by one", exc)
                 await self._write_pg_singly(jobs, execs)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                if not self._pg_down:
-                    logger.error(
-                        "PostgreSQL unavailable (%s): nothing is acked until it is back; "
-                        "retrying with backoff up to 5s",
-                        type(exc).__name__,
-                    )
-                    self._pg_down = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            if self._pg_down:
-                logger.warning("PostgreSQL is back: recording resumed")
-                self._pg_down = False
-            return
+
+        # inv. 7: wait for PostgreSQL, acking nothing meanwhile.
+        await retry_until_done(
+            write, errors=_PG_ERRORS, what="PostgreSQL", down=self._down, log=logger
+        )
 
     async def _write_pg_singly(self, jobs: list[JobRow], execs: list[ExecRow]) -> None:
         """One bad row must not block the others: write each alone, degrading what it keeps."""
@@ -290,25 +237,10 @@ class Recorder:
                 logger.error("job %s could not be recorded and is dropped: %s", row.id, exc)
 
     async def _write_redis(self, jobs: list[JobRow], results: list[Result]) -> None:
-        delay = 0.1
-        while True:
-            try:
-                await self._pipeline(jobs, results)
-            except (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-                if not self._redis_down:
-                    logger.error(
-                        "Redis unavailable (%s): acks wait until it is back; retrying with "
-                        "backoff up to 5s",
-                        type(e).__name__,
-                    )
-                    self._redis_down = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            if self._redis_down:
-                logger.warning("Redis is back: acks resumed")
-                self._redis_down = False
-            return
+        await retry_until_done(
+            lambda: self._pipeline(jobs, results),
+            errors=_REDIS_ERRORS, what="Redis", down=self._down, log=logger,
+        )  # fmt: skip
 
     async def _pipeline(self, jobs: list[JobRow], results: list[Result]) -> None:
         keys, cfg = self._cfg.keys, self._cfg
@@ -418,6 +350,31 @@ class Recorder:
         elif row.status == Status.RETRYING:
             cmd += ("error", row.error or "")
         return tuple(cmd)
+
+
+def _start_row(item: Start) -> JobRow:
+    d = item.delivery
+    return JobRow(
+        item.job_id, d.queue, Status.RUNNING, _payload_text(item.payload), None, None,
+        item.attempt, d.entry_id, _created(d), item.started_at, None, None,
+    )  # fmt: skip
+
+
+def _job_row(r: Result) -> JobRow:
+    d = r.delivery
+    done = r.finished_at if r.outcome is not Outcome.RETRYING else None
+    return JobRow(
+        r.job_id, d.queue, _STATUS[r.outcome], _payload_text(r.payload), r.result_json,
+        _text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None, done,
+        r.retry_at,
+    )  # fmt: skip
+
+
+def _exec_row(r: Result) -> ExecRow:
+    return ExecRow(
+        r.job_id, r.attempt, r.outcome.value, _text(r.error), r.duration_ms, r.started_at,
+        r.finished_at,
+    )  # fmt: skip
 
 
 def _created(d: Delivery) -> float:

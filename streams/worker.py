@@ -20,6 +20,7 @@ import redis.exceptions
 
 from otel import is_recording_enabled
 from schema.envelope import enqueued_at_ms, safe_job_id
+from streams.backoff import retry_until_done
 from streams.delayed import Promoter
 from streams.dispatch import (
     Route,
@@ -42,6 +43,7 @@ __all__ = ["Engine", "EngineConfig"]
 logger = logging.getLogger(__name__)
 job_log = logging.getLogger("streams.jobs")
 _CONN_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_STORE_ERRORS = (*_CONN_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,12 +206,8 @@ class Engine:
                 if "BUSYGROUP" not in str(exc):
                     raise
         await self._heartbeat()
-        for queue, lane in self.lanes.items():  # a restarted worker resumes its own first
-            cursor = "0-0"
-            while cursor:
-                batch, cursor = await self.reclaimer.own_pending(queue, cursor)
-                if batch:
-                    await self._dispatch_redelivered(lane, batch)
+        for lane in self.lanes.values():  # a restarted worker resumes its own first
+            await self._resume_own(lane)
 
     async def _drain(self) -> None:
         tasks = [t for lane in self.lanes.values() for t in lane.tasks]
@@ -232,32 +230,11 @@ class Engine:
 
     # ---- resilience helpers ----------------------------------------------------------
     async def _retrying(self, what: str, fn: Callable[[], Awaitable[None]]) -> bool:
-        """Run `fn` until it succeeds, with backoff; True if it had to wait for an outage."""
-        delay = 0.1
-        waited = False
-        while True:
-            try:
-                await fn()
-            except (*_CONN_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                if what not in self._down:
-                    pg = isinstance(exc, asyncpg.PostgresError | asyncpg.InterfaceError)
-                    logger.error(
-                        "%s: %s unavailable (%s); retrying with backoff up to 5s",
-                        what,
-                        "PostgreSQL" if pg else "Redis",
-                        exc,
-                    )
-                    self._down.add(what)
-                if self.stopping.is_set():
-                    return waited
-                waited = True
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            if what in self._down:
-                logger.warning("%s: connection is back", what)
-                self._down.discard(what)
-            return waited
+        """Run `fn` until Redis and PostgreSQL let it succeed; True if it had to wait."""
+        return await retry_until_done(
+            fn, errors=_STORE_ERRORS, what=what, down=self._down, log=logger,
+            stopping=self.stopping,
+        )  # fmt: skip
 
     async def _every(self, interval_s: float, fn: Callable[[], Awaitable[None]]) -> None:
         while not self.stopping.is_set():
@@ -311,10 +288,11 @@ class Engine:
                 self.stop()
 
     async def _resume_own(self, lane: _Lane) -> None:
-        """After a Redis outage: a read may have been delivered to us with its reply lost.
+        """Run the entries our consumer name holds that this process does not know of.
 
-        Such entries sit in our pending list, unknown to us; run them now rather than
-        leave them to the safety ceiling.
+        At start, what a previous process of the same name left; after a Redis outage, a
+        read that was delivered to us with its reply lost. Either would otherwise wait for
+        the safety ceiling.
         """
         known = set(lane.running) | self.recorder.entry_ids()
         cursor = "0-0"
@@ -322,7 +300,7 @@ class Engine:
             batch, cursor = await self.reclaimer.own_pending(lane.route.queue, cursor)
             fresh = [d for d in batch if d.entry_id not in known]
             if fresh:
-                logger.warning("resuming %d entries delivered during the outage", len(fresh))
+                logger.warning("resuming %d entries this consumer already held", len(fresh))
                 await self._dispatch_redelivered(lane, fresh)
 
     async def _drained(self) -> bool:
@@ -362,7 +340,7 @@ class Engine:
                 skip = Result(
                     d, job_id, 0, Outcome.SKIPPED, started_at=now, finished_at=now, executed=False
                 )
-                lane.spawn(self._settle(skip), d)
+                self._settle(skip)
             elif d.delivery_count > self.cfg.max_deliveries:
                 res = invalid_result(
                     d,
@@ -370,7 +348,7 @@ class Engine:
                     f"{self.cfg.max_deliveries}: the job keeps crashing its worker",
                 )
                 res.reason = "deliveries"
-                lane.spawn(self._settle(res), d)
+                self._settle(res)
             else:
                 lane.spawn(self._process(lane, d), d)
 
@@ -384,7 +362,7 @@ class Engine:
             job_log.warning(
                 "job invalid job=%s queue=%s error=%s", prepared.job_id, route.queue, prepared.error
             )
-            await self._settle(prepared)
+            self._settle(prepared)
             return
         env, payload = prepared
         job = Job(
@@ -411,7 +389,7 @@ class Engine:
             res = await execute(route, env, payload, job, d)
             self._log_job(job, res)
         lane.release(d.entry_id)
-        await self._settle(res)
+        self._settle(res)
 
     @staticmethod
     def _log_job(job: Job, res: Result | None) -> None:
@@ -431,7 +409,7 @@ class Engine:
             f" error={res.error}" if res.error else "",
         )
 
-    async def _settle(self, res: Result) -> None:
+    def _settle(self, res: Result) -> None:
         # inv. 1: once handed over, the recorder commits then acks it, even while stopping.
         self.recorder.settle(res)
         self.processed += 1

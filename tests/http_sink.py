@@ -62,7 +62,7 @@ class HttpSink:
             )
             await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
-            pass
+            return  # the client went away: there is nobody to answer
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):

@@ -236,3 +236,18 @@ async def test_a_result_postgres_cannot_store_fails_no_other_job(deps: Deps):
     assert row["result"] is None
     assert "not storable" in row["error"]
     assert (await deps.redis.xpending(deps.keys.stream(Q), "workers"))["pending"] == 0
+
+
+async def test_bare_xadd_without_id_is_processed_end_to_end(deps: Deps):
+    stream = deps.keys.stream("analytics")
+    payload = msgspec.json.encode(event("evt-bare", "click"))
+    entry_id = (await deps.redis.xadd(stream, {"payload": payload})).decode()
+    async with running(make_engine(deps, ["analytics"])):
+        await eventually(lambda: all_terminal(deps, [entry_id]))
+    row = await deps.pool.fetchrow("SELECT * FROM jobs WHERE id = $1", entry_id)
+    assert row["status"] == "completed"
+    assert msgspec.json.decode(row["result"]) == {"recorded": True}
+    assert row["attempts"] == 1
+    assert row["stream_entry_id"] == entry_id
+    pending = await deps.redis.xpending(stream, "workers")
+    assert pending["pending"] == 0
