@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("health", help="exit 0 when Redis, PostgreSQL (and the worker) are alive")
     h.add_argument("--consumer", help="also require this worker's heartbeat")
 
-    d = sub.add_parser("demo", help="start two workers and push real jobs through them")
+    d = sub.add_parser("demo", help="start two workers and push real jobs through every queue")
     d.add_argument("--events", type=int, default=3000)
     commands_mail.add_parsers(sub)
     return p
