@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from streams.lease import clock
+
 __all__ = ["Delivery", "Job", "Outcome", "Result"]
 
 
@@ -30,6 +32,20 @@ class Delivery:
     fields: dict[bytes, bytes]
     delivery_count: int = 1
     started_mono: float = 0.0
+    read_at: float = field(default_factory=clock)  # on the lease clock (`streams.lease`)
+
+    @property
+    def fence(self) -> str:
+        """Orders the deliveries of a job: entry ID, then delivery count (inv. 9).
+
+        Fixed-width digits, so text order is numeric order in Lua, and PostgreSQL reads
+        it as a number. A retry or a replay is a newer entry; a reclaim a newer delivery.
+        """
+        ms, _, seq = self.entry_id.partition("-")
+        try:
+            return f"{int(ms):020d}{int(seq or 0):020d}{self.delivery_count:010d}"
+        except ValueError:  # not an entry ID: orders before any real one
+            return "0" * 50
 
 
 class Outcome(enum.StrEnum):

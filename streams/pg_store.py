@@ -1,7 +1,7 @@
 """The PostgreSQL side of status recording: one statement per flush for every job in it.
 
-`jobs` is upserted (a `completed` row is never overwritten) and `job_executions` gets one
-row per finished attempt, in the same round trip.
+`jobs` is upserted, moving forward only (see `WRITE_BATCH_SQL`), and `job_executions` gets
+one row per finished delivery of an attempt, in the same round trip.
 """
 
 from __future__ import annotations
@@ -13,19 +13,23 @@ import asyncpg
 
 __all__ = ["ExecRow", "JobRow", "fetch_statuses", "write_batch"]
 
+# A row moves forward only (DESIGN inv. 9): a terminal status is never overwritten, an
+# older delivery (lower fence) never overwrites a newer one, and within one delivery the
+# outcome (rank 2) follows `running` (rank 1). Re-sending the same flush changes nothing.
 WRITE_BATCH_SQL = """
 WITH up AS (
     INSERT INTO jobs AS j (id, queue, status, payload, result, error, attempts, worker_id,
                            stream_entry_id, created_at, started_at, completed_at, updated_at,
-                           next_attempt_at)
+                           next_attempt_at, fence)
     SELECT u.id, u.queue, u.status, u.payload::jsonb, u.result::jsonb, u.error, u.attempt,
            $13, u.entry_id, to_timestamp(u.created_at), to_timestamp(u.started_at),
-           to_timestamp(u.completed_at), now(), to_timestamp(u.next_attempt_at)
+           to_timestamp(u.completed_at), now(), to_timestamp(u.next_attempt_at),
+           u.fence::numeric
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                 $7::int[], $8::text[], $9::float8[], $10::float8[], $11::float8[],
-                $12::float8[])
+                $12::float8[], $21::text[])
          AS u(id, queue, status, payload, result, error, attempt, entry_id, created_at,
-              started_at, completed_at, next_attempt_at)
+              started_at, completed_at, next_attempt_at, fence)
     ON CONFLICT (id) DO UPDATE SET
         status = EXCLUDED.status,
         payload = COALESCE(EXCLUDED.payload, j.payload),
@@ -37,17 +41,23 @@ WITH up AS (
         started_at = EXCLUDED.started_at,
         completed_at = EXCLUDED.completed_at,
         updated_at = now(),
-        next_attempt_at = EXCLUDED.next_attempt_at
-    WHERE j.status <> 'completed'
+        next_attempt_at = EXCLUDED.next_attempt_at,
+        fence = EXCLUDED.fence
+    WHERE j.status NOT IN ('completed', 'failed')
+      AND (j.fence IS NULL OR EXCLUDED.fence > j.fence
+           OR (EXCLUDED.fence = j.fence AND j.status = 'running'
+               AND EXCLUDED.status <> 'running'))
     RETURNING 1
 ), ex AS (
     INSERT INTO job_executions (job_id, attempt, outcome, error, duration_ms, worker_id,
-                                started_at, finished_at)
+                                started_at, finished_at, stream_entry_id, delivery)
     SELECT e.job_id, e.attempt, e.outcome, e.error, e.duration_ms, $13,
-           to_timestamp(e.started_at), to_timestamp(e.finished_at)
+           to_timestamp(e.started_at), to_timestamp(e.finished_at), e.entry_id, e.delivery
     FROM unnest($14::text[], $15::int[], $16::text[], $17::text[], $18::int[],
-                $19::float8[], $20::float8[])
-         AS e(job_id, attempt, outcome, error, duration_ms, started_at, finished_at)
+                $19::float8[], $20::float8[], $22::text[], $23::int[])
+         AS e(job_id, attempt, outcome, error, duration_ms, started_at, finished_at,
+              entry_id, delivery)
+    ON CONFLICT (job_id, attempt, stream_entry_id, delivery) DO NOTHING
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM up) AS jobs, (SELECT count(*) FROM ex) AS executions
@@ -70,6 +80,7 @@ class JobRow:
     started_at: float | None
     completed_at: float | None
     next_attempt_at: float | None
+    fence: str
 
 
 @dataclass(slots=True)
@@ -81,6 +92,8 @@ class ExecRow:
     duration_ms: int
     started_at: float
     finished_at: float
+    entry_id: str
+    delivery: int
 
 
 async def write_batch(
@@ -112,6 +125,9 @@ async def write_batch(
         [e.duration_ms for e in executions],
         [e.started_at for e in executions],
         [e.finished_at for e in executions],
+        [r.fence for r in jobs],
+        [e.entry_id for e in executions],
+        [e.delivery for e in executions],
     )
 
 

@@ -20,6 +20,7 @@ __all__ = ["Reclaimer"]
 
 logger = logging.getLogger(__name__)
 _DELCONSUMER_LUA = resources.files("streams.lua").joinpath("delconsumer.lua").read_text("utf-8")
+_REFRESH_LUA = resources.files("streams.lua").joinpath("refresh.lua").read_text("utf-8")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class Reclaimer:
 
     def __post_init__(self) -> None:
         self._delconsumer = self.redis.register_script(_DELCONSUMER_LUA)
+        self._refresh = self.redis.register_script(_REFRESH_LUA)
 
     async def reclaim(self, queue: str) -> list[Delivery]:
         """Claim entries of dead consumers and of any consumer past the ceiling."""
@@ -145,10 +147,13 @@ class Reclaimer:
         return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     async def refresh(self, queue: str, entry_ids: list[Any]) -> None:
-        """Reset the idle time of our own long-running entries so the ceiling never takes them."""
+        """Reset the idle time of our own long-running entries so the ceiling never takes them.
+
+        Only those still ours: after a pause, what another replica took stays with it.
+        """
         if entry_ids:
-            await self.redis.xclaim(
-                self.keys.stream(queue), self.group, self.consumer, 0, entry_ids, justid=True
+            await self._refresh(
+                keys=[self.keys.stream(queue)], args=[self.group, self.consumer, *entry_ids]
             )
 
 

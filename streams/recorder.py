@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import asyncpg
@@ -26,8 +28,9 @@ from streams.backoff import retry_until_done
 from streams.dead_letters import dead_fields
 from streams.job import Delivery, Outcome, Result
 from streams.keys import Keys
+from streams.lease import Lease
 from streams.pg_store import ExecRow, JobRow, write_batch
-from streams.status import Status
+from streams.status import TERMINAL, Status
 
 __all__ = ["Recorder", "RecorderConfig", "Start"]
 
@@ -41,6 +44,18 @@ _STATUS = {
 _DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
 _PG_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 _REDIS_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_MAX_DEAD_FIELDS = 1000  # a dead letter keeps at most this many of an entry's fields
+
+
+def _script(name: str) -> tuple[bytes, bytes]:
+    """A Lua script of `streams/lua` and its SHA-1, for EVALSHA."""
+    body = resources.files("streams.lua").joinpath(name).read_bytes()
+    return body, hashlib.sha1(body, usedforsecurity=False).hexdigest().encode()
+
+
+_SETTLE = _script("settle.lua")
+_SETHASH = _script("sethash.lua")
+_OWNED = _script("owned.lua")
 
 
 @dataclass(slots=True)
@@ -91,10 +106,23 @@ def _payload_text(payload: bytes | None) -> str | None:
 class Recorder:
     """Coalesces status writes and acks of concurrent jobs into one flush at a time."""
 
-    def __init__(self, redis: aioredis.Redis, pool: asyncpg.Pool, config: RecorderConfig) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        pool: asyncpg.Pool,
+        config: RecorderConfig,
+        lease: Lease | None = None,
+        superseded: Callable[[Delivery, int], bool] | None = None,
+    ) -> None:
+        """`lease` says which outcomes need their ownership checked before PostgreSQL is
+        written (none while the lease is unbroken; all without one). `superseded(d, n)`
+        says whether this process runs delivery `n` of `d`'s entry, newer than `d`."""
         self._redis = redis
         self._pool = pool
         self._cfg = config
+        self._lease = lease
+        self._superseded = superseded or (lambda d, n: False)
+        self.stale = 0  # outcomes dropped because their entry had been taken over
         self._pending: list[Start | Result] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -179,6 +207,7 @@ class Recorder:
         del self._pending[: len(batch)]
         self._flushing = len(batch)
         self._batch = batch
+        batch = await self._drop_stale(batch)
         results = [item for item in batch if isinstance(item, Result)]
         jobs, execs = self._rows(batch)
         if jobs or execs:
@@ -192,8 +221,9 @@ class Recorder:
             self.has_room.set()
 
     def _rows(self, batch: Sequence[Start | Result]) -> tuple[list[JobRow], list[ExecRow]]:
-        """One row per job id (ON CONFLICT may touch a row once): the latest record wins,
-        so the batch is read newest first and a job's earlier records are not built at all.
+        """One row per job id (ON CONFLICT may touch a row once): the record that moves it
+        furthest wins (newest delivery, then an outcome over `running`), so the batch is
+        read newest first and a job's superseded records are not built at all.
         """
         rows: dict[str, JobRow] = {}
         execs: list[ExecRow] = []
@@ -203,7 +233,8 @@ class Recorder:
                     continue
                 if item.executed:
                     execs.append(_exec_row(item))
-            if item.job_id not in rows:
+            have = rows.get(item.job_id)
+            if have is None or _order(item) > (have.fence, have.status != Status.RUNNING):
                 rows[item.job_id] = _start_row(item) if isinstance(item, Start) else _job_row(item)
         return list(rows.values()), execs
 
@@ -236,6 +267,56 @@ class Recorder:
             except _DATA_ERRORS as exc:  # the row itself is beyond storing: say so loudly
                 logger.error("job %s could not be recorded and is dropped: %s", row.id, exc)
 
+    async def _drop_stale(self, batch: list[Start | Result]) -> list[Start | Result]:
+        """inv. 9: before PostgreSQL sees them, drop records of entries taken over while
+        this replica's lease may have lapsed. One read-only round trip, and only then."""
+        since = self._lease.held_since() if self._lease is not None else math.inf
+        suspect = [item for item in batch if item.delivery.read_at < since]
+        if not suspect:
+            return batch
+        by_queue: dict[str, list[Start | Result]] = {}
+        for item in suspect:
+            by_queue.setdefault(item.delivery.queue, []).append(item)
+        cmds = [self._owned_cmd(q, items) for q, items in by_queue.items()]
+        replies: list[object] = []
+
+        async def ask() -> None:
+            nonlocal replies
+            replies = await self._send_scripts(cmds)
+
+        await retry_until_done(ask, errors=_REDIS_ERRORS, what="Redis", down=self._down, log=logger)
+        gone: set[int] = set()
+        for items, reply in zip(by_queue.values(), replies, strict=True):
+            if isinstance(reply, Exception):  # cannot tell: keep them, settlement re-checks
+                logger.warning("ownership check failed: %s", reply)
+                continue
+            for item, code in zip(items, reply, strict=True):  # type: ignore[call-overload]
+                if not self._owned(item, int(code)):
+                    gone.add(id(item))
+        return [item for item in batch if id(item) not in gone] if gone else batch
+
+    def _owned(self, item: Start | Result, code: int) -> bool:
+        """Whether a record still speaks for its entry, given the ownership `code`."""
+        d = item.delivery
+        if code == 1:
+            return True
+        if code < 0 and not self._superseded(d, -code):
+            d.delivery_count = -code  # ours, delivered again by Redis, run by no one else
+            return True
+        self.stale += 1
+        logger.warning(
+            "stale attempt ignored job=%s queue=%s entry=%s: %s",
+            item.job_id, d.queue, d.entry_id,
+            "taken over by another replica" if code == 0 else "delivered again since",
+        )  # fmt: skip
+        return False
+
+    def _owned_cmd(self, queue: str, items: list[Start | Result]) -> tuple[Any, ...]:
+        args: list[Any] = [self._cfg.group, self._cfg.worker_id]
+        for item in items:
+            args += (item.delivery.entry_id, item.delivery.delivery_count)
+        return ("EVALSHA", _OWNED[1], 1, self._cfg.keys.stream(queue), *args)
+
     async def _write_redis(self, jobs: list[JobRow], results: list[Result]) -> None:
         await retry_until_done(
             lambda: self._pipeline(jobs, results),
@@ -243,58 +324,79 @@ class Recorder:
         )  # fmt: skip
 
     async def _pipeline(self, jobs: list[JobRow], results: list[Result]) -> None:
-        keys, cfg = self._cfg.keys, self._cfg
+        """One round trip: the job hashes, then one fenced settlement script per queue.
+
+        Idempotent: re-sent after a lost reply, it finds its entries acked and its hashes
+        written, and changes nothing (inv. 10).
+        """
         cmds: list[tuple[Any, ...]] = []
-        now = _iso(time.time())
-        for row in jobs:
-            cmds.append(self._hset(row, now))
-            if row.status in (Status.COMPLETED, Status.FAILED):
-                cmds.append(("EXPIRE", keys.job(row.id), cfg.hash_ttl_s))
-        hash_cmds = len(cmds)
-        acks: dict[str, list[str]] = {}
-        guarded: list[tuple[int, Result]] = []  # a retry or dead letter, and its command
+        if jobs:
+            cmds.append(self._hash_cmd(jobs))
+        by_queue: dict[str, list[Result]] = {}
         for r in results:
-            cmd = self._follow_up(r)
-            if cmd is None:
-                acks.setdefault(r.delivery.queue, []).append(r.delivery.entry_id)
-            else:
-                guarded.append((len(cmds), r))
-                cmds.append(cmd)
-        cmds += [("XACK", keys.stream(q), cfg.group, *ids) for q, ids in acks.items()]
+            by_queue.setdefault(r.delivery.queue, []).append(r)
+        cmds += [self._settle_cmd(q, rs) for q, rs in by_queue.items()]
         if not cmds:
             return
-        replies = await self._send(cmds)
-        self._check(replies, hash_cmds)
-        await self._ack_guarded(guarded, replies)
-
-    async def _ack_guarded(self, guarded: list[tuple[int, Result]], replies: list[object]) -> None:
-        """inv. 1: an entry whose retry or dead letter was not written is not acked."""
-        keys, cfg = self._cfg.keys, self._cfg
-        written: dict[str, list[str]] = {}
-        refused = []
-        for i, r in guarded:
-            if isinstance(replies[i], Exception):
-                refused.append(r)
-            else:
-                written.setdefault(r.delivery.queue, []).append(r.delivery.entry_id)
-        if written:
-            acked = [("XACK", keys.stream(q), cfg.group, *ids) for q, ids in written.items()]
-            self._check(await self._send(acked), 0)
-        if refused:
-            logger.error("%d retries or dead letters not written: kept unacked, retried in 1s",
-                         len(refused))  # fmt: skip
-            for r in refused:
-                r.executed = False  # its execution row is already committed
+        replies = await self._send_scripts(cmds)
+        if jobs and isinstance(replies[0], Exception):  # inv. 2: a view; fails no job
+            logger.warning("job hash write failed: %s", replies[0])
+        settled = replies[1:] if jobs else replies
+        retry: list[Result] = []
+        for rs, reply in zip(by_queue.values(), settled, strict=True):
+            retry += self._unsettled(rs, reply)
+        if retry:  # inv. 1: kept unacked; PostgreSQL already has them, so no second row
+            for r in retry:
+                r.executed = False
                 asyncio.get_running_loop().call_later(1.0, self.settle, r)
 
-    def _follow_up(self, r: Result) -> tuple[Any, ...] | None:
-        """The retry (delayed set) or dead-letter command an outcome needs before its ack."""
-        d, keys = r.delivery, self._cfg.keys
-        if r.outcome is Outcome.RETRYING and r.retry_at is not None:
-            member = msgspec.json.encode(r.retry_fields)
-            return ("ZADD", keys.delayed(d.queue), int(r.retry_at * 1000), member)
-        if r.outcome is not Outcome.FAILED:
-            return None
+    def _unsettled(self, results: list[Result], reply: object) -> list[Result]:
+        """The outcomes a settle script's `reply` says must be sent again."""
+        if isinstance(reply, Exception):
+            logger.error("settlement of %d outcomes refused: %s", len(results), reply)
+            return results
+        retry: list[Result] = []
+        for r, code in zip(results, reply, strict=True):  # type: ignore[call-overload]
+            if isinstance(code, bytes):  # its retry or dead letter was refused
+                logger.error("settling job=%s refused: %s", r.job_id, code.decode())
+                retry.append(r)
+            elif int(code) < 0 and not self._superseded(r.delivery, -int(code)):
+                r.delivery.delivery_count = -int(code)  # ours, delivered again: settle as it
+                retry.append(r)
+            elif int(code) != 1:
+                self._owned(r, int(code))  # counted and logged as stale
+        return retry
+
+    def _hash_cmd(self, jobs: list[JobRow]) -> tuple[Any, ...]:
+        now = _iso(time.time())
+        keys: list[str] = []
+        args: list[Any] = []
+        for row in jobs:
+            fields = self._hash_fields(row, now)
+            keys.append(self._cfg.keys.job(row.id))
+            terminal = row.status in TERMINAL
+            args += (row.fence, 1 if row.status == Status.RUNNING else 2,
+                     self._cfg.hash_ttl_s if terminal else 0, len(fields), *fields)  # fmt: skip
+        return ("EVALSHA", _SETHASH[1], len(keys), *keys, *args)
+
+    def _settle_cmd(self, queue: str, results: list[Result]) -> tuple[Any, ...]:
+        keys = self._cfg.keys
+        args: list[Any] = [self._cfg.group, self._cfg.worker_id]
+        for r in results:
+            d = r.delivery
+            if r.outcome is Outcome.RETRYING and r.retry_at is not None:
+                member = msgspec.json.encode(r.retry_fields)
+                args += (d.entry_id, d.delivery_count, "r", int(r.retry_at * 1000), member)
+            elif r.outcome is Outcome.FAILED:
+                args += (d.entry_id, d.delivery_count, "d", 0, self._dead_letter(r))
+            else:
+                args += (d.entry_id, d.delivery_count, "a", 0, "")
+        stream = keys.stream(queue)
+        return ("EVALSHA", _SETTLE[1], 3, stream, keys.delayed(queue), keys.dead(queue), *args)
+
+    def _dead_letter(self, r: Result) -> bytes:
+        """The dead letter's fields as a flat JSON array (what the settle script XADDs)."""
+        d = r.delivery
         fields = dead_fields(
             d.fields,
             queue=d.queue,
@@ -305,8 +407,20 @@ class Recorder:
             attempts=r.attempt,
             failed_at=r.finished_at or time.time(),
         )
-        flat = [x for kv in fields.items() for x in kv]
-        return ("XADD", keys.dead(d.queue), "MAXLEN", "~", self._cfg.dead_maxlen, "*", *flat)
+        items = list(fields.items())
+        if len(items) > _MAX_DEAD_FIELDS:  # the added fields come last: keep them
+            dropped = len(items) - _MAX_DEAD_FIELDS
+            items = [*items[: _MAX_DEAD_FIELDS - 8], *items[-7:], ("dropped_fields", dropped)]
+        return msgspec.json.encode([_str(x) for kv in items for x in kv])
+
+    async def _send_scripts(self, cmds: list[tuple[Any, ...]]) -> list[object]:
+        """Send EVALSHA commands in one round trip, loading the scripts when Redis lacks
+        them (after a restart or SCRIPT FLUSH) and sending again: they are idempotent."""
+        replies = await self._send(cmds)
+        if any(isinstance(x, redis.exceptions.NoScriptError) for x in replies):
+            await self._send([("SCRIPT", "LOAD", body) for body, _ in (_SETTLE, _SETHASH, _OWNED)])
+            replies = await self._send(cmds)
+        return replies
 
     async def _send(self, cmds: list[tuple[Any, ...]]) -> list[object]:
         """Send commands in one round trip; packed by hiredis, which is much cheaper per job."""
@@ -329,34 +443,34 @@ class Recorder:
         finally:
             await pool.release(conn)
 
-    def _check(self, replies: list[object], hash_cmds: int) -> None:
-        for i, reply in enumerate(replies):
-            if not isinstance(reply, Exception):
-                continue
-            if i < hash_cmds:  # inv. 2: the hash is a view; its failure fails no job
-                logger.warning("job hash write failed: %s", reply)
-            else:
-                logger.error("settlement command failed: %s", reply)
-
-    def _hset(self, row: JobRow, now: str) -> tuple[Any, ...]:
-        cmd: list[Any] = ["HSET", self._cfg.keys.job(row.id), "status", row.status.encode(),
-                          "queue", row.queue, "attempt", row.attempt, "worker_id",
-                          self._cfg.worker_id, "updated_at", now]  # fmt: skip
+    def _hash_fields(self, row: JobRow, now: str) -> list[Any]:
+        out: list[Any] = ["status", row.status.encode(), "queue", row.queue,
+                          "attempt", row.attempt, "worker_id", self._cfg.worker_id,
+                          "updated_at", now]  # fmt: skip
         if row.started_at is not None:
-            cmd += ("started_at", _iso(row.started_at))
-        if row.status in (Status.COMPLETED, Status.FAILED):
-            cmd += ("completed_at", _iso(row.completed_at), "result", row.result or "")
-            cmd += ("error", row.error or "")
+            out += ("started_at", _iso(row.started_at))
+        if row.status in TERMINAL:
+            out += ("completed_at", _iso(row.completed_at), "result", row.result or "")
+            out += ("error", row.error or "")
         elif row.status == Status.RETRYING:
-            cmd += ("error", row.error or "")
-        return tuple(cmd)
+            out += ("error", row.error or "")
+        return out
+
+
+def _str(value: Any) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _order(item: Start | Result) -> tuple[str, bool]:
+    """How far a record moves its job: delivery first, then an outcome over `running`."""
+    return item.delivery.fence, isinstance(item, Result)
 
 
 def _start_row(item: Start) -> JobRow:
     d = item.delivery
     return JobRow(
         item.job_id, d.queue, Status.RUNNING, _payload_text(item.payload), None, None,
-        item.attempt, d.entry_id, _created(d), item.started_at, None, None,
+        item.attempt, d.entry_id, _created(d), item.started_at, None, None, d.fence,
     )  # fmt: skip
 
 
@@ -366,14 +480,15 @@ def _job_row(r: Result) -> JobRow:
     return JobRow(
         r.job_id, d.queue, _STATUS[r.outcome], _payload_text(r.payload), r.result_json,
         _text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None, done,
-        r.retry_at,
+        r.retry_at, d.fence,
     )  # fmt: skip
 
 
 def _exec_row(r: Result) -> ExecRow:
+    d = r.delivery
     return ExecRow(
         r.job_id, r.attempt, r.outcome.value, _text(r.error), r.duration_ms, r.started_at,
-        r.finished_at,
+        r.finished_at, d.entry_id, d.delivery_count,
     )  # fmt: skip
 
 

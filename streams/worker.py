@@ -32,6 +32,7 @@ from streams.dispatch import (
 )
 from streams.job import Delivery, Job, Outcome, Result
 from streams.keys import Keys
+from streams.lease import Lease, clock
 from streams.observe import NullObserver, Observer
 from streams.pg_store import fetch_statuses
 from streams.reclaimer import Reclaimer
@@ -117,12 +118,15 @@ class Engine:
         self.redis, self.pool, self.cfg = redis, pool, config
         self.observer: Observer = observer or NullObserver()
         self.lanes = {r.queue: _Lane(r) for r in routes}
+        self.lease = Lease(config.alive_ttl_ms / 1000)
         self.recorder = Recorder(
             redis,
             pool,
             RecorderConfig(
                 config.group, config.consumer, config.keys, config.hash_ttl_s, config.dead_maxlen
             ),
+            self.lease,
+            self._superseded,
         )
         self.reclaimer = Reclaimer(
             redis, config.keys, config.group, config.consumer, config.reclaim_ceiling_ms
@@ -417,11 +421,19 @@ class Engine:
             self.observer.job_started(res.delivery.queue)
         self.observer.job_finished(res.delivery.queue, res.outcome.value, res.duration_ms / 1000)
 
+    def _superseded(self, d: Delivery, count: int) -> bool:
+        """Whether this process runs delivery `count` (or later) of `d`'s entry, not `d`."""
+        lane = self.lanes.get(d.queue)
+        other = lane.running.get(d.entry_id) if lane is not None else None
+        return other is not None and other is not d and other.delivery_count >= count
+
     # ---- maintenance loops ------------------------------------------------------------
     async def _heartbeat(self) -> None:
+        sent_at = clock()  # the key's TTL starts when Redis runs the SET, after this
         await self.redis.set(
             self.cfg.keys.alive(self.cfg.consumer), str(time.time()), px=self.cfg.alive_ttl_ms
         )
+        self.lease.renewed(sent_at)
         self.heartbeat_at = time.time()
         long_ms = self.cfg.reclaim_ceiling_ms / 2
         now = time.perf_counter()
