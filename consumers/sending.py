@@ -35,14 +35,20 @@ SELECT message_id, recipients, smtp_reply, is_warmup, sent_at FROM outbound_mess
 WHERE job_id = $1 AND status IN ('sent', 'bounced')
 """
 SUPPRESSED_SQL = "SELECT address FROM suppressions WHERE address = ANY($1::text[])"
+# Claim the message's send for this delivery of the job: a newer delivery (a reclaim)
+# takes the claim over, an older one (a replica that was paused) cannot take it back.
 SENDING_SQL = """
 INSERT INTO outbound_messages (message_id, job_id, mailbox_id, recipients, subject, campaign_id,
-                               is_warmup, status)
-VALUES ($1, $2, $3, $4, $5, $6, $7, 'sending')
-ON CONFLICT (message_id) DO UPDATE SET status = 'sending', recipients = EXCLUDED.recipients
+                               is_warmup, status, claim_fence)
+VALUES ($1, $2, $3, $4, $5, $6, $7, 'sending', $8::numeric)
+ON CONFLICT (message_id) DO UPDATE SET status = 'sending', recipients = EXCLUDED.recipients,
+                                       claim_fence = EXCLUDED.claim_fence
 WHERE outbound_messages.job_id = EXCLUDED.job_id AND outbound_messages.status <> 'sent'
+  AND (outbound_messages.claim_fence IS NULL
+       OR outbound_messages.claim_fence <= EXCLUDED.claim_fence)
 RETURNING message_id
 """
+CLAIMED_SQL = "SELECT job_id, status FROM outbound_messages WHERE message_id = $1"
 # 'sent', and for a warmup message its day's `sent` count, in one statement.
 SENT_SQL = """
 WITH upd AS (
@@ -112,10 +118,15 @@ async def send_email(msg: SendEmail, job: Job, deps: Deps) -> dict[str, Any]:
         raise PermanentError(str(exc)) from None
     slot = await _reserve(deps, mailbox)
     try:
-        await _mark_sending(deps, msg, job, message_id, recipients, warmup_day is not None)
-    except PermanentError:
+        claimed = await _mark_sending(
+            deps, msg, job, message_id, recipients, warmup_day is not None
+        )
+    except (PermanentError, RetryableError):
         await sendlimits.release(deps.redis, slot)
         raise
+    if not claimed:
+        await sendlimits.release(deps.redis, slot)
+        return {"status": "sent", "message_id": message_id, "duplicate": True}
     try:
         refused, reply = await _transmit(deps, relay, email, mailbox.address, recipients)
     except (RetryableError, PermanentError) as exc:
@@ -175,14 +186,26 @@ async def _reserve(deps: Deps, mailbox: Mailbox) -> sendlimits.Slot:
 
 async def _mark_sending(
     deps: Deps, msg: SendEmail, job: Job, message_id: str, recipients: list[str], warmup: bool
-) -> None:
-    args = (message_id, job.id, msg.mailbox_id, recipients, msg.subject, msg.campaign_id, warmup)
+) -> bool:
+    """Claim the send for this delivery; False when this job's message is already sent.
+
+    PermanentError when another job uses the Message-ID; RetryableError when a newer
+    delivery of this job holds the claim (this one is stale: its outcome is fenced off).
+    """
+    args = (message_id, job.id, msg.mailbox_id, recipients, msg.subject, msg.campaign_id, warmup,
+            job.fence)  # fmt: skip
     try:
         row = await deps.pool.fetchval(SENDING_SQL, *args)
     except asyncpg.UniqueViolationError:
         row = None
-    if row is None:
+    if row is not None:
+        return True
+    held = await deps.pool.fetchrow(CLAIMED_SQL, message_id)
+    if held is None or held["job_id"] != job.id:
         raise PermanentError(f"Message-ID <{message_id}> is already used by another message")
+    if held["status"] == "sent":
+        return False  # a concurrent delivery of this job sent it meanwhile
+    raise RetryableError(f"a newer delivery of job {job.id} is sending it")
 
 
 async def _transmit(

@@ -7,7 +7,20 @@ from dataclasses import dataclass, field
 
 from streams.lease import clock
 
-__all__ = ["Delivery", "Job", "Outcome", "Result"]
+__all__ = ["Delivery", "Job", "Outcome", "Result", "fence_of"]
+
+
+def fence_of(entry_id: str, delivery_count: int) -> str:
+    """Orders the deliveries of a job: entry ID, then delivery count (inv. 9).
+
+    Fixed-width digits, so text order is numeric order in Lua, and PostgreSQL reads it
+    as a number. A retry or a replay is a newer entry; a reclaim a newer delivery.
+    """
+    ms, _, seq = entry_id.partition("-")
+    try:
+        return f"{int(ms):020d}{int(seq or 0):020d}{delivery_count:010d}"
+    except ValueError:  # not an entry ID: orders before any real one
+        return "0" * 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +34,11 @@ class Job:
     enqueued_at_ms: int
     delivery_count: int = 1
     traceparent: str | None = None
+
+    @property
+    def fence(self) -> str:
+        """This delivery's place among the job's deliveries (see `fence_of`)."""
+        return fence_of(self.entry_id, self.delivery_count)
 
 
 @dataclass(slots=True)
@@ -36,16 +54,8 @@ class Delivery:
 
     @property
     def fence(self) -> str:
-        """Orders the deliveries of a job: entry ID, then delivery count (inv. 9).
-
-        Fixed-width digits, so text order is numeric order in Lua, and PostgreSQL reads
-        it as a number. A retry or a replay is a newer entry; a reclaim a newer delivery.
-        """
-        ms, _, seq = self.entry_id.partition("-")
-        try:
-            return f"{int(ms):020d}{int(seq or 0):020d}{self.delivery_count:010d}"
-        except ValueError:  # not an entry ID: orders before any real one
-            return "0" * 50
+        """This delivery's place among the job's deliveries (see `fence_of`)."""
+        return fence_of(self.entry_id, self.delivery_count)
 
 
 class Outcome(enum.StrEnum):

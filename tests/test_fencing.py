@@ -9,6 +9,8 @@ import sys
 import time
 from typing import Any
 
+import pytest
+
 from consumers.deps import Deps
 from consumers.runtime import make_engine
 from streams import Publisher
@@ -227,3 +229,25 @@ async def test_refreshing_long_jobs_never_takes_back_a_reclaimed_entry(deps: Dep
     [held] = await deps.redis.xpending_range(stream, deps.settings.group, "-", "+", 10)
     assert (held["consumer"], held["times_delivered"]) == (b"taker", 2)
     assert int(held["time_since_delivered"]) < 50
+
+
+async def test_a_stale_delivery_cannot_take_back_a_send(deps: Deps):
+    """The send claim follows the newest delivery; a job's message sent meanwhile by a
+    concurrent delivery is a duplicate success, not an error."""
+    from consumers.mailboxes import add_mailbox
+    from consumers.sending import _mark_sending
+    from schema.payloads import SendEmail
+    from streams import Job, RetryableError
+
+    await add_mailbox(deps.pool, "a@example.com", mailbox_id="mb-a")
+    msg = SendEmail(mailbox_id="mb-a", to=["b@example.net"], subject="s", text="t")
+
+    def delivery(n: int) -> Job:
+        return Job("send-1", "email-sending", 1, "1700000000000-0", 0, n)
+
+    assert await _mark_sending(deps, msg, delivery(2), "m1@x", ["b@example.net"], False)
+    with pytest.raises(RetryableError, match="newer delivery"):
+        await _mark_sending(deps, msg, delivery(1), "m1@x", ["b@example.net"], False)
+    assert await _mark_sending(deps, msg, delivery(3), "m1@x", ["b@example.net"], False)
+    await deps.pool.execute("UPDATE outbound_messages SET status = 'sent'")
+    assert not await _mark_sending(deps, msg, delivery(4), "m1@x", ["b@example.net"], False)
