@@ -1,0 +1,193 @@
+"""TLS for real, with certificates of a private CA: SMTP (STARTTLS and smtps), HTTPS
+webhooks through the pinned address, `rediss://` and PostgreSQL with `sslmode=verify-full`.
+
+Every server here holds a certificate for `localhost` only, so reaching the very same server
+as `127.0.0.1` is the wrong host name, and must be refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import ssl
+import time
+from dataclasses import dataclass
+
+import msgspec
+import pytest
+import trustme
+
+from consumers.deps import Deps
+from consumers.mailboxes import add_mailbox
+from consumers.sending import send_email
+from consumers.settings import Settings
+from consumers.webhook import add_endpoint, deliver_webhook
+from schema.payloads import SendEmail
+from streams import ConfigError, Job, RetryableError
+from tests.http_sink import http_sink
+from tests.smtp_sink import smtp_sink
+from tests.test_webhook import delivery, job, verify
+
+PASSWORD = "tls-relay-pw"
+
+
+@dataclass
+class Pki:
+    """A private CA (its PEM in `ca_file`) and server certificates it issued."""
+
+    ca: trustme.CA
+    ca_file: str
+    localhost: trustme.LeafCert  # valid for the name `localhost` only
+    elsewhere: trustme.LeafCert  # valid for `elsewhere.test` only
+
+    def server(self, leaf: trustme.LeafCert, sni: list[str | None] | None = None) -> ssl.SSLContext:
+        """A server-side context presenting `leaf`; the names clients ask for go to `sni`."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        leaf.configure_cert(ctx)
+        if sni is not None:
+
+            def seen(_obj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+                sni.append(name)
+
+            ctx.sni_callback = seen
+        return ctx
+
+    def files(self, leaf: trustme.LeafCert, folder: pathlib.Path) -> tuple[str, str]:
+        """Write `leaf`'s certificate chain and key into `folder`; their paths."""
+        cert, key = folder / "server.crt", folder / "server.key"
+        for blob in leaf.cert_chain_pems:
+            with cert.open("ab") as f:
+                f.write(blob.bytes())
+        leaf.private_key_pem.write_to_path(str(key))
+        key.chmod(0o600)
+        return str(cert), str(key)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    ca = trustme.CA()
+    ca_file = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    return Pki(ca, str(ca_file), ca.issue_cert("localhost"), ca.issue_cert("elsewhere.test"))
+
+
+def trusting(deps: Deps, pki: Pki | None, **kw: object) -> Deps:
+    """The same deps with the private CA trusted (None: only the system's CAs)."""
+    s = msgspec.structs.replace(deps.settings, tls_ca_file=pki and pki.ca_file, **kw)
+    return dataclasses.replace(deps, settings=s)
+
+
+def sending_job(job_id: str) -> Job:
+    return Job(job_id, "email-sending", 1, "0-1", int(time.time() * 1000))
+
+
+def message() -> SendEmail:
+    return SendEmail(mailbox_id="mb-tls", to=["r@example.net"], subject="over TLS", text="t")
+
+
+# --- SMTP ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["starttls", "smtps"])
+async def test_smtp_over_tls_verified_against_the_private_ca(deps: Deps, pki: Pki, mode: str):
+    deps = trusting(deps, pki)
+    tls = pki.server(pki.localhost)
+    kw = {"starttls": tls} if mode == "starttls" else {"implicit_tls": tls}
+    async with smtp_sink(users={"relay-user": PASSWORD}, **kw) as sink:
+        url = (
+            f"smtp://relay-user:{PASSWORD}@localhost:{sink.port}?starttls"
+            if mode == "starttls"
+            else f"smtps://relay-user:{PASSWORD}@localhost:{sink.port}"
+        )
+        await add_mailbox(deps.pool, "a@example.com", mailbox_id="mb-tls", smtp_url=url)
+        result = await send_email.fn(message(), sending_job(f"tls-{mode}"), deps)
+    assert result["status"] == "sent"
+    (got,) = sink.messages
+    assert got.tls is not None
+    assert got.tls.startswith("TLSv1.")
+    assert got.rcpt_tos == ["r@example.net"]
+    assert sink.logins == [("relay-user", PASSWORD)]  # AUTH went over the encrypted channel
+
+
+@pytest.mark.parametrize("mode", ["starttls", "smtps"])
+@pytest.mark.parametrize(
+    ("host", "trust", "why"),
+    [
+        ("127.0.0.1", True, "certificate is not valid for '127.0.0.1'"),
+        ("localhost", False, "unable to get local issuer certificate"),
+    ],
+)
+async def test_smtp_refuses_a_certificate_for_another_name_or_from_an_unknown_ca(
+    deps: Deps, pki: Pki, mode: str, host: str, trust: bool, why: str
+):
+    deps = trusting(deps, pki if trust else None)
+    tls = pki.server(pki.localhost)
+    kw = {"starttls": tls} if mode == "starttls" else {"implicit_tls": tls}
+    async with smtp_sink(users={"relay-user": PASSWORD}, **kw) as sink:
+        url = (
+            f"smtp://relay-user:{PASSWORD}@{host}:{sink.port}?starttls"
+            if mode == "starttls"
+            else f"smtps://relay-user:{PASSWORD}@{host}:{sink.port}"
+        )
+        await add_mailbox(deps.pool, "a@example.com", mailbox_id="mb-tls", smtp_url=url)
+        with pytest.raises(RetryableError) as err:
+            await send_email.fn(message(), sending_job(f"bad-{mode}"), deps)
+    text = str(err.value)
+    assert f"relay smtp{'s' if mode == 'smtps' else ''}://relay-user:***@{host}" in text
+    assert "TLS certificate of the relay refused" in text
+    assert why in text
+    assert PASSWORD not in text
+    assert sink.logins == []  # the password never went to a server we could not verify
+    assert sink.messages == []
+
+
+# --- HTTPS webhooks -----------------------------------------------------------------------
+
+
+async def test_https_webhook_goes_to_the_pinned_address_with_sni_and_name_check(
+    deps: Deps, pki: Pki
+):
+    deps = trusting(deps, pki, webhook_allow_private=True)
+    sni: list[str | None] = []
+    async with http_sink(tls=pki.server(pki.localhost, sni)) as sink:
+        ep, secret = await add_endpoint(deps.pool, sink.url(host="localhost"))
+        result = await deliver_webhook.fn(delivery(ep), job(), deps)
+    assert result["status"] == "delivered"
+    (req,) = sink.requests
+    assert req.peer == "127.0.0.1"  # the address resolved and checked, not a second lookup
+    assert req.headers["host"] == f"localhost:{sink.port}"
+    assert sni == ["localhost"]  # the certificate was asked for, and checked, by name
+    assert verify(secret, req.headers, req.body)
+
+
+async def test_https_webhook_with_a_certificate_for_another_name_is_a_clear_failure(
+    deps: Deps, pki: Pki
+):
+    deps = trusting(deps, pki, webhook_allow_private=True)
+    async with http_sink(tls=pki.server(pki.elsewhere)) as sink:
+        ep, _ = await add_endpoint(deps.pool, sink.url(host="localhost"))
+        with pytest.raises(RetryableError) as err:
+            await deliver_webhook.fn(delivery(ep), job(), deps)
+    assert sink.requests == []
+    text = str(err.value)
+    assert "TLS certificate of the endpoint refused" in text
+    assert "certificate is not valid for 'localhost'" in text
+    error = await deps.pool.fetchval("SELECT error FROM webhook_deliveries")
+    assert "certificate is not valid for 'localhost'" in error
+
+
+async def test_https_webhook_from_an_unknown_ca_is_refused(deps: Deps, pki: Pki):
+    deps = trusting(deps, None, webhook_allow_private=True)
+    async with http_sink(tls=pki.server(pki.localhost)) as sink:
+        ep, _ = await add_endpoint(deps.pool, sink.url(host="localhost"))
+        with pytest.raises(RetryableError, match="unable to get local issuer certificate"):
+            await deliver_webhook.fn(delivery(ep), job(), deps)
+    assert sink.requests == []
+
+
+def test_a_missing_ca_file_is_a_config_error_naming_the_variable(tmp_path: pathlib.Path):
+    from consumers.tls import client_context
+
+    s = Settings(tls_ca_file=str(tmp_path / "nope.pem"))
+    with pytest.raises(ConfigError, match="JOBSTREAM_TLS_CA_FILE"):
+        client_context(s, "smtp")
