@@ -7,24 +7,32 @@ as `127.0.0.1` is the wrong host name, and must be refused.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import pathlib
+import re
 import ssl
+import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import msgspec
 import pytest
+import redis.exceptions
 import trustme
 
 from consumers.deps import Deps
 from consumers.mailboxes import add_mailbox
+from consumers.runtime import connect
 from consumers.sending import send_email
 from consumers.settings import Settings
 from consumers.webhook import add_endpoint, deliver_webhook
 from schema.payloads import SendEmail
 from streams import ConfigError, Job, RetryableError
+from tests.helpers import jobstream
 from tests.http_sink import http_sink
+from tests.servers import OwnRedis, _wait_port
 from tests.smtp_sink import smtp_sink
 from tests.test_webhook import delivery, job, verify
 
@@ -191,3 +199,112 @@ def test_a_missing_ca_file_is_a_config_error_naming_the_variable(tmp_path: pathl
     s = Settings(tls_ca_file=str(tmp_path / "nope.pem"))
     with pytest.raises(ConfigError, match="JOBSTREAM_TLS_CA_FILE"):
         client_context(s, "smtp")
+
+
+# --- rediss:// ----------------------------------------------------------------------------
+
+EVENT = (
+    '{"event_id":"tls-1","type":"open","mailbox_id":"mb-1","occurred_at":"2026-11-30T10:00:00Z"}'
+)
+
+
+class TlsRedis(OwnRedis):
+    """A redis-server that speaks only TLS (no plain port), with a certificate for localhost."""
+
+    def __init__(self, folder: pathlib.Path, pki: Pki) -> None:
+        super().__init__(folder)
+        self.cert, self.key = pki.files(pki.localhost, folder)
+        self.ca_file = pki.ca_file
+
+    @property
+    def url(self) -> str:
+        return f"rediss://localhost:{self.port}/0"
+
+    async def start(self) -> None:
+        with (self.folder / "stderr.log").open("wb") as err:
+            self.proc = await asyncio.create_subprocess_exec(
+                "redis-server", "--port", "0", "--tls-port", str(self.port),
+                "--bind", "127.0.0.1", "-::1", "--tls-cert-file", self.cert,
+                "--tls-key-file", self.key, "--tls-ca-cert-file", self.ca_file,
+                "--tls-auth-clients", "no", "--dir", str(self.folder), "--save", "",
+                "--appendonly", "no", "--logfile", str(self.folder / "redis.log"),
+                stdout=err, stderr=err,
+            )  # fmt: skip
+        waiting = asyncio.create_task(_wait_port(self.port, timeout_s=10))
+        exited = asyncio.create_task(self.proc.wait())
+        await asyncio.wait({waiting, exited}, return_when=asyncio.FIRST_COMPLETED)
+        if not waiting.done():
+            waiting.cancel()
+            said = " ".join(
+                (self.folder / name).read_text(errors="replace")
+                for name in ("stderr.log", "redis.log")
+                if (self.folder / name).exists()
+            )
+            if "tls" in said.lower():
+                pytest.skip(f"this redis-server has no TLS support: {said.strip()[-200:]}")
+            raise AssertionError(f"redis-server with TLS did not start: {said.strip()[-500:]}")
+        exited.cancel()
+        waiting.result()
+
+
+@pytest.fixture
+async def tls_redis(pki: Pki) -> AsyncIterator[TlsRedis]:
+    with tempfile.TemporaryDirectory(prefix="jobstream-rediss-") as folder:
+        server = TlsRedis(pathlib.Path(folder), pki)
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()
+
+
+async def test_rediss_publisher_and_worker_end_to_end(
+    tls_redis: TlsRedis, pki: Pki, deps: Deps, env_for: Callable[..., dict[str, str]]
+):
+    """`jobstream publish` and `jobstream worker` over TLS only, configured by environment."""
+    env = env_for(REDIS_URL=tls_redis.url, JOBSTREAM_TLS_CA_FILE=pki.ca_file)
+    out = await jobstream(env, "publish", "analytics", EVENT, "--id", "tls-job-1")
+    assert out.returncode == 0, out.stderr
+    worker = await jobstream(env, "worker", "--queues", "analytics", "--burst")
+    assert worker.returncode == 0, worker.stderr
+    assert "job completed job=tls-job-1 queue=analytics" in worker.stderr
+    row = await deps.pool.fetchrow("SELECT status, attempts FROM jobs WHERE id = 'tls-job-1'")
+    assert (row["status"], row["attempts"]) == ("completed", 1)
+    s = msgspec.structs.replace(deps.settings, redis_url=tls_redis.url, tls_ca_file=pki.ca_file)
+    async with connect(s, wait=False) as over_tls:
+        view = await over_tls.redis.hget(over_tls.keys.job("tls-job-1"), "status")
+        assert view == b"completed"
+        assert await over_tls.redis.xlen(over_tls.keys.stream("analytics")) <= 1
+        assert (await over_tls.redis.xpending(over_tls.keys.stream("analytics"), "workers"))[
+            "pending"
+        ] == 0
+
+
+@pytest.mark.parametrize(
+    ("host", "trust", "why"),
+    [
+        ("127.0.0.1", True, "certificate is not valid for '127.0.0.1'"),
+        ("localhost", False, "certificate verify failed"),
+    ],
+)
+async def test_rediss_refuses_a_wrong_name_or_an_unknown_ca(
+    tls_redis: TlsRedis,
+    pki: Pki,
+    settings: Settings,
+    env_for: Callable[..., dict[str, str]],
+    host: str,
+    trust: bool,
+    why: str,
+):
+    url = f"rediss://{host}:{tls_redis.port}/0"
+    s = msgspec.structs.replace(settings, redis_url=url, tls_ca_file=pki.ca_file if trust else None)
+    async with connect(s, wait=False) as deps:
+        with pytest.raises(redis.exceptions.ConnectionError, match=re.escape(why)):
+            await deps.redis.ping()
+    env = env_for(REDIS_URL=url, JOBSTREAM_TLS_CA_FILE=pki.ca_file if trust else "")
+    if not trust:
+        del env["JOBSTREAM_TLS_CA_FILE"]
+    out = await jobstream(env, "publish", "analytics", EVENT)
+    assert out.returncode == 1
+    assert why in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
