@@ -59,6 +59,8 @@ async def _pool(settings: Settings, wait: bool) -> asyncpg.Pool:
             return await asyncpg.create_pool(
                 database_dsn(settings), min_size=1, max_size=settings.pg_pool_size, timeout=10
             )
+        except asyncpg.ClientConfigurationError as exc:  # e.g. no root certificate: no waiting
+            raise ConfigError(f"invalid configuration: DATABASE_URL: {exc.args[0]}") from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             where = redact_url(settings.database_url)
             if not wait:

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import pathlib
 import re
+import shutil
 import ssl
 import tempfile
 import time
@@ -27,12 +28,13 @@ from consumers.mailboxes import add_mailbox
 from consumers.runtime import connect
 from consumers.sending import send_email
 from consumers.settings import Settings
+from consumers.tls import client_context, database_dsn
 from consumers.webhook import add_endpoint, deliver_webhook
 from schema.payloads import SendEmail
 from streams import ConfigError, Job, RetryableError
 from tests.helpers import jobstream
 from tests.http_sink import http_sink
-from tests.servers import OwnRedis, _wait_port
+from tests.servers import OwnPostgres, OwnRedis, _wait_port
 from tests.smtp_sink import smtp_sink
 from tests.test_webhook import delivery, job, verify
 
@@ -194,8 +196,6 @@ async def test_https_webhook_from_an_unknown_ca_is_refused(deps: Deps, pki: Pki)
 
 
 def test_a_missing_ca_file_is_a_config_error_naming_the_variable(tmp_path: pathlib.Path):
-    from consumers.tls import client_context
-
     s = Settings(tls_ca_file=str(tmp_path / "nope.pem"))
     with pytest.raises(ConfigError, match="JOBSTREAM_TLS_CA_FILE"):
         client_context(s, "smtp")
@@ -308,3 +308,125 @@ async def test_rediss_refuses_a_wrong_name_or_an_unknown_ca(
     assert out.returncode == 1
     assert why in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+# --- PostgreSQL, sslmode=verify-full ------------------------------------------------------
+
+
+class TlsPostgres(OwnPostgres):
+    """A private cluster with `ssl=on` and a certificate for localhost."""
+
+    def __init__(self, folder: pathlib.Path, pki: Pki) -> None:
+        super().__init__(folder)
+        self.pki = pki
+
+    def init(self) -> None:
+        super().init()
+        cert, key = self.pki.files(self.pki.localhost, self.folder)
+        if self._as:  # the server runs as postgres and reads its key only if it owns it
+            for path in (cert, key):
+                shutil.chown(path, "postgres")
+        self.ssl_options = f"-c ssl=on -c ssl_cert_file={cert} -c ssl_key_file={key}"
+
+    def start(self) -> None:
+        options = (
+            f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
+            f"{self.ssl_options}"
+        )
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l",
+                  str(self.folder / "pg.log"), "-w", "start")  # fmt: skip
+
+    def verify_full(self, host: str) -> str:
+        return f"postgresql://postgres@{host}:{self.port}/postgres?sslmode=verify-full"
+
+
+@pytest.fixture
+async def tls_pg(pki: Pki) -> AsyncIterator[TlsPostgres]:
+    with tempfile.TemporaryDirectory(prefix="jobstream-pg-tls-") as folder:
+        pg = TlsPostgres(pathlib.Path(folder), pki)
+        await asyncio.to_thread(pg.init)
+        await asyncio.to_thread(pg.start)
+        try:
+            yield pg
+        finally:
+            await asyncio.to_thread(pg.stop)
+
+
+async def test_postgres_verify_full_migrate_and_a_job_end_to_end(
+    tls_pg: TlsPostgres, pki: Pki, settings: Settings, env_for: Callable[..., dict[str, str]]
+):
+    url = tls_pg.verify_full("localhost")
+    env = env_for(DATABASE_URL=url, JOBSTREAM_TLS_CA_FILE=pki.ca_file)
+    migrated = await jobstream(env, "migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert "migrations applied" in migrated.stdout
+    assert (await jobstream(env, "publish", "analytics", EVENT, "--id", "pg-tls-1")).returncode == 0
+    worker = await jobstream(env, "worker", "--queues", "analytics", "--burst")
+    assert worker.returncode == 0, worker.stderr
+    assert "job completed job=pg-tls-1 queue=analytics" in worker.stderr
+    s = msgspec.structs.replace(settings, database_url=url, tls_ca_file=pki.ca_file)
+    async with connect(s, wait=False) as deps:
+        row = await deps.pool.fetchrow("SELECT status, attempts FROM jobs WHERE id = 'pg-tls-1'")
+        assert (row["status"], row["attempts"]) == ("completed", 1)
+        assert await deps.pool.fetchval("SELECT count(*) FROM job_executions") == 1
+        encrypted = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        assert await deps.pool.fetchval(encrypted) is True
+
+
+@pytest.mark.parametrize(
+    ("host", "trust", "why"),
+    [
+        ("127.0.0.1", True, "certificate is not valid for '127.0.0.1'"),
+        ("localhost", False, "root certificate file"),
+    ],
+)
+async def test_postgres_verify_full_refuses_a_wrong_name_or_no_ca(
+    tls_pg: TlsPostgres,
+    pki: Pki,
+    settings: Settings,
+    env_for: Callable[..., dict[str, str]],
+    monkeypatch: pytest.MonkeyPatch,
+    host: str,
+    trust: bool,
+    why: str,
+):
+    url = tls_pg.verify_full(host)
+    env = env_for(DATABASE_URL=url, JOBSTREAM_TLS_CA_FILE=pki.ca_file, HOME=str(tls_pg.folder))
+    if not trust:
+        del env["JOBSTREAM_TLS_CA_FILE"]
+    migrated = await jobstream(env, "migrate")
+    assert migrated.returncode == (1 if trust else 2)  # 2: a configuration to fix
+    assert why in migrated.stderr
+    assert len(migrated.stderr.strip().splitlines()) == 1
+    s = msgspec.structs.replace(settings, database_url=url, tls_ca_file=pki.ca_file)
+    if trust:
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            async with connect(s, wait=False):
+                pass
+    else:
+        # A worker waits for a server that is down, but not for a root certificate.
+        monkeypatch.setenv("HOME", str(tls_pg.folder))  # no ~/.postgresql/root.crt there
+        no_ca = msgspec.structs.replace(s, tls_ca_file=None)
+        with pytest.raises(ConfigError, match="DATABASE_URL: root certificate file"):
+            async with asyncio.timeout(10), connect(no_ca):
+                pass
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://h/db", "postgresql://h/db?sslrootcert=/ca%20dir/ca.pem"),
+        (
+            "postgresql://u:p@h:5/db?sslmode=verify-full",
+            "postgresql://u:p@h:5/db?sslmode=verify-full&sslrootcert=/ca%20dir/ca.pem",
+        ),
+        ("postgres://h/db?", "postgres://h/db?sslrootcert=/ca%20dir/ca.pem"),
+        ("postgresql://h/db?sslrootcert=/own.pem", "postgresql://h/db?sslrootcert=/own.pem"),
+    ],
+)
+def test_the_ca_file_is_the_database_root_certificate_unless_the_url_names_one(
+    url: str, expected: str
+):
+    s = Settings(database_url=url, tls_ca_file="/ca dir/ca.pem")
+    assert database_dsn(s) == expected
+    assert database_dsn(msgspec.structs.replace(s, tls_ca_file=None)) == url
