@@ -229,13 +229,16 @@ async def _smtp_transaction(
 
 
 def _unreachable(relay: Relay, exc: BaseException) -> RetryableError:
-    """Retryable, as MTAs defer on TLS failures: the relay's certificate may be fixed."""
+    """Retryable, as MTAs defer on TLS failures (a refused certificate, no STARTTLS offered
+    when the URL asks for it): the relay may be fixed. aiosmtplib's messages carry no
+    credentials; AUTH replies never reach here."""
     problem = certificate_problem(exc)
     if problem is not None:
         return RetryableError(
             f"relay {relay.shown}: TLS certificate of the relay refused: {problem}"
         )
-    return RetryableError(f"relay {relay.shown} unreachable: {type(exc).__name__}")
+    said = f": {exc.message[:200]}" if isinstance(exc, aiosmtplib.SMTPException) else ""
+    return RetryableError(f"relay {relay.shown} unreachable: {type(exc).__name__}{said}")
 
 
 class _AllRefused(PermanentError):

@@ -27,7 +27,7 @@ def client_context(settings: Settings, use: Literal["smtp", "https"]) -> ssl.SSL
 
 
 @functools.cache
-def _context(ca_file: str | None, use: str = "") -> ssl.SSLContext:
+def _context(ca_file: str | None, use: str) -> ssl.SSLContext:
     context = ssl.create_default_context()
     if ca_file is not None:
         try:
@@ -47,7 +47,6 @@ def redis_tls_options(settings: Settings) -> dict[str, Any]:
     # redis-py before 6 did not check host names unless told to.
     options: dict[str, Any] = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
     if settings.tls_ca_file is not None:
-        _context(settings.tls_ca_file)  # a missing or bad file fails here, with its name
         options["ssl_ca_certs"] = settings.tls_ca_file
     return options
 

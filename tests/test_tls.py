@@ -15,7 +15,7 @@ import shutil
 import ssl
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import msgspec
@@ -151,6 +151,17 @@ async def test_smtp_refuses_a_certificate_for_another_name_or_from_an_unknown_ca
     assert sink.messages == []
 
 
+async def test_a_relay_that_does_not_offer_starttls_gets_nothing_in_clear(deps: Deps):
+    async with smtp_sink(users={"relay-user": PASSWORD}) as sink:
+        url = f"smtp://relay-user:{PASSWORD}@localhost:{sink.port}?starttls"
+        await add_mailbox(deps.pool, "a@example.com", mailbox_id="mb-tls", smtp_url=url)
+        with pytest.raises(RetryableError, match="STARTTLS extension not supported") as err:
+            await send_email.fn(message(), sending_job("no-starttls"), deps)
+    assert PASSWORD not in str(err.value)
+    assert sink.logins == []
+    assert sink.messages == []
+
+
 # --- HTTPS webhooks -----------------------------------------------------------------------
 
 
@@ -261,10 +272,12 @@ async def tls_redis(pki: Pki) -> AsyncIterator[TlsRedis]:
 async def test_rediss_publisher_and_worker_end_to_end(
     tls_redis: TlsRedis, pki: Pki, deps: Deps, env_for: Callable[..., dict[str, str]]
 ):
-    """`jobstream publish` and `jobstream worker` over TLS only, configured by environment."""
-    env = env_for(REDIS_URL=tls_redis.url, JOBSTREAM_TLS_CA_FILE=pki.ca_file)
-    out = await jobstream(env, "publish", "analytics", EVENT, "--id", "tls-job-1")
+    """`jobstream publish` and `jobstream worker` over TLS only, configured by environment:
+    the CA given by the standard `SSL_CERT_FILE`, then by `JOBSTREAM_TLS_CA_FILE`."""
+    by_openssl = env_for(REDIS_URL=tls_redis.url, SSL_CERT_FILE=pki.ca_file)
+    out = await jobstream(by_openssl, "publish", "analytics", EVENT, "--id", "tls-job-1")
     assert out.returncode == 0, out.stderr
+    env = env_for(REDIS_URL=tls_redis.url, JOBSTREAM_TLS_CA_FILE=pki.ca_file)
     worker = await jobstream(env, "worker", "--queues", "analytics", "--burst")
     assert worker.returncode == 0, worker.stderr
     assert "job completed job=tls-job-1 queue=analytics" in worker.stderr
@@ -340,16 +353,17 @@ class TlsPostgres(OwnPostgres):
         return f"postgresql://postgres@{host}:{self.port}/postgres?sslmode=verify-full"
 
 
-@pytest.fixture
-async def tls_pg(pki: Pki) -> AsyncIterator[TlsPostgres]:
+@pytest.fixture(scope="module")
+def tls_pg(pki: Pki) -> Iterator[TlsPostgres]:
+    """One cluster for the module (initdb is the slow part); only one test writes to it."""
     with tempfile.TemporaryDirectory(prefix="jobstream-pg-tls-") as folder:
         pg = TlsPostgres(pathlib.Path(folder), pki)
-        await asyncio.to_thread(pg.init)
-        await asyncio.to_thread(pg.start)
+        pg.init()
+        pg.start()
         try:
             yield pg
         finally:
-            await asyncio.to_thread(pg.stop)
+            pg.stop()
 
 
 async def test_postgres_verify_full_migrate_and_a_job_end_to_end(
