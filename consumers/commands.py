@@ -14,6 +14,7 @@ from consumers import commands_mail, ops
 from consumers.deps import Deps
 from consumers.runtime import connect, run_worker, service_version
 from consumers.settings import Settings
+from consumers.tls import database_dsn
 from otel.tracing import setup_tracing
 from schema.migrate import apply_migrations
 from schema.payloads import PAYLOADS
@@ -94,7 +95,10 @@ async def _publish(deps: Deps, args: argparse.Namespace) -> int:
 
 
 async def _migrate(settings: Settings) -> int:
-    conn = await asyncpg.connect(settings.database_url)
+    try:
+        conn = await asyncpg.connect(database_dsn(settings))
+    except asyncpg.ClientConfigurationError as exc:  # e.g. sslmode=verify-full, no root cert
+        raise ConfigError(f"invalid configuration: DATABASE_URL: {exc.args[0]}") from None
     try:
         applied = await apply_migrations(conn)
     finally:

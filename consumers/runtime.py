@@ -21,6 +21,7 @@ from consumers.handler import HandlerSpec
 from consumers.health import write_reports
 from consumers.registry import by_queue
 from consumers.settings import Settings, redact_url
+from consumers.tls import client_context, database_dsn, redis_tls_options
 from otel.metrics import MetricsHandle, setup_metrics
 from otel.tracing import TracingHandle, setup_tracing
 from schema.payloads import PAYLOADS
@@ -56,8 +57,10 @@ async def _pool(settings: Settings, wait: bool) -> asyncpg.Pool:
     while True:
         try:
             return await asyncpg.create_pool(
-                settings.database_url, min_size=1, max_size=settings.pg_pool_size, timeout=10
+                database_dsn(settings), min_size=1, max_size=settings.pg_pool_size, timeout=10
             )
+        except asyncpg.ClientConfigurationError as exc:  # e.g. no root certificate: no waiting
+            raise ConfigError(f"invalid configuration: DATABASE_URL: {exc.args[0]}") from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             where = redact_url(settings.database_url)
             if not wait:
@@ -76,12 +79,15 @@ async def connect(settings: Settings, *, wait: bool = True) -> AsyncIterator[Dep
 
     `wait=False` (one-off commands) fails at once when PostgreSQL does not answer.
     """
+    if settings.tls_ca_file is not None:
+        client_context(settings, "smtp")  # a missing or bad CA file fails now, named
     redis = aioredis.Redis.from_url(
         settings.redis_url,
         decode_responses=False,
         socket_connect_timeout=5,
         health_check_interval=30,
         max_connections=None,
+        **redis_tls_options(settings),
     )
     pool = await _pool(settings, wait)
     keys = keys_of(settings)

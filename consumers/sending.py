@@ -22,6 +22,7 @@ from consumers.handler import handler
 from consumers.inbound import WARMUP_HEADER
 from consumers.mailboxes import Mailbox, Relay, get_mailbox
 from consumers.mime import build_message, message_id_for
+from consumers.tls import certificate_problem, client_context
 from otel import span
 from schema.payloads import SendEmail
 from streams import ConfigError, Job, PermanentError, Policy, RetryableError
@@ -224,6 +225,7 @@ async def _transmit(
         username=relay.username,
         password=relay.password,
         timeout=deps.settings.smtp_timeout_s,
+        tls_context=client_context(deps.settings, "smtp"),
     )
     attrs: dict[str, str | int] = {"server.address": relay.host, "server.port": relay.port}
     with span("smtp send", attrs, kind=trace.SpanKind.CLIENT, recipients=len(recipients)):
@@ -245,8 +247,21 @@ async def _smtp_transaction(
     except aiosmtplib.SMTPNotSupported as exc:
         raise PermanentError(f"relay {relay.shown}: {exc.message[:200]}") from None
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-        raise RetryableError(f"relay {relay.shown} unreachable: {type(exc).__name__}") from None
+        raise _unreachable(relay, exc) from None
     return [Refusal(a, r.code, r.message) for a, r in errors.items()], f"250 {reply}"[:300]
+
+
+def _unreachable(relay: Relay, exc: BaseException) -> RetryableError:
+    """Retryable, as MTAs defer on TLS failures (a refused certificate, no STARTTLS offered
+    when the URL asks for it): the relay may be fixed. aiosmtplib's messages carry no
+    credentials; AUTH replies never reach here."""
+    problem = certificate_problem(exc)
+    if problem is not None:
+        return RetryableError(
+            f"relay {relay.shown}: TLS certificate of the relay refused: {problem}"
+        )
+    said = f": {exc.message[:200]}" if isinstance(exc, aiosmtplib.SMTPException) else ""
+    return RetryableError(f"relay {relay.shown} unreachable: {type(exc).__name__}{said}")
 
 
 class _AllRefused(PermanentError):

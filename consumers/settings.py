@@ -69,6 +69,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     """JSON overriding queues' policies, e.g. `{"webhook": {"max_attempts": 12}}`."""
     health_file: str | None = None
     """Where a worker reports its health for `jobstream health` (e.g. in a container)."""
+    tls_ca_file: str | None = None
+    """A PEM file of CA certificates trusted, besides the system's, by every TLS client."""
     # Outbound mail, warmup and webhooks (consumers/sending.py, warmup.py, webhook.py).
     smtp_timeout_s: float = 30.0
     unsubscribe_url: str = "https://unsubscribe.invalid/one-click"

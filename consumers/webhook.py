@@ -28,6 +28,7 @@ from consumers.deps import Deps
 from consumers.events import EVENT_TYPES
 from consumers.handler import handler
 from consumers.settings import Settings
+from consumers.tls import certificate_problem, client_context
 from otel import span
 from schema.payloads import WebhookDelivery
 from streams import ConfigError, Job, PermanentError, Policy, RetryableError
@@ -155,7 +156,10 @@ async def _post(
     started = time.perf_counter()
     extensions = {"sni_hostname": target.host} if target.url.scheme == "https" else {}
     out = Attempt()
-    async with httpx.AsyncClient(timeout=timeout, follow_redirects=False, trust_env=False) as c:
+    tls = client_context(settings, "https")
+    async with httpx.AsyncClient(
+        timeout=timeout, follow_redirects=False, trust_env=False, verify=tls
+    ) as c:
         try:
             async with asyncio.timeout(settings.webhook_timeout_s):
                 req = c.build_request(
@@ -173,7 +177,12 @@ async def _post(
                 finally:
                     await resp.aclose()
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
-            out.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            problem = certificate_problem(exc)
+            out.error = (
+                f"{type(exc).__name__}: {str(exc)[:200]}"
+                if problem is None
+                else f"TLS certificate of the endpoint refused: {problem[:200]}"
+            )
     out.latency_ms = round((time.perf_counter() - started) * 1000)
     return out
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -31,12 +32,13 @@ class HttpSink:
 
     host: str = "127.0.0.1"
     port: int = 0
+    scheme: str = "http"
     requests: list[Request] = field(default_factory=list)
     answers: list[Answer] = field(default_factory=list)
     default: Answer = field(default_factory=Answer)
 
     def url(self, path: str = "/hooks", host: str | None = None) -> str:
-        return f"http://{host or self.host}:{self.port}{path}"
+        return f"{self.scheme}://{host or self.host}:{self.port}{path}"
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -70,10 +72,10 @@ class HttpSink:
 
 
 @contextlib.asynccontextmanager
-async def http_sink(**kw: object) -> AsyncIterator[HttpSink]:
-    """Serve HTTP on a free loopback port for the duration of the block."""
-    sink = HttpSink(**kw)  # type: ignore[arg-type]
-    server = await asyncio.start_server(sink.handle, sink.host, 0)
+async def http_sink(tls: ssl.SSLContext | None = None, **kw: object) -> AsyncIterator[HttpSink]:
+    """Serve HTTP (HTTPS with a `tls` context) on a free loopback port for the block."""
+    sink = HttpSink(scheme="https" if tls else "http", **kw)  # type: ignore[arg-type]
+    server = await asyncio.start_server(sink.handle, sink.host, 0, ssl=tls)
     sink.port = server.sockets[0].getsockname()[1]
     try:
         yield sink

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email import policy
@@ -19,6 +20,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    tls: str | None = None  # the TLS version the message came over, None when in clear
 
     def parsed(self) -> EmailMessage:
         msg = BytesParser(policy=policy.default).parsebytes(self.data)
@@ -58,7 +60,9 @@ class Sink:
         if self.data_replies:
             return self.data_replies.pop(0)
         data = envelope.original_content or envelope.content
-        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), data))
+        tls = server.transport.get_extra_info("ssl_object")
+        version = None if tls is None else tls.version()
+        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), data, version))
         return "250 2.0.0 queued as sink"
 
     def authenticate(self, server, session, envelope, mechanism, auth_data: Any) -> AuthResult:
@@ -71,8 +75,14 @@ class Sink:
 
 
 @contextlib.asynccontextmanager
-async def smtp_sink(**kw: Any) -> AsyncIterator[Sink]:
-    """Serve SMTP on a free loopback port for the duration of the block."""
+async def smtp_sink(
+    *, starttls: ssl.SSLContext | None = None, implicit_tls: ssl.SSLContext | None = None, **kw: Any
+) -> AsyncIterator[Sink]:
+    """Serve SMTP on a free loopback port for the duration of the block.
+
+    `starttls`: offer STARTTLS with this context and require it before MAIL;
+    `implicit_tls`: speak TLS from the first byte (smtps) with this context.
+    """
     sink = Sink(**kw)
     loop = asyncio.get_running_loop()
 
@@ -82,10 +92,12 @@ async def smtp_sink(**kw: Any) -> AsyncIterator[Sink]:
             hostname="sink.test",
             authenticator=sink.authenticate if sink.users else None,
             auth_require_tls=False,
+            tls_context=starttls,
+            require_starttls=starttls is not None,
             loop=loop,
         )
 
-    server = await loop.create_server(protocol, sink.host, 0)
+    server = await loop.create_server(protocol, sink.host, 0, ssl=implicit_tls)
     sink.port = server.sockets[0].getsockname()[1]
     try:
         yield sink
