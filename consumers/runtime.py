@@ -51,14 +51,16 @@ def keys_of(settings: Settings) -> Keys:
     return Keys(settings.stream_prefix, settings.job_prefix)
 
 
-async def _pool(settings: Settings, wait: bool) -> asyncpg.Pool:
+async def _pool(settings: Settings, wait: bool, name: str | None = None) -> asyncpg.Pool:
     """The PostgreSQL pool; a worker (`wait`) waits for the server, a command does not."""
     delay, logged = 0.2, False
+    server_settings = {"application_name": name[:63]} if name else None
     while True:
         try:
             return await asyncpg.create_pool(
-                database_dsn(settings), min_size=1, max_size=settings.pg_pool_size, timeout=10
-            )
+                database_dsn(settings), min_size=1, max_size=settings.pg_pool_size, timeout=10,
+                server_settings=server_settings,
+            )  # fmt: skip
         except asyncpg.ClientConfigurationError as exc:  # e.g. no root certificate: no waiting
             raise ConfigError(f"invalid configuration: DATABASE_URL: {exc.args[0]}") from None
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -74,10 +76,14 @@ async def _pool(settings: Settings, wait: bool) -> asyncpg.Pool:
 
 
 @asynccontextmanager
-async def connect(settings: Settings, *, wait: bool = True) -> AsyncIterator[Deps]:
+async def connect(
+    settings: Settings, *, wait: bool = True, client_name: str | None = None
+) -> AsyncIterator[Deps]:
     """Open Redis and PostgreSQL for the lifetime of the block.
 
     `wait=False` (one-off commands) fails at once when PostgreSQL does not answer.
+    `client_name` names the Redis connections (`CLIENT LIST`) and PostgreSQL sessions
+    (`pg_stat_activity.application_name`): a worker passes its consumer name.
     """
     if settings.tls_ca_file is not None:
         client_context(settings, "smtp")  # a missing or bad CA file fails now, named
@@ -87,9 +93,10 @@ async def connect(settings: Settings, *, wait: bool = True) -> AsyncIterator[Dep
         socket_connect_timeout=5,
         health_check_interval=30,
         max_connections=None,
+        client_name=client_name,
         **redis_tls_options(settings),
     )
-    pool = await _pool(settings, wait)
+    pool = await _pool(settings, wait, client_name)
     keys = keys_of(settings)
     try:
         yield Deps(pool, redis, Publisher(redis, keys, PAYLOADS), settings, keys)
@@ -172,7 +179,7 @@ async def run_worker(
     consumer = consumer_name(settings)
     tracing, metrics = start_telemetry(consumer, prometheus=metrics_port is not None)
     try:
-        async with connect(settings) as deps:
+        async with connect(settings, client_name=consumer) as deps:
             engine = make_engine(
                 deps,
                 queues,
