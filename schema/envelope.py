@@ -10,6 +10,7 @@ import msgspec
 __all__ = [
     "MAX_ATTEMPT",
     "MAX_ID_LENGTH",
+    "MAX_TIME_MS",
     "Envelope",
     "EnvelopeError",
     "decode_envelope",
@@ -19,6 +20,8 @@ __all__ = [
 
 MAX_ID_LENGTH = 200
 MAX_ATTEMPT = 1_000_000
+# 9999-12-31T23:59:59.999Z: the latest time both PostgreSQL and Python's datetime hold.
+MAX_TIME_MS = 253_402_300_799_999
 _KNOWN = frozenset({b"payload", b"id", b"attempt", b"traceparent", b"tracestate"})
 
 
@@ -39,8 +42,16 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def enqueued_at_ms(entry_id: str) -> int:
-    """The enqueue time: the millisecond part of a stream ID."""
-    return int(entry_id.partition("-")[0])
+    """The enqueue time: the millisecond part of a stream ID, clamped to `MAX_TIME_MS`.
+
+    A producer may `XADD` an explicit ID (up to `18446744073709551615-0`) that is no time
+    any store can hold; such an entry, and every `*` entry after it in the same stream,
+    is recorded as enqueued at `MAX_TIME_MS` rather than refused.
+    """
+    ms = entry_id.partition("-")[0]
+    if not (ms.isascii() and ms.isdigit()):
+        return 0
+    return MAX_TIME_MS if len(ms) > 15 else min(int(ms), MAX_TIME_MS)
 
 
 def _text(raw: bytes, name: str) -> str:

@@ -19,7 +19,14 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from otel import extract, presample
-from schema.envelope import MAX_ATTEMPT, Envelope, EnvelopeError, decode_envelope, safe_job_id
+from schema.envelope import (
+    MAX_ATTEMPT,
+    MAX_TIME_MS,
+    Envelope,
+    EnvelopeError,
+    decode_envelope,
+    safe_job_id,
+)
 from streams.errors import PermanentError, RetryableError
 from streams.job import Delivery, Job, Outcome, Result
 from streams.policy import Policy, backoff_s
@@ -138,8 +145,9 @@ async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delive
         res.outcome, res.error, res.reason, res.exception = outcome, error, reason, exc
         if outcome is Outcome.RETRYING:
             wait = backoff_s(route.policy, job.attempt)
-            if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
-                wait = max(wait, exc.retry_after_s)
+            after = exc.retry_after_s if isinstance(exc, RetryableError) else None
+            if after is not None and after == after:  # NaN says nothing; inf: year 9999
+                wait = max(wait, min(after, MAX_TIME_MS / 1000 - finished))
             res.retry_at = finished + wait
             res.retry_fields = retry_fields(d, job.id, job.attempt)
     return res
