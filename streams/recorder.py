@@ -255,7 +255,8 @@ class Recorder:
             except _DATA_ERRORS as exc:
                 row.payload = None
                 row.result = None
-                row.error = f"{row.error or ''} (payload or result not storable: {exc})".strip()
+                why = _first_line(exc)
+                row.error = f"{row.error or ''} (payload or result not storable: {why})".strip()
             try:
                 await write_batch(self._pool, self._cfg.worker_id, [row], mine)
                 continue
@@ -427,9 +428,15 @@ def _time(ts: float | None) -> float | None:
     return min(max(ts, 0.0), _MAX_TIME_S)
 
 
+def _first_line(exc: Exception) -> str:
+    """PostgreSQL's message without its DETAIL and HINT lines: errors stay one line."""
+    return str(exc).partition("\n")[0]
+
+
 def _minimal(row: JobRow, exc: Exception) -> None:
     """Reduce a row PostgreSQL refuses to what always stores: id, queue, `failed`, why."""
-    why = f"job could not be recorded ({exc}); its outcome was {row.status}: {row.error or ''}"
+    why = f"job could not be recorded ({_first_line(exc)}); its outcome was {row.status}: "
+    why += row.error or ""
     row.status, row.error = Status.FAILED, _text(why[:4000])
     row.payload = row.result = None
     row.started_at = row.next_attempt_at = None
