@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ logger = logging.getLogger("streams.jobs")
 _tracer = trace.get_tracer("jobstream.worker")
 _ROOT = otel_context.Context()
 _MAX_ERROR = 4000  # an exception's text is the decoder's; a job's error stays readable
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # one line in logs, PostgreSQL takes no NUL
 
 Handler = Callable[[Any, Job], Awaitable[Any]]
 
@@ -81,7 +83,7 @@ def invalid_result(d: Delivery, error: str, payload: bytes | None = None) -> Res
         safe_attempt(d.fields),
         Outcome.FAILED,
         payload=payload,
-        error=error[:_MAX_ERROR],
+        error=_CONTROL.sub(" ", error[:_MAX_ERROR]),
         reason="invalid",
         started_at=now,
         finished_at=now,

@@ -177,7 +177,7 @@ def _routes() -> list[Route]:
         return None
 
     def boom(raw: bytes) -> Any:
-        raise ZeroDivisionError(raw[:10])
+        raise ZeroDivisionError(f"line\nbreak \x00 {raw[:10]!r}")
 
     spec = handlers.work
     return [
@@ -205,6 +205,7 @@ def _check(route: Route, fields: dict[bytes, bytes]) -> None:
         assert out.outcome is Outcome.FAILED
         assert out.reason == "invalid"
         assert out.error
+        assert out.error.isprintable(), out.error
         assert out.error.startswith(("invalid entry: ", f"invalid payload for {route.queue}: "))
         assert job_id_problem(out.job_id) is None
         assert 1 <= out.attempt <= MAX_ATTEMPT
