@@ -113,6 +113,9 @@ class _Clock:
     def queue_stats(self, queue: str, pending: int, lag: int, dead: int) -> None:
         return None
 
+    def dead_letters_dropped(self, queue: str, cap: str, count: int) -> None:
+        return None
+
 
 def message(kind: str, n: int, rng: random.Random) -> bytes:
     """One inbound message of the given kind, with a unique Message-ID."""

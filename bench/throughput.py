@@ -66,6 +66,9 @@ class _Clock:
     def queue_stats(self, queue: str, pending: int, lag: int, dead: int) -> None:
         return None
 
+    def dead_letters_dropped(self, queue: str, cap: str, count: int) -> None:
+        return None
+
 
 async def worker(db: str, prefix: str, n: int, concurrency: int) -> None:
     """The engine side, run in its own process: drain N jobs, print JSON figures."""

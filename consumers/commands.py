@@ -18,7 +18,7 @@ from consumers.tls import database_dsn
 from otel.tracing import setup_tracing
 from schema.migrate import apply_migrations
 from schema.payloads import PAYLOADS
-from streams import ConfigError, list_dead, purge_dead, read_dead, replay_dead
+from streams import ConfigError, PublishError, list_dead, purge_dead, read_dead, replay_dead
 
 __all__ = ["parse_duration_ms", "render_table", "run"]
 
@@ -214,21 +214,41 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
 async def _replay(deps: Deps, args: argparse.Namespace) -> int:
     if not args.all and not args.dead_ids:
         raise ConfigError("dlq replay needs dead-letter IDs or --all")
-    r, keys = deps.redis, deps.keys
     if args.all:
-        letters = []
-        while batch := await list_dead(r, keys, args.queue, 500):
-            for letter in reversed(batch):  # oldest first
-                await replay_dead(r, deps.pool, keys, letter)
-            letters += batch
-        print(f"replayed {len(letters)} dead letters of {args.queue}")
-        return 0
+        return await _replay_all(deps, args.queue)
+    r, keys = deps.redis, deps.keys
     found = [await read_dead(r, keys, args.queue, i) for i in args.dead_ids]
     missing = [i for i, f in zip(args.dead_ids, found, strict=True) if f is None]
     if missing:
         raise ConfigError(f"no dead letter {', '.join(missing)} in {args.queue}")
+    cut = [f"{f.dead_id} ({f.cut})" for f in found if f is not None and f.cut is not None]
+    if cut:  # checked before any is replayed: all or nothing
+        raise PublishError(f"not replayed, the letters no longer hold the whole entry: "
+                           f"{'; '.join(cut)}")  # fmt: skip
     for one in found:
         if one is not None:
             entry = await replay_dead(r, deps.pool, keys, one)
             print(f"replayed {one.dead_id} as {entry} (job {one.fields.get('job_id')})")
+    return 0
+
+
+async def _replay_all(deps: Deps, queue: str) -> int:
+    """Replay every letter, oldest first; those that no longer hold their whole entry stay."""
+    r, keys = deps.redis, deps.keys
+    replayed, kept = 0, set[str]()
+    while batch := await list_dead(r, keys, queue, 500 + len(kept)):
+        todo = [one for one in reversed(batch) if one.dead_id not in kept]
+        if not todo:
+            break
+        for letter in todo:
+            if letter.cut is not None:
+                kept.add(letter.dead_id)
+                continue
+            await replay_dead(r, deps.pool, keys, letter)
+            replayed += 1
+    print(f"replayed {replayed} dead letters of {queue}")
+    if kept:
+        ids = ", ".join(sorted(kept)[:10])
+        raise PublishError(f"{len(kept)} dead letters of {queue} hold a truncated payload or "
+                           f"field and were not replayed: {ids}")  # fmt: skip
     return 0

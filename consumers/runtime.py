@@ -156,6 +156,8 @@ def make_engine(
         grace_s=s.shutdown_grace_s,
         hash_ttl_s=s.hash_ttl_s,
         dead_maxlen=s.dead_maxlen,
+        dead_max_age_s=s.dead_letter_max_age_s,
+        dead_max_bytes=s.dead_letter_max_bytes,
         burst=burst,
     )
     return Engine(deps.redis, deps.pool, routes, config, observer)

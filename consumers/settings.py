@@ -62,6 +62,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     shutdown_grace_s: float = 30.0
     hash_ttl_s: int = 7 * 24 * 3600
     dead_maxlen: int = 100_000
+    dead_letter_max_age_s: float = 30 * 86400
+    dead_letter_max_bytes: int = 256 * 1024 * 1024
     trim_interval_s: float = 10.0
     pg_pool_size: int = 20
     log_level: str = "INFO"
@@ -94,6 +96,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "JOBSTREAM_RECLAIM_CEILING_MS": self.reclaim_ceiling_ms >= 1000,
             "JOBSTREAM_SHUTDOWN_GRACE_S": self.shutdown_grace_s >= 0,
             "JOBSTREAM_PG_POOL_SIZE": self.pg_pool_size >= 2,
+            "JOBSTREAM_DEAD_MAXLEN": self.dead_maxlen >= 0,
+            "JOBSTREAM_DEAD_LETTER_MAX_AGE_S": self.dead_letter_max_age_s > 0,
+            "JOBSTREAM_DEAD_LETTER_MAX_BYTES": self.dead_letter_max_bytes >= 0,
             "JOBSTREAM_MAX_INBOUND_BYTES": self.max_inbound_bytes >= 1,
             "JOBSTREAM_SOFT_BOUNCE_LIMIT": self.soft_bounce_limit >= 1,
             "JOBSTREAM_SOFT_BOUNCE_WINDOW_DAYS": self.soft_bounce_window_days >= 1,

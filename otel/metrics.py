@@ -40,6 +40,7 @@ class OtelObserver:
         self._processed: dict[tuple[str, str], int] = {}
         self._in_flight: dict[str, int] = {}
         self._stats: dict[str, tuple[int, int, int]] = {}
+        self._dropped: dict[tuple[str, str], int] = {}
         self._bound: dict[tuple[str, str], _Attrs] = {}
         self._duration = meter.create_histogram(
             "jobstream.job.duration",
@@ -58,6 +59,12 @@ class OtelObserver:
             [self._observe_retries],
             unit="{job}",
             description="Attempts that failed and were scheduled for a retry",
+        )
+        meter.create_observable_counter(
+            "jobstream.dead_letters.dropped",
+            [self._observe_dropped],
+            unit="{entry}",
+            description="Dead letters removed by a cap, by queue and cap (age, entries, bytes)",
         )
         meter.create_observable_up_down_counter(
             "jobstream.jobs.in_flight",
@@ -97,6 +104,9 @@ class OtelObserver:
     def queue_stats(self, queue: str, pending: int, lag: int, dead: int) -> None:
         self._stats[queue] = (pending, lag, dead)
 
+    def dead_letters_dropped(self, queue: str, cap: str, count: int) -> None:
+        self._dropped[(queue, cap)] = self._dropped.get((queue, cap), 0) + count
+
     # ---- collection (runs in the reader's thread: iterate over copies) ----------------
     def _observe_processed(self, _: CallbackOptions) -> Iterable[Observation]:
         for (queue, outcome), n in self._processed.copy().items():
@@ -106,6 +116,10 @@ class OtelObserver:
         for (queue, outcome), n in self._processed.copy().items():
             if outcome == "retrying":
                 yield Observation(n, {"queue": queue})
+
+    def _observe_dropped(self, _: CallbackOptions) -> Iterable[Observation]:
+        for (queue, cap), n in self._dropped.copy().items():
+            yield Observation(n, {"queue": queue, "cap": cap})
 
     def _observe_in_flight(self, _: CallbackOptions) -> Iterable[Observation]:
         for queue, n in self._in_flight.copy().items():

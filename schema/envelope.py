@@ -5,21 +5,32 @@ Knows the producer wire format (see the README) and nothing of any queue's paylo
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
 __all__ = [
     "MAX_ATTEMPT",
     "MAX_ID_LENGTH",
+    "MAX_TIME_MS",
     "Envelope",
     "EnvelopeError",
     "decode_envelope",
     "enqueued_at_ms",
+    "job_id_problem",
+    "safe_attempt",
     "safe_job_id",
+    "trace_context",
 ]
 
 MAX_ID_LENGTH = 200
 MAX_ATTEMPT = 1_000_000
+# 9999-12-31T23:59:59.999Z: the latest time both PostgreSQL and Python's datetime hold.
+MAX_TIME_MS = 253_402_300_799_999
 _KNOWN = frozenset({b"payload", b"id", b"attempt", b"traceparent", b"tracestate"})
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+# W3C Trace Context: printable ASCII, and OpenTelemetry refuses a longer traceparent.
+_MAX_TRACE_FIELD = 512
 
 
 class EnvelopeError(ValueError):
@@ -39,8 +50,16 @@ class Envelope(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def enqueued_at_ms(entry_id: str) -> int:
-    """The enqueue time: the millisecond part of a stream ID."""
-    return int(entry_id.partition("-")[0])
+    """The enqueue time: the millisecond part of a stream ID, clamped to `MAX_TIME_MS`.
+
+    A producer may `XADD` an explicit ID (up to `18446744073709551615-0`) that is no time
+    any store can hold; such an entry, and every `*` entry after it in the same stream,
+    is recorded as enqueued at `MAX_TIME_MS` rather than refused.
+    """
+    ms = entry_id.partition("-")[0]
+    if not (ms.isascii() and ms.isdigit()):
+        return 0
+    return MAX_TIME_MS if len(ms) > 15 else min(int(ms), MAX_TIME_MS)
 
 
 def _text(raw: bytes, name: str) -> str:
@@ -50,33 +69,59 @@ def _text(raw: bytes, name: str) -> str:
         raise EnvelopeError(f"field {name!r} is not valid UTF-8") from None
 
 
+def job_id_problem(job_id: str) -> str | None:
+    """Why `job_id` cannot name a job (too long, a control character: logs, keys), or None."""
+    if len(job_id) > MAX_ID_LENGTH:
+        return f"is {len(job_id)} characters, at most {MAX_ID_LENGTH} allowed"
+    if not (job_id.isascii() and job_id.isprintable()) and _CONTROL.search(job_id):
+        return "contains a control character"
+    return None
+
+
+def _attempt(raw: bytes) -> int:
+    """The `attempt` field; its length is checked first (int() refuses 4,300+ digits)."""
+    try:
+        attempt = int(raw) if len(raw) <= 20 else None
+    except ValueError:
+        raise EnvelopeError("field 'attempt' is not an integer") from None
+    if attempt is None or attempt > MAX_ATTEMPT:
+        shown = attempt if attempt is not None else f"{len(raw)} characters long"
+        raise EnvelopeError(f"field 'attempt' is {shown}, at most {MAX_ATTEMPT} allowed")
+    if attempt < 1:
+        raise EnvelopeError("field 'attempt' must be at least 1")
+    return attempt
+
+
+def _trace_field(raw: bytes | None) -> str | None:
+    """A trace-context field, or None when absent or no W3C value (then it is ignored)."""
+    if raw is None or not (0 < len(raw) <= _MAX_TRACE_FIELD and raw.isascii()):
+        return None
+    text = raw.decode("ascii")
+    return text if text.isprintable() else None
+
+
+def trace_context(fields: dict[bytes, bytes]) -> tuple[str | None, str | None]:
+    """An entry's `traceparent` and `tracestate`, each None when absent or malformed."""
+    return _trace_field(fields.get(b"traceparent")), _trace_field(fields.get(b"tracestate"))
+
+
 def decode_envelope(entry_id: str, fields: dict[bytes, bytes]) -> Envelope:
     """Decode an entry's fields; raise EnvelopeError naming what is wrong.
 
-    The job id defaults to the entry ID; unknown fields are kept in `extra`.
+    The job id defaults to the entry ID; unknown fields are kept in `extra`. Raises nothing
+    else, for any field map (tests/test_every_entry.py holds it to that).
     """
     payload = fields.get(b"payload")
     raw_id = fields.get(b"id")
     job_id = entry_id if raw_id is None or raw_id == b"" else _text(raw_id, "id")
-    if len(job_id) > MAX_ID_LENGTH:
-        raise EnvelopeError(f"field 'id' is {len(job_id)} characters, at most 200 allowed")
-    if "\x00" in job_id:
-        raise EnvelopeError("field 'id' contains a NUL character")
+    problem = job_id_problem(job_id)
+    if problem is not None:
+        raise EnvelopeError(f"field 'id' {problem}")
     if payload is None:
         raise EnvelopeError("field 'payload' is missing")
     raw_attempt = fields.get(b"attempt")
-    attempt = 1
-    if raw_attempt is not None:
-        try:
-            attempt = int(raw_attempt)
-        except ValueError:
-            raise EnvelopeError("field 'attempt' is not an integer") from None
-        if attempt < 1:
-            raise EnvelopeError("field 'attempt' must be at least 1")
-        if attempt > MAX_ATTEMPT:
-            raise EnvelopeError(f"field 'attempt' is {attempt}, at most {MAX_ATTEMPT} allowed")
-    tp = fields.get(b"traceparent")
-    ts = fields.get(b"tracestate")
+    attempt = 1 if raw_attempt is None else _attempt(raw_attempt)
+    traceparent, tracestate = trace_context(fields)
     extra = (
         {}
         if _KNOWN.issuperset(fields)
@@ -91,8 +136,8 @@ def decode_envelope(entry_id: str, fields: dict[bytes, bytes]) -> Envelope:
         job_id=job_id,
         attempt=attempt,
         payload=payload,
-        traceparent=tp.decode(errors="replace") if tp else None,
-        tracestate=ts.decode(errors="replace") if ts else None,
+        traceparent=traceparent,
+        tracestate=tracestate,
         extra=extra,
     )
 
@@ -100,11 +145,22 @@ def decode_envelope(entry_id: str, fields: dict[bytes, bytes]) -> Envelope:
 def safe_job_id(entry_id: str, fields: dict[bytes, bytes]) -> str:
     """The job id to record an invalid entry under: its `id` if usable, else the entry ID."""
     raw = fields.get(b"id")
-    if raw:
+    if raw and len(raw) <= 4 * MAX_ID_LENGTH:
         try:
             text = raw.decode()
         except UnicodeDecodeError:
             return entry_id
-        if len(text) <= MAX_ID_LENGTH and "\x00" not in text:
+        if job_id_problem(text) is None:
             return text
     return entry_id
+
+
+def safe_attempt(fields: dict[bytes, bytes]) -> int:
+    """The attempt to record an invalid entry under: its `attempt` if valid, else 1."""
+    raw = fields.get(b"attempt")
+    if raw is None:
+        return 1
+    try:
+        return _attempt(raw)
+    except EnvelopeError:
+        return 1

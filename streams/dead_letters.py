@@ -2,11 +2,14 @@
 
 A dead letter is the original entry's fields plus `reason`, `error`, `attempts`,
 `failed_at`, `queue`, `job_id` and `entry_id`, in the queue's `jobs:{<queue>}:dead` stream.
+No value is kept beyond `MAX_FIELD_BYTES`: a larger payload keeps its prefix with
+`payload_size` and `payload_sha256`, any other cut field is named in `truncated`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -14,11 +17,38 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from streams.errors import PublishError
 from streams.keys import Keys
 
-__all__ = ["DeadLetter", "dead_fields", "list_dead", "purge_dead", "read_dead", "replay_dead"]
+__all__ = [
+    "MAX_FIELD_BYTES",
+    "DeadLetter",
+    "dead_fields",
+    "list_dead",
+    "purge_dead",
+    "read_dead",
+    "replay_dead",
+]
 
-_ADDED = ("reason", "error", "attempts", "failed_at", "queue", "job_id", "entry_id")
+MAX_FIELD_BYTES = 64 * 1024
+_CUT = ("payload_size", "payload_sha256", "truncated")
+_ADDED = ("reason", "error", "attempts", "failed_at", "queue", "job_id", "entry_id", *_CUT)
+
+
+def _bounded(fields: dict[bytes, bytes]) -> dict[Any, Any]:
+    """The fields with no value over MAX_FIELD_BYTES, and what says what was cut."""
+    out: dict[Any, Any] = dict(fields)
+    cut = [k for k, v in fields.items() if len(v) > MAX_FIELD_BYTES]
+    for k in cut:
+        out[k] = fields[k][:MAX_FIELD_BYTES]
+    if b"payload" in cut:
+        payload = fields[b"payload"]
+        out["payload_size"] = str(len(payload))
+        out["payload_sha256"] = hashlib.sha256(payload).hexdigest()
+    others = [k.decode(errors="replace")[:100] for k in cut if k != b"payload"]
+    if others:
+        out["truncated"] = ",".join(others)[:4000]
+    return out
 
 
 def dead_fields(
@@ -32,8 +62,8 @@ def dead_fields(
     attempts: int,
     failed_at: float,
 ) -> dict[Any, Any]:
-    """The dead letter of an entry: its original fields plus why and when it failed."""
-    out: dict[Any, Any] = dict(fields)
+    """The dead letter of an entry: its original fields (bounded) plus why and when it failed."""
+    out = _bounded(fields)
     stamp = dt.datetime.fromtimestamp(failed_at, dt.UTC).isoformat(timespec="milliseconds")
     out.update(
         {
@@ -61,6 +91,16 @@ class DeadLetter:
     def original(self) -> dict[str, str]:
         """The fields the entry had before it was dead-lettered."""
         return {k: v for k, v in self.fields.items() if k not in _ADDED}
+
+    @property
+    def cut(self) -> str | None:
+        """Why the letter no longer holds the whole entry (a field was truncated), or None."""
+        if "payload_size" in self.fields or "payload_sha256" in self.fields:
+            size = self.fields.get("payload_size", "?")
+            return f"its payload was {size} bytes, only the first {MAX_FIELD_BYTES} are kept"
+        if "truncated" in self.fields:
+            return f"its fields {self.fields['truncated']} were truncated"
+        return None
 
 
 def _decode(queue: str, entry: Any) -> DeadLetter:
@@ -112,7 +152,13 @@ async def replay_dead(r: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, letter:
     """Publish a dead letter again with attempt 1, record it `queued`, and drop the letter.
 
     Returns the new entry ID. The job keeps its id, so its history stays in one row.
+    Raises PublishError, writing nothing, when the letter no longer holds the whole entry.
     """
+    if letter.cut is not None:
+        raise PublishError(
+            f"dead letter {letter.dead_id} of {letter.queue} cannot be replayed: {letter.cut} "
+            "(publish the job again from its source)"
+        )
     fields = letter.original
     fields["attempt"] = "1"
     job_id = letter.fields.get("job_id") or fields.get("id") or letter.dead_id

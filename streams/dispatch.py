@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -19,7 +20,15 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from otel import extract, presample
-from schema.envelope import MAX_ATTEMPT, Envelope, EnvelopeError, decode_envelope, safe_job_id
+from schema.envelope import (
+    MAX_TIME_MS,
+    Envelope,
+    EnvelopeError,
+    decode_envelope,
+    safe_attempt,
+    safe_job_id,
+    trace_context,
+)
 from streams.errors import PermanentError, RetryableError
 from streams.job import Delivery, Job, Outcome, Result
 from streams.policy import Policy, backoff_s
@@ -29,6 +38,8 @@ __all__ = ["Handler", "Route", "classify", "invalid_result", "prepare", "retry_f
 logger = logging.getLogger("streams.jobs")
 _tracer = trace.get_tracer("jobstream.worker")
 _ROOT = otel_context.Context()
+_MAX_ERROR = 4000  # an exception's text is the decoder's; a job's error stays readable
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # one line in logs, PostgreSQL takes no NUL
 
 Handler = Callable[[Any, Job], Awaitable[Any]]
 
@@ -61,19 +72,18 @@ def retry_fields(d: Delivery, job_id: str, attempt: int) -> dict[str, str]:
 
 
 def invalid_result(d: Delivery, error: str, payload: bytes | None = None) -> Result:
-    """A failed, dead-lettered outcome for an entry that could not be decoded or routed."""
+    """A failed, dead-lettered outcome for an entry that could not be decoded or routed.
+
+    Total: whatever the entry's fields hold, it returns (their id and attempt only if valid).
+    """
     now = time.time()
-    attempt = 1
-    raw_attempt = d.fields.get(b"attempt", b"1")
-    if raw_attempt.isdigit() and 0 < int(raw_attempt) <= MAX_ATTEMPT:
-        attempt = int(raw_attempt)
     return Result(
         d,
         safe_job_id(d.entry_id, d.fields),
-        attempt,
+        safe_attempt(d.fields),
         Outcome.FAILED,
         payload=payload,
-        error=error,
+        error=_CONTROL.sub(" ", error[:_MAX_ERROR]),
         reason="invalid",
         started_at=now,
         finished_at=now,
@@ -82,21 +92,32 @@ def invalid_result(d: Delivery, error: str, payload: bytes | None = None) -> Res
 
 
 def prepare(route: Route, d: Delivery, max_payload_bytes: int) -> tuple[Envelope, Any] | Result:
-    """Decode an entry for its route; an invalid entry yields its failed Result instead."""
+    """Decode an entry for its route; an invalid entry yields its failed Result instead.
+
+    Total: for any field map it returns one or the other and raises nothing.
+    """
     try:
         env = decode_envelope(d.entry_id, d.fields)
     except EnvelopeError as exc:
         return invalid_result(d, f"invalid entry: {exc}")
+    except Exception as exc:  # parser boundary: no entry may escape as an exception
+        logger.exception("decoding entry %s failed unexpectedly", d.entry_id)
+        return invalid_result(d, f"invalid entry: {type(exc).__name__}: {exc}")
     if len(env.payload) > max_payload_bytes:
         return invalid_result(
             d, f"invalid entry: payload is {len(env.payload)} bytes, at most {max_payload_bytes}"
         )
+    what = f"invalid payload for {route.queue}"
     try:
         return env, route.decode(env.payload)
     except msgspec.ValidationError as exc:
-        return invalid_result(d, f"invalid payload for {route.queue}: {exc}", env.payload)
+        return invalid_result(d, f"{what}: {exc}", env.payload)
     except msgspec.DecodeError as exc:
-        return invalid_result(d, f"invalid payload for {route.queue}: not JSON ({exc})")
+        return invalid_result(d, f"{what}: not JSON ({exc})")
+    except RecursionError:
+        return invalid_result(d, f"{what}: nested deeper than the decoder's recursion limit")
+    except Exception as exc:  # parser boundary: a queue's decoder may raise anything
+        return invalid_result(d, f"{what}: {type(exc).__name__}: {exc}")
 
 
 async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delivery) -> Result:
@@ -138,8 +159,9 @@ async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delive
         res.outcome, res.error, res.reason, res.exception = outcome, error, reason, exc
         if outcome is Outcome.RETRYING:
             wait = backoff_s(route.policy, job.attempt)
-            if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
-                wait = max(wait, exc.retry_after_s)
+            after = exc.retry_after_s if isinstance(exc, RetryableError) else None
+            if after is not None and after == after:  # NaN says nothing; inf: year 9999
+                wait = max(wait, min(after, MAX_TIME_MS / 1000 - finished))
             res.retry_at = finished + wait
             res.retry_fields = retry_fields(d, job.id, job.attempt)
     return res
@@ -213,8 +235,7 @@ async def execute_traced(
 def trace_invalid(res: Result, attrs: dict[str, Any]) -> None:
     """A CONSUMER span for an entry that never reached its handler, marked as an error."""
     d = res.delivery
-    tp = d.fields.get(b"traceparent")
-    parent = extract(tp.decode(errors="replace"), None) if tp else None
+    parent = extract(*trace_context(d.fields))
     with _tracer.start_as_current_span(
         f"process {attrs['messaging.destination.name']}",
         context=parent or _ROOT,

@@ -18,6 +18,9 @@ class Observer(Protocol):
     def queue_stats(self, queue: str, pending: int, lag: int, dead: int) -> None:
         """Refreshed every trim interval from the consumer group and the dead stream."""
 
+    def dead_letters_dropped(self, queue: str, cap: str, count: int) -> None:
+        """`count` dead letters removed by a cap: `age`, `entries` or `bytes`."""
+
 
 class NullObserver:
     """Observes nothing."""
@@ -29,4 +32,7 @@ class NullObserver:
         return None
 
     def queue_stats(self, queue: str, pending: int, lag: int, dead: int) -> None:
+        return None
+
+    def dead_letters_dropped(self, queue: str, cap: str, count: int) -> None:
         return None

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from opentelemetry import trace
 
 from otel import inject, is_recording_enabled
-from schema.envelope import MAX_ID_LENGTH
+from schema.envelope import job_id_problem
 from schema.payloads import PAYLOADS
 from streams.errors import PublishError
 from streams.keys import Keys
@@ -102,8 +102,9 @@ class Publisher:
         bodies = [self.encode(queue, p) for p in payloads]
         ids = [i or new_job_id() for i in (job_ids or [None] * len(bodies))]
         for job_id in ids:
-            if len(job_id) > MAX_ID_LENGTH:
-                raise PublishError(f"job id of {len(job_id)} characters, at most 200 allowed")
+            problem = job_id_problem(job_id)
+            if problem is not None:
+                raise PublishError(f"job id {problem}")
         stream = self._keys.stream(queue)
         if not is_recording_enabled():
             await self._write(queue, bodies, ids, {}, delay_s)

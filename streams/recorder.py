@@ -24,6 +24,7 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from schema.envelope import MAX_TIME_MS, enqueued_at_ms
 from streams.backoff import retry_until_done
 from streams.dead_letters import dead_fields
 from streams.job import Delivery, Outcome, Result
@@ -41,7 +42,13 @@ _STATUS = {
     Outcome.RETRYING: Status.RETRYING,
     Outcome.FAILED: Status.FAILED,
 }
-_DATA_ERRORS = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# Refusals of what a row holds (ProgramLimitExceeded: e.g. a jsonb nested too deep).
+_DATA_ERRORS = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
+)
+_MAX_TIME_S = MAX_TIME_MS / 1000
 _PG_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 _REDIS_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _MAX_DEAD_FIELDS = 1000  # a dead letter keeps at most this many of an entry's fields
@@ -211,7 +218,9 @@ class Recorder:
         results = [item for item in batch if isinstance(item, Result)]
         jobs, execs = self._rows(batch)
         if jobs or execs:
-            await self._write_pg(jobs, execs)
+            fallen = await self._write_pg(jobs, execs)
+            if fallen:
+                jobs, results = _after_fallback(jobs, results, fallen)
         await self._write_redis(jobs, results)
         self.settled += len(results)
         self._progress_at = time.time()
@@ -238,21 +247,37 @@ class Recorder:
                 rows[item.job_id] = _start_row(item) if isinstance(item, Start) else _job_row(item)
         return list(rows.values()), execs
 
-    async def _write_pg(self, jobs: list[JobRow], execs: list[ExecRow]) -> None:
+    async def _write_pg(
+        self, jobs: list[JobRow], execs: list[ExecRow]
+    ) -> dict[str, str | None] | None:
+        """Commit the batch; after a refused batch, what `_write_pg_singly` could not keep."""
+        fallen: dict[str, str | None] | None = None
+
         async def write() -> None:
+            nonlocal fallen
             try:
                 await write_batch(self._pool, self._cfg.worker_id, jobs, execs)
             except _DATA_ERRORS as exc:
                 logger.warning("batch refused by PostgreSQL (%s); writing jobs one by one", exc)
-                await self._write_pg_singly(jobs, execs)
+                fallen = await self._write_pg_singly(jobs, execs)
 
         # inv. 7: wait for PostgreSQL, acking nothing meanwhile.
         await retry_until_done(
             write, errors=_PG_ERRORS, what="PostgreSQL", down=self._down, log=logger
         )
+        return fallen
 
-    async def _write_pg_singly(self, jobs: list[JobRow], execs: list[ExecRow]) -> None:
-        """One bad row must not block the others: write each alone, degrading what it keeps."""
+    async def _write_pg_singly(
+        self, jobs: list[JobRow], execs: list[ExecRow]
+    ) -> dict[str, str | None]:
+        """One bad row must not block the others: write each alone, degrading what it keeps.
+
+        A row refused as it is loses its payload and result; refused again, it is stored in
+        its minimal form (`failed`, why, no execution row), changed in place. Returns those
+        job ids with their error, and the ids not even that could store with None: their
+        entries must stay unacked (inv. 1).
+        """
+        fallen: dict[str, str | None] = {}
         for row in jobs:
             mine = [e for e in execs if e.job_id == row.id]
             try:
@@ -261,11 +286,25 @@ class Recorder:
             except _DATA_ERRORS as exc:
                 row.payload = None
                 row.result = None
-                row.error = f"{row.error or ''} (payload or result not storable: {exc})".strip()
+                why = _first_line(exc)
+                row.error = f"{row.error or ''} (payload or result not storable: {why})".strip()
             try:
                 await write_batch(self._pool, self._cfg.worker_id, [row], mine)
-            except _DATA_ERRORS as exc:  # the row itself is beyond storing: say so loudly
-                logger.error("job %s could not be recorded and is dropped: %s", row.id, exc)
+                continue
+            except _DATA_ERRORS as exc:
+                if row.status == Status.RUNNING:  # acks nothing; the outcome's row will tell
+                    logger.warning("job %s not recorded running: %s", row.id, exc)
+                    continue
+                _minimal(row, exc)
+            try:
+                await write_batch(self._pool, self._cfg.worker_id, [row], [])
+                logger.error("job %s recorded failed in minimal form: %s", row.id, row.error)
+                fallen[row.id] = row.error
+            except _DATA_ERRORS as exc:  # beyond storing: say so loudly, never ack it
+                logger.error("job %s could not be recorded (%s): its entry %s stays unacked "
+                             "and pending", row.id, exc, row.entry_id)  # fmt: skip
+                fallen[row.id] = None
+        return fallen
 
     async def _drop_stale(self, batch: list[Start | Result]) -> list[Start | Result]:
         """inv. 9: before PostgreSQL sees them, drop records of entries taken over while
@@ -480,7 +519,7 @@ def _job_row(r: Result) -> JobRow:
     return JobRow(
         r.job_id, d.queue, _STATUS[r.outcome], _payload_text(r.payload), r.result_json,
         _text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None, done,
-        r.retry_at, d.fence,
+        _time(r.retry_at), d.fence,
     )  # fmt: skip
 
 
@@ -493,4 +532,47 @@ def _exec_row(r: Result) -> ExecRow:
 
 
 def _created(d: Delivery) -> float:
-    return int(d.entry_id.partition("-")[0]) / 1000.0
+    """The entry ID's time, clamped (an explicit ID may be past any storable time)."""
+    return enqueued_at_ms(d.entry_id) / 1000.0
+
+
+def _time(ts: float | None) -> float | None:
+    """A time PostgreSQL and Python both hold: none for NaN, clamped to year 9999."""
+    if ts is None or ts != ts:
+        return None
+    return min(max(ts, 0.0), _MAX_TIME_S)
+
+
+def _first_line(exc: Exception) -> str:
+    """PostgreSQL's message without its DETAIL and HINT lines: errors stay one line."""
+    return str(exc).partition("\n")[0]
+
+
+def _minimal(row: JobRow, exc: Exception) -> None:
+    """Reduce a row PostgreSQL refuses to what always stores: id, queue, `failed`, why."""
+    why = f"job could not be recorded ({_first_line(exc)}); its outcome was {row.status}: "
+    why += row.error or ""
+    row.status, row.error = Status.FAILED, _text(why[:4000])
+    row.payload = row.result = None
+    row.started_at = row.next_attempt_at = None
+    row.completed_at = time.time()
+
+
+def _after_fallback(
+    jobs: list[JobRow], results: list[Result], fallen: dict[str, str | None]
+) -> tuple[list[JobRow], list[Result]]:
+    """After a refused batch: drop what was not recorded at all (never acked), and fail the
+    results whose row could only be stored in its minimal `failed` form, so that their hash
+    and dead letter agree with PostgreSQL."""
+    kept = []
+    for r in results:
+        if r.job_id not in fallen:
+            kept.append(r)
+            continue
+        error = fallen[r.job_id]
+        if error is None:
+            continue
+        if r.outcome in (Outcome.COMPLETED, Outcome.RETRYING):
+            r.outcome, r.reason, r.error, r.retry_at = Outcome.FAILED, "unrecordable", error, None
+        kept.append(r)
+    return [row for row in jobs if fallen.get(row.id, "") is not None], kept

@@ -37,7 +37,7 @@ from streams.observe import NullObserver, Observer
 from streams.pg_store import fetch_statuses
 from streams.reclaimer import Reclaimer
 from streams.recorder import Recorder, RecorderConfig, Start
-from streams.trimmer import trim
+from streams.trimmer import DeadLetterCaps, DeadLetterTrimmer, trim
 
 __all__ = ["Engine", "EngineConfig"]
 
@@ -64,6 +64,8 @@ class EngineConfig:
     grace_s: float = 30.0
     hash_ttl_s: int = 7 * 24 * 3600
     dead_maxlen: int = 100_000
+    dead_max_age_s: float = 30 * 86400
+    dead_max_bytes: int = 256 * 1024 * 1024
     burst: bool = False
 
 
@@ -132,6 +134,8 @@ class Engine:
             redis, config.keys, config.group, config.consumer, config.reclaim_ceiling_ms
         )
         self.promoter = Promoter(redis, config.keys)
+        caps = DeadLetterCaps(config.dead_max_age_s, config.dead_max_bytes, config.dead_maxlen)
+        self.dead_trimmer = DeadLetterTrimmer(redis, config.keys, caps)
         self.stopping = asyncio.Event()
         self.heartbeat_at = 0.0
         self.processed = 0
@@ -456,6 +460,8 @@ class Engine:
     async def _trim(self) -> None:
         for queue in self.lanes:
             await trim(self.redis, self.cfg.keys, queue)
+            for cap, n in (await self.dead_trimmer.trim(queue)).items():
+                self.observer.dead_letters_dropped(queue, cap, n)
             stream = self.cfg.keys.stream(queue)
             groups: Any = await self.redis.xinfo_groups(stream)
             for g in groups:
