@@ -162,7 +162,10 @@ async def _normalized(msg: SendEmail) -> SendEmail:
             raise PermanentError(f"invalid recipient: {found}")
         normal.append(found)
     to, cc = len(msg.to), len(msg.to) + len(msg.cc)
-    return msgspec.structs.replace(msg, to=normal[:to], cc=normal[to:cc], bcc=normal[cc:])
+    try:  # replace() checks the payload again, headers included
+        return msgspec.structs.replace(msg, to=normal[:to], cc=normal[to:cc], bcc=normal[cc:])
+    except ValueError as exc:
+        raise PermanentError(str(exc)) from None
 
 
 async def _unsuppressed(deps: Deps, msg: SendEmail) -> tuple[list[str], list[str]]:
