@@ -6,7 +6,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+import msgspec
 
+from consumers import suppressions
+from consumers.addresses import AddressError, normalize_each
 from consumers.deps import Deps
 from consumers.dsn import BouncedRecipient, classify_status, parse_bounce
 from consumers.events import emit
@@ -24,7 +27,6 @@ if TYPE_CHECKING:
 __all__ = ["process_bounce"]
 
 _SUCCESS_ACTIONS = frozenset({"delivered", "relayed", "expanded"})
-_MAX_REASON_CHARS = 300
 _MAX_ID_CHARS = 998
 
 RECORD_RECIPIENT_SQL = """
@@ -32,13 +34,6 @@ INSERT INTO bounce_recipients (job_id, address, kind, sender_side, status, diagn
                                remote_mta, original_message_id, mailbox_id)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 ON CONFLICT (job_id, address) DO NOTHING
-"""
-
-# first_seen, reason and source job stay those of the first suppression; last_seen moves.
-SUPPRESS_SQL = """
-INSERT INTO suppressions AS s (address, reason, source_job_id)
-VALUES ($1, $2, $3)
-ON CONFLICT (address) DO UPDATE SET last_seen = now()
 """
 
 LOCK_ADDRESS_SQL = "SELECT pg_advisory_xact_lock(hashtextextended($1, 7106))"
@@ -116,11 +111,23 @@ async def _read(msg: ProcessBounce, limit: int) -> _Report:
         report = _Report(parsed.is_bounce, parsed.recipients, parsed.original_message_id)
     if not report.recipients and msg.recipients:
         report = _Report(True, _given(msg.recipients), report.original_message_id)
+    recipients = await _normalized(report.recipients)
     message_id = (msg.message_id or report.original_message_id or "").strip()
     message_id = message_id.removeprefix("<").removesuffix(">").strip()
     if not message_id or len(message_id) > _MAX_ID_CHARS:
-        return _Report(report.is_bounce, report.recipients, None)
-    return _Report(report.is_bounce, report.recipients, clean_text(message_id))
+        return _Report(report.is_bounce, recipients, None)
+    return _Report(report.is_bounce, recipients, clean_text(message_id))
+
+
+async def _normalized(recipients: list[BouncedRecipient]) -> list[BouncedRecipient]:
+    """Each recipient once, under the normal form of its address (the form suppressions
+    and sending use); one that names no usable address is left out: nothing was sent to it."""
+    out: dict[str, BouncedRecipient] = {}
+    found = await normalize_each([r.address for r in recipients])
+    for r, normal in zip(recipients, found, strict=True):
+        if not isinstance(normal, AddressError):
+            out.setdefault(normal, msgspec.structs.replace(r, address=normal))
+    return list(out.values())
 
 
 def _given(recipients: list[BounceRecipient]) -> list[BouncedRecipient]:
@@ -177,7 +184,7 @@ async def _apply(
     )
     if r.kind == "hard" and not r.sender_side:
         reason = f"hard bounce {r.status or ''}: {diagnostic or 'no diagnostic'}"
-        await conn.execute(SUPPRESS_SQL, r.address, reason[:_MAX_REASON_CHARS], job_id)
+        await suppressions.suppress(conn, r.address, reason, job_id)
         return True
     if r.kind != "soft":
         return False
@@ -192,7 +199,7 @@ async def _apply(
     if count < settings.soft_bounce_limit:
         return False
     reason = f"{count} soft bounces in {days} days, last {r.status or ''}: {diagnostic or ''}"
-    await conn.execute(SUPPRESS_SQL, r.address, reason[:_MAX_REASON_CHARS], job_id)
+    await suppressions.suppress(conn, r.address, reason, job_id)
     return True
 
 

@@ -4,22 +4,53 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 import urllib.parse
 from email.headerregistry import Address
 from email.message import EmailMessage
+from email.policy import Policy
 from email.utils import format_datetime
 
-from schema.payloads import SendEmail
+from schema.payloads import RESERVED_HEADERS, SendEmail, check_headers
 
 __all__ = ["RESERVED_HEADERS", "build_message", "message_id_for"]
 
-RESERVED_HEADERS = frozenset(
-    {
-        *("from", "to", "cc", "bcc", "subject", "date", "message-id", "mime-version"),
-        *("content-type", "content-transfer-encoding", "sender", "return-path"),
-    }
-)
-"""Headers the platform sets itself; a payload's `headers` may not override them."""
+_FOLD_AT = 78  # RFC 5322: lines SHOULD be at most 78 characters ...
+_MAX_LINE = 998  # ... and MUST be at most 998
+_WSP_RUN = re.compile(r"(?<![ \t])(?=[ \t])")  # the start of each run of spaces and tabs
+
+
+class _Verbatim(str):
+    """An ASCII header value written as given: folded only before its own whitespace, never
+    RFC 2047-encoded.
+
+    The email package encodes any word too long for one line (a URL, a Message-ID in
+    References), which breaks one-click unsubscribe and threading. A value with a `name`
+    attribute is a header object to it: stored as is, and written by its `fold`.
+    """
+
+    name: str
+    lines: list[str]
+
+    def __new__(cls, name: str, value: str) -> _Verbatim:
+        if not value.isascii():
+            raise ValueError(f"header {name} must be ASCII to be sent as given")
+        self = super().__new__(cls, value)
+        self.name = name
+        pieces = _WSP_RUN.split(f"{name}: {value}")
+        self.lines = [pieces[0]]
+        for piece in pieces[1:]:
+            fits = len(self.lines[-1]) + len(piece) <= _FOLD_AT
+            if fits or not piece.strip() or self.lines[-1] == pieces[0]:
+                self.lines[-1] += piece
+            else:
+                self.lines.append(piece)
+        if any(len(line) > _MAX_LINE for line in self.lines):
+            raise ValueError(f"header {name} has a word too long for a line ({_MAX_LINE})")
+        return self
+
+    def fold(self, *, policy: Policy) -> str:
+        return policy.linesep.join(self.lines) + policy.linesep
 
 
 def message_id_for(msg: SendEmail, job_id: str, address: str) -> str:
@@ -34,7 +65,7 @@ def message_id_for(msg: SendEmail, job_id: str, address: str) -> str:
 def _unsubscribe(url: str, message_id: str, campaign_id: str, address: str) -> str:
     query = urllib.parse.urlencode({"m": message_id, "c": campaign_id})
     sep = "&" if "?" in url else "?"
-    mailto = f"mailto:{address}?subject=unsubscribe"
+    mailto = f"mailto:{urllib.parse.quote(address, safe='@+')}?subject=unsubscribe"
     return f"<{url}{sep}{query}>, <{mailto}>"
 
 
@@ -47,8 +78,8 @@ def build_message(
     unsubscribe_url: str,
     now: dt.datetime | None = None,
 ) -> EmailMessage:
-    """The message to send. Raises ValueError on a header the platform owns or one that
-    would inject lines (CR/LF in a value)."""
+    """The message to send. Raises ValueError on a header `check_headers` refuses, and on
+    one that cannot be written as given (a word longer than a line)."""
     em = EmailMessage()
     em["From"] = Address(display_name=display_name or "", addr_spec=address)
     em["To"] = ", ".join(msg.to)
@@ -57,15 +88,15 @@ def build_message(
     em["Subject"] = msg.subject
     em["Date"] = format_datetime(now or dt.datetime.now(dt.UTC))
     em["Message-ID"] = f"<{message_id}>"
+    check_headers(msg.headers)  # the payload did too, unless it was built around its checks
     for name, value in msg.headers.items():
-        if name.lower() in RESERVED_HEADERS:
-            raise ValueError(f"header {name} is set by the platform")
-        if any(c in name for c in ":\r\n ") or not name.isascii():
-            raise ValueError(f"invalid header name {name!r}")
-        em[name] = value
-    if msg.campaign_id and "list-unsubscribe" not in {k.lower() for k in msg.headers}:
-        em["List-Unsubscribe"] = _unsubscribe(unsubscribe_url, message_id, msg.campaign_id, address)
-        em["List-Unsubscribe-Post"] = "List-Unsubscribe=One-Click"
+        em[name] = _Verbatim(name, value) if value.isascii() else value
+    if msg.campaign_id:
+        uris = _unsubscribe(unsubscribe_url, message_id, msg.campaign_id, address)
+        em["List-Unsubscribe"] = _Verbatim("List-Unsubscribe", uris)
+        em["List-Unsubscribe-Post"] = _Verbatim(
+            "List-Unsubscribe-Post", "List-Unsubscribe=One-Click"
+        )
     if msg.text is not None and msg.html is not None:
         em.set_content(msg.text)
         em.add_alternative(msg.html, subtype="html")

@@ -13,9 +13,11 @@ from typing import Any
 
 import aiosmtplib
 import asyncpg
+import msgspec
 from opentelemetry import trace
 
-from consumers import sendlimits
+from consumers import sendlimits, suppressions
+from consumers.addresses import AddressError, normalize_each
 from consumers.deps import Deps
 from consumers.events import emit
 from consumers.handler import handler
@@ -35,7 +37,6 @@ DONE_SQL = """
 SELECT message_id, recipients, smtp_reply, is_warmup, sent_at FROM outbound_messages
 WHERE job_id = $1 AND status IN ('sent', 'bounced')
 """
-SUPPRESSED_SQL = "SELECT address FROM suppressions WHERE address = ANY($1::text[])"
 # Claim the message's send for this delivery of the job: a newer delivery (a reclaim)
 # takes the claim over, an older one (a replica that was paused) cannot take it back.
 SENDING_SQL = """
@@ -62,10 +63,6 @@ SELECT mailbox_id, day, 1 FROM upd WHERE is_warmup
 ON CONFLICT (mailbox_id, day) DO UPDATE SET sent = w.sent + 1
 """
 FAILED_SQL = "UPDATE outbound_messages SET status = 'failed', smtp_reply = $2 WHERE job_id = $1"
-SUPPRESS_SQL = """
-INSERT INTO suppressions (address, reason, source_job_id) VALUES (lower($1), $2, $3)
-ON CONFLICT (address) DO UPDATE SET last_seen = now()
-"""
 _PAUSED_RETRY_S = 300.0
 
 
@@ -103,6 +100,7 @@ async def send_email(msg: SendEmail, job: Job, deps: Deps) -> dict[str, Any]:
     if done is not None:
         await _emit_sent(deps, msg, job, done["message_id"], list(done["recipients"]))
         return {"status": "sent", "message_id": done["message_id"], "duplicate": True}
+    msg = await _normalized(msg)
     recipients, suppressed = await _unsuppressed(deps, msg)
     if not recipients:
         return {"status": "suppressed", "message_id": message_id, "suppressed": suppressed}
@@ -166,10 +164,26 @@ def _warmup_day(msg: SendEmail) -> dt.date | None:
         return dt.datetime.now(dt.UTC).date()
 
 
+async def _normalized(msg: SendEmail) -> SendEmail:
+    """The payload with every recipient in normal form: the form suppressions are checked
+    in, the SMTP envelope carries and the headers show. PermanentError names a bad one."""
+    given = [*msg.to, *msg.cc, *msg.bcc]
+    normal: list[str] = []
+    for found in await normalize_each(given):
+        if isinstance(found, AddressError):
+            raise PermanentError(f"invalid recipient: {found}")
+        normal.append(found)
+    to, cc = len(msg.to), len(msg.to) + len(msg.cc)
+    try:  # replace() checks the payload again, headers included
+        return msgspec.structs.replace(msg, to=normal[:to], cc=normal[to:cc], bcc=normal[cc:])
+    except ValueError as exc:
+        raise PermanentError(str(exc)) from None
+
+
 async def _unsuppressed(deps: Deps, msg: SendEmail) -> tuple[list[str], list[str]]:
-    """Envelope recipients (lower-cased, once each) split into allowed and suppressed."""
-    wanted = list(dict.fromkeys(a.lower() for a in [*msg.to, *msg.cc, *msg.bcc]))
-    blocked = {r["address"] for r in await deps.pool.fetch(SUPPRESSED_SQL, wanted)}
+    """Envelope recipients (normal form, once each) split into allowed and suppressed."""
+    wanted = list(dict.fromkeys([*msg.to, *msg.cc, *msg.bcc]))
+    blocked = await suppressions.suppressed(deps.pool, wanted)
     return [a for a in wanted if a not in blocked], [a for a in wanted if a in blocked]
 
 
@@ -306,7 +320,7 @@ async def _after_refusal(
 async def _hard_bounces(deps: Deps, msg: SendEmail, job: Job, refused: list[Refusal]) -> None:
     """Suppress each address refused with 5xx and tell the platform it bounced."""
     for r in refused:
-        await deps.pool.execute(SUPPRESS_SQL, r.address, f"smtp {r.reply}"[:300], job.id)
+        await suppressions.suppress(deps.pool, r.address, f"smtp {r.reply}", job.id)
         await emit(
             deps,
             "email.bounced",

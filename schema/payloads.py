@@ -7,12 +7,16 @@ ignored so producers can be upgraded first. New fields always get a default.
 from __future__ import annotations
 
 import datetime as dt
+import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
 
 __all__ = [
     "PAYLOADS",
+    "RESERVED_HEADERS",
+    "RESERVED_HEADER_PREFIXES",
     "AnalyticsEvent",
     "BounceRecipient",
     "ProcessBounce",
@@ -20,16 +24,31 @@ __all__ = [
     "RunWarmup",
     "SendEmail",
     "WebhookDelivery",
+    "check_headers",
 ]
 
 Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 """An identifier: a UUID, ULID or any opaque string of at most 200 characters."""
-Address = Annotated[str, msgspec.Meta(min_length=3, max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")]
-"""An email address (`local@domain`, at most 320 characters as RFC 5321 allows)."""
+_ADDRESS_PATTERN = r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$"
+Address = Annotated[str, msgspec.Meta(min_length=3, max_length=320, pattern=_ADDRESS_PATTERN)]
+"""An email address (`local@domain`, at most 320 characters as RFC 5321 allows, no control
+character). Handlers bring it to its normal form (`consumers/addresses.py`) before use."""
 Recipients = Annotated[list[Address], msgspec.Meta(max_length=100)]
 Base64 = Annotated[str, msgspec.Meta(min_length=1, max_length=64 * 1024 * 1024)]
 """Base64 text; the handler enforces the configured decoded-size limit."""
 Props = Annotated[dict[str, Any], msgspec.Meta(max_length=100)]
+
+RESERVED_HEADERS = frozenset(
+    {
+        *("from", "sender", "to", "cc", "bcc", "subject", "date", "message-id"),
+        *("mime-version", "return-path"),
+    }
+)
+"""Headers the platform sets itself (or the relay does); `SendEmail.headers` may not hold them."""
+RESERVED_HEADER_PREFIXES = ("content-", "resent-", "list-unsubscribe")
+"""Name prefixes reserved likewise: the MIME structure, resending, one-click unsubscribe."""
+_FIELD_NAME = re.compile(r"[!-9;-~]+")  # RFC 5322 ftext: printable ASCII but the colon
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # all but HTAB, which values may hold
 
 EventType = Literal[
     "sent", "delivered", "open", "click", "reply", "bounce", "unsubscribe", "complaint"
@@ -100,6 +119,29 @@ class ProcessBounce(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError("a bounce needs raw_b64 or a non-empty recipients list")
 
 
+def check_headers(headers: Mapping[str, str]) -> None:
+    """Refuse, with a ValueError naming it, a header that is not what it claims to be.
+
+    A name must be an RFC 5322 field name (printable ASCII, no colon, no whitespace), not
+    reserved (case-insensitive: `RESERVED_HEADERS`, `RESERVED_HEADER_PREFIXES`) and given
+    once; a value holds no control character but HTAB (no CR, LF or NUL).
+    """
+    seen: set[str] = set()
+    for name, value in headers.items():
+        if not _FIELD_NAME.fullmatch(name):
+            raise ValueError(
+                f"header name {name!r} is not a field name: printable ASCII, no colon or space"
+            )
+        key = name.lower()
+        if key in RESERVED_HEADERS or key.startswith(RESERVED_HEADER_PREFIXES):
+            raise ValueError(f"header {name} is set by the platform")
+        if key in seen:
+            raise ValueError(f"header {name} is given twice (names ignore case)")
+        seen.add(key)
+        if _CONTROL.search(value):
+            raise ValueError(f"header {name} holds a control character (CR, LF, NUL ...)")
+
+
 class SendEmail(msgspec.Struct, frozen=True, kw_only=True):
     """Payload of `email-sending`: one message to send from one platform mailbox."""
 
@@ -120,7 +162,8 @@ class SendEmail(msgspec.Struct, frozen=True, kw_only=True):
     headers: Annotated[dict[str, str], msgspec.Meta(max_length=50)] = msgspec.field(
         default_factory=dict
     )
-    """Extra headers (`X-...`, `In-Reply-To`, `References`, the warmup header ...)."""
+    """Extra headers (`X-...`, `Reply-To`, `In-Reply-To`, `References`, the warmup header ...);
+    see `check_headers`. An ASCII value is sent as given, a non-ASCII one RFC 2047-encoded."""
     campaign_id: Id | None = None
     """Campaign mail gets one-click `List-Unsubscribe` headers."""
     message_id: Annotated[str, msgspec.Meta(max_length=998)] | None = None
@@ -129,6 +172,10 @@ class SendEmail(msgspec.Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         if self.text is None and self.html is None:
             raise ValueError("a message needs text, html or both")
+        check_headers(self.headers)
+        for field, value in (("subject", self.subject), ("message_id", self.message_id)):
+            if value is not None and _CONTROL.search(value):
+                raise ValueError(f"{field} holds a control character (CR, LF, NUL ...)")
 
 
 class RunWarmup(msgspec.Struct, frozen=True, kw_only=True):

@@ -270,7 +270,10 @@ async def test_html_only_given_message_id_and_bad_headers(deps: Deps):
         assert m["List-Unsubscribe"] is None  # not campaign mail
         assert result["message_id"] == "given-1@example.com"
         for headers in ({"From": "x@evil.test"}, {"X-Bad": "a\r\nBcc: x@evil.test"}):
-            bad = msgspec.structs.replace(msg, headers=headers, message_id=None)
+            with pytest.raises(ValueError, match=r"platform|control"):  # refused by the payload
+                msgspec.structs.replace(msg, headers=headers, message_id=None)
+            bad = msgspec.structs.replace(msg, message_id=None)
+            msgspec.structs.force_setattr(bad, "headers", headers)  # built around that check
             with pytest.raises(PermanentError):
                 await send_email.fn(bad, job(f"bad-{len(headers)}-{id(headers)}"), deps)
         assert len(sink.messages) == 1
