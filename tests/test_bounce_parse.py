@@ -1,4 +1,4 @@
-"""Bounce parsing against the real-bounce corpus, the extra samples and edge cases."""
+"""Bounce parsing against the real-bounce corpora, the extra samples and edge cases."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from consumers.dsn import BouncedRecipient, ParsedBounce, classify_status, parse
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "bounces"
 EXTRA = DATA / "bounces_extra"
+PUBLIC = DATA / "bounces_public"
+BASES = (CORPUS, EXTRA, PUBLIC)
 
 # Cases the parser does not match, each with the specific reason.
 XFAIL = {
@@ -21,12 +23,19 @@ XFAIL = {
         "pair userx@yale.edu / userx@cs.yale.edu comes from a Yale-only rule of the source "
         "package, not from anything the message states"
     ),
+    "bounces_public/exim_01.eml": "the failed address is only in X-Failed-Recipients",
+    "bounces_public/postfix_02.eml": "a help address in the prose is taken as a recipient",
+    "bounces_public/opensmtpd_02.eml": "OpenSMTPD's delay warning is read as a failure",
+    "bounces_public/ses_sns_01.eml": "SES notifications in JSON are not read",
+    "bounces_public/ses_sns_02.eml": "SES notifications in JSON are not read",
+    "bounces_public/sendmail_01.eml": "Status 4.4.7 is not refined by the diagnostic's 4.7.1",
+    "bounces_public/ses_dsn_01.eml": "Status 5.0.0 is refined by 5.1.0, not the later 5.2.2",
 }
 
 
 def _cases() -> list[object]:
     cases: list[object] = []
-    for base in (CORPUS, EXTRA):
+    for base in BASES:
         expected = json.loads((base / "expected.json").read_text(encoding="utf-8"))
         for name, want in sorted(expected.items()):
             key = f"{base.name}/{name}"
@@ -36,10 +45,19 @@ def _cases() -> list[object]:
 
 
 def test_every_sample_has_an_expectation():
-    for base in (CORPUS, EXTRA):
+    for base in BASES:
         expected = json.loads((base / "expected.json").read_text(encoding="utf-8"))
         assert sorted(p.name for p in (base / "messages").iterdir()) == sorted(expected)
     assert len(json.loads((CORPUS / "expected.json").read_text(encoding="utf-8"))) == 117
+
+
+def test_every_public_sample_names_its_source_and_licence():
+    sources = json.loads((PUBLIC / "sources.json").read_text(encoding="utf-8"))
+    assert sorted(sources) == sorted(p.name for p in (PUBLIC / "messages").iterdir())
+    for source in sources.values():
+        assert source.keys() == {"repo", "path", "commit", "licence"}
+        licence_file = source["licence"].split("(")[1].rstrip(")")
+        assert (PUBLIC / licence_file).is_file(), source
 
 
 @pytest.mark.parametrize(("path", "want"), _cases())
@@ -53,6 +71,8 @@ def test_sample(path, want):
         assert recipient.kind == want["kind"], recipient
     if want["addresses"]:
         assert parsed.is_bounce
+    if "status" in want:
+        assert {r.address: r.status for r in parsed.recipients} == want["status"]
 
 
 @pytest.mark.parametrize("name", ["groupwise_03.txt", "qmail_08.txt"])
