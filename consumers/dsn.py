@@ -168,6 +168,8 @@ def _parse(raw: bytes) -> ParsedBounce:
     msg = email.message_from_bytes(raw, policy=email.policy.compat32)
     blocks = list(_report_blocks(msg))
     recipients = _dedupe(r for r in map(_recipient_from_block, blocks) if r is not None)
+    if any(dsn_text.is_generic(r.status) for r in recipients):
+        recipients = _refined_by_notice(msg, recipients)
     if not recipients:
         sender, subject = _header(msg, "From"), _header(msg, "Subject")
         if not blocks and not dsn_text.looks_like_bounce(sender, subject):
@@ -220,11 +222,24 @@ def _recipient_from_block(block: _Message) -> BouncedRecipient | None:
 
 def _status(status_field: str | None, diagnostic: str | None) -> str | None:
     """Prefer the Status field; take the diagnostic's code when it is more precise."""
-    enhanced = dsn_text.enhanced_code(status_field)
-    detail = dsn_text.enhanced_code(diagnostic)
-    if enhanced is None or (enhanced.endswith(".0.0") and detail and detail[0] == enhanced[0]):
-        enhanced = detail or enhanced
+    enhanced = dsn_text.enhanced_code(status_field) or dsn_text.enhanced_code(diagnostic)
+    enhanced = dsn_text.refine_code(enhanced, diagnostic)
     return enhanced or dsn_text.smtp_code(status_field) or dsn_text.smtp_code(diagnostic)
+
+
+def _refined_by_notice(msg: _Message, recipients: list[BouncedRecipient]) -> list[BouncedRecipient]:
+    """Refine a generic report Status by the code the prose gives the same recipient."""
+    text = "\n".join(_notice_texts(msg))
+    findings = dsn_text.find_recipients(text, frozenset(_own_addresses(msg)), None)
+    windows = {found.address: found.diagnostic for found in findings}
+    refined = []
+    for r in recipients:
+        status = dsn_text.refine_code(r.status, windows.get(r.address))
+        if status != r.status:
+            kind, sender_side = classify_status(status, r.action, r.diagnostic or status)
+            r = msgspec.structs.replace(r, status=status, kind=kind, sender_side=sender_side)
+        refined.append(r)
+    return refined
 
 
 def _recipients_from_text(msg: _Message) -> list[BouncedRecipient]:

@@ -16,8 +16,10 @@ __all__ = [
     "find_recipients",
     "html_to_text",
     "is_delay_notice",
+    "is_generic",
     "looks_like_bounce",
     "notice_body",
+    "refine_code",
     "smtp_code",
 ]
 
@@ -109,6 +111,39 @@ def enhanced_code(text: str | None) -> str | None:
     return ".".join(match.groups()) if match else None
 
 
+def refine_code(code: str | None, text: str | None) -> str | None:
+    """Return the most specific enhanced code of `code`'s class in `text`, else `code`.
+
+    A generic code (`x.0.0`, `x.y.0`, the delivery-expired `x.4.7`) says only that
+    delivery failed; a remote reply quoted in a diagnostic or the prose often names
+    the reason (`5.0.0` with `550 5.1.1 user unknown`). A code of the other class is
+    never taken: the class is the report's verdict on the outcome.
+    """
+    if code is None or not text or not is_generic(code):
+        return code
+    best = code
+    for match in _ENHANCED_RE.finditer(text):
+        candidate = ".".join(match.groups())
+        if candidate[0] == code[0] and _specificity(candidate) > _specificity(best):
+            best = candidate
+            if _specificity(best) == 2:
+                break
+    return best
+
+
+def is_generic(code: str | None) -> bool:
+    """Tell whether `code` is an enhanced code that names no specific reason."""
+    return code is not None and code.count(".") == 2 and _specificity(code) < 2
+
+
+def _specificity(code: str) -> int:
+    """0 for `x.0.0`, 1 for `x.y.0` and the delivery-expired `x.4.7`, else 2."""
+    _, subject, detail = code.split(".")
+    if subject == "0" and detail == "0":
+        return 0
+    return 1 if detail == "0" or (subject, detail) == ("4", "7") else 2
+
+
 def smtp_code(text: str | None) -> str | None:
     """Return the first SMTP failure reply code (4xx/5xx) in `text`."""
     if not text:
@@ -162,7 +197,7 @@ def find_recipients(
         end = next((i for i in starts if i > mentions[0]), len(lines))
         window = _window(lines, mentions[0], end)
         code = _code(window) or next(filter(None, (_code(lines[i]) for i in mentions[1:])), None)
-        findings.append(TextFinding(address, code, window))
+        findings.append(TextFinding(address, refine_code(code, window), window))
     return findings
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from consumers import dsn_text
 from consumers.dsn import BouncedRecipient, ParsedBounce, classify_status, parse_bounce
 
 DATA = Path(__file__).parent / "data"
@@ -28,8 +29,6 @@ XFAIL = {
     "bounces_public/opensmtpd_02.eml": "OpenSMTPD's delay warning is read as a failure",
     "bounces_public/ses_sns_01.eml": "SES notifications in JSON are not read",
     "bounces_public/ses_sns_02.eml": "SES notifications in JSON are not read",
-    "bounces_public/sendmail_01.eml": "Status 4.4.7 is not refined by the diagnostic's 4.7.1",
-    "bounces_public/ses_dsn_01.eml": "Status 5.0.0 is refined by 5.1.0, not the later 5.2.2",
 }
 
 
@@ -170,6 +169,80 @@ def test_folded_mixed_case_fields():
             sender_side=False,
         )
     ]
+
+
+def _report(blocks: list[tuple[str, str, str | None]], notice: str = "Delivery failed.") -> bytes:
+    """A hand-written RFC 3464 report: one (address, Status, Diagnostic-Code) per block."""
+    fields = []
+    for address, status, diagnostic in blocks:
+        lines = [f"Final-Recipient: rfc822; {address}", "Action: failed", f"Status: {status}"]
+        lines += [f"Diagnostic-Code: smtp; {diagnostic}"] if diagnostic else []
+        fields.append("\n".join(lines))
+    return (
+        "From: MAILER-DAEMON@mx.example.org\nTo: app@example.org\n"
+        "Subject: Undelivered Mail Returned to Sender\nMIME-Version: 1.0\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\n\n'
+        f"--b\nContent-Type: text/plain\n\n{notice}\n\n"
+        "--b\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.example.org\n\n"
+        + "\n\n".join(fields)
+        + "\n\n--b--\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "diagnostic", "expected"),
+    [
+        ("5.0.0", "550 5.1.1 user unknown", "5.1.1"),
+        ("5.1.0", "550 5.1.1 <bob@example.net>... User Unknown", "5.1.1"),
+        ("4.4.7", "450 4.7.1 Client host rejected", "4.7.1"),
+        ("5.0.0", "5.1.0 - Unknown address error 550-'5.2.2 Mailbox Full'", "5.2.2"),
+        ("5.0.0", "5.4.7 - Delivery expired (message too old)", "5.4.7"),
+        ("5.0.0", "552 4.2.2 User has full mailbox.", "5.0.0"),  # the other class: kept
+        ("5.1.1", "550 5.7.1 blocked", "5.1.1"),  # already specific: kept
+        ("4.4.7", "400 4.4.7 Message delayed", "4.4.7"),
+        ("5.0.0", "550 Unknown user", "5.0.0"),
+        ("failed", "550-5.1.0 then 5.1.1 unknown", "5.1.1"),  # no code in Status
+    ],
+)
+def test_generic_status_refined_by_the_diagnostic(status, diagnostic, expected):
+    (recipient,) = parse_bounce(_report([("bob@example.net", status, diagnostic)])).recipients
+    assert (recipient.status, recipient.kind) == (expected, "hard")
+
+
+def test_generic_status_refined_by_the_prose_for_the_same_recipient():
+    notice = (
+        "<alice@example.net>: host mx.example.net said: 552 5.2.2 Mailbox full\n"
+        "<bob@example.net>: host mx.example.net said: 550 5.7.1 Blocked by policy\n"
+        "<carol@example.net>: host mx.example.net said: 550 Unknown user\n"
+    )
+    blocks = [
+        ("alice@example.net", "5.0.0", "552 Mailbox full"),
+        ("bob@example.net", "5.0.0", None),
+        ("carol@example.net", "5.0.0", "550 Unknown user"),
+    ]
+    parsed = parse_bounce(_report(blocks, notice))
+    got = {r.address: (r.status, r.kind, r.sender_side) for r in parsed.recipients}
+    assert got == {
+        "alice@example.net": ("5.2.2", "hard", False),
+        "bob@example.net": ("5.7.1", "hard", True),
+        "carol@example.net": ("5.0.0", "hard", False),
+    }
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "expected"),
+    [
+        ("5.0.0", "5.1.0 then 5.1.1", "5.1.1"),
+        ("5.0.0", "5.1.0 only", "5.1.0"),
+        ("4.4.7", "4.0.0 and 4.4.7", "4.4.7"),
+        ("5.1.1", "5.2.2", "5.1.1"),
+        ("550", "5.1.1", "550"),
+        (None, "5.1.1", None),
+        ("5.0.0", None, "5.0.0"),
+    ],
+)
+def test_refine_code(code, text, expected):
+    assert dsn_text.refine_code(code, text) == expected
 
 
 def test_sender_side_policy_rejection():
