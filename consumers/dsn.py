@@ -106,7 +106,8 @@ def classify_status(
     Precedence: the report's Action (`failed` is hard even with a 4.x.x status,
     `delayed` is soft), then a full mailbox (soft), then the enhanced status class, then
     the SMTP reply class, then known temporary or permanent wording. `sender_side` is
-    set for 5.7.x/4.7.x codes and policy wording (spam, blocklists, DMARC, relaying).
+    set for 5.7.x/4.7.x codes, a refused sender address (x.1.7, x.1.8) and policy
+    wording (spam, blocklists, DMARC, relaying).
     """
     verb = (action or "").strip().lower().split(" ", 1)[0].rstrip(";:,")
     if verb in _SUCCESS_ACTIONS:
@@ -154,7 +155,8 @@ def _kind_from_text(diagnostic: str | None) -> Kind:
 
 
 def _is_sender_side(enhanced: str | None, diagnostic: str | None) -> bool:
-    if enhanced is not None and enhanced[1:4] == ".7.":
+    # X.7.x: security or policy; X.1.7 / X.1.8: the sender's address is refused
+    if enhanced is not None and (enhanced[1:4] == ".7." or enhanced[1:] in {".1.7", ".1.8"}):
         return True
     return bool(diagnostic and _POLICY_RE.search(diagnostic))
 

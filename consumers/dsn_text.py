@@ -74,7 +74,9 @@ _DELAY_RE = re.compile(
     r"warning (?:message )?only|this is (?:just )?a warning|not yet been delivered"
     r"|will continue to (?:try|attempt)|delivery attempts will continue|will be retried"
     r"|still being retried|has been delayed|been postponed|delivery (?:is |was )?delayed"
-    r"|no action is required on your part",
+    r"|no action is required on your part"
+    # OpenSMTPD's warning, Sendmail's list of deferred addresses
+    r"|message is delayed|temporary failure report|transient non-fatal error",
     re.IGNORECASE,
 )
 _BOUNCE_SENDER_RE = re.compile(

@@ -26,7 +26,6 @@ XFAIL = {
     ),
     "bounces_public/exim_01.eml": "the failed address is only in X-Failed-Recipients",
     "bounces_public/postfix_02.eml": "a help address in the prose is taken as a recipient",
-    "bounces_public/opensmtpd_02.eml": "OpenSMTPD's delay warning is read as a failure",
     "bounces_public/ses_sns_01.eml": "SES notifications in JSON are not read",
     "bounces_public/ses_sns_02.eml": "SES notifications in JSON are not read",
 }
@@ -98,6 +97,9 @@ def test_ordinary_mail_is_not_a_bounce(name):
         ("5.7.1", "failed", "blocked using zen.spamhaus.org", ("hard", True)),
         ("5.7.26", None, "DMARC policy", ("hard", True)),
         ("5.0.0", "failed", "550 5.7.1 unsolicited mail", ("hard", True)),
+        ("5.1.8", "failed", "553 5.1.8 Domain of sender address does not exist", ("hard", True)),
+        ("5.1.7", None, None, ("hard", True)),
+        ("5.1.1", "failed", "550 5.1.1 <bob@example.net>... User unknown", ("hard", False)),
         (None, None, "550 5.1.1 no such user", ("hard", False)),
         (None, None, "User unknown", ("hard", False)),
         (None, None, "greylisted, try again later", ("soft", False)),
