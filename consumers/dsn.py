@@ -18,7 +18,7 @@ from typing import Literal
 
 import msgspec
 
-from consumers import dsn_text
+from consumers import dsn_ses, dsn_text
 
 __all__ = ["BouncedRecipient", "Kind", "ParsedBounce", "classify_status", "parse_bounce"]
 
@@ -31,6 +31,7 @@ _FAILED_ACTIONS = frozenset({"failed", "failure", "error", "bounced", "undeliver
 _DELAYED_ACTIONS = frozenset({"delayed", "delay", "deferred"})
 _SUCCESS_ACTIONS = frozenset({"delivered", "relayed", "expanded"})
 _CLASS_KIND: dict[str, Kind] = {"5": "hard", "4": "soft"}
+_SES_KIND: dict[str, Kind] = {"permanent": "hard", "transient": "soft"}
 _RETURNED_TYPES = frozenset(
     {"message/rfc822", "message/rfc822-headers", "text/rfc822-headers", "message/global"}
 )
@@ -83,6 +84,9 @@ class ParsedBounce(msgspec.Struct, frozen=True, kw_only=True):
     is_bounce: bool
     recipients: list[BouncedRecipient]
     original_message_id: str | None  # with angle brackets, from the returned headers
+
+
+_NOT_A_BOUNCE = ParsedBounce(is_bounce=False, recipients=[], original_message_id=None)
 
 
 def parse_bounce(raw: bytes) -> ParsedBounce:
@@ -172,6 +176,9 @@ def _parse(raw: bytes) -> ParsedBounce:
     recipients = _dedupe(r for r in map(_recipient_from_block, blocks) if r is not None)
     if any(dsn_text.is_generic(r.status) for r in recipients):
         recipients = _refined_by_notice(msg, recipients)
+    ses = None if blocks else _from_ses(msg)
+    if ses is not None:
+        return ses
     if not recipients:
         sender, subject = _header(msg, "From"), _header(msg, "Subject")
         if not blocks and not dsn_text.looks_like_bounce(sender, subject):
@@ -242,6 +249,38 @@ def _refined_by_notice(msg: _Message, recipients: list[BouncedRecipient]) -> lis
             r = msgspec.structs.replace(r, status=status, kind=kind, sender_side=sender_side)
         refined.append(r)
     return refined
+
+
+def _from_ses(msg: _Message) -> ParsedBounce | None:
+    """Read an Amazon SES notification (JSON in the body); None if the message is not one.
+
+    SES's `bounceType` decides the kind: Permanent is hard, Transient soft, whatever
+    the recipient's `action` says; an Undetermined bounce is classified by its codes.
+    """
+    notice = next(filter(None, map(dsn_ses.read_notice, _notice_texts(msg))), None)
+    if notice is None or not notice.is_bounce:
+        return None if notice is None else _NOT_A_BOUNCE
+    recipients = []
+    for found in notice.recipients:
+        diagnostic = _strip_type(_SPACE_RE.sub(" ", found.diagnostic or "").strip())
+        status = _status(found.status, diagnostic)
+        action = (found.action or "").strip().lower() or None
+        kind, sender_side = classify_status(status, action, diagnostic or status)
+        recipients.append(
+            BouncedRecipient(
+                address=found.address,
+                kind=_SES_KIND.get(notice.bounce_type.strip().lower(), kind),
+                status=status,
+                diagnostic=diagnostic[:_MAX_DIAGNOSTIC] if diagnostic else None,
+                action=action,
+                remote_mta=_host(_strip_type(notice.reporting_mta)),
+                sender_side=sender_side,
+            )
+        )
+    message_id = notice.message_id or _original_message_id(msg)
+    return ParsedBounce(
+        is_bounce=True, recipients=_dedupe(recipients), original_message_id=message_id
+    )
 
 
 def _recipients_from_text(msg: _Message) -> list[BouncedRecipient]:

@@ -26,8 +26,6 @@ XFAIL = {
     ),
     "bounces_public/exim_01.eml": "the failed address is only in X-Failed-Recipients",
     "bounces_public/postfix_02.eml": "a help address in the prose is taken as a recipient",
-    "bounces_public/ses_sns_01.eml": "SES notifications in JSON are not read",
-    "bounces_public/ses_sns_02.eml": "SES notifications in JSON are not read",
 }
 
 
