@@ -12,6 +12,7 @@ from dataclasses import dataclass
 __all__ = [
     "ADDRESS_RE",
     "TextFinding",
+    "describe",
     "enhanced_code",
     "find_recipients",
     "html_to_text",
@@ -68,6 +69,15 @@ _SKIP_LINE_RE = re.compile(
     re.IGNORECASE,
 )
 _TO_LINE_RE = re.compile(r"^[\s>*|\-]*to\s*:", re.IGNORECASE)
+# What may stand before an address that heads its line: a list item of Postfix, qmail,
+# Exim, OpenSMTPD and Gmail, or Sendmail's `550 5.1.1 <bob@example.net>... User unknown`
+# and `(expanded from: <bob@example.net>)`.
+# Every part is optional, so `match` always succeeds; no quantified group nests another.
+_LISTED_RE = re.compile(
+    r"[ \t>*|\-]*(?:[245]\d\d[ -])?(?:[245]\.\d{1,3}\.\d{1,3}[ \t]+)?"
+    r"(?:\(?expanded from:[ \t]*|(?:failed |original |final )?recipient(?: address)?:[ \t]*)?<?",
+    re.IGNORECASE,
+)
 _ROLE_LOCAL_RE = re.compile(r"^(?:postmaster|mailer[-_]?daemon)$", re.IGNORECASE)
 
 _DELAY_RE = re.compile(
@@ -187,10 +197,13 @@ def find_recipients(
 
     Addresses in quoted header lines, role addresses and those in `exclude` (the
     notice's own From/To and the like, lower-cased) are skipped; a quoted `To:` line is
-    used only when nothing else names a recipient.
+    used only when nothing else names a recipient. When some addresses head a line of
+    their own (the list of failed recipients most servers print), addresses mentioned
+    only in running prose (a help desk, a rejected sender) are dropped.
     """
     lines = notice_body(text).split("\n")
     hits = _scan(lines, exclude, with_to=False) or _scan(lines, exclude, with_to=True)
+    hits = _prefer_listed(lines, hits)
     if not hits and reporter_domain:
         hits = {name: [0] for name in _aol_names(text, reporter_domain)}
     starts = sorted(mentions[0] for mentions in hits.values())
@@ -201,6 +214,43 @@ def find_recipients(
         code = _code(window) or next(filter(None, (_code(lines[i]) for i in mentions[1:])), None)
         findings.append(TextFinding(address, refine_code(code, window), window))
     return findings
+
+
+def describe(text: str, address: str, *, alone: bool) -> TextFinding:
+    """Return what the notice says of `address`, a recipient known from elsewhere.
+
+    The explanation starts at the first line naming the address, or naming only its
+    local part (Exim lists `bob` for `bob@example.net` when it rewrote the address);
+    failing that, for the `alone` failed recipient of a notice, at the first line
+    that quotes a reply code (Gmail names no address next to the remote reply).
+    """
+    lines = notice_body(text).split("\n")
+    local = address.partition("@")[0]
+    start = next(
+        (i for i, line in enumerate(lines) if _names(line, address, local)),
+        next((i for i, line in enumerate(lines) if _code(line)), None) if alone else None,
+    )
+    if start is None:
+        return TextFinding(address, None, None)
+    window = _window(lines, start, len(lines))
+    return TextFinding(address, refine_code(_code(window), window), window)
+
+
+def _names(line: str, address: str, local: str) -> bool:
+    return line.strip().strip("<>:").lower() == local or address in line.lower()
+
+
+def _prefer_listed(lines: list[str], hits: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Keep the addresses that head a line, if any do; else keep them all."""
+    listed = {a: m for a, m in hits.items() if any(_heads(lines[i], a) for i in m)}
+    return listed or hits
+
+
+def _heads(line: str, address: str) -> bool:
+    """Tell whether `address` is the first thing on `line` after a list marker or code."""
+    prefix = _LISTED_RE.match(line)
+    found = ADDRESS_RE.match(line, prefix.end()) if prefix else None
+    return found is not None and found.group(1).lower() == address
 
 
 def _code(text: str | None) -> str | None:

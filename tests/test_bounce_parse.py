@@ -24,8 +24,6 @@ XFAIL = {
         "pair userx@yale.edu / userx@cs.yale.edu comes from a Yale-only rule of the source "
         "package, not from anything the message states"
     ),
-    "bounces_public/exim_01.eml": "the failed address is only in X-Failed-Recipients",
-    "bounces_public/postfix_02.eml": "a help address in the prose is taken as a recipient",
 }
 
 

@@ -92,7 +92,6 @@ def test_sendmail_transient_errors_are_a_delay():
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="the rejected sender in the transcript is reported")
 def test_sendmail_postmaster_copy_does_not_report_the_rejected_sender():
     notice = """\
    ----- The following addresses had permanent fatal errors -----
