@@ -291,8 +291,8 @@ def _recipients_from_text(msg: _Message) -> list[BouncedRecipient]:
     failed = _failed_recipients(msg)
     if failed:  # the server's own list (Exim, Gmail) beats addresses read from prose
         by_address = {found.address: found for found in findings}
-        alone = len(failed) == 1
-        findings = [by_address.get(a) or dsn_text.describe(text, a, alone=alone) for a in failed]
+        described = dsn_text.describe(text, failed)
+        findings = [by_address.get(found.address, found) for found in described]
     recipients = []
     for found in findings:
         kind, sender_side = classify_status(found.code, action, found.diagnostic)
@@ -314,7 +314,8 @@ def _failed_recipients(msg: _Message) -> list[str]:
     """Return the valid addresses of the X-Failed-Recipients headers, lower-cased."""
     values = [str(value) for value in msg.get_all("X-Failed-Recipients") or []]
     addresses = (address.strip().lower() for _, address in email.utils.getaddresses(values))
-    return list(dict.fromkeys(a for a in addresses if dsn_text.ADDRESS_RE.fullmatch(a)))
+    valid = dict.fromkeys(a for a in addresses if dsn_text.ADDRESS_RE.fullmatch(a))
+    return list(valid)[:_MAX_RECIPIENTS]
 
 
 def _notice_texts(msg: _Message) -> list[str]:

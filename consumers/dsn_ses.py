@@ -143,7 +143,7 @@ def _message_id(mail: _Mail | None) -> str | None:
     if mail.common_headers is not None and mail.common_headers.message_id:
         values.insert(0, mail.common_headers.message_id)
     for value in values:
-        value = value.strip()
+        value = value.strip().strip("<>").strip()
         if value:
-            return value if value.startswith("<") else f"<{value}>"
+            return f"<{value}>"
     return None

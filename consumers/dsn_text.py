@@ -216,28 +216,40 @@ def find_recipients(
     return findings
 
 
-def describe(text: str, address: str, *, alone: bool) -> TextFinding:
-    """Return what the notice says of `address`, a recipient known from elsewhere.
+def describe(text: str, addresses: list[str]) -> list[TextFinding]:
+    """Return what the notice says of each of `addresses`, recipients known from elsewhere.
 
-    The explanation starts at the first line naming the address, or naming only its
-    local part (Exim lists `bob` for `bob@example.net` when it rewrote the address);
-    failing that, for the `alone` failed recipient of a notice, at the first line
-    that quotes a reply code (Gmail names no address next to the remote reply).
+    A recipient's explanation starts at the first line naming the address, or naming
+    only its local part (Exim lists `bob` for `bob@example.net` when it rewrote the
+    address); failing that, for a lone recipient, at the first line that quotes a reply
+    code (Gmail names no address next to the remote reply). One pass over the notice,
+    however many addresses.
     """
     lines = notice_body(text).split("\n")
-    local = address.partition("@")[0]
-    start = next(
-        (i for i, line in enumerate(lines) if _names(line, address, local)),
-        next((i for i, line in enumerate(lines) if _code(line)), None) if alone else None,
-    )
-    if start is None:
-        return TextFinding(address, None, None)
-    window = _window(lines, start, len(lines))
-    return TextFinding(address, refine_code(_code(window), window), window)
-
-
-def _names(line: str, address: str, local: str) -> bool:
-    return line.strip().strip("<>:").lower() == local or address in line.lower()
+    wanted = frozenset(addresses)
+    by_local: dict[str, list[str]] = {}
+    for address in addresses:
+        by_local.setdefault(address.partition("@")[0], []).append(address)
+    starts: dict[str, int] = {}
+    for index, line in enumerate(lines):
+        named = list(by_local.get(line.strip().strip("<>:").lower(), []))
+        named += [m.group(1).lower() for m in ADDRESS_RE.finditer(line)]
+        for address in named:
+            if address in wanted:
+                starts.setdefault(address, index)
+    if len(addresses) == 1 and not starts:
+        coded = next((i for i, line in enumerate(lines) if _code(line)), None)
+        starts.update({addresses[0]: coded} if coded is not None else {})
+    ends = sorted(starts.values())
+    findings = []
+    for address in addresses:
+        if address not in starts:
+            findings.append(TextFinding(address, None, None))
+            continue
+        end = next((i for i in ends if i > starts[address]), len(lines))
+        window = _window(lines, starts[address], end)
+        findings.append(TextFinding(address, refine_code(_code(window), window), window))
+    return findings
 
 
 def _prefer_listed(lines: list[str], hits: dict[str, list[int]]) -> dict[str, list[int]]:

@@ -110,3 +110,16 @@ def test_x_failed_recipients_without_any_explanation():
     assert [(r.address, r.kind, r.status) for r in parsed.recipients] == [
         ("heidi@example.net", "hard", None)
     ]
+
+
+def test_a_listed_recipient_the_prose_does_not_explain_gets_no_one_elses_code():
+    headers = (
+        "X-Failed-Recipients: ivan@example.net, judy@example.net\n"
+        "Subject: Mail delivery failed: returning message to sender\n"
+    )
+    body = "  ivan@example.net\n    550 5.1.1 unknown user\n"
+    parsed = parse_bounce(_notice(headers, body))
+    assert [(r.address, r.status) for r in parsed.recipients] == [
+        ("ivan@example.net", "5.1.1"),
+        ("judy@example.net", None),
+    ]
