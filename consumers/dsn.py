@@ -1,4 +1,4 @@
-"""Parse bounces (RFC 3464 reports and common non-standard notices) into failed recipients.
+"""Parse bounces (RFC 3464 reports, SES notifications, other notices) into failed recipients.
 
 Pure: no database, no network, no logging of message content; `parse_bounce` never raises.
 """
@@ -93,8 +93,9 @@ def parse_bounce(raw: bytes) -> ParsedBounce:
     """Parse a raw RFC 5322 message into the recipients it reports as bounced.
 
     An RFC 3464 report (a `message/delivery-status` part) is trusted first; failing
-    that, the human-readable notice is searched. Never raises: input that cannot be
-    parsed yields `is_bounce=False`.
+    that, an Amazon SES notification, then the human-readable notice (and its
+    `X-Failed-Recipients`) is searched. Never raises: input that cannot be parsed
+    yields `is_bounce=False`.
     """
     try:
         return _parse(bytes(raw))
