@@ -5,6 +5,7 @@ Pure functions over already-decoded text; email parsing and classification live 
 
 from __future__ import annotations
 
+import bisect
 import html
 import re
 from dataclasses import dataclass
@@ -246,8 +247,8 @@ def describe(text: str, addresses: list[str]) -> list[TextFinding]:
         if address not in starts:
             findings.append(TextFinding(address, None, None))
             continue
-        end = next((i for i in ends if i > starts[address]), len(lines))
-        window = _window(lines, starts[address], end)
+        after = bisect.bisect_right(ends, starts[address])
+        window = _window(lines, starts[address], ends[after] if after < len(ends) else len(lines))
         findings.append(TextFinding(address, refine_code(_code(window), window), window))
     return findings
 
