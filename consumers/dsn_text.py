@@ -101,8 +101,8 @@ _BOUNCE_SUBJECT_RE = re.compile(
     r"|processing error|mail system error|rejected mail|delivery warning",
     re.IGNORECASE,
 )
-# AOL lists screen names without a domain under this sentence.
-_AOL_RE = re.compile(r"not accepting mail from[^\n]*:\n((?:[ \t]+\S+[ \t]*\n?)+)", re.IGNORECASE)
+# AOL lists screen names without a domain, one an indented line, under this sentence.
+_AOL_INTRO = "not accepting mail from"
 _TAG_RE = re.compile(r"<(?:br|p|div|tr|li)\b[^>]*>|<[^>]*>", re.IGNORECASE)
 _SPACE_RE = re.compile(r"\s+")
 
@@ -295,10 +295,20 @@ def _scan(lines: list[str], exclude: frozenset[str], *, with_to: bool) -> dict[s
 
 
 def _aol_names(text: str, domain: str) -> list[str]:
-    """Return the screen names an AOL notice lists, as addresses in the reporter's domain."""
-    match = _AOL_RE.search(text)
-    if match is None:
-        return []
-    names = (name.strip().lower() for name in match.group(1).split("\n"))
-    candidates = (f"{name}@{domain}" for name in names if name and "@" not in name)
+    """Return the screen names an AOL notice lists, as addresses in the reporter's domain.
+
+    One pass over the lines: a pattern that searched for the sentence and then for the
+    colon ending its line went quadratic on text repeating the sentence without one.
+    """
+    lines = text[:_MAX_TEXT].replace("\r\n", "\n").split("\n")
+    intro = next(
+        (i for i, line in enumerate(lines) if _AOL_INTRO in line.lower() and line.endswith(":")),
+        None,
+    )
+    names: list[str] = []
+    for line in lines[intro + 1 :] if intro is not None else []:
+        if not line[:1].isspace() or not line.strip():
+            break
+        names.append(line.strip().lower())
+    candidates = (f"{name}@{domain}" for name in names if "@" not in name)
     return [address for address in candidates if ADDRESS_RE.fullmatch(address)]

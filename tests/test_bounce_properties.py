@@ -229,3 +229,13 @@ def test_crafted_ses_notifications():
 def test_crafted_delay_wording():
     assert not dsn_text.is_delay_notice("message is delaye" * (_MB // 17))
     assert dsn_text.is_delay_notice("x" * 60_000 + " message is delayed")
+
+
+def test_crafted_aol_sentence_without_its_colon():
+    body = "they are not accepting mail from x " * (_MB // 35)
+    raw = f"From: Mail Delivery Subsystem <MAILER-DAEMON@aol.com>\nSubject: failure\n\n{body}\n"
+    parsed = parse_bounce(raw.encode())
+    assert (parsed.is_bounce, parsed.recipients) == (True, [])
+    notice = "they are not accepting mail from app@example.org:\n\tscreenname\n\nBye\n"
+    findings = dsn_text.find_recipients(notice, frozenset(), "aol.com")
+    assert [f.address for f in findings] == ["screenname@aol.com"]
