@@ -1,4 +1,4 @@
-"""Parse bounces (RFC 3464 reports and common non-standard notices) into failed recipients.
+"""Parse bounces (RFC 3464 reports, SES notifications, other notices) into failed recipients.
 
 Pure: no database, no network, no logging of message content; `parse_bounce` never raises.
 """
@@ -18,7 +18,7 @@ from typing import Literal
 
 import msgspec
 
-from consumers import dsn_text
+from consumers import dsn_ses, dsn_text
 
 __all__ = ["BouncedRecipient", "Kind", "ParsedBounce", "classify_status", "parse_bounce"]
 
@@ -31,6 +31,7 @@ _FAILED_ACTIONS = frozenset({"failed", "failure", "error", "bounced", "undeliver
 _DELAYED_ACTIONS = frozenset({"delayed", "delay", "deferred"})
 _SUCCESS_ACTIONS = frozenset({"delivered", "relayed", "expanded"})
 _CLASS_KIND: dict[str, Kind] = {"5": "hard", "4": "soft"}
+_SES_KIND: dict[str, Kind] = {"permanent": "hard", "transient": "soft"}
 _RETURNED_TYPES = frozenset(
     {"message/rfc822", "message/rfc822-headers", "text/rfc822-headers", "message/global"}
 )
@@ -85,12 +86,16 @@ class ParsedBounce(msgspec.Struct, frozen=True, kw_only=True):
     original_message_id: str | None  # with angle brackets, from the returned headers
 
 
+_NOT_A_BOUNCE = ParsedBounce(is_bounce=False, recipients=[], original_message_id=None)
+
+
 def parse_bounce(raw: bytes) -> ParsedBounce:
     """Parse a raw RFC 5322 message into the recipients it reports as bounced.
 
     An RFC 3464 report (a `message/delivery-status` part) is trusted first; failing
-    that, the human-readable notice is searched. Never raises: input that cannot be
-    parsed yields `is_bounce=False`.
+    that, an Amazon SES notification, then the human-readable notice (and its
+    `X-Failed-Recipients`) is searched. Never raises: input that cannot be parsed
+    yields `is_bounce=False`.
     """
     try:
         return _parse(bytes(raw))
@@ -106,7 +111,8 @@ def classify_status(
     Precedence: the report's Action (`failed` is hard even with a 4.x.x status,
     `delayed` is soft), then a full mailbox (soft), then the enhanced status class, then
     the SMTP reply class, then known temporary or permanent wording. `sender_side` is
-    set for 5.7.x/4.7.x codes and policy wording (spam, blocklists, DMARC, relaying).
+    set for 5.7.x/4.7.x codes, a refused sender address (x.1.7, x.1.8) and policy
+    wording (spam, blocklists, DMARC, relaying).
     """
     verb = (action or "").strip().lower().split(" ", 1)[0].rstrip(";:,")
     if verb in _SUCCESS_ACTIONS:
@@ -154,7 +160,8 @@ def _kind_from_text(diagnostic: str | None) -> Kind:
 
 
 def _is_sender_side(enhanced: str | None, diagnostic: str | None) -> bool:
-    if enhanced is not None and enhanced[1:4] == ".7.":
+    # X.7.x: security or policy; X.1.7 / X.1.8: the sender's address is refused
+    if enhanced is not None and (enhanced[1:4] == ".7." or enhanced[1:] in {".1.7", ".1.8"}):
         return True
     return bool(diagnostic and _POLICY_RE.search(diagnostic))
 
@@ -168,6 +175,11 @@ def _parse(raw: bytes) -> ParsedBounce:
     msg = email.message_from_bytes(raw, policy=email.policy.compat32)
     blocks = list(_report_blocks(msg))
     recipients = _dedupe(r for r in map(_recipient_from_block, blocks) if r is not None)
+    if any(dsn_text.is_generic(r.status) for r in recipients):
+        recipients = _refined_by_notice(msg, recipients)
+    ses = None if blocks else _from_ses(msg)
+    if ses is not None:
+        return ses
     if not recipients:
         sender, subject = _header(msg, "From"), _header(msg, "Subject")
         if not blocks and not dsn_text.looks_like_bounce(sender, subject):
@@ -220,11 +232,56 @@ def _recipient_from_block(block: _Message) -> BouncedRecipient | None:
 
 def _status(status_field: str | None, diagnostic: str | None) -> str | None:
     """Prefer the Status field; take the diagnostic's code when it is more precise."""
-    enhanced = dsn_text.enhanced_code(status_field)
-    detail = dsn_text.enhanced_code(diagnostic)
-    if enhanced is None or (enhanced.endswith(".0.0") and detail and detail[0] == enhanced[0]):
-        enhanced = detail or enhanced
+    enhanced = dsn_text.enhanced_code(status_field) or dsn_text.enhanced_code(diagnostic)
+    enhanced = dsn_text.refine_code(enhanced, diagnostic)
     return enhanced or dsn_text.smtp_code(status_field) or dsn_text.smtp_code(diagnostic)
+
+
+def _refined_by_notice(msg: _Message, recipients: list[BouncedRecipient]) -> list[BouncedRecipient]:
+    """Refine a generic report Status by the code the prose gives the same recipient."""
+    text = "\n".join(_notice_texts(msg))
+    findings = dsn_text.find_recipients(text, frozenset(_own_addresses(msg)), None)
+    windows = {found.address: found.diagnostic for found in findings}
+    refined = []
+    for r in recipients:
+        status = dsn_text.refine_code(r.status, windows.get(r.address))
+        if status != r.status:
+            kind, sender_side = classify_status(status, r.action, r.diagnostic or status)
+            r = msgspec.structs.replace(r, status=status, kind=kind, sender_side=sender_side)
+        refined.append(r)
+    return refined
+
+
+def _from_ses(msg: _Message) -> ParsedBounce | None:
+    """Read an Amazon SES notification (JSON in the body); None if the message is not one.
+
+    SES's `bounceType` decides the kind: Permanent is hard, Transient soft, whatever
+    the recipient's `action` says; an Undetermined bounce is classified by its codes.
+    """
+    notice = next(filter(None, map(dsn_ses.read_notice, _notice_texts(msg))), None)
+    if notice is None or not notice.is_bounce:
+        return None if notice is None else _NOT_A_BOUNCE
+    recipients = []
+    for found in notice.recipients:
+        diagnostic = _strip_type(_SPACE_RE.sub(" ", found.diagnostic or "").strip())
+        status = _status(found.status, diagnostic)
+        action = (found.action or "").strip().lower() or None
+        kind, sender_side = classify_status(status, action, diagnostic or status)
+        recipients.append(
+            BouncedRecipient(
+                address=found.address,
+                kind=_SES_KIND.get(notice.bounce_type.strip().lower(), kind),
+                status=status,
+                diagnostic=diagnostic[:_MAX_DIAGNOSTIC] if diagnostic else None,
+                action=action,
+                remote_mta=_host(_strip_type(notice.reporting_mta)),
+                sender_side=sender_side,
+            )
+        )
+    message_id = notice.message_id or _original_message_id(msg)
+    return ParsedBounce(
+        is_bounce=True, recipients=_dedupe(recipients), original_message_id=message_id
+    )
 
 
 def _recipients_from_text(msg: _Message) -> list[BouncedRecipient]:
@@ -232,6 +289,11 @@ def _recipients_from_text(msg: _Message) -> list[BouncedRecipient]:
     exclude = frozenset(_own_addresses(msg))
     action = "delayed" if dsn_text.is_delay_notice(text) else "failed"
     findings = dsn_text.find_recipients(text, exclude, _reporter_domain(msg))
+    failed = _failed_recipients(msg)
+    if failed:  # the server's own list (Exim, Gmail) beats addresses read from prose
+        by_address = {found.address: found for found in findings}
+        described = dsn_text.describe(text, failed)
+        findings = [by_address.get(found.address, found) for found in described]
     recipients = []
     for found in findings:
         kind, sender_side = classify_status(found.code, action, found.diagnostic)
@@ -247,6 +309,14 @@ def _recipients_from_text(msg: _Message) -> list[BouncedRecipient]:
             )
         )
     return _dedupe(recipients)
+
+
+def _failed_recipients(msg: _Message) -> list[str]:
+    """Return the valid addresses of the X-Failed-Recipients headers, lower-cased."""
+    values = [str(value) for value in msg.get_all("X-Failed-Recipients") or []]
+    addresses = (address.strip().lower() for _, address in email.utils.getaddresses(values))
+    valid = dict.fromkeys(a for a in addresses if dsn_text.ADDRESS_RE.fullmatch(a))
+    return list(valid)[:_MAX_RECIPIENTS]
 
 
 def _notice_texts(msg: _Message) -> list[str]:

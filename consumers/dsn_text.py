@@ -5,6 +5,7 @@ Pure functions over already-decoded text; email parsing and classification live 
 
 from __future__ import annotations
 
+import bisect
 import html
 import re
 from dataclasses import dataclass
@@ -12,12 +13,15 @@ from dataclasses import dataclass
 __all__ = [
     "ADDRESS_RE",
     "TextFinding",
+    "describe",
     "enhanced_code",
     "find_recipients",
     "html_to_text",
     "is_delay_notice",
+    "is_generic",
     "looks_like_bounce",
     "notice_body",
+    "refine_code",
     "smtp_code",
 ]
 
@@ -66,13 +70,24 @@ _SKIP_LINE_RE = re.compile(
     re.IGNORECASE,
 )
 _TO_LINE_RE = re.compile(r"^[\s>*|\-]*to\s*:", re.IGNORECASE)
+# What may stand before an address that heads its line: a list item of Postfix, qmail,
+# Exim, OpenSMTPD and Gmail, or Sendmail's `550 5.1.1 <bob@example.net>... User unknown`
+# and `(expanded from: <bob@example.net>)`.
+# Every part is optional, so `match` always succeeds; no quantified group nests another.
+_LISTED_RE = re.compile(
+    r"[ \t>*|\-]*(?:[245]\d\d[ -])?(?:[245]\.\d{1,3}\.\d{1,3}[ \t]+)?"
+    r"(?:\(?expanded from:[ \t]*|(?:failed |original |final )?recipient(?: address)?:[ \t]*)?<?",
+    re.IGNORECASE,
+)
 _ROLE_LOCAL_RE = re.compile(r"^(?:postmaster|mailer[-_]?daemon)$", re.IGNORECASE)
 
 _DELAY_RE = re.compile(
     r"warning (?:message )?only|this is (?:just )?a warning|not yet been delivered"
     r"|will continue to (?:try|attempt)|delivery attempts will continue|will be retried"
     r"|still being retried|has been delayed|been postponed|delivery (?:is |was )?delayed"
-    r"|no action is required on your part",
+    r"|no action is required on your part"
+    # OpenSMTPD's warning, Sendmail's list of deferred addresses
+    r"|message is delayed|temporary failure report|transient non-fatal error",
     re.IGNORECASE,
 )
 _BOUNCE_SENDER_RE = re.compile(
@@ -86,8 +101,8 @@ _BOUNCE_SUBJECT_RE = re.compile(
     r"|processing error|mail system error|rejected mail|delivery warning",
     re.IGNORECASE,
 )
-# AOL lists screen names without a domain under this sentence.
-_AOL_RE = re.compile(r"not accepting mail from[^\n]*:\n((?:[ \t]+\S+[ \t]*\n?)+)", re.IGNORECASE)
+# AOL lists screen names without a domain, one an indented line, under this sentence.
+_AOL_INTRO = "not accepting mail from"
 _TAG_RE = re.compile(r"<(?:br|p|div|tr|li)\b[^>]*>|<[^>]*>", re.IGNORECASE)
 _SPACE_RE = re.compile(r"\s+")
 
@@ -107,6 +122,39 @@ def enhanced_code(text: str | None) -> str | None:
         return None
     match = _ENHANCED_RE.search(text)
     return ".".join(match.groups()) if match else None
+
+
+def refine_code(code: str | None, text: str | None) -> str | None:
+    """Return the most specific enhanced code of `code`'s class in `text`, else `code`.
+
+    A generic code (`x.0.0`, `x.y.0`, the delivery-expired `x.4.7`) says only that
+    delivery failed; a remote reply quoted in a diagnostic or the prose often names
+    the reason (`5.0.0` with `550 5.1.1 user unknown`). A code of the other class is
+    never taken: the class is the report's verdict on the outcome.
+    """
+    if code is None or not text or not is_generic(code):
+        return code
+    best = code
+    for match in _ENHANCED_RE.finditer(text):
+        candidate = ".".join(match.groups())
+        if candidate[0] == code[0] and _specificity(candidate) > _specificity(best):
+            best = candidate
+            if _specificity(best) == 2:
+                break
+    return best
+
+
+def is_generic(code: str | None) -> bool:
+    """Tell whether `code` is an enhanced code that names no specific reason."""
+    return code is not None and code.count(".") == 2 and _specificity(code) < 2
+
+
+def _specificity(code: str) -> int:
+    """0 for `x.0.0`, 1 for `x.y.0` and the delivery-expired `x.4.7`, else 2."""
+    _, subject, detail = code.split(".")
+    if subject == "0" and detail == "0":
+        return 0
+    return 1 if detail == "0" or (subject, detail) == ("4", "7") else 2
 
 
 def smtp_code(text: str | None) -> str | None:
@@ -150,10 +198,13 @@ def find_recipients(
 
     Addresses in quoted header lines, role addresses and those in `exclude` (the
     notice's own From/To and the like, lower-cased) are skipped; a quoted `To:` line is
-    used only when nothing else names a recipient.
+    used only when nothing else names a recipient. When some addresses head a line of
+    their own (the list of failed recipients most servers print), addresses mentioned
+    only in running prose (a help desk, a rejected sender) are dropped.
     """
     lines = notice_body(text).split("\n")
     hits = _scan(lines, exclude, with_to=False) or _scan(lines, exclude, with_to=True)
+    hits = _prefer_listed(lines, hits)
     if not hits and reporter_domain:
         hits = {name: [0] for name in _aol_names(text, reporter_domain)}
     starts = sorted(mentions[0] for mentions in hits.values())
@@ -162,8 +213,57 @@ def find_recipients(
         end = next((i for i in starts if i > mentions[0]), len(lines))
         window = _window(lines, mentions[0], end)
         code = _code(window) or next(filter(None, (_code(lines[i]) for i in mentions[1:])), None)
-        findings.append(TextFinding(address, code, window))
+        findings.append(TextFinding(address, refine_code(code, window), window))
     return findings
+
+
+def describe(text: str, addresses: list[str]) -> list[TextFinding]:
+    """Return what the notice says of each of `addresses`, recipients known from elsewhere.
+
+    A recipient's explanation starts at the first line naming the address, or naming
+    only its local part (Exim lists `bob` for `bob@example.net` when it rewrote the
+    address); failing that, for a lone recipient, at the first line that quotes a reply
+    code (Gmail names no address next to the remote reply). One pass over the notice,
+    however many addresses.
+    """
+    lines = notice_body(text).split("\n")
+    wanted = frozenset(addresses)
+    by_local: dict[str, list[str]] = {}
+    for address in addresses:
+        by_local.setdefault(address.partition("@")[0], []).append(address)
+    starts: dict[str, int] = {}
+    for index, line in enumerate(lines):
+        named = list(by_local.get(line.strip().strip("<>:").lower(), []))
+        named += [m.group(1).lower() for m in ADDRESS_RE.finditer(line)]
+        for address in named:
+            if address in wanted:
+                starts.setdefault(address, index)
+    if len(addresses) == 1 and not starts:
+        coded = next((i for i, line in enumerate(lines) if _code(line)), None)
+        starts.update({addresses[0]: coded} if coded is not None else {})
+    ends = sorted(starts.values())
+    findings = []
+    for address in addresses:
+        if address not in starts:
+            findings.append(TextFinding(address, None, None))
+            continue
+        after = bisect.bisect_right(ends, starts[address])
+        window = _window(lines, starts[address], ends[after] if after < len(ends) else len(lines))
+        findings.append(TextFinding(address, refine_code(_code(window), window), window))
+    return findings
+
+
+def _prefer_listed(lines: list[str], hits: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Keep the addresses that head a line, if any do; else keep them all."""
+    listed = {a: m for a, m in hits.items() if any(_heads(lines[i], a) for i in m)}
+    return listed or hits
+
+
+def _heads(line: str, address: str) -> bool:
+    """Tell whether `address` is the first thing on `line` after a list marker or code."""
+    prefix = _LISTED_RE.match(line)
+    found = ADDRESS_RE.match(line, prefix.end()) if prefix else None
+    return found is not None and found.group(1).lower() == address
 
 
 def _code(text: str | None) -> str | None:
@@ -195,10 +295,20 @@ def _scan(lines: list[str], exclude: frozenset[str], *, with_to: bool) -> dict[s
 
 
 def _aol_names(text: str, domain: str) -> list[str]:
-    """Return the screen names an AOL notice lists, as addresses in the reporter's domain."""
-    match = _AOL_RE.search(text)
-    if match is None:
-        return []
-    names = (name.strip().lower() for name in match.group(1).split("\n"))
-    candidates = (f"{name}@{domain}" for name in names if name and "@" not in name)
+    """Return the screen names an AOL notice lists, as addresses in the reporter's domain.
+
+    One pass over the lines: a pattern that searched for the sentence and then for the
+    colon ending its line went quadratic on text repeating the sentence without one.
+    """
+    lines = text[:_MAX_TEXT].replace("\r\n", "\n").split("\n")
+    intro = next(
+        (i for i, line in enumerate(lines) if _AOL_INTRO in line.lower() and line.endswith(":")),
+        None,
+    )
+    names: list[str] = []
+    for line in lines[intro + 1 :] if intro is not None else []:
+        if not line[:1].isspace() or not line.strip():
+            break
+        names.append(line.strip().lower())
+    candidates = (f"{name}@{domain}" for name in names if "@" not in name)
     return [address for address in candidates if ADDRESS_RE.fullmatch(address)]

@@ -1,4 +1,4 @@
-"""Bounce parsing against the real-bounce corpus, the extra samples and edge cases."""
+"""Bounce parsing against the real-bounce corpora, the extra samples and edge cases."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
+from consumers import dsn_text
 from consumers.dsn import BouncedRecipient, ParsedBounce, classify_status, parse_bounce
 
 DATA = Path(__file__).parent / "data"
 CORPUS = DATA / "bounces"
 EXTRA = DATA / "bounces_extra"
+PUBLIC = DATA / "bounces_public"
+BASES = (CORPUS, EXTRA, PUBLIC)
 
 # Cases the parser does not match, each with the specific reason.
 XFAIL = {
@@ -26,7 +29,7 @@ XFAIL = {
 
 def _cases() -> list[object]:
     cases: list[object] = []
-    for base in (CORPUS, EXTRA):
+    for base in BASES:
         expected = json.loads((base / "expected.json").read_text(encoding="utf-8"))
         for name, want in sorted(expected.items()):
             key = f"{base.name}/{name}"
@@ -36,10 +39,19 @@ def _cases() -> list[object]:
 
 
 def test_every_sample_has_an_expectation():
-    for base in (CORPUS, EXTRA):
+    for base in BASES:
         expected = json.loads((base / "expected.json").read_text(encoding="utf-8"))
         assert sorted(p.name for p in (base / "messages").iterdir()) == sorted(expected)
     assert len(json.loads((CORPUS / "expected.json").read_text(encoding="utf-8"))) == 117
+
+
+def test_every_public_sample_names_its_source_and_licence():
+    sources = json.loads((PUBLIC / "sources.json").read_text(encoding="utf-8"))
+    assert sorted(sources) == sorted(p.name for p in (PUBLIC / "messages").iterdir())
+    for source in sources.values():
+        assert source.keys() == {"repo", "path", "commit", "licence"}
+        licence_file = source["licence"].split("(")[1].rstrip(")")
+        assert (PUBLIC / licence_file).is_file(), source
 
 
 @pytest.mark.parametrize(("path", "want"), _cases())
@@ -53,6 +65,8 @@ def test_sample(path, want):
         assert recipient.kind == want["kind"], recipient
     if want["addresses"]:
         assert parsed.is_bounce
+    if "status" in want:
+        assert {r.address: r.status for r in parsed.recipients} == want["status"]
 
 
 @pytest.mark.parametrize("name", ["groupwise_03.txt", "qmail_08.txt"])
@@ -79,6 +93,9 @@ def test_ordinary_mail_is_not_a_bounce(name):
         ("5.7.1", "failed", "blocked using zen.spamhaus.org", ("hard", True)),
         ("5.7.26", None, "DMARC policy", ("hard", True)),
         ("5.0.0", "failed", "550 5.7.1 unsolicited mail", ("hard", True)),
+        ("5.1.8", "failed", "553 5.1.8 Domain of sender address does not exist", ("hard", True)),
+        ("5.1.7", None, None, ("hard", True)),
+        ("5.1.1", "failed", "550 5.1.1 <bob@example.net>... User unknown", ("hard", False)),
         (None, None, "550 5.1.1 no such user", ("hard", False)),
         (None, None, "User unknown", ("hard", False)),
         (None, None, "greylisted, try again later", ("soft", False)),
@@ -150,6 +167,80 @@ def test_folded_mixed_case_fields():
             sender_side=False,
         )
     ]
+
+
+def _report(blocks: list[tuple[str, str, str | None]], notice: str = "Delivery failed.") -> bytes:
+    """A hand-written RFC 3464 report: one (address, Status, Diagnostic-Code) per block."""
+    fields = []
+    for address, status, diagnostic in blocks:
+        lines = [f"Final-Recipient: rfc822; {address}", "Action: failed", f"Status: {status}"]
+        lines += [f"Diagnostic-Code: smtp; {diagnostic}"] if diagnostic else []
+        fields.append("\n".join(lines))
+    return (
+        "From: MAILER-DAEMON@mx.example.org\nTo: app@example.org\n"
+        "Subject: Undelivered Mail Returned to Sender\nMIME-Version: 1.0\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b"\n\n'
+        f"--b\nContent-Type: text/plain\n\n{notice}\n\n"
+        "--b\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.example.org\n\n"
+        + "\n\n".join(fields)
+        + "\n\n--b--\n"
+    ).encode()
+
+
+@pytest.mark.parametrize(
+    ("status", "diagnostic", "expected"),
+    [
+        ("5.0.0", "550 5.1.1 user unknown", "5.1.1"),
+        ("5.1.0", "550 5.1.1 <bob@example.net>... User Unknown", "5.1.1"),
+        ("4.4.7", "450 4.7.1 Client host rejected", "4.7.1"),
+        ("5.0.0", "5.1.0 - Unknown address error 550-'5.2.2 Mailbox Full'", "5.2.2"),
+        ("5.0.0", "5.4.7 - Delivery expired (message too old)", "5.4.7"),
+        ("5.0.0", "552 4.2.2 User has full mailbox.", "5.0.0"),  # the other class: kept
+        ("5.1.1", "550 5.7.1 blocked", "5.1.1"),  # already specific: kept
+        ("4.4.7", "400 4.4.7 Message delayed", "4.4.7"),
+        ("5.0.0", "550 Unknown user", "5.0.0"),
+        ("failed", "550-5.1.0 then 5.1.1 unknown", "5.1.1"),  # no code in Status
+    ],
+)
+def test_generic_status_refined_by_the_diagnostic(status, diagnostic, expected):
+    (recipient,) = parse_bounce(_report([("bob@example.net", status, diagnostic)])).recipients
+    assert (recipient.status, recipient.kind) == (expected, "hard")
+
+
+def test_generic_status_refined_by_the_prose_for_the_same_recipient():
+    notice = (
+        "<alice@example.net>: host mx.example.net said: 552 5.2.2 Mailbox full\n"
+        "<bob@example.net>: host mx.example.net said: 550 5.7.1 Blocked by policy\n"
+        "<carol@example.net>: host mx.example.net said: 550 Unknown user\n"
+    )
+    blocks = [
+        ("alice@example.net", "5.0.0", "552 Mailbox full"),
+        ("bob@example.net", "5.0.0", None),
+        ("carol@example.net", "5.0.0", "550 Unknown user"),
+    ]
+    parsed = parse_bounce(_report(blocks, notice))
+    got = {r.address: (r.status, r.kind, r.sender_side) for r in parsed.recipients}
+    assert got == {
+        "alice@example.net": ("5.2.2", "hard", False),
+        "bob@example.net": ("5.7.1", "hard", True),
+        "carol@example.net": ("5.0.0", "hard", False),
+    }
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "expected"),
+    [
+        ("5.0.0", "5.1.0 then 5.1.1", "5.1.1"),
+        ("5.0.0", "5.1.0 only", "5.1.0"),
+        ("4.4.7", "4.0.0 and 4.4.7", "4.4.7"),
+        ("5.1.1", "5.2.2", "5.1.1"),
+        ("550", "5.1.1", "550"),
+        (None, "5.1.1", None),
+        ("5.0.0", None, "5.0.0"),
+    ],
+)
+def test_refine_code(code, text, expected):
+    assert dsn_text.refine_code(code, text) == expected
 
 
 def test_sender_side_policy_rejection():
