@@ -1,5 +1,5 @@
-"""The `jobstream` command line: worker, migrate, publish, status, job, dlq, health, demo,
-mailbox, webhook and warmup."""
+"""The `jobstream` command line: worker, migrate, publish, status, job, dlq, health, schema,
+demo, mailbox, webhook and warmup."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import asyncpg
 import redis.exceptions
 
-from consumers import commands, commands_mail
+from consumers import commands, commands_mail, commands_schema
 from consumers.logs import setup_logging
 from consumers.settings import Settings, redact_url
 from streams import JobstreamError
@@ -76,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     h = sub.add_parser("health", help="exit 0 when Redis, PostgreSQL (and the worker) are alive")
     h.add_argument("--consumer", help="also require this worker's heartbeat")
 
+    commands_schema.add_parser(sub)
+
     d = sub.add_parser("demo", help="start two workers and push real jobs through every queue")
     d.add_argument("--events", type=int, default=3000)
     commands_mail.add_parsers(sub)
@@ -84,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "schema":  # needs no configuration and no server
+        return commands_schema.main(args)
     try:
         settings = Settings.from_env()
     except JobstreamError as exc:

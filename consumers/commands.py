@@ -134,8 +134,9 @@ async def _status(deps: Deps, as_json: bool) -> int:
 
 async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
     info = await ops.job_info(deps, job_id)
-    if info is None:
-        print(f"no job {job_id!r} in PostgreSQL or Redis")
+    if info is None or not (info["job"] or info["hash"] or info["waiting"]):
+        part = "" if info is None else " (a long stream was searched only in part)"
+        print(f"no job {job_id!r} in PostgreSQL, Redis or the queues{part}")
         return 1
     if as_json:
         print(_json(info))
@@ -143,6 +144,12 @@ async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
     job = info["job"] or {}
     for key, value in job.items():
         print(f"{key:>16}: {value}")
+    if info["job"] is None:
+        print("not run by a worker yet (no row in PostgreSQL)")
+    if info["waiting"]:
+        print("waiting:")
+        columns = ["queue", "where", "entry_id", "due_at", "attempt", "traceparent"]
+        print(render_table(info["waiting"], columns))
     print("executions:")
     print(
         render_table(

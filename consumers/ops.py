@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import msgspec
 import redis.exceptions
 
 from consumers.deps import Deps
 from consumers.health import read_report
 from consumers.registry import by_queue
 from schema.payloads import PAYLOADS
+from streams.lookup import find_waiting
 
 __all__ = ["health", "job_info", "queue_status"]
 
@@ -71,17 +73,29 @@ async def queue_status(deps: Deps) -> list[dict[str, Any]]:
     return out
 
 
-async def job_info(deps: Deps, job_id: str) -> dict[str, Any] | None:
-    """The job's row, its executions and its hash; None when no store knows it."""
+async def job_info(deps: Deps, job_id: str, scan_limit: int = 50_000) -> dict[str, Any] | None:
+    """The job's row, its executions, its hash, and where it waits when no worker has run it
+    yet (a stream or delayed set of a known queue); None when nothing knows it.
+
+    `complete` is false when a stream or delayed set longer than `scan_limit` was read only
+    in part (then the answer may be empty rather than None).
+    """
     row = await deps.pool.fetchrow(JOB_SQL, job_id)
     execs = await deps.pool.fetch(EXECUTIONS_SQL, job_id)
     hashed = await deps.redis.hgetall(deps.keys.job(job_id))
-    if row is None and not hashed:
+    waiting, complete = [], True
+    if row is None:  # published by any producer, not yet recorded by a worker
+        queues = sorted(set(PAYLOADS) | set(by_queue()))
+        found, complete = await find_waiting(deps.redis, deps.keys, queues, job_id, scan_limit)
+        waiting = [msgspec.to_builtins(w) for w in found]
+    if row is None and not hashed and not waiting and complete:
         return None
     return {
         "job": dict(row) if row is not None else None,
         "executions": [dict(e) for e in execs],
         "hash": {_text(k): _text(v) for k, v in hashed.items()},
+        "waiting": waiting,
+        "complete": complete,
     }
 
 

@@ -6,6 +6,7 @@ Knows the producer wire format (see the README) and nothing of any queue's paylo
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
 import msgspec
 
@@ -13,6 +14,7 @@ __all__ = [
     "MAX_ATTEMPT",
     "MAX_ID_LENGTH",
     "MAX_TIME_MS",
+    "EntryFields",
     "Envelope",
     "EnvelopeError",
     "decode_envelope",
@@ -31,6 +33,64 @@ _KNOWN = frozenset({b"payload", b"id", b"attempt", b"traceparent", b"tracestate"
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 # W3C Trace Context: printable ASCII, and OpenTelemetry refuses a longer traceparent.
 _MAX_TRACE_FIELD = 512
+
+
+class EntryFields(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=False):
+    """The fields of a stream entry (XADD) or of a delayed-set member, all strings.
+
+    Other fields are kept (dead letters carry them) and otherwise ignored.
+    """
+
+    # The source of schema/jsonschema/envelope.json; `decode_envelope` accepts all it allows.
+
+    payload: Annotated[
+        str,
+        msgspec.Meta(
+            description="A JSON object matching the queue's payload schema.",
+            extra_json_schema={"contentMediaType": "application/json"},
+        ),
+    ]
+    id: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                min_length=1,
+                max_length=MAX_ID_LENGTH,
+                pattern="^[^\\u0000-\\u001f\\u007f-\\u009f]+$",
+                description="The job id (a UUID or ULID is usual); omit it and the job id "
+                "is the entry's stream ID.",
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    attempt: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern="^([1-9][0-9]{0,5}|1000000)$",
+                description="The 1-based attempt number in decimal; default 1 (retries set it).",
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    traceparent: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern="^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
+                description="W3C Trace Context `traceparent` of the producer's span: the "
+                "job's CONSUMER span becomes its child.",
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
+    tracestate: (
+        Annotated[
+            str,
+            msgspec.Meta(description="W3C Trace Context `tracestate` of the producer."),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
 
 
 class EnvelopeError(ValueError):
