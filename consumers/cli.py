@@ -14,7 +14,8 @@ import redis.exceptions
 
 from consumers import commands, commands_mail
 from consumers.logs import setup_logging
-from consumers.settings import Settings, redact_url
+from consumers.settings import Settings
+from otel.redact import remember_secrets, scrub
 from streams import JobstreamError
 
 __all__ = ["build_parser", "main"]
@@ -87,21 +88,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except JobstreamError as exc:
-        print(f"jobstream: {exc}", file=sys.stderr)
+        print(f"jobstream: {scrub(str(exc))}", file=sys.stderr)
         return 2
+    remember_secrets(settings.secrets())
     level = (args.log_level or settings.log_level).upper()
     setup_logging(level, getattr(args, "log_format", "text"))
     try:
         return asyncio.run(commands.run(args, settings))
     except JobstreamError as exc:
-        print(f"jobstream: {exc}", file=sys.stderr)
+        print(f"jobstream: {scrub(str(exc))}", file=sys.stderr)
         return 2
     except (OSError, redis.exceptions.RedisError, asyncpg.PostgresError) as exc:
         # A server that is down or refuses us: one line, never a traceback.
         if isinstance(exc, BrokenPipeError):  # output piped into `head` and the like
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-        print(f"jobstream: {type(exc).__name__}: {redact_url(str(exc))}", file=sys.stderr)
+        print(f"jobstream: {type(exc).__name__}: {scrub(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

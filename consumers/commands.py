@@ -14,6 +14,7 @@ from consumers import commands_mail, ops
 from consumers.deps import Deps
 from consumers.runtime import connect, run_worker, service_version
 from consumers.settings import Settings
+from otel.redact import remember_secrets, scrub, secrets_of_url
 from otel.tracing import setup_tracing
 from schema.migrate import apply_migrations
 from schema.payloads import PAYLOADS
@@ -80,6 +81,13 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     raise ConfigError(f"unknown command {args.command}")
 
 
+async def _remember_relays(deps: Deps) -> None:
+    """Remember every mailbox relay's password, so that what is printed is scrubbed of it
+    (errors recorded by older versions may carry one)."""
+    for row in await deps.pool.fetch("SELECT smtp_url FROM mailboxes WHERE smtp_url <> ''"):
+        remember_secrets(secrets_of_url(row["smtp_url"]))
+
+
 async def _publish(deps: Deps, args: argparse.Namespace) -> int:
     # With OTEL_* configured, the PRODUCER span starts the job's trace and travels with it.
     tracing = setup_tracing(service_version(), None)
@@ -129,26 +137,22 @@ async def _status(deps: Deps, as_json: bool) -> int:
 
 
 async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
+    await _remember_relays(deps)
     info = await ops.job_info(deps, job_id)
     if info is None:
         print(f"no job {job_id!r} in PostgreSQL or Redis")
         return 1
     if as_json:
-        print(_json(info))
+        print(scrub(_json(info)))
         return 0
     job = info["job"] or {}
-    for key, value in job.items():
-        print(f"{key:>16}: {value}")
-    print("executions:")
-    print(
-        render_table(
-            info["executions"],
-            ["attempt", "outcome", "duration_ms", "worker_id", "started_at", "error"],
-        )
-    )
-    print("hash:")
-    for key, value in sorted(info["hash"].items()):
-        print(f"{key:>16}: {value}")
+    lines = [f"{key:>16}: {value}" for key, value in job.items()]
+    lines.append("executions:")
+    columns = ["attempt", "outcome", "duration_ms", "worker_id", "started_at", "error"]
+    lines.append(render_table(info["executions"], columns))
+    lines.append("hash:")
+    lines += [f"{key:>16}: {value}" for key, value in sorted(info["hash"].items())]
+    print(scrub("\n".join(lines)))
     return 0
 
 
@@ -167,6 +171,7 @@ async def _dlq_queues(deps: Deps, args: argparse.Namespace) -> list[str]:
 
 
 async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
+    await _remember_relays(deps)
     r, keys = deps.redis, deps.keys
     queues = await _dlq_queues(deps, args)
     if args.dlq == "list":
@@ -185,17 +190,14 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
                         "error": (f.get("error") or "")[:80],
                     }
                 )
-        print(
-            render_table(
-                rows, ["dead_id", "queue", "job_id", "reason", "attempts", "failed_at", "error"]
-            )
-        )
+        columns = ["dead_id", "queue", "job_id", "reason", "attempts", "failed_at", "error"]
+        print(scrub(render_table(rows, columns)))
         return 0
     if args.dlq == "show":
         for queue in [args.queue] if args.queue else queues:
             found = await read_dead(r, keys, queue, args.dead_id)
             if found is not None:
-                print(_json({"dead_id": found.dead_id, "queue": queue, **found.fields}))
+                print(scrub(_json({"dead_id": found.dead_id, "queue": queue, **found.fields})))
                 return 0
         print(f"no dead letter {args.dead_id}")
         return 1

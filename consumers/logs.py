@@ -1,4 +1,7 @@
-"""Logging setup: every record carries the current `trace_id`/`span_id`; text or JSON lines."""
+"""Logging setup: every record carries the current `trace_id`/`span_id`; text or JSON lines.
+
+Both formats scrub secrets (`otel.redact.scrub`) from the message and the traceback.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from typing import IO, Any, Literal
 
 import msgspec
 from opentelemetry import trace
+
+from otel.redact import scrub
 
 __all__ = ["JsonFormatter", "LogFormat", "TextFormatter", "TraceContextFilter", "setup_logging"]
 
@@ -35,6 +40,12 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return scrub(super().formatMessage(record))
+
+    def formatException(self, ei: Any) -> str:
+        return scrub(super().formatException(ei))
+
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
         trace_id = getattr(record, "trace_id", "")
@@ -52,14 +63,14 @@ class JsonFormatter(logging.Formatter):
             "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": scrub(record.getMessage()),
             "trace_id": getattr(record, "trace_id", "") or None,
             "span_id": getattr(record, "span_id", "") or None,
         }
         if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+            out["exception"] = scrub(self.formatException(record.exc_info))
         elif record.exc_text:
-            out["exception"] = record.exc_text
+            out["exception"] = scrub(record.exc_text)
         return _encoder.encode(out).decode()
 
 

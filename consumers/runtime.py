@@ -22,6 +22,7 @@ from consumers.health import write_reports
 from consumers.registry import by_queue
 from consumers.settings import Settings, redact_url
 from otel.metrics import MetricsHandle, setup_metrics
+from otel.redact import remember_secrets
 from otel.tracing import TracingHandle, setup_tracing
 from schema.payloads import PAYLOADS
 from streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
@@ -75,7 +76,9 @@ async def connect(settings: Settings, *, wait: bool = True) -> AsyncIterator[Dep
     """Open Redis and PostgreSQL for the lifetime of the block.
 
     `wait=False` (one-off commands) fails at once when PostgreSQL does not answer.
+    The URLs' passwords are remembered, so no log line, span or error shows them.
     """
+    remember_secrets(settings.secrets())
     redis = aioredis.Redis.from_url(
         settings.redis_url,
         decode_responses=False,

@@ -29,6 +29,7 @@ from consumers.events import EVENT_TYPES
 from consumers.handler import handler
 from consumers.settings import Settings
 from otel import span
+from otel.redact import remember_secrets, scrub, secrets_of_url
 from schema.payloads import WebhookDelivery
 from streams import ConfigError, Job, PermanentError, Policy, RetryableError
 
@@ -173,7 +174,7 @@ async def _post(
                 finally:
                     await resp.aclose()
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
-            out.error = f"{type(exc).__name__}: {str(exc)[:200]}"
+            out.error = scrub(f"{type(exc).__name__}: {str(exc)[:200]}")
     out.latency_ms = round((time.perf_counter() - started) * 1000)
     return out
 
@@ -204,6 +205,7 @@ async def deliver_webhook(msg: WebhookDelivery, job: Job, deps: Deps) -> dict[st
     if await deps.pool.fetchrow(DELIVERED_SQL, msg.message_id, msg.endpoint_id) is not None:
         return {"status": "delivered", "duplicate": True}
     body = _body(msg)
+    remember_secrets(secrets_of_url(ep["url"]))
     try:
         target = await resolve_target(ep["url"], deps.settings.webhook_allow_private)
     except (PermanentError, RetryableError) as exc:
