@@ -13,7 +13,7 @@ import asyncpg
 import redis.exceptions
 
 from consumers import commands, commands_mail
-from consumers.logs import setup_logging
+from consumers.logs import escape_controls, setup_logging
 from consumers.settings import Settings
 from otel.redact import remember_secrets, scrub
 from streams import JobstreamError
@@ -83,12 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(text: str) -> None:
+    """One line on stderr: scrubbed of secrets, control characters escaped."""
+    print(f"jobstream: {escape_controls(scrub(text))}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = Settings.from_env()
     except JobstreamError as exc:
-        print(f"jobstream: {scrub(str(exc))}", file=sys.stderr)
+        _error(str(exc))
         return 2
     remember_secrets(settings.secrets())
     level = (args.log_level or settings.log_level).upper()
@@ -96,14 +101,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return asyncio.run(commands.run(args, settings))
     except JobstreamError as exc:
-        print(f"jobstream: {scrub(str(exc))}", file=sys.stderr)
+        _error(str(exc))
         return 2
     except (OSError, redis.exceptions.RedisError, asyncpg.PostgresError) as exc:
         # A server that is down or refuses us: one line, never a traceback.
         if isinstance(exc, BrokenPipeError):  # output piped into `head` and the like
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-        print(f"jobstream: {type(exc).__name__}: {scrub(str(exc))}", file=sys.stderr)
+        _error(f"{type(exc).__name__}: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130
