@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import sys
 from typing import Any
 
 import asyncpg
@@ -19,6 +20,7 @@ from otel.tracing import setup_tracing
 from schema.migrate import apply_migrations
 from schema.payloads import PAYLOADS
 from streams import ConfigError, list_dead, purge_dead, read_dead, replay_dead
+from streams.dead_letters import count_dead, replay_all
 
 __all__ = ["parse_duration_ms", "render_table", "run"]
 
@@ -140,7 +142,7 @@ async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
     await _remember_relays(deps)
     info = await ops.job_info(deps, job_id)
     if info is None:
-        print(f"no job {job_id!r} in PostgreSQL or Redis")
+        print(f"jobstream: no job {job_id!r} in PostgreSQL or Redis", file=sys.stderr)
         return 1
     if as_json:
         print(scrub(_json(info)))
@@ -199,13 +201,34 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
             if found is not None:
                 print(scrub(_json({"dead_id": found.dead_id, "queue": queue, **found.fields})))
                 return 0
-        print(f"no dead letter {args.dead_id}")
+        print(f"jobstream: no dead letter {args.dead_id}", file=sys.stderr)
         return 1
     if args.dlq == "replay":
         return await _replay(deps, args)
+    return await _purge(deps, args)
+
+
+async def _purge(deps: Deps, args: argparse.Namespace) -> int:
+    """Delete dead letters for good: only with --yes or a "y" typed at a terminal."""
+    r, keys, queue = deps.redis, deps.keys, args.queue
     older = parse_duration_ms(args.older_than) if args.older_than else None
-    n = await purge_dead(r, keys, args.queue, older)
-    print(f"purged {n} dead letters of {args.queue}")
+    which = f" older than {args.older_than}" if args.older_than else ""
+    if args.dry_run:
+        n = await count_dead(r, keys, queue, older)
+        print(f"would purge {n} dead letters of {queue}{which}")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("dlq purge deletes dead letters for good: add --yes (or --dry-run)")
+        n = await count_dead(r, keys, queue, older)
+        print(f"purge {n} dead letters of {queue}{which}? [y/N] ", end="", file=sys.stderr)
+        sys.stderr.flush()
+        answer = await asyncio.to_thread(sys.stdin.readline)
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing purged", file=sys.stderr)
+            return 1
+    n = await purge_dead(r, keys, queue, older)
+    print(f"purged {n} dead letters of {queue}{which}")
     return 0
 
 
@@ -214,19 +237,21 @@ async def _replay(deps: Deps, args: argparse.Namespace) -> int:
         raise ConfigError("dlq replay needs dead-letter IDs or --all")
     r, keys = deps.redis, deps.keys
     if args.all:
-        letters = []
-        while batch := await list_dead(r, keys, args.queue, 500):
-            for letter in reversed(batch):  # oldest first
-                await replay_dead(r, deps.pool, keys, letter)
-            letters += batch
-        print(f"replayed {len(letters)} dead letters of {args.queue}")
+        n = await replay_all(r, deps.pool, keys, args.queue)
+        print(f"replayed {n} dead letters of {args.queue}")
         return 0
     found = [await read_dead(r, keys, args.queue, i) for i in args.dead_ids]
     missing = [i for i, f in zip(args.dead_ids, found, strict=True) if f is None]
     if missing:
         raise ConfigError(f"no dead letter {', '.join(missing)} in {args.queue}")
+    gone = []
     for one in found:
         if one is not None:
             entry = await replay_dead(r, deps.pool, keys, one)
-            print(f"replayed {one.dead_id} as {entry} (job {one.fields.get('job_id')})")
+            if entry is None:
+                gone.append(one.dead_id)
+            else:
+                print(f"replayed {one.dead_id} as {entry} (job {one.fields.get('job_id')})")
+    if gone:
+        raise ConfigError(f"dead letter {', '.join(gone)} was replayed or purged meanwhile")
     return 0
