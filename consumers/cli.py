@@ -5,19 +5,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 import asyncpg
 import redis.exceptions
 
 from consumers import commands, commands_mail, commands_schema
-from consumers.logs import setup_logging
-from consumers.settings import Settings, redact_url
+from consumers.logs import escape_controls, setup_logging
+from consumers.settings import Settings
+from otel.redact import remember_secrets, scrub
 from streams import JobstreamError
 
 __all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (usage is one `--help` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        text = escape_controls(f"{self.prog}: {message} (see {self.prog} --help)")
+        self.exit(2, f"{text}\n")
 
 
 def _positive(text: str) -> int:
@@ -27,10 +38,20 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jobstream", description=__doc__)
+    p = _Parser(prog="jobstream", description=__doc__)
     p.add_argument(
-        "--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR (default: INFO)"
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="DEBUG, INFO, WARNING or ERROR (default: INFO)",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -38,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--queues", nargs="+", metavar="Q", help="queues to serve (default: all)")
     w.add_argument("--concurrency", type=_positive, help="jobs in flight per queue")
     w.add_argument("--burst", action="store_true", help="drain the queues, then exit")
-    w.add_argument("--metrics-port", type=int, metavar="PORT", help="serve /metrics on this port")
+    w.add_argument("--metrics-port", type=_port, metavar="PORT", help="serve /metrics on this port")
     w.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one object a line"
     )
@@ -61,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     dlq = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="dlq", required=True)
     dl = dlq.add_parser("list", help="newest dead letters")
     dl.add_argument("queue", nargs="?")
-    dl.add_argument("--count", type=int, default=20)
+    dl.add_argument("--count", type=_positive, default=20)
     ds = dlq.add_parser("show", help="one dead letter, all fields")
     ds.add_argument("dead_id")
     ds.add_argument("--queue")
@@ -72,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     dp = dlq.add_parser("purge", help="delete dead letters")
     dp.add_argument("queue")
     dp.add_argument("--older-than", help="only those older than this: 30s, 15m, 12h, 7d")
+    dp.add_argument("--yes", action="store_true", help="really delete (else asked at a terminal)")
+    dp.add_argument("--dry-run", action="store_true", help="only say how many would go")
 
     h = sub.add_parser("health", help="exit 0 when Redis, PostgreSQL (and the worker) are alive")
     h.add_argument("--consumer", help="also require this worker's heartbeat")
@@ -79,9 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands_schema.add_parser(sub)
 
     d = sub.add_parser("demo", help="start two workers and push real jobs through every queue")
-    d.add_argument("--events", type=int, default=3000)
+    d.add_argument("--events", type=_positive, default=3000)
     commands_mail.add_parsers(sub)
     return p
+
+
+def _error(text: str) -> None:
+    """One line on stderr: scrubbed of secrets, control characters escaped."""
+    print(f"jobstream: {escape_controls(scrub(text))}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -91,24 +119,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
     except JobstreamError as exc:
-        print(f"jobstream: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
+    remember_secrets(settings.secrets())
     level = (args.log_level or settings.log_level).upper()
     setup_logging(level, getattr(args, "log_format", "text"))
     try:
         return asyncio.run(commands.run(args, settings))
     except JobstreamError as exc:
-        print(f"jobstream: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
     except (OSError, redis.exceptions.RedisError, asyncpg.PostgresError) as exc:
         # A server that is down or refuses us: one line, never a traceback.
         if isinstance(exc, BrokenPipeError):  # output piped into `head` and the like
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 0
-        print(f"jobstream: {type(exc).__name__}: {redact_url(str(exc))}", file=sys.stderr)
+        _error(f"{type(exc).__name__}: {exc}")
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # the CLI's boundary: an operator gets one line, not a traceback
+        logging.getLogger(__name__).debug("unexpected error", exc_info=True)
+        _error(f"unexpected {type(exc).__name__}: {exc} (--log-level DEBUG shows where)")
+        return 1
 
 
 if __name__ == "__main__":

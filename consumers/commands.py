@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import sys
 from typing import Any
 
 import asyncpg
@@ -15,10 +16,12 @@ from consumers.deps import Deps
 from consumers.runtime import connect, run_worker, service_version
 from consumers.settings import Settings
 from consumers.tls import database_dsn
+from otel.redact import remember_secrets, scrub, secrets_of_url
 from otel.tracing import setup_tracing
 from schema.migrate import apply_migrations
 from schema.payloads import PAYLOADS
 from streams import ConfigError, PublishError, list_dead, purge_dead, read_dead, replay_dead
+from streams.dead_letters import count_dead, replay_all
 
 __all__ = ["parse_duration_ms", "render_table", "run"]
 
@@ -81,6 +84,13 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     raise ConfigError(f"unknown command {args.command}")
 
 
+async def _remember_relays(deps: Deps) -> None:
+    """Remember every mailbox relay's password, so that what is printed is scrubbed of it
+    (errors recorded by older versions may carry one)."""
+    for row in await deps.pool.fetch("SELECT smtp_url FROM mailboxes WHERE smtp_url <> ''"):
+        remember_secrets(secrets_of_url(row["smtp_url"]))
+
+
 async def _publish(deps: Deps, args: argparse.Namespace) -> int:
     # With OTEL_* configured, the PRODUCER span starts the job's trace and travels with it.
     tracing = setup_tracing(service_version(), None)
@@ -133,33 +143,30 @@ async def _status(deps: Deps, as_json: bool) -> int:
 
 
 async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
+    await _remember_relays(deps)
     info = await ops.job_info(deps, job_id)
     if info is None or not (info["job"] or info["hash"] or info["waiting"]):
         part = "" if info is None else " (a long stream was searched only in part)"
-        print(f"no job {job_id!r} in PostgreSQL, Redis or the queues{part}")
+        print(f"jobstream: no job {job_id!r} in PostgreSQL, Redis or the queues{part}",
+              file=sys.stderr)  # fmt: skip
         return 1
     if as_json:
-        print(_json(info))
+        print(scrub(_json(info)))
         return 0
     job = info["job"] or {}
-    for key, value in job.items():
-        print(f"{key:>16}: {value}")
+    lines = [f"{key:>16}: {value}" for key, value in job.items()]
     if info["job"] is None:
-        print("not run by a worker yet (no row in PostgreSQL)")
+        lines.append("not run by a worker yet (no row in PostgreSQL)")
     if info["waiting"]:
-        print("waiting:")
+        lines.append("waiting:")
         columns = ["queue", "where", "entry_id", "due_at", "attempt", "traceparent"]
-        print(render_table(info["waiting"], columns))
-    print("executions:")
-    print(
-        render_table(
-            info["executions"],
-            ["attempt", "outcome", "duration_ms", "worker_id", "started_at", "error"],
-        )
-    )
-    print("hash:")
-    for key, value in sorted(info["hash"].items()):
-        print(f"{key:>16}: {value}")
+        lines.append(render_table(info["waiting"], columns))
+    lines.append("executions:")
+    columns = ["attempt", "outcome", "duration_ms", "worker_id", "started_at", "error"]
+    lines.append(render_table(info["executions"], columns))
+    lines.append("hash:")
+    lines += [f"{key:>16}: {value}" for key, value in sorted(info["hash"].items())]
+    print(scrub("\n".join(lines)))
     return 0
 
 
@@ -178,6 +185,7 @@ async def _dlq_queues(deps: Deps, args: argparse.Namespace) -> list[str]:
 
 
 async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
+    await _remember_relays(deps)
     r, keys = deps.redis, deps.keys
     queues = await _dlq_queues(deps, args)
     if args.dlq == "list":
@@ -196,25 +204,43 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
                         "error": (f.get("error") or "")[:80],
                     }
                 )
-        print(
-            render_table(
-                rows, ["dead_id", "queue", "job_id", "reason", "attempts", "failed_at", "error"]
-            )
-        )
+        columns = ["dead_id", "queue", "job_id", "reason", "attempts", "failed_at", "error"]
+        print(scrub(render_table(rows, columns)))
         return 0
     if args.dlq == "show":
         for queue in [args.queue] if args.queue else queues:
             found = await read_dead(r, keys, queue, args.dead_id)
             if found is not None:
-                print(_json({"dead_id": found.dead_id, "queue": queue, **found.fields}))
+                print(scrub(_json({"dead_id": found.dead_id, "queue": queue, **found.fields})))
                 return 0
-        print(f"no dead letter {args.dead_id}")
+        print(f"jobstream: no dead letter {args.dead_id}", file=sys.stderr)
         return 1
     if args.dlq == "replay":
         return await _replay(deps, args)
+    return await _purge(deps, args)
+
+
+async def _purge(deps: Deps, args: argparse.Namespace) -> int:
+    """Delete dead letters for good: only with --yes or a "y" typed at a terminal."""
+    r, keys, queue = deps.redis, deps.keys, args.queue
     older = parse_duration_ms(args.older_than) if args.older_than else None
-    n = await purge_dead(r, keys, args.queue, older)
-    print(f"purged {n} dead letters of {args.queue}")
+    which = f" older than {args.older_than}" if args.older_than else ""
+    if args.dry_run:
+        n = await count_dead(r, keys, queue, older)
+        print(f"would purge {n} dead letters of {queue}{which}")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("dlq purge deletes dead letters for good: add --yes (or --dry-run)")
+        n = await count_dead(r, keys, queue, older)
+        print(f"purge {n} dead letters of {queue}{which}? [y/N] ", end="", file=sys.stderr)
+        sys.stderr.flush()
+        answer = await asyncio.to_thread(sys.stdin.readline)
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing purged", file=sys.stderr)
+            return 1
+    n = await purge_dead(r, keys, queue, older)
+    print(f"purged {n} dead letters of {queue}{which}")
     return 0
 
 
@@ -232,30 +258,25 @@ async def _replay(deps: Deps, args: argparse.Namespace) -> int:
     if cut:  # checked before any is replayed: all or nothing
         raise PublishError(f"not replayed, the letters no longer hold the whole entry: "
                            f"{'; '.join(cut)}")  # fmt: skip
+    gone = []
     for one in found:
         if one is not None:
             entry = await replay_dead(r, deps.pool, keys, one)
-            print(f"replayed {one.dead_id} as {entry} (job {one.fields.get('job_id')})")
+            if entry is None:
+                gone.append(one.dead_id)
+            else:
+                print(f"replayed {one.dead_id} as {entry} (job {one.fields.get('job_id')})")
+    if gone:
+        raise ConfigError(f"dead letter {', '.join(gone)} was replayed or purged meanwhile")
     return 0
 
 
 async def _replay_all(deps: Deps, queue: str) -> int:
-    """Replay every letter, oldest first; those that no longer hold their whole entry stay."""
-    r, keys = deps.redis, deps.keys
-    replayed, kept = 0, set[str]()
-    while batch := await list_dead(r, keys, queue, 500 + len(kept)):
-        todo = [one for one in reversed(batch) if one.dead_id not in kept]
-        if not todo:
-            break
-        for letter in todo:
-            if letter.cut is not None:
-                kept.add(letter.dead_id)
-                continue
-            await replay_dead(r, deps.pool, keys, letter)
-            replayed += 1
+    """Replay the letters present now, oldest first, each once; cut ones stay."""
+    replayed, kept = await replay_all(deps.redis, deps.pool, deps.keys, queue)
     print(f"replayed {replayed} dead letters of {queue}")
     if kept:
-        ids = ", ".join(sorted(kept)[:10])
+        ids = ", ".join(kept[:10])
         raise PublishError(f"{len(kept)} dead letters of {queue} hold a truncated payload or "
                            f"field and were not replayed: {ids}")  # fmt: skip
     return 0

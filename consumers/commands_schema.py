@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from schema import wire
 from schema.payloads import PAYLOADS
@@ -12,7 +13,7 @@ from streams import ConfigError
 __all__ = ["add_parser", "main", "run"]
 
 
-def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
     s = sub.add_parser(
         "schema", help="JSON Schema of a queue's payload or of the entry's fields (envelope)"
     )

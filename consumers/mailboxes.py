@@ -1,6 +1,7 @@
 """Platform mailboxes: the `mailboxes` rows, and the SMTP relay each one sends through.
 
-A relay URL may carry credentials; only `redact_url` of it is ever shown.
+A relay URL may carry credentials; only `redact_url` of it is ever shown, and the password
+of every relay parsed is remembered so that `scrub` hides it wherever it turns up.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import asyncpg
 
-from consumers.settings import redact_url
+from otel.redact import redact_url, remember_secrets, secrets_of_url
 from streams import ConfigError
 
 __all__ = [
@@ -66,6 +67,7 @@ def parse_relay(url: str) -> Relay:
     """`smtp://[user:pass@]host[:port][?starttls]` (plain or STARTTLS, default port 25 or 587)
     or `smtps://[user:pass@]host[:port]` (implicit TLS, default port 465)."""
     shown = redact_url(url) or ""
+    remember_secrets(secrets_of_url(url))
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
         raise ConfigError(f"invalid relay URL {shown!r}: use smtp://host:port or smtps://...")

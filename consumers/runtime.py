@@ -23,6 +23,7 @@ from consumers.registry import by_queue
 from consumers.settings import Settings, redact_url
 from consumers.tls import client_context, database_dsn, redis_tls_options
 from otel.metrics import MetricsHandle, setup_metrics
+from otel.redact import remember_secrets
 from otel.tracing import TracingHandle, setup_tracing
 from schema.payloads import PAYLOADS
 from streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
@@ -75,6 +76,11 @@ async def _pool(settings: Settings, wait: bool, name: str | None = None) -> asyn
             delay = min(delay * 2, 5.0)
 
 
+def _printable(name: str | None) -> str | None:
+    """A name Redis accepts for a connection: printable ASCII without spaces."""
+    return None if name is None else "".join(c if "!" <= c <= "~" else "_" for c in name)
+
+
 @asynccontextmanager
 async def connect(
     settings: Settings, *, wait: bool = True, client_name: str | None = None
@@ -84,7 +90,9 @@ async def connect(
     `wait=False` (one-off commands) fails at once when PostgreSQL does not answer.
     `client_name` names the Redis connections (`CLIENT LIST`) and PostgreSQL sessions
     (`pg_stat_activity.application_name`): a worker passes its consumer name.
+    The URLs' passwords are remembered, so no log line, span or error shows them.
     """
+    remember_secrets(settings.secrets())
     if settings.tls_ca_file is not None:
         client_context(settings, "smtp")  # a missing or bad CA file fails now, named
     redis = aioredis.Redis.from_url(
@@ -93,7 +101,7 @@ async def connect(
         socket_connect_timeout=5,
         health_check_interval=30,
         max_connections=None,
-        client_name=client_name,
+        client_name=_printable(client_name),
         **redis_tls_options(settings),
     )
     pool = await _pool(settings, wait, client_name)

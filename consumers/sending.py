@@ -26,6 +26,7 @@ from consumers.mailboxes import Mailbox, Relay, get_mailbox
 from consumers.mime import build_message, message_id_for
 from consumers.tls import certificate_problem, client_context
 from otel import span
+from otel.redact import scrub
 from schema.payloads import SendEmail
 from streams import ConfigError, Job, PermanentError, Policy, RetryableError
 
@@ -249,6 +250,7 @@ async def _transmit(
 async def _smtp_transaction(
     smtp: aiosmtplib.SMTP, relay: Relay, email: EmailMessage, sender: str, recipients: list[str]
 ) -> tuple[list[Refusal], str]:
+    # A relay's reply may quote what it was sent, credentials included: scrubbed.
     try:
         async with smtp:
             errors, reply = await smtp.send_message(email, sender=sender, recipients=recipients)
@@ -257,12 +259,14 @@ async def _smtp_transaction(
     except aiosmtplib.SMTPAuthenticationError as exc:
         raise _by_code(exc.code, f"relay {relay.shown} refused AUTH ({exc.code})") from None
     except aiosmtplib.SMTPResponseException as exc:
-        raise _by_code(exc.code, f"relay {relay.shown}: {exc.code} {exc.message[:200]}") from None
+        text = scrub(exc.message[:200])
+        raise _by_code(exc.code, f"relay {relay.shown}: {exc.code} {text}") from None
     except aiosmtplib.SMTPNotSupported as exc:
-        raise PermanentError(f"relay {relay.shown}: {exc.message[:200]}") from None
+        raise PermanentError(f"relay {relay.shown}: {scrub(exc.message[:200])}") from None
     except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
         raise _unreachable(relay, exc) from None
-    return [Refusal(a, r.code, r.message) for a, r in errors.items()], f"250 {reply}"[:300]
+    refused = [Refusal(a, r.code, scrub(r.message)) for a, r in errors.items()]
+    return refused, scrub(f"250 {reply}"[:300])
 
 
 def _unreachable(relay: Relay, exc: BaseException) -> RetryableError:
@@ -274,7 +278,7 @@ def _unreachable(relay: Relay, exc: BaseException) -> RetryableError:
         return RetryableError(
             f"relay {relay.shown}: TLS certificate of the relay refused: {problem}"
         )
-    said = f": {exc.message[:200]}" if isinstance(exc, aiosmtplib.SMTPException) else ""
+    said = f": {scrub(exc.message[:200])}" if isinstance(exc, aiosmtplib.SMTPException) else ""
     return RetryableError(f"relay {relay.shown} unreachable: {type(exc).__name__}{said}")
 
 

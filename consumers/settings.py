@@ -6,11 +6,12 @@ No other module reads `os.environ`. `OTEL_*` is left to the OpenTelemetry SDK.
 from __future__ import annotations
 
 import os
-import re
+import urllib.parse
 from collections.abc import Mapping
 
 import msgspec
 
+from otel.redact import redact_url, secrets_of_url
 from streams import ConfigError
 
 __all__ = ["Settings", "redact_url"]
@@ -23,11 +24,15 @@ def _env_name(field: str) -> str:
     return field.upper() if field in _PLAIN else f"JOBSTREAM_{field.upper()}"
 
 
-def redact_url(url: str | None) -> str | None:
-    """The URL with any password replaced by `***`."""
+def _parses(url: str | None) -> bool:
+    """The URL splits into parts and its port, if any, is a number from 1 to 65535."""
     if url is None:
-        return None
-    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
+        return True
+    try:
+        parts = urllib.parse.urlsplit(url)
+        return parts.port != 0 and (parts.scheme == "unix" or bool(parts.hostname))
+    except ValueError:
+        return False
 
 
 class _PolicyOverride(msgspec.Struct, forbid_unknown_fields=True):
@@ -120,6 +125,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             < self.webhook_connect_timeout_s
             <= self.webhook_timeout_s,
         }
+        for name, url in (
+            ("REDIS_URL", self.redis_url),
+            ("DATABASE_URL", self.database_url),
+            ("SMTP_URL", self.smtp_url),
+        ):
+            checks[f"{name} (host and port 1 to 65535)"] = _parses(url)
         for name, ok in checks.items():
             if not ok:
                 raise ConfigError(f"invalid configuration: {name} is out of range or malformed")
@@ -152,6 +163,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             )
         except msgspec.ValidationError as exc:  # names the variable, never echoes the value
             raise ConfigError(f"invalid configuration: {exc}") from None
+
+    def secrets(self) -> list[str]:
+        """The passwords and secret query parameters of the configured URLs."""
+        return [v for f in _SECRET for v in secrets_of_url(getattr(self, f))]
 
     def __repr__(self) -> str:
         shown = {

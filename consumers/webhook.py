@@ -13,6 +13,7 @@ import email.utils
 import hashlib
 import hmac
 import ipaddress
+import re
 import secrets
 import socket
 import time
@@ -30,6 +31,7 @@ from consumers.handler import handler
 from consumers.settings import Settings
 from consumers.tls import certificate_problem, client_context
 from otel import span
+from otel.redact import remember_secrets, scrub, secrets_of_url
 from schema.payloads import WebhookDelivery
 from streams import ConfigError, Job, PermanentError, Policy, RetryableError
 
@@ -38,6 +40,7 @@ __all__ = [
     "deliver_webhook",
     "disable_endpoint",
     "list_endpoints",
+    "parse_endpoint",
     "resolve_target",
     "sign",
 ]
@@ -81,12 +84,60 @@ def sign(secret: str, webhook_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
-def _allowed(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, allow_private: bool) -> bool:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052 well-known prefix
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: local use, never global
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765 SIIT
+_HOST_NAME = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)(\.(?!-)[a-z0-9_-]{1,63}(?<!-))*\.?")
+_NUMERIC_LABEL = re.compile(r"0x[0-9a-f]*|[0-9]+")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries and reaches: mapped, NAT64, 6to4, Teredo
+    (server and client), IPv4-compatible and IPv4-translated forms."""
+    low32 = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    out = [a for a in (ip.ipv4_mapped, ip.sixtofour) if a is not None]
+    if ip.teredo is not None:
+        out += ip.teredo
+    if ip in _NAT64 or ip in _IPV4_TRANSLATED or (ip in _IPV4_COMPATIBLE and int(ip) > 1):
+        out.append(low32)
+    return out
+
+
+def _allowed(ip: IP, allow_private: bool) -> bool:
+    if isinstance(ip, ipaddress.IPv6Address):
+        if not all(_allowed(v4, allow_private) for v4 in _embedded_ipv4(ip)):
+            return False
+        if ip.ipv4_mapped is not None:
+            return True  # judged by its IPv4 address alone
+        if ip in _NAT64_LOCAL:
+            return allow_private
     if ip in _METADATA or ip.is_link_local or ip.is_multicast or ip.is_unspecified:
         return False  # never, whatever the configuration
     return ip.is_global or allow_private
+
+
+def parse_endpoint(url: str) -> httpx.URL:
+    """The endpoint URL, checked: http(s), a host that is an IP literal or a DNS name (not
+    a numeric form such as `0x7f.1` or `2130706433` that resolvers read as an address),
+    a port from 1 to 65535. ValueError saying what is wrong, in one line."""
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"invalid endpoint URL: {exc}") from None
+    if parsed.scheme not in ("http", "https") or not parsed.raw_host:
+        raise ValueError("an endpoint URL must be http:// or https:// and name a host")
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise ValueError(f"invalid endpoint URL: port {parsed.port} is not 1 to 65535")
+    host = parsed.raw_host.decode("ascii", errors="replace").lower()
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        last = host.rstrip(".").rpartition(".")[2]
+        if len(host) > 253 or not _HOST_NAME.fullmatch(host) or _NUMERIC_LABEL.fullmatch(last):
+            raise ValueError(f"invalid endpoint URL: {host!r} is not a host name") from None
+    return parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,26 +153,28 @@ class Target:
 async def resolve_target(url: str, allow_private: bool) -> Target:
     """Resolve the endpoint's host once and check every address it resolves to.
 
-    PermanentError when the URL is not http(s) or an address is private, loopback,
-    link-local or a cloud metadata address (private and loopback pass when allowed);
-    RetryableError when the name does not resolve now.
+    PermanentError when the URL is invalid (see `parse_endpoint`) or an address is
+    private, loopback, link-local, a cloud metadata address or an IPv6 form carrying one
+    (private and loopback pass when allowed); RetryableError when the name does not
+    resolve now.
     """
-    parsed = httpx.URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise PermanentError("endpoint URL must be http:// or https://")
+    try:
+        parsed = parse_endpoint(url)
+    except ValueError as exc:
+        raise PermanentError(str(exc)) from None
+    host = parsed.raw_host.decode("ascii")  # IDNA-encoded: what DNS, SNI and Host carry
     port = parsed.port or (443 if parsed.scheme == "https" else 80)
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(
-            parsed.host, port, type=socket.SOCK_STREAM
-        )
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise RetryableError(f"cannot resolve endpoint host: {exc}") from None
     ips = [ipaddress.ip_address(str(info[4][0]).partition("%")[0]) for info in infos]
     refused = [ip for ip in ips if not _allowed(ip, allow_private)]
     if refused or not ips:
         raise PermanentError(f"endpoint host resolves to a refused address {refused[:1]}")
-    header = parsed.host if parsed.port is None else f"{parsed.host}:{parsed.port}"
-    return Target(parsed.copy_with(host=str(ips[0])), parsed.host, header, str(ips[0]))
+    # `netloc` brackets an IPv6 literal and keeps only a non-default port: `[::1]:8080`.
+    header = parsed.netloc.decode("ascii")
+    return Target(parsed.copy_with(host=str(ips[0])), host, header, str(ips[0]))
 
 
 @dataclass(slots=True)
@@ -178,7 +231,7 @@ async def _post(
                     await resp.aclose()
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
             problem = certificate_problem(exc)
-            out.error = (
+            out.error = scrub(
                 f"{type(exc).__name__}: {str(exc)[:200]}"
                 if problem is None
                 else f"TLS certificate of the endpoint refused: {problem[:200]}"
@@ -213,6 +266,7 @@ async def deliver_webhook(msg: WebhookDelivery, job: Job, deps: Deps) -> dict[st
     if await deps.pool.fetchrow(DELIVERED_SQL, msg.message_id, msg.endpoint_id) is not None:
         return {"status": "delivered", "duplicate": True}
     body = _body(msg)
+    remember_secrets(secrets_of_url(ep["url"]))
     try:
         target = await resolve_target(ep["url"], deps.settings.webhook_allow_private)
     except (PermanentError, RetryableError) as exc:
@@ -271,9 +325,10 @@ async def add_endpoint(
     pool: asyncpg.Pool, url: str, event_types: list[str] | None = None
 ) -> tuple[str, str]:
     """Register an endpoint; return its id and its secret (shown to the customer once)."""
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError("a webhook URL must start with http:// or https://")
-    host = (httpx.URL(url).host or "").strip("[]")
+    try:
+        host = parse_endpoint(url).raw_host.decode("ascii")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     try:
         literal = ipaddress.ip_address(host)
     except ValueError:

@@ -16,7 +16,8 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-from otel.tracing import make_resource, otlp_endpoint, otlp_protocol, redact, sdk_disabled
+from otel.redact import redact_url
+from otel.tracing import make_resource, otlp_endpoint, otlp_protocol, sdk_disabled
 
 __all__ = ["DURATION_BUCKETS_S", "MetricsHandle", "OtelObserver", "setup_metrics"]
 
@@ -220,7 +221,7 @@ def setup_metrics(service_version: str, consumer: str | None, *, prometheus: boo
 
         # The interval comes from OTEL_METRIC_EXPORT_INTERVAL (default 60 s).
         readers.append(PeriodicExportingMetricReader(_metric_exporter(otlp_protocol("metrics"))))
-        logger.info("metrics on: OTLP to %s", redact(endpoint))
+        logger.info("metrics on: OTLP to %s", redact_url(endpoint))
     if prometheus:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 

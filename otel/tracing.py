@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.util.types import AttributeValue
 
 from otel.propagation import is_recording_enabled
+from otel.redact import exception_attributes, redact_url, scrub
 from otel.sampling import PresetIdGenerator
 
 __all__ = ["TracingHandle", "make_resource", "otlp_protocol", "setup_tracing", "span"]
@@ -59,11 +59,6 @@ def otlp_protocol(signal: str) -> str:
             f"OTEL_EXPORTER_OTLP_PROTOCOL={value!r} is not supported (use grpc or http/protobuf)"
         )
     return value
-
-
-def redact(url: str | None) -> str | None:
-    """The URL without any user information (which may carry a password)."""
-    return None if url is None else re.sub(r"//[^/@]*@", "//***@", url)
 
 
 def make_resource(service_version: str, consumer: str | None) -> Resource:
@@ -127,7 +122,7 @@ def setup_tracing(service_version: str, consumer: str | None) -> TracingHandle:
     )
     provider.add_span_processor(BatchSpanProcessor(_span_exporter(protocol)))
     trace.set_tracer_provider(provider)
-    logger.info("tracing on: OTLP %s to %s", protocol, redact(otlp_endpoint("traces")))
+    logger.info("tracing on: OTLP %s to %s", protocol, redact_url(otlp_endpoint("traces")))
     return TracingHandle(provider)
 
 
@@ -148,5 +143,16 @@ def span(
         yield trace.INVALID_SPAN
         return
     merged: dict[str, Any] = {**(attributes or {}), **attrs}
-    with _tracer.start_as_current_span(name, kind=kind, attributes=merged) as current:
-        yield current
+    with _tracer.start_as_current_span(
+        name,
+        kind=kind,
+        attributes=merged,
+        record_exception=False,  # recorded below, scrubbed of secrets
+        set_status_on_exception=False,
+    ) as current:
+        try:
+            yield current
+        except Exception as exc:
+            current.record_exception(exc, exception_attributes(exc), escaped=True)
+            current.set_status(trace.StatusCode.ERROR, scrub(f"{type(exc).__name__}: {exc}"))
+            raise

@@ -11,7 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import asyncpg
@@ -23,10 +25,12 @@ from streams.keys import Keys
 __all__ = [
     "MAX_FIELD_BYTES",
     "DeadLetter",
+    "count_dead",
     "dead_fields",
     "list_dead",
     "purge_dead",
     "read_dead",
+    "replay_all",
     "replay_dead",
 ]
 
@@ -126,6 +130,21 @@ async def read_dead(r: aioredis.Redis, keys: Keys, queue: str, dead_id: str) -> 
     return _decode(queue, entries[0]) if entries else None
 
 
+async def count_dead(
+    r: aioredis.Redis, keys: Keys, queue: str, older_than_ms: int | None = None
+) -> int:
+    """How many dead letters `purge_dead` with the same arguments would delete now."""
+    key = keys.dead(queue)
+    if older_than_ms is None:
+        return int(await r.xlen(key))
+    cutoff = f"({int(time.time() * 1000) - older_than_ms}-0"  # ids below it, as XTRIM MINID
+    n, start = 0, "-"
+    while entries := await r.xrange(key, min=start, max=cutoff, count=1000):
+        n += len(entries)
+        start = "(" + _id(entries[-1][0])
+    return n
+
+
 async def purge_dead(
     r: aioredis.Redis, keys: Keys, queue: str, older_than_ms: int | None = None
 ) -> int:
@@ -144,15 +163,32 @@ async def purge_dead(
 REPLAY_SQL = """
 UPDATE jobs SET status = 'queued', error = NULL, next_attempt_at = NULL, updated_at = now(),
                 stream_entry_id = $2
-WHERE id = $1
+WHERE id = $1 AND stream_entry_id IS DISTINCT FROM $2
+"""
+_REPLAY_LUA = resources.files("streams.lua").joinpath("replay.lua").read_text(encoding="utf-8")
+# The hash says `queued` unless a worker already recorded the replayed attempt.
+_QUEUED_LUA = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == false or status == 'failed' then
+    redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', '1', 'error', '')
+end
 """
 
 
-async def replay_dead(r: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, letter: DeadLetter) -> str:
+def _id(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+async def replay_dead(
+    r: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, letter: DeadLetter
+) -> str | None:
     """Publish a dead letter again with attempt 1, record it `queued`, and drop the letter.
 
-    Returns the new entry ID. The job keeps its id, so its history stays in one row.
-    Raises PublishError, writing nothing, when the letter no longer holds the whole entry.
+    Returns the new entry ID, or None when the letter was already gone (replayed or purged
+    by someone else): publishing and deleting are one script, so a letter is never
+    replayed twice and never left beside its replay. The job keeps its id, so its history
+    stays in one row. Raises PublishError, writing nothing, when the letter no longer
+    holds the whole entry.
     """
     if letter.cut is not None:
         raise PublishError(
@@ -163,9 +199,47 @@ async def replay_dead(r: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, letter:
     fields["attempt"] = "1"
     job_id = letter.fields.get("job_id") or fields.get("id") or letter.dead_id
     fields["id"] = job_id
-    entry_id = await r.xadd(keys.stream(letter.queue), fields)  # type: ignore[arg-type]
-    entry = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    move = r.register_script(_REPLAY_LUA)
+    entry_id = await move(
+        keys=[keys.dead(letter.queue), keys.stream(letter.queue)],
+        args=[letter.dead_id, *(x for pair in fields.items() for x in pair)],
+    )
+    if entry_id is None:
+        return None
+    entry = _id(entry_id)
+    # A worker may already have picked the new entry up: its own record then wins.
     await pool.execute(REPLAY_SQL, job_id, entry)
-    await r.hset(keys.job(job_id), mapping={"status": "queued", "attempt": 1, "error": ""})
-    await r.xdel(keys.dead(letter.queue), letter.dead_id)
+    await r.register_script(_QUEUED_LUA)(keys=[keys.job(job_id)])
     return entry
+
+
+async def replay_all(
+    r: aioredis.Redis,
+    pool: asyncpg.Pool,
+    keys: Keys,
+    queue: str,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[int, list[str]]:
+    """Replay every dead letter the queue has when called, oldest first, each once.
+
+    Letters written while it runs (a running worker failing the replayed jobs again) have
+    later ids than the snapshot and are left for the next replay. Letters that no longer
+    hold their whole entry (`DeadLetter.cut`) stay. Returns how many it replayed and the
+    ids of those it left; `progress(n)` is called after each batch.
+    """
+    key = keys.dead(queue)
+    newest: Any = await r.xrevrange(key, count=1)
+    if not newest:
+        return 0, []
+    last, start, n, kept = _id(newest[0][0]), "-", 0, []
+    while entries := await r.xrange(key, min=start, max=last, count=500):
+        for entry in entries:
+            letter = _decode(queue, entry)
+            if letter.cut is not None:
+                kept.append(letter.dead_id)
+            elif await replay_dead(r, pool, keys, letter) is not None:
+                n += 1
+        start = "(" + _id(entries[-1][0])
+        if progress is not None:
+            progress(n)
+    return n, kept

@@ -20,6 +20,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from otel import extract, presample
+from otel.redact import exception_attributes, scrub
 from schema.envelope import (
     MAX_TIME_MS,
     Envelope,
@@ -83,7 +84,7 @@ def invalid_result(d: Delivery, error: str, payload: bytes | None = None) -> Res
         safe_attempt(d.fields),
         Outcome.FAILED,
         payload=payload,
-        error=_CONTROL.sub(" ", error[:_MAX_ERROR]),
+        error=scrub(_CONTROL.sub(" ", error[:_MAX_ERROR])),
         reason="invalid",
         started_at=now,
         finished_at=now,
@@ -134,14 +135,14 @@ async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delive
         error = f"TimeoutError: handler exceeded its {route.policy.timeout_s:g}s timeout"
     except Exception as e:  # CancelledError is not an Exception: it propagates
         exc = e
-        error = f"{type(e).__name__}: {e}"
+        error = scrub(f"{type(e).__name__}: {e}")  # libraries' messages may quote URLs
     result_json: str | None = None
     if exc is None and value is not None:
         try:
             result_json = msgspec.json.encode(value).decode()
         except (TypeError, msgspec.EncodeError) as e:
             exc = PermanentError(f"handler result is not JSON-encodable: {e}")
-            error = f"PermanentError: {exc}"
+            error = scrub(f"PermanentError: {exc}")
     finished = time.time()
     res = Result(
         d,
@@ -221,7 +222,7 @@ async def execute_traced(
         around(None)
         res = await execute(route, env, payload, job, d)
         if res.exception is not None:
-            span.record_exception(res.exception)
+            span.record_exception(res.exception, exception_attributes(res.exception))
             span.set_attribute("error.type", type(res.exception).__qualname__)
             span.set_status(trace.StatusCode.ERROR, res.error)
             if res.outcome is Outcome.RETRYING:

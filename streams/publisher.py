@@ -70,7 +70,7 @@ class Publisher:
                 value = msgspec.json.decode(payload, type=struct)
             else:
                 value = msgspec.convert(payload, struct)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
             raise PublishError(f"{queue}: invalid payload: {exc}") from None
         return msgspec.json.encode(value)
 

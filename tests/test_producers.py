@@ -189,4 +189,6 @@ async def test_job_lookup_finds_a_job_wherever_a_producer_left_it(deps: Deps, en
     assert "webhook" in shown.stdout
     missing = await jobstream(env, "job", "nowhere")
     assert missing.returncode == 1
-    assert missing.stdout.strip() == "no job 'nowhere' in PostgreSQL, Redis or the queues"
+    assert missing.stderr.strip() == (
+        "jobstream: no job 'nowhere' in PostgreSQL, Redis or the queues"
+    )

@@ -7,9 +7,11 @@ import dataclasses
 import datetime as dt
 import hashlib
 import hmac
+import ipaddress
 import json
 import time
 
+import httpx
 import msgspec
 import pytest
 
@@ -18,8 +20,9 @@ from consumers.events import emit
 from consumers.runtime import make_engine
 from consumers.webhook import add_endpoint, deliver_webhook, resolve_target
 from schema.payloads import WebhookDelivery
-from streams import Job, PermanentError, Policy, RetryableError
+from streams import ConfigError, Job, PermanentError, Policy, RetryableError
 from tests.conftest import eventually, running
+from tests.helpers import jobstream
 from tests.http_sink import Answer, http_sink
 
 WHEN = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
@@ -213,12 +216,28 @@ async def test_private_addresses_are_refused_unless_allowed(deps: Deps):
         ("http://10.1.2.3/", True, True),
         ("https://93.184.215.14/hook", False, True),
         ("ftp://93.184.215.14/", True, False),
+        # IPv6 forms that carry (and route to) an IPv4 address are judged by it too.
+        ("http://[64:ff9b::7f00:1]/", False, False),  # NAT64 of 127.0.0.1
+        ("http://[64:ff9b::10.0.0.1]/", False, False),
+        ("http://[64:ff9b::169.254.169.254]/", True, False),
+        ("http://[64:ff9b:1::a00:1]/", False, False),  # local-use NAT64
+        ("http://[2002:7f00:1::]/", False, False),  # 6to4 of 127.0.0.1
+        ("http://[2002:a9fe:a9fe::1]/", True, False),  # 6to4 of the metadata address
+        ("http://[::127.0.0.1]/", False, False),  # IPv4-compatible
+        ("http://[::169.254.169.254]/", True, False),
+        ("http://[::ffff:0:127.0.0.1]/", False, False),  # IPv4-translated
+        ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/", True, True),  # Teredo, 127.0.0.1
+        ("http://[2001:0:4136:e378:8000:63bf:5601:5601]/", True, False),  # Teredo, metadata
+        ("http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/", False, False),
+        ("http://[64:ff9b::5db8:d70e]/", False, True),  # NAT64 of a public address
+        ("http://[2002:5db8:d70e::1]/", False, True),
+        ("http://[64:ff9b::7f00:1]/", True, True),  # loopback, allowed by configuration
     ],
 )
 async def test_address_policy(url: str, allowed_private: bool, ok: bool):
     if ok:
         target = await resolve_target(url, allowed_private)
-        assert target.address in url
+        assert ipaddress.ip_address(target.address) == ipaddress.ip_address(httpx.URL(url).host)
     else:
         with pytest.raises(PermanentError):
             await resolve_target(url, allowed_private)
@@ -237,3 +256,61 @@ async def test_the_resolved_address_is_the_one_connected_to(deps: Deps):
         assert req.headers["host"] == f"localhost:{sink.port}"
         assert req.peer == "127.0.0.1"
         assert verify(secret, req.headers, req.body)
+
+
+async def test_an_ipv6_literal_gets_a_valid_host_header(deps: Deps):
+    deps = allow(deps)
+    async with http_sink(host="::1") as sink:
+        url = sink.url(host="[::1]")
+        target = await resolve_target(url, True)
+        assert target.host_header == f"[::1]:{sink.port}"
+        assert (await resolve_target("http://[::1]/", True)).host_header == "[::1]"
+        ep, secret = await add_endpoint(deps.pool, url)
+        await deliver_webhook.fn(delivery(ep), job(), deps)
+        (req,) = sink.requests
+        assert req.headers["host"] == f"[::1]:{sink.port}"
+        assert req.peer == "::1"
+        assert verify(secret, req.headers, req.body)
+
+
+INVALID_URLS = [
+    "http://0177.0.0.1/",  # octal: resolvers read it as 127.0.0.1
+    "http://0x7f.1/",
+    "http://2130706433/",
+    "http://example.com:99999/",
+    "http://example.com:0/",
+    "http://example.com:port/",
+    "http://[::1/",
+    "http://exa mple.com/",
+    "http:///no-host",
+]
+
+
+@pytest.mark.parametrize("url", INVALID_URLS)
+async def test_an_invalid_endpoint_url_fails_for_good_with_a_delivery_row(deps: Deps, url: str):
+    ep = "ep_invalid"
+    await deps.pool.execute(
+        "INSERT INTO webhook_endpoints (id, url, secret, event_types) VALUES ($1, $2, $3, $4)",
+        ep, url, "whsec_" + base64.b64encode(b"k" * 24).decode(), ["email.sent"],
+    )  # fmt: skip
+    with pytest.raises(PermanentError, match="endpoint URL"):
+        await deliver_webhook.fn(delivery(ep), job(), deps)
+    (row,) = await rows(deps)
+    assert row["succeeded"] is False
+    assert row["status_code"] is None
+    assert "invalid endpoint URL" in row["error"] or "name a host" in row["error"]
+
+
+async def test_webhook_add_refuses_invalid_and_disguised_urls_in_one_line(deps: Deps, env_for):
+    disguised = ["http://[64:ff9b::a9fe:a9fe]/", "http://[::169.254.169.254]/"]
+    for url in [*INVALID_URLS, *disguised]:
+        with pytest.raises(ConfigError) as refused:
+            await add_endpoint(deps.pool, url)
+        assert "\n" not in str(refused.value)
+    env = env_for()
+    for url in ["http://0177.0.0.1/", "http://example.com:99999/", disguised[0]]:
+        out = await jobstream(env, "webhook", "add", url)
+        assert out.returncode == 2, (url, out.stderr)
+        assert len(out.stderr.splitlines()) == 1, (url, out.stderr)
+        assert "Traceback" not in out.stderr
+    assert await deps.pool.fetchval("SELECT count(*) FROM webhook_endpoints") == 0
