@@ -18,7 +18,7 @@ from consumers.settings import Settings
 from consumers.tls import database_dsn
 from otel.redact import remember_secrets, scrub, secrets_of_url
 from otel.tracing import setup_tracing
-from schema.migrate import apply_migrations
+from schema.migrate import MigrationMismatch, apply_migrations
 from schema.payloads import PAYLOADS
 from streams import ConfigError, PublishError, list_dead, purge_dead, read_dead, replay_dead
 from streams.dead_letters import count_dead, replay_all
@@ -111,6 +111,8 @@ async def _migrate(settings: Settings) -> int:
         raise ConfigError(f"invalid configuration: DATABASE_URL: {exc.args[0]}") from None
     try:
         applied = await apply_migrations(conn)
+    except MigrationMismatch as exc:
+        raise ConfigError(str(exc)) from None
     finally:
         await conn.close()
     names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)

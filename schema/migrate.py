@@ -11,7 +11,7 @@ from importlib import resources
 
 import asyncpg
 
-__all__ = ["Migration", "apply_migrations", "load_migrations"]
+__all__ = ["Migration", "MigrationMismatch", "apply_migrations", "load_migrations"]
 
 _LOCK_KEY = 0x6A6F6273  # "jobs": any constant shared by every replica
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -23,8 +23,12 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at timestamptz NOT NULL DEFAULT now()
 )
 """
-APPLIED_SQL = "SELECT version FROM schema_migrations"
+APPLIED_SQL = "SELECT version, name FROM schema_migrations"
 RECORD_SQL = "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)"
+
+
+class MigrationMismatch(RuntimeError):
+    """The database's recorded migrations are not this code's."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +49,26 @@ def load_migrations() -> list[Migration]:
 
 
 async def apply_migrations(conn: asyncpg.Connection) -> list[Migration]:
-    """Apply what is missing and return it; a second run applies nothing."""
+    """Apply what is missing and return it; a second run applies nothing.
+
+    Raises MigrationMismatch, applying nothing, when the database recorded a version
+    under another name than this code's file of that number (two branches' migrations
+    numbered alike): running on would skip one of them for good.
+    """
     await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_KEY)
     try:
         await conn.execute(CREATE_VERSIONS_SQL)
-        done = {row["version"] for row in await conn.fetch(APPLIED_SQL)}
+        done = {row["version"]: row["name"] for row in await conn.fetch(APPLIED_SQL)}
+        migrations = load_migrations()
+        clash = [
+            f"{m.version:04d} is {done[m.version]!r} in the database but {m.name!r} here"
+            for m in migrations
+            if m.version in done and done[m.version] != m.name
+        ]
+        if clash:
+            raise MigrationMismatch("migrations disagree: " + "; ".join(clash))
         applied = []
-        for migration in load_migrations():
+        for migration in migrations:
             if migration.version in done:
                 continue
             async with conn.transaction():

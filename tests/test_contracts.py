@@ -122,3 +122,19 @@ def test_readme_configuration_table_matches_settings():
     section = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `([A-Z_]+)` \|", section, flags=re.MULTILINE))
     assert documented == set(Settings.__struct_encode_fields__)
+
+
+async def test_migrations_numbered_alike_by_two_branches_are_refused(database: str):
+    """A version recorded under another name means one of two migrations would be skipped
+    for good: refuse, applying nothing, with a line naming both."""
+    import asyncpg
+
+    from schema.migrate import MigrationMismatch, apply_migrations
+
+    conn = await asyncpg.connect(database)
+    try:
+        await conn.execute("UPDATE schema_migrations SET name = 'other_branch' WHERE version = 2")
+        with pytest.raises(MigrationMismatch, match="0002 is 'other_branch' in the database"):
+            await apply_migrations(conn)
+    finally:
+        await conn.close()
