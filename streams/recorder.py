@@ -12,7 +12,7 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,8 +91,18 @@ def _payload_text(payload: bytes | None) -> str | None:
 class Recorder:
     """Coalesces status writes and acks of concurrent jobs into one flush at a time."""
 
-    def __init__(self, redis: aioredis.Redis, pool: asyncpg.Pool, config: RecorderConfig) -> None:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        pool: asyncpg.Pool,
+        config: RecorderConfig,
+        on_done: Callable[[Delivery], None] | None = None,
+    ) -> None:
+        """`on_done(delivery)` is called once an outcome's settlement is over (its entry
+        acked, or left to its new holder), never while it waits to be re-sent."""
         self._redis = redis
+        self._on_done = on_done
+        self._later: dict[int, Result] = {}  # waiting to be re-sent, by id()
         self._pool = pool
         self._cfg = config
         self._pending: list[Start | Result] = []
@@ -139,8 +149,9 @@ class Recorder:
         return time.time() - self._progress_at if self.backlog else 0.0
 
     def entry_ids(self) -> set[str]:
-        """Entries whose records are waiting or being written (not yet acked)."""
-        return {item.delivery.entry_id for item in (*self._batch, *self._pending)}
+        """Entries whose records are waiting, being written or to be re-sent (not acked)."""
+        items = (*self._batch, *self._pending, *self._later.values())
+        return {item.delivery.entry_id for item in items}
 
     def started(self, start: Start) -> None:
         """Queue the `running` record of a job; the handler does not wait for it."""
@@ -184,6 +195,11 @@ class Recorder:
         if jobs or execs:
             await self._write_pg(jobs, execs)
         await self._write_redis(jobs, results)
+        if self._on_done is not None:
+            later = self._later
+            for r in results:
+                if id(r) not in later:
+                    self._on_done(r.delivery)
         self.settled += len(results)
         self._progress_at = time.time()
         self._flushing = 0
@@ -285,7 +301,17 @@ class Recorder:
                          len(refused))  # fmt: skip
             for r in refused:
                 r.executed = False  # its execution row is already committed
-                asyncio.get_running_loop().call_later(1.0, self.settle, r)
+                self._settle_later(r)
+
+    def _settle_later(self, r: Result) -> None:
+        """Settle `r` again in 1 s; its entry stays held by this process meanwhile."""
+        self._later[id(r)] = r
+
+        def again() -> None:
+            self._later.pop(id(r), None)
+            self.settle(r)
+
+        asyncio.get_running_loop().call_later(1.0, again)
 
     def _follow_up(self, r: Result) -> tuple[Any, ...] | None:
         """The retry (delayed set) or dead-letter command an outcome needs before its ack."""

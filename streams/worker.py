@@ -34,7 +34,7 @@ from streams.job import Delivery, Job, Outcome, Result
 from streams.keys import Keys
 from streams.observe import NullObserver, Observer
 from streams.pg_store import fetch_statuses
-from streams.reclaimer import Reclaimer
+from streams.reclaimer import Pending, Reclaimer
 from streams.recorder import Recorder, RecorderConfig, Start
 from streams.trimmer import trim
 
@@ -77,6 +77,11 @@ class _Lane:
         self.route = route
         self.tasks: set[asyncio.Task[None]] = set()  # running or settling
         self.running: dict[str, Delivery] = {}  # holding a slot
+        # inv. 10: every entry this process holds, from its read or claim until its ack
+        # (queued, being checked, running, settling, waiting to be re-sent), with when it
+        # was taken or last refreshed (perf_counter). Every path that runs an entry takes
+        # it here first, so no entry runs twice in one process.
+        self.held: dict[str, float] = {}
         self.free = asyncio.Event()
         self.free.set()
 
@@ -123,6 +128,7 @@ class Engine:
             RecorderConfig(
                 config.group, config.consumer, config.keys, config.hash_ttl_s, config.dead_maxlen
             ),
+            on_done=self._let_go,
         )
         self.reclaimer = Reclaimer(
             redis, config.keys, config.group, config.consumer, config.reclaim_ceiling_ms
@@ -205,6 +211,10 @@ class Engine:
             except redis.exceptions.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+            # Listed in the group from the start, even before anything is delivered to it.
+            await self.redis.xgroup_createconsumer(
+                self.cfg.keys.stream(queue), self.cfg.group, self.cfg.consumer
+            )
         await self._heartbeat()
         for lane in self.lanes.values():  # a restarted worker resumes its own first
             await self._resume_own(lane)
@@ -271,7 +281,10 @@ class Engine:
                 )
 
             try:
-                if await self._retrying(f"read {stream}", read):
+                waited = await self._retrying(f"read {stream}", read)
+                entries = reply[0][1] if reply else []
+                self._run_read(lane, entries)  # taken before anything else can look
+                if waited:  # a lost reply may have delivered entries we never saw
                     await self._retrying(f"resume {stream}", lambda: self._resume_own(lane))
             except redis.exceptions.ResponseError as exc:
                 if "NOGROUP" in str(exc):
@@ -280,28 +293,64 @@ class Engine:
                     logger.error("reading %s refused: %s; retrying in 1s", stream, exc)
                     await asyncio.sleep(1.0)
                 continue
-            entries = reply[0][1] if reply else []
-            for eid, fields in entries:
-                d = Delivery(lane.route.queue, eid.decode(), fields)
-                lane.spawn(self._process(lane, d), d)
             if not entries and self.cfg.burst and await self._drained():
                 self.stop()
 
-    async def _resume_own(self, lane: _Lane) -> None:
-        """Run the entries our consumer name holds that this process does not know of.
+    def _run_read(self, lane: _Lane, entries: list[Any]) -> None:
+        """Take and start new entries just read (never delivered before, so never held)."""
+        held, queue, now = lane.held, lane.route.queue, time.perf_counter()
+        for eid, fields in entries:
+            entry_id = eid.decode()
+            if entry_id in held:
+                continue
+            held[entry_id] = now
+            d = Delivery(queue, entry_id, fields)
+            lane.spawn(self._process(lane, d), d)
 
-        At start, what a previous process of the same name left; after a Redis outage, a
-        read that was delivered to us with its reply lost. Either would otherwise wait for
-        the safety ceiling.
+    def _let_go(self, d: Delivery) -> None:
+        """The recorder is done with `d`: this process no longer holds its entry."""
+        lane = self.lanes.get(d.queue)
+        if lane is not None:
+            lane.held.pop(d.entry_id, None)
+
+    async def _resume_own(self, lane: _Lane, idle_ms: int | None = None) -> None:
+        """Run the entries our consumer name holds that this process does not hold.
+
+        At start, what a previous process of the same name left; after a dropped
+        connection, a read that was delivered to us with its reply lost. Either would
+        otherwise wait for the safety ceiling. `idle_ms`: only entries idle that long.
         """
-        known = set(lane.running) | self.recorder.entry_ids()
-        cursor = "0-0"
-        while cursor:
-            batch, cursor = await self.reclaimer.own_pending(lane.route.queue, cursor)
-            fresh = [d for d in batch if d.entry_id not in known]
-            if fresh:
-                logger.warning("resuming %d entries this consumer already held", len(fresh))
-                await self._dispatch_redelivered(lane, fresh)
+        after = "-"
+        while True:
+            batch = await self.reclaimer.pending(
+                lane.route.queue, self.cfg.consumer, after=after, idle_ms=idle_ms
+            )
+            await self._take_over(lane, batch)
+            if len(batch) < self.reclaimer.batch:
+                return
+            after = batch[-1].entry_id
+
+    async def _take_over(self, lane: _Lane, batch: list[Pending]) -> None:
+        """Claim pending entries of one consumer that this process does not hold, and run
+        them. They are held from before the claim, so no other path can take them too."""
+        held, now = lane.held, time.perf_counter()
+        mine = [p for p in batch if p.entry_id not in held]
+        if not mine:
+            return
+        for p in mine:
+            held[p.entry_id] = now
+        got: list[Delivery] = []
+        try:
+            got = await self.reclaimer.claim(lane.route.queue, mine[0].owner, mine)
+        finally:
+            taken = {d.entry_id for d in got}
+            for p in mine:
+                if p.entry_id not in taken:  # not claimed: another path may take it later
+                    held.pop(p.entry_id, None)
+        if got and mine[0].owner == self.cfg.consumer:
+            logger.warning("resuming %d entries this consumer already held", len(got))
+        if got:
+            await self._dispatch_redelivered(lane, got)
 
     async def _drained(self) -> bool:
         """Burst mode: nothing new was read; is anything else ready for this worker?
@@ -325,15 +374,18 @@ class Engine:
         return True
 
     async def _dispatch_redelivered(self, lane: _Lane, batch: list[Delivery]) -> None:
-        """Entries delivered before: ack those PostgreSQL shows completed (inv. 3), run the rest."""
+        """Entries delivered before, held by this process: ack those PostgreSQL shows
+        completed (inv. 3), run the rest."""
         ids = [safe_job_id(d.entry_id, d.fields) for d in batch]
-        statuses: dict[str, str] = {}
+        statuses: dict[str, str] | None = None
 
         async def fetch() -> None:
             nonlocal statuses
             statuses = await fetch_statuses(self.pool, ids)
 
         await self._retrying("check redelivered", fetch)
+        if statuses is None:  # stopping before PostgreSQL answered: left for other workers
+            return
         for job_id, d in zip(ids, batch, strict=True):
             if statuses.get(job_id) == "completed":
                 now = time.time()
@@ -423,19 +475,36 @@ class Engine:
             self.cfg.keys.alive(self.cfg.consumer), str(time.time()), px=self.cfg.alive_ttl_ms
         )
         self.heartbeat_at = time.time()
-        long_ms = self.cfg.reclaim_ceiling_ms / 2
-        now = time.perf_counter()
+        # inv. 4: whatever this process holds (running, or its outcome waiting in the
+        # recorder, e.g. through a PostgreSQL outage) is kept fresh so the ceiling never
+        # hands it to another replica.
+        long_s = self.cfg.reclaim_ceiling_ms / 2000
         for queue, lane in self.lanes.items():
-            old = [
-                eid for eid, d in lane.running.items() if (now - d.started_mono) * 1000 > long_ms
-            ]
-            await self.reclaimer.refresh(queue, old)
+            now = time.perf_counter()
+            old = [eid for eid, at in lane.held.items() if now - at > long_s]
+            for i in range(0, len(old), 500):
+                chunk = old[i : i + 500]
+                kept = await self.reclaimer.refresh(queue, chunk)
+                for eid in chunk:
+                    if eid in lane.held:
+                        lane.held[eid] = now
+                if len(kept) < len(chunk):
+                    logger.warning("%d entries of %s were taken over by another consumer",
+                                   len(chunk) - len(kept), queue)  # fmt: skip
 
     async def _reclaim(self) -> None:
         for queue, lane in self.lanes.items():
-            claimed = await self.reclaimer.reclaim(queue)
-            if claimed:
-                await self._dispatch_redelivered(lane, claimed)
+            for name in await self.reclaimer.dead_consumers(queue):
+                await self._take_over(lane, await self.reclaimer.pending(queue, name))
+            # Delivered to us with the reply lost inside the client's own retry.
+            await self._resume_own(lane, idle_ms=self.cfg.alive_ttl_ms)
+            claimed = await self.reclaimer.claim_ceiling(queue)
+            held, now = lane.held, time.perf_counter()
+            fresh = [d for d in claimed if d.entry_id not in held]
+            for d in fresh:
+                held[d.entry_id] = now
+            if fresh:
+                await self._dispatch_redelivered(lane, fresh)
 
     async def _promote(self) -> None:
         for queue in self.lanes:

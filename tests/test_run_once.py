@@ -1,0 +1,113 @@
+"""No re-run without a crash (inv. 10): dropped connections, retried reads, redeliveries and
+drains never run an entry twice in one worker, and what a worker takes over it runs within
+its limits."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+import random
+import tempfile
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+import pytest
+import redis.asyncio as aioredis
+
+from consumers.deps import Deps
+from consumers.handler import handler
+from consumers.runtime import connect, make_engine
+from consumers.settings import Settings
+from streams import Job, Policy, Publisher
+from tests import handlers
+from tests.conftest import eventually, running
+from tests.servers import OwnRedis
+
+RUNS_Q = "test-runs"
+
+RUNS_TABLE_SQL = """
+CREATE TABLE IF NOT EXISTS test_runs (
+    job_id text NOT NULL, entry_id text NOT NULL, attempt int NOT NULL, at timestamptz DEFAULT now()
+)
+"""
+
+
+@handler(RUNS_Q, handlers.Work, Policy(max_attempts=3, timeout_s=20, concurrency=16))
+async def counted(w: handlers.Work, job: Job, deps: Deps) -> None:
+    """Count this execution in PostgreSQL (out of reach of Redis connection kills)."""
+    await deps.pool.execute(
+        "INSERT INTO test_runs (job_id, entry_id, attempt) VALUES ($1, $2, $3)",
+        job.id,
+        job.entry_id,
+        job.attempt,
+    )
+    if w.sleep_s:
+        await asyncio.sleep(w.sleep_s)
+
+
+async def runs(deps: Deps) -> dict[str, int]:
+    rows = await deps.pool.fetch("SELECT job_id, count(*) AS n FROM test_runs GROUP BY job_id")
+    return {r["job_id"]: int(r["n"]) for r in rows}
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[OwnRedis]:
+    with tempfile.TemporaryDirectory(prefix="jobstream-redis-") as folder:
+        server = OwnRedis(pathlib.Path(folder))
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()
+
+
+async def kill_clients(url: str, stop: asyncio.Event, for_s: float) -> int:
+    """Drop every normal client's connection again and again for `for_s` seconds (or until
+    `stop`); return how often."""
+    killer: Any = aioredis.Redis.from_url(url)
+    kills = 0
+    deadline = asyncio.get_running_loop().time() + for_s
+    try:
+        while not stop.is_set() and asyncio.get_running_loop().time() < deadline:
+            await killer.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+            kills += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), random.uniform(0.02, 0.1))
+    finally:
+        await killer.aclose()
+    return kills
+
+
+async def test_killed_connections_never_run_an_entry_twice(own_redis: OwnRedis, settings: Settings):
+    s = msgspec.structs.replace(settings, redis_url=own_redis.url)
+    async with connect(s) as deps:
+        await deps.pool.execute(RUNS_TABLE_SQL)
+        pub = Publisher(deps.redis, deps.keys, {RUNS_Q: handlers.Work}, record_queued=False)
+        ids = await pub.publish_many(RUNS_Q, [handlers.Work(sleep_s=0.002) for _ in range(1000)])
+        eng = make_engine(deps, None, None, extra=(counted,))
+        stop = asyncio.Event()
+        async with running(eng):
+            killer = asyncio.create_task(kill_clients(own_redis.url, stop, 4.0))
+
+            async def all_ran() -> bool:
+                return len(await runs(deps)) == len(ids)
+
+            try:
+                await eventually(all_ran, timeout_s=30)
+            finally:
+                stop.set()
+                kills = await killer
+
+            async def none_pending() -> bool:
+                summary = await deps.redis.xpending(deps.keys.stream(RUNS_Q), "workers")
+                return bool(summary["pending"] == 0)
+
+            await eventually(none_pending, timeout_s=20)
+        assert kills >= 10
+        counted_runs = await runs(deps)
+        twice = {k: v for k, v in counted_runs.items() if v != 1}
+        assert not twice, f"{len(twice)} jobs ran more than once after {kills} kills"
+        rows = await deps.pool.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+        assert {r["status"]: r["n"] for r in rows} == {"completed": len(ids)}
