@@ -135,6 +135,7 @@ class Engine:
         )
         self.promoter = Promoter(redis, config.keys)
         self.stopping = asyncio.Event()
+        self._exited = asyncio.Event()  # drained: the heartbeat may stop
         self.heartbeat_at = 0.0
         self.processed = 0
         self._traced = is_recording_enabled()
@@ -162,23 +163,38 @@ class Engine:
         self.recorder.start()
         named = {f"read {q}": self._read_loop(lane) for q, lane in self.lanes.items()}
         named |= {
-            "heartbeat": self._every(self.cfg.alive_ttl_ms / 3000, self._heartbeat),
             "reclaim": self._every(self.cfg.reclaim_interval_s, self._reclaim),
             "promote": self._every(self.cfg.promote_interval_s, self._promote),
             "trim": self._every(self.cfg.trim_interval_s, self._trim),
         }
         self._loops = {name: asyncio.create_task(coro, name=name) for name, coro in named.items()}
         loops = list(self._loops.values())
+        # The heartbeat outlives `stopping`: a draining worker still holds its entries, and
+        # another replica must not take them (or delete its consumer) before it exits.
+        beat = asyncio.create_task(
+            self._every(self.cfg.alive_ttl_ms / 3000, self._heartbeat, until=self._exited),
+            name="heartbeat",
+        )
+        self._loops["heartbeat"] = beat
         try:
             await self.stopping.wait()
         finally:
-            # Loops are not cancelled mid-command: each sees `stopping` within one block_ms
-            # or interval, so no entry is read and then abandoned.
-            _, stuck = await asyncio.wait(loops, timeout=self.cfg.block_ms / 1000 + 10)
-            for task in stuck:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
-            await self._drain()
+            try:
+                # Loops are not cancelled mid-command: each sees `stopping` within one
+                # block_ms or interval, so no entry is read and then abandoned.
+                _, stuck = await asyncio.wait(loops, timeout=self.cfg.block_ms / 1000 + 10)
+                for task in stuck:
+                    task.cancel()
+                await asyncio.gather(*loops, return_exceptions=True)
+                await self._drain()
+            finally:
+                self._exited.set()
+                if not beat.done():
+                    await asyncio.wait([beat], timeout=self.cfg.block_ms / 1000 + 10)
+                    beat.cancel()
+                await asyncio.gather(beat, return_exceptions=True)
+                with contextlib.suppress(*_CONN_ERRORS):
+                    await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
 
     def health(self) -> str | None:
         """None while every loop runs and the heartbeat is fresh; otherwise what is wrong."""
@@ -235,8 +251,6 @@ class Engine:
                     task.cancel()
                 await asyncio.gather(*left, return_exceptions=True)
         await self.recorder.close(self.cfg.grace_s)
-        with contextlib.suppress(*_CONN_ERRORS):
-            await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
 
     # ---- resilience helpers ----------------------------------------------------------
     async def _retrying(self, what: str, fn: Callable[[], Awaitable[None]]) -> bool:
@@ -246,8 +260,15 @@ class Engine:
             stopping=self.stopping,
         )  # fmt: skip
 
-    async def _every(self, interval_s: float, fn: Callable[[], Awaitable[None]]) -> None:
-        while not self.stopping.is_set():
+    async def _every(
+        self,
+        interval_s: float,
+        fn: Callable[[], Awaitable[None]],
+        until: asyncio.Event | None = None,
+    ) -> None:
+        """Call `fn` every `interval_s` until `until` (default: `stopping`) is set."""
+        until = until or self.stopping
+        while not until.is_set():
             name = fn.__name__.strip("_")
             try:
                 await self._retrying(name, fn)
@@ -257,7 +278,7 @@ class Engine:
                     logger.error("%s failed: %s (logged once until it works again)", name, exc)
                     self._refused.add(name)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), interval_s)
+                await asyncio.wait_for(until.wait(), interval_s)
 
     # ---- reading and dispatch ---------------------------------------------------------
     async def _read_loop(self, lane: _Lane) -> None:

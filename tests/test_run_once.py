@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import pathlib
 import random
+import signal
+import sys
 import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,6 +26,9 @@ from streams import Job, Policy, Publisher
 from tests import handlers
 from tests.conftest import eventually, running
 from tests.servers import OwnRedis
+from tests.test_engine import executions
+
+Q = handlers.QUEUE
 
 RUNS_Q = "test-runs"
 
@@ -111,3 +116,48 @@ async def test_killed_connections_never_run_an_entry_twice(own_redis: OwnRedis, 
         assert not twice, f"{len(twice)} jobs ran more than once after {kills} kills"
         rows = await deps.pool.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")
         assert {r["status"]: r["n"] for r in rows} == {"completed": len(ids)}
+
+
+async def spawn_worker(env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.handlers", env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+
+
+async def stop_worker(proc: asyncio.subprocess.Process) -> bytes:
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return out
+
+
+async def test_a_draining_worker_keeps_its_jobs_until_it_exits(deps: Deps, env_for):
+    """SIGTERM stops reading, not proving the worker is alive: nobody takes its long job."""
+    job_id = await Publisher(deps.redis, deps.keys, handlers.PAYLOADS).publish(
+        Q, handlers.Work(sleep_s=6)
+    )
+    holder = await spawn_worker(
+        env_for(JOBSTREAM_CONSUMER_NAME="holder", JOBSTREAM_SHUTDOWN_GRACE_S="20")
+    )
+    other = None
+    try:
+        await eventually(lambda: executions(deps), timeout_s=30)
+        other = await spawn_worker(env_for(JOBSTREAM_CONSUMER_NAME="other"))
+        await eventually(lambda: deps.redis.exists(deps.keys.alive("other")), timeout_s=30)
+        holder.send_signal(signal.SIGTERM)
+        out = await stop_worker(holder)
+        assert holder.returncode == 0, out.decode()
+        assert b"draining 1 in-flight jobs" in out
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+        other_out = await stop_worker(other) if other is not None else b""
+    assert await executions(deps) == {job_id: 1}
+    rows = await deps.pool.fetch("SELECT worker_id FROM job_executions WHERE job_id = $1", job_id)
+    assert [r["worker_id"] for r in rows] == ["holder"]
+    assert (await deps.pool.fetchrow("SELECT * FROM jobs WHERE id = $1", job_id))[
+        "status"
+    ] == "completed"
+    assert b"reclaimed" not in other_out
