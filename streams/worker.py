@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -82,6 +83,9 @@ class _Lane:
         # was taken or last refreshed (perf_counter). Every path that runs an entry takes
         # it here first, so no entry runs twice in one process.
         self.held: dict[str, float] = {}
+        # Taken over (resumed or reclaimed) and checked, waiting for a slot: they share
+        # the lane's slots and backpressure with new reads, and go first.
+        self.ready: deque[Delivery] = deque()
         self.free = asyncio.Event()
         self.free.set()
 
@@ -250,6 +254,10 @@ class Engine:
                 for task in left:
                     task.cancel()
                 await asyncio.gather(*left, return_exceptions=True)
+        waiting = sum(len(lane.ready) for lane in self.lanes.values())
+        if waiting:
+            logger.info("%d taken-over entries not started: left pending for other workers",
+                        waiting)  # fmt: skip
         await self.recorder.close(self.cfg.grace_s)
 
     # ---- resilience helpers ----------------------------------------------------------
@@ -288,6 +296,11 @@ class Engine:
             await self.recorder.has_room.wait()  # backpressure: bounded settlement backlog
             if self.stopping.is_set():
                 return
+            if lane.ready:
+                while lane.ready and lane.room > 0:
+                    d = lane.ready.popleft()
+                    lane.spawn(self._process(lane, d), d)
+                continue
             count = max(1, min(lane.room, self.cfg.read_count))
             reply: Any = []
 
@@ -378,7 +391,7 @@ class Engine:
 
         Jobs and retries due later are not ready: they stay for the next run.
         """
-        if any(lane.tasks for lane in self.lanes.values()) or self.recorder.backlog:
+        if any(lane.tasks or lane.ready for lane in self.lanes.values()) or self.recorder.backlog:
             return False
         now_ms = int(time.time() * 1000)
         try:
@@ -423,7 +436,7 @@ class Engine:
                 res.reason = "deliveries"
                 self._settle(res)
             else:
-                lane.spawn(self._process(lane, d), d)
+                lane.ready.append(d)  # the read loop starts it when a slot is free
 
     async def _process(self, lane: _Lane, d: Delivery) -> None:
         route = lane.route

@@ -161,3 +161,44 @@ async def test_a_draining_worker_keeps_its_jobs_until_it_exits(deps: Deps, env_f
         "status"
     ] == "completed"
     assert b"reclaimed" not in other_out
+
+
+CONC_Q = "test-concurrency"
+_in_flight: dict[str, list[int]] = {}  # key prefix -> [running now, most at once]
+
+
+@handler(CONC_Q, handlers.Work, Policy(max_attempts=3, timeout_s=20, concurrency=2))
+async def measured(w: handlers.Work, job: Job, deps: Deps) -> None:
+    """Note how many of this test's jobs run at once."""
+    count = _in_flight.setdefault(deps.keys.prefix, [0, 0])
+    count[0] += 1
+    count[1] = max(count[1], count[0])
+    try:
+        await asyncio.sleep(w.sleep_s)
+    finally:
+        count[0] -= 1
+
+
+@pytest.mark.parametrize("holder", ["stable-1", "crashed-1"])
+async def test_resumed_and_reclaimed_entries_respect_the_concurrency(deps: Deps, holder: str):
+    """40 entries a consumer left pending: resumed under the same name (it looks alive) or
+    reclaimed from a dead consumer, they still run at most `concurrency` (2) at once."""
+    stream = deps.keys.stream(CONC_Q)
+    await deps.redis.xgroup_create(stream, "workers", id="0", mkstream=True)
+    pub = Publisher(deps.redis, deps.keys, {CONC_Q: handlers.Work}, record_queued=False)
+    ids = await pub.publish_many(CONC_Q, [handlers.Work(sleep_s=0.05) for _ in range(40)])
+    await deps.redis.xreadgroup("workers", holder, {stream: ">"})  # then it crashed
+    if holder == "stable-1":
+        await deps.redis.set(deps.keys.alive(holder), "1", px=60_000)
+    consumer = "stable-1" if holder == "stable-1" else None
+    eng = make_engine(deps, None, None, extra=(measured,), consumer=consumer)
+    async with running(eng):
+
+        async def all_done() -> bool:
+            rows = await deps.pool.fetchval(
+                "SELECT count(*) FROM jobs WHERE status = 'completed' AND id = ANY($1)", ids
+            )
+            return bool(rows == len(ids))
+
+        await eventually(all_done, timeout_s=20)
+    assert _in_flight[deps.keys.prefix][1] <= 2
