@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +86,7 @@ class _Lane:
         # Taken over (resumed or reclaimed) and checked, waiting for a slot: they share
         # the lane's slots and backpressure with new reads, and go first.
         self.ready: deque[Delivery] = deque()
+        self.reading = False  # between passing the gate and starting what it read
         self.free = asyncio.Event()
         self.free.set()
 
@@ -93,7 +94,12 @@ class _Lane:
     def room(self) -> int:
         return self.route.policy.concurrency - len(self.running)
 
-    def spawn(self, coro: Awaitable[None], d: Delivery) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], d: Delivery) -> None:
+        if d.entry_id in self.running:  # cannot happen while every path takes `held` first
+            coro.close()
+            logger.error("entry %s of %s is already running: not started twice",
+                         d.entry_id, self.route.queue)  # fmt: skip
+            return
         d.started_mono = time.perf_counter()
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
@@ -140,6 +146,14 @@ class Engine:
         self.promoter = Promoter(redis, config.keys)
         self.stopping = asyncio.Event()
         self._exited = asyncio.Event()  # drained: the heartbeat may stop
+        # Entries whose earlier deliveries may have crashed their worker, not claimed yet:
+        # each is claimed and run alone (inv. 10, a poison job takes no healthy one with it).
+        self._suspects: dict[tuple[str, str], Pending] = {}
+        self._alone = asyncio.Event()  # cleared while a suspect waits for or has the worker
+        self._alone.set()
+        # Delivered this often (claimed once more), an entry runs alone: a worker that dies
+        # running it then takes nothing else with it, and only its count reaches the limit.
+        self._alone_from = min(3, config.max_deliveries)
         self.heartbeat_at = 0.0
         self.processed = 0
         self._traced = is_recording_enabled()
@@ -219,6 +233,7 @@ class Engine:
     def stop(self) -> None:
         """Stop reading; in-flight jobs get the grace period to finish."""
         self.stopping.set()
+        self._alone.set()
         for lane in self.lanes.values():
             lane.free.set()
 
@@ -294,6 +309,7 @@ class Engine:
         while True:
             await lane.free.wait()
             await self.recorder.has_room.wait()  # backpressure: bounded settlement backlog
+            await self._alone.wait()  # a suspect entry is about to run alone
             if self.stopping.is_set():
                 return
             if lane.ready:
@@ -314,6 +330,7 @@ class Engine:
                     block=self.cfg.block_ms,
                 )
 
+            lane.reading = True
             try:
                 waited = await self._retrying(f"read {stream}", read)
                 entries = reply[0][1] if reply else []
@@ -327,6 +344,8 @@ class Engine:
                     logger.error("reading %s refused: %s; retrying in 1s", stream, exc)
                     await asyncio.sleep(1.0)
                 continue
+            finally:
+                lane.reading = False
             if not entries and self.cfg.burst and await self._drained():
                 self.stop()
 
@@ -367,8 +386,15 @@ class Engine:
     async def _take_over(self, lane: _Lane, batch: list[Pending]) -> None:
         """Claim pending entries of one consumer that this process does not hold, and run
         them. They are held from before the claim, so no other path can take them too."""
-        held, now = lane.held, time.perf_counter()
-        mine = [p for p in batch if p.entry_id not in held]
+        held, now, queue = lane.held, time.perf_counter(), lane.route.queue
+        mine = []
+        for p in batch:
+            if p.entry_id in held or (queue, p.entry_id) in self._suspects:
+                continue
+            if self._alone_from <= p.deliveries + 1 <= self.cfg.max_deliveries:
+                self._suspects[(queue, p.entry_id)] = p  # claimed later, alone
+            else:
+                mine.append(p)
         if not mine:
             return
         for p in mine:
@@ -391,7 +417,8 @@ class Engine:
 
         Jobs and retries due later are not ready: they stay for the next run.
         """
-        if any(lane.tasks or lane.ready for lane in self.lanes.values()) or self.recorder.backlog:
+        busy = any(lane.tasks or lane.ready for lane in self.lanes.values())
+        if busy or self._suspects or self.recorder.backlog:
             return False
         now_ms = int(time.time() * 1000)
         try:
@@ -407,9 +434,55 @@ class Engine:
             return False
         return True
 
-    async def _dispatch_redelivered(self, lane: _Lane, batch: list[Delivery]) -> None:
+    async def _run_suspects(self) -> None:
+        """Claim and run each suspect entry alone: no new entry starts in this process
+        until it is the only one running, and none until its handler is done.
+
+        Slow for the rare entries it applies to, and the cost of isolating a poison job:
+        the healthy jobs that died with it run to completion instead of sharing its fate.
+        """
+        while self._suspects and not self.stopping.is_set():
+            (queue, entry_id), p = next(iter(self._suspects.items()))
+            del self._suspects[(queue, entry_id)]
+            lane = self.lanes[queue]
+            if entry_id in lane.held:
+                continue
+            self._alone.clear()
+            try:
+                if not await self._idle():
+                    return
+                lane.held[entry_id] = time.perf_counter()
+                got: list[Delivery] = []
+                try:
+                    got = await self.reclaimer.claim(queue, p.owner, [p])
+                finally:
+                    if not got:  # another replica took it, or it was acked or deleted
+                        lane.held.pop(entry_id, None)
+                if got:
+                    logger.warning(
+                        "running entry %s of %s alone: delivered %d times, an earlier "
+                        "delivery may have crashed its worker",
+                        entry_id, queue, got[0].delivery_count,
+                    )  # fmt: skip
+                    await self._dispatch_redelivered(lane, got, alone=True)
+                    await self._idle()
+            finally:
+                self._alone.set()
+
+    async def _idle(self) -> bool:
+        """Wait until no handler runs and no read is being started; False if stopping."""
+        lanes = self.lanes.values()
+        while any(lane.running or lane.reading for lane in lanes):
+            if self.stopping.is_set():
+                return False
+            await asyncio.sleep(0.01)  # rare path: a poll is simpler than another event
+        return not self.stopping.is_set()
+
+    async def _dispatch_redelivered(
+        self, lane: _Lane, batch: list[Delivery], *, alone: bool = False
+    ) -> None:
         """Entries delivered before, held by this process: ack those PostgreSQL shows
-        completed (inv. 3), run the rest."""
+        completed (inv. 3), run the rest (`alone`: start them at once, the worker is idle)."""
         ids = [safe_job_id(d.entry_id, d.fields) for d in batch]
         statuses: dict[str, str] | None = None
 
@@ -435,6 +508,8 @@ class Engine:
                 )
                 res.reason = "deliveries"
                 self._settle(res)
+            elif alone:
+                lane.spawn(self._process(lane, d), d)
             else:
                 lane.ready.append(d)  # the read loop starts it when a slot is free
 
@@ -539,6 +614,7 @@ class Engine:
                 held[d.entry_id] = now
             if fresh:
                 await self._dispatch_redelivered(lane, fresh)
+        await self._run_suspects()
 
     async def _promote(self) -> None:
         for queue in self.lanes:

@@ -26,7 +26,7 @@ from streams import Job, Policy, Publisher
 from tests import handlers
 from tests.conftest import eventually, running
 from tests.servers import OwnRedis
-from tests.test_engine import executions
+from tests.test_engine import all_terminal, executions, statuses
 
 Q = handlers.QUEUE
 
@@ -202,3 +202,38 @@ async def test_resumed_and_reclaimed_entries_respect_the_concurrency(deps: Deps,
 
         await eventually(all_done, timeout_s=20)
     assert _in_flight[deps.keys.prefix][1] <= 2
+
+
+async def test_a_job_that_crashes_its_worker_is_dead_lettered_alone(deps: Deps, env_for):
+    """A poison job kills every worker that runs it; the healthy jobs read or claimed with
+    it still complete, and only it is dead-lettered once past max_deliveries (3)."""
+    pub = Publisher(deps.redis, deps.keys, handlers.PAYLOADS)
+    healthy = await pub.publish_many(Q, [handlers.Work(sleep_s=0.5) for _ in range(3)])
+    poison = await pub.publish(Q, handlers.Work(crash=True))
+    healthy += await pub.publish_many(Q, [handlers.Work(sleep_s=0.5) for _ in range(3)])
+    env = env_for(
+        JOBSTREAM_MAX_DELIVERIES="3",
+        JOBSTREAM_ALIVE_TTL_MS="500",
+        JOBSTREAM_RECLAIM_INTERVAL_S="0.2",
+        JOBSTREAM_LOG_LEVEL="WARNING",
+    )
+    ids = [*healthy, poison]
+    deaths = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 40
+    while loop.time() < deadline:
+        proc = await spawn_worker(env)  # restarted after each death, like a supervisor would
+        while proc.returncode is None and not await all_terminal(deps, ids):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(proc.wait(), 0.1)
+        if proc.returncode is None:
+            await stop_worker(proc)
+            break
+        assert proc.returncode == -signal.SIGKILL
+        deaths += 1
+    got = await statuses(deps, ids)
+    assert got == {**dict.fromkeys(healthy, "completed"), poison: "failed"}, f"{deaths} deaths"
+    letters = await deps.redis.xrange(deps.keys.dead(Q))
+    assert [f[b"job_id"].decode() for _, f in letters] == [poison]
+    assert letters[0][1][b"reason"] == b"deliveries"
+    assert deaths == 3  # one per allowed delivery, none more
