@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 job_log = logging.getLogger("streams.jobs")
 _CONN_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _STORE_ERRORS = (*_CONN_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
+_TERMINAL = frozenset({"completed", "failed"})  # failed: dead-lettered when it was recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,7 +483,7 @@ class Engine:
         self, lane: _Lane, batch: list[Delivery], *, alone: bool = False
     ) -> None:
         """Entries delivered before, held by this process: ack those PostgreSQL shows
-        completed (inv. 3), run the rest (`alone`: start them at once, the worker is idle)."""
+        completed (inv. 3) or failed, run the rest (`alone`: at once, the worker is idle)."""
         ids = [safe_job_id(d.entry_id, d.fields) for d in batch]
         statuses: dict[str, str] | None = None
 
@@ -494,7 +495,7 @@ class Engine:
         if statuses is None:  # stopping before PostgreSQL answered: left for other workers
             return
         for job_id, d in zip(ids, batch, strict=True):
-            if statuses.get(job_id) == "completed":
+            if statuses.get(job_id) in _TERMINAL:  # over: its outcome is already recorded
                 now = time.time()
                 skip = Result(
                     d, job_id, 0, Outcome.SKIPPED, started_at=now, finished_at=now, executed=False

@@ -237,3 +237,29 @@ async def test_a_job_that_crashes_its_worker_is_dead_lettered_alone(deps: Deps, 
     assert [f[b"job_id"].decode() for _, f in letters] == [poison]
     assert letters[0][1][b"reason"] == b"deliveries"
     assert deaths == 3  # one per allowed delivery, none more
+
+
+@pytest.mark.parametrize("status", ["completed", "failed"])
+async def test_a_redelivered_job_already_terminal_is_acked_without_running(deps: Deps, status: str):
+    """inv. 3 and its twin: a job PostgreSQL shows completed or failed (dead-lettered) is
+    over; a redelivery of its entry is acked and nothing else happens."""
+    stream = deps.keys.stream(Q)
+    await deps.redis.xgroup_create(stream, "workers", id="0", mkstream=True)
+    await deps.pool.execute(
+        "INSERT INTO jobs (id, queue, status, error, attempts) VALUES ('done-1', $1, $2, $3, 1)",
+        Q,
+        status,
+        "refused for good" if status == "failed" else None,
+    )
+    await deps.redis.xadd(stream, {"id": "done-1", "payload": "{}"})
+    await deps.redis.xreadgroup("workers", "ghost", {stream: ">"})  # then it died
+    async with running(make_engine(deps, None, None, extra=handlers.SPECS)):
+
+        async def acked() -> bool:
+            return bool((await deps.redis.xpending(stream, "workers"))["pending"] == 0)
+
+        await eventually(acked)
+    assert await executions(deps) == {}
+    row = await deps.pool.fetchrow("SELECT status, attempts FROM jobs WHERE id = 'done-1'")
+    assert (row["status"], row["attempts"]) == (status, 1)
+    assert await deps.redis.xlen(deps.keys.dead(Q)) == 0
