@@ -58,7 +58,10 @@ class Reclaimer:
         dead: list[str] = []
         consumers: Any = await self.redis.xinfo_consumers(stream, self.group)
         for info in consumers:
-            name = _text(info["name"])
+            try:
+                name = _text(info["name"])
+            except UnicodeDecodeError:  # not a worker's name; the ceiling takes its entries
+                continue
             if name == self.consumer or await self.redis.exists(self.keys.alive(name)):
                 continue
             if int(info["pending"]) == 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
@@ -182,9 +183,9 @@ class Engine:
         self.recorder.start()
         named = {f"read {q}": self._read_loop(lane) for q, lane in self.lanes.items()}
         named |= {
-            "reclaim": self._every(self.cfg.reclaim_interval_s, self._reclaim),
-            "promote": self._every(self.cfg.promote_interval_s, self._promote),
-            "trim": self._every(self.cfg.trim_interval_s, self._trim),
+            "reclaim": self._every(self.cfg.reclaim_interval_s, self._reclaim, per_queue=True),
+            "promote": self._every(self.cfg.promote_interval_s, self._promote, per_queue=True),
+            "trim": self._every(self.cfg.trim_interval_s, self._trim, per_queue=True),
         }
         self._loops = {name: asyncio.create_task(coro, name=name) for name, coro in named.items()}
         loops = list(self._loops.values())
@@ -287,20 +288,29 @@ class Engine:
     async def _every(
         self,
         interval_s: float,
-        fn: Callable[[], Awaitable[None]],
+        fn: Callable[..., Awaitable[None]],
+        *,
+        per_queue: bool = False,
         until: asyncio.Event | None = None,
     ) -> None:
-        """Call `fn` every `interval_s` until `until` (default: `stopping`) is set."""
+        """Call `fn()` (`per_queue`: `fn(queue)` for each queue) every `interval_s` until
+        `until` (default: `stopping`) is set. Nothing stops the loop but `until`."""
         until = until or self.stopping
+        name = fn.__name__.strip("_")
+        calls = [(f"{name} {q}", (q,)) for q in self.lanes] if per_queue else [(name, ())]
         while not until.is_set():
-            name = fn.__name__.strip("_")
-            try:
-                await self._retrying(name, fn)
-                self._refused.discard(name)
-            except redis.exceptions.RedisError as exc:  # a refused command must not stop the loop
-                if name not in self._refused:  # once, not every interval
-                    logger.error("%s failed: %s (logged once until it works again)", name, exc)
-                    self._refused.add(name)
+            for what, args in calls:
+                try:
+                    await self._retrying(what, functools.partial(fn, *args))
+                    self._refused.discard(what)
+                except Exception as exc:
+                    # One of the sanctioned broad catches (a maintenance loop, like the flush
+                    # loop): a refused command, a race or a bug in one queue's step must not
+                    # stop the loop, nor the other queues' steps. Logged once until it works.
+                    if what not in self._refused:
+                        logger.exception("%s failed: %s (logged once until it works again)",
+                                         what, exc)  # fmt: skip
+                        self._refused.add(what)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(until.wait(), interval_s)
 
@@ -602,33 +612,30 @@ class Engine:
                     logger.warning("%d entries of %s were taken over by another consumer",
                                    len(chunk) - len(kept), queue)  # fmt: skip
 
-    async def _reclaim(self) -> None:
-        for queue, lane in self.lanes.items():
-            for name in await self.reclaimer.dead_consumers(queue):
-                await self._take_over(lane, await self.reclaimer.pending(queue, name))
-            # Delivered to us with the reply lost inside the client's own retry.
-            await self._resume_own(lane, idle_ms=self.cfg.alive_ttl_ms)
-            claimed = await self.reclaimer.claim_ceiling(queue)
-            held, now = lane.held, time.perf_counter()
-            fresh = [d for d in claimed if d.entry_id not in held]
-            for d in fresh:
-                held[d.entry_id] = now
-            if fresh:
-                await self._dispatch_redelivered(lane, fresh)
+    async def _reclaim(self, queue: str) -> None:
+        lane = self.lanes[queue]
+        for name in await self.reclaimer.dead_consumers(queue):
+            await self._take_over(lane, await self.reclaimer.pending(queue, name))
+        # Delivered to us with the reply lost inside the client's own retry.
+        await self._resume_own(lane, idle_ms=self.cfg.alive_ttl_ms)
+        claimed = await self.reclaimer.claim_ceiling(queue)
+        held, now = lane.held, time.perf_counter()
+        fresh = [d for d in claimed if d.entry_id not in held]
+        for d in fresh:
+            held[d.entry_id] = now
+        if fresh:
+            await self._dispatch_redelivered(lane, fresh)
         await self._run_suspects()
 
-    async def _promote(self) -> None:
-        for queue in self.lanes:
-            await self.promoter.promote(queue)
+    async def _promote(self, queue: str) -> None:
+        await self.promoter.promote(queue)
 
-    async def _trim(self) -> None:
-        for queue in self.lanes:
-            await trim(self.redis, self.cfg.keys, queue)
-            stream = self.cfg.keys.stream(queue)
-            groups: Any = await self.redis.xinfo_groups(stream)
-            for g in groups:
-                if g["name"].decode() == self.cfg.group:
-                    dead = int(await self.redis.xlen(self.cfg.keys.dead(queue)))
-                    self.observer.queue_stats(
-                        queue, int(g["pending"]), int(g.get("lag") or 0), dead
-                    )
+    async def _trim(self, queue: str) -> None:
+        await trim(self.redis, self.cfg.keys, queue)
+        stream = self.cfg.keys.stream(queue)
+        groups: Any = await self.redis.xinfo_groups(stream)
+        ours = self.cfg.group.encode()
+        for g in groups:
+            if g["name"] == ours:  # compared as bytes: a group name need not be UTF-8
+                dead = int(await self.redis.xlen(self.cfg.keys.dead(queue)))
+                self.observer.queue_stats(queue, int(g["pending"]), int(g.get("lag") or 0), dead)
