@@ -85,7 +85,8 @@ async def test_one_queue_s_broken_keys_do_not_stop_the_loops_of_the_others(
     await deps.redis.xgroup_create(stream, b"\xff\xfe", id="0", mkstream=True)
     await deps.redis.xgroup_create(stream, "workers", id="0")
     await deps.redis.xadd(stream, {"payload": "{}"})
-    await deps.redis.xreadgroup("workers", b"\xfe\xff", {stream: ">"})  # a dead consumer
+    dead_name: Any = b"\xfe\xff"
+    await deps.redis.xreadgroup("workers", dead_name, {stream: ">"})  # a dead consumer
     pub = Publisher(deps.redis, deps.keys, {SLOW_Q: handlers.Work, **handlers.PAYLOADS})
     later = await pub.publish(SLOW_Q, handlers.Work(), delay_s=0.3)
     now = await pub.publish(Q, handlers.Work())
