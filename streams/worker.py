@@ -323,7 +323,7 @@ class Engine:
             await self._alone.wait()  # a suspect entry is about to run alone
             if self.stopping.is_set():
                 return
-            if lane.ready:
+            if lane.ready or lane.room <= 0:  # (a suspect may have run alone meanwhile)
                 while lane.ready and lane.room > 0:
                     d = lane.ready.popleft()
                     lane.spawn(self._process(lane, d), d)
