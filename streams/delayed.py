@@ -17,10 +17,13 @@ _PROMOTE_LUA = resources.files("streams.lua").joinpath("promote.lua").read_text(
 class Promoter:
     """Atomically moves due members of `jobs:{q}:delayed` into `jobs:{q}` (one queue per call)."""
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, batch: int = 500) -> None:
+    def __init__(
+        self, redis: aioredis.Redis, keys: Keys, batch: int = 500, max_fields: int = 1000
+    ) -> None:
         self._script = redis.register_script(_PROMOTE_LUA)
         self._keys = keys
         self._batch = batch
+        self._max_fields = max_fields  # a member with more keeps the contract's fields only
 
     async def promote(self, queue: str, now_ms: int | None = None) -> int:
         """Move what is due now; return how many entries were published."""
@@ -30,7 +33,7 @@ class Promoter:
             n = int(
                 await self._script(
                     keys=[self._keys.delayed(queue), self._keys.stream(queue)],
-                    args=[now, self._batch],
+                    args=[now, self._batch, self._max_fields],
                 )
             )
             moved += n

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -22,7 +23,6 @@ from opentelemetry import trace
 from otel import extract, presample
 from otel.redact import exception_attributes, scrub
 from schema.envelope import (
-    MAX_TIME_MS,
     Envelope,
     EnvelopeError,
     decode_envelope,
@@ -64,12 +64,47 @@ def classify(exc: BaseException, attempt: int, policy: Policy) -> tuple[Outcome,
     return Outcome.RETRYING, ""  # RetryableError, TimeoutError and anything unforeseen
 
 
+MAX_RETRY_EXTRA_FIELDS = 100
+"""Fields beyond the contract's a retry keeps: its delayed member must stay small enough
+for the promotion script to publish it in one command."""
+_CONTRACT_FIELDS = frozenset({b"payload", b"id", b"attempt", b"traceparent", b"tracestate"})
+MAX_RETRY_AFTER_S = 86_400.0
+"""The longest a handler's retry-after hint may defer a job beyond its policy's backoff cap."""
+
+
 def retry_fields(d: Delivery, job_id: str, attempt: int) -> dict[str, str]:
-    """Fields of the retry entry: the original ones with the job id and `attempt + 1`."""
-    out = {k.decode(errors="replace"): v.decode(errors="replace") for k, v in d.fields.items()}
+    """Fields of the retry entry: the original ones with the job id and `attempt + 1`.
+
+    Other fields than the contract's are kept up to `MAX_RETRY_EXTRA_FIELDS`; how many
+    were left out is in `dropped_fields`.
+    """
+    out: dict[str, str] = {}
+    extra = dropped = 0
+    for k, v in d.fields.items():
+        if k not in _CONTRACT_FIELDS:
+            if extra >= MAX_RETRY_EXTRA_FIELDS:
+                dropped += 1
+                continue
+            extra += 1
+        out[k.decode(errors="replace")] = v.decode(errors="replace")
     out["id"] = job_id
     out["attempt"] = str(attempt + 1)
+    if dropped:
+        out["dropped_fields"] = str(dropped)
     return out
+
+
+def retry_after_s(hint: float, policy: Policy) -> float:
+    """A handler's retry-after hint within sane bounds: NaN, negative or not a number
+    counts as none; none defers longer than max(backoff_cap_s, MAX_RETRY_AFTER_S), inf
+    included (an unbounded time would wedge the recorder's delayed-set write)."""
+    try:
+        hint = float(hint)
+    except (TypeError, ValueError):
+        return 0.0
+    if math.isnan(hint) or hint <= 0:
+        return 0.0
+    return min(hint, max(policy.backoff_cap_s, MAX_RETRY_AFTER_S))
 
 
 def invalid_result(d: Delivery, error: str, payload: bytes | None = None) -> Result:
@@ -160,9 +195,8 @@ async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delive
         res.outcome, res.error, res.reason, res.exception = outcome, error, reason, exc
         if outcome is Outcome.RETRYING:
             wait = backoff_s(route.policy, job.attempt)
-            after = exc.retry_after_s if isinstance(exc, RetryableError) else None
-            if after is not None and after == after:  # NaN says nothing; inf: year 9999
-                wait = max(wait, min(after, MAX_TIME_MS / 1000 - finished))
+            if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
+                wait = max(wait, retry_after_s(exc.retry_after_s, route.policy))
             res.retry_at = finished + wait
             res.retry_fields = retry_fields(d, job.id, job.attempt)
     return res

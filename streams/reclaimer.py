@@ -1,7 +1,8 @@
 """Taking over what dead replicas left pending, without stealing from live ones (inv. 4).
 
 A replica proves it is alive with a short-TTL key. Entries of consumers without one are
-claimed at once; anything idle past the safety ceiling is claimed whoever holds it.
+claimed at once; anything idle past the safety ceiling is claimed whoever holds it. Every
+claim names the consumer it takes from and is refused if another took the entry first.
 """
 
 from __future__ import annotations
@@ -16,11 +17,21 @@ import redis.asyncio as aioredis
 from streams.job import Delivery
 from streams.keys import Keys
 
-__all__ = ["Reclaimer"]
+__all__ = ["Pending", "Reclaimer"]
 
 logger = logging.getLogger(__name__)
-_DELCONSUMER_LUA = resources.files("streams.lua").joinpath("delconsumer.lua").read_text("utf-8")
-_REFRESH_LUA = resources.files("streams.lua").joinpath("refresh.lua").read_text("utf-8")
+_LUA = resources.files("streams.lua")
+_DELCONSUMER_LUA = _LUA.joinpath("delconsumer.lua").read_text("utf-8")
+_CLAIM_LUA = _LUA.joinpath("claim.lua").read_text("utf-8")
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """A pending entry as the group's pending list shows it (nothing claimed yet)."""
+
+    entry_id: str
+    owner: str
+    deliveries: int  # how often Redis has delivered it so far
 
 
 @dataclass
@@ -36,18 +47,22 @@ class Reclaimer:
 
     def __post_init__(self) -> None:
         self._delconsumer = self.redis.register_script(_DELCONSUMER_LUA)
-        self._refresh = self.redis.register_script(_REFRESH_LUA)
+        self._claim = self.redis.register_script(_CLAIM_LUA)
 
-    async def reclaim(self, queue: str) -> list[Delivery]:
-        """Claim entries of dead consumers and of any consumer past the ceiling."""
+    async def dead_consumers(self, queue: str) -> list[str]:
+        """Consumers of `queue` that hold entries and no longer prove they are alive.
+
+        Gone consumers that hold nothing are removed from the group on the way.
+        """
         stream = self.keys.stream(queue)
-        out: list[Delivery] = []
+        dead: list[str] = []
         consumers: Any = await self.redis.xinfo_consumers(stream, self.group)
         for info in consumers:
-            name = _text(info["name"])
-            if name == self.consumer:
+            try:
+                name = _text(info["name"])
+            except UnicodeDecodeError:  # not a worker's name; the ceiling takes its entries
                 continue
-            if await self.redis.exists(self.keys.alive(name)):
+            if name == self.consumer or await self.redis.exists(self.keys.alive(name)):
                 continue
             if int(info["pending"]) == 0:
                 if int(info.get("idle", 0)) > self.claim_min_idle_ms and int(
@@ -55,34 +70,45 @@ class Reclaimer:
                 ):
                     logger.info("removed gone consumer %s from %s", name, stream)
                 continue
-            out += await self._claim_from(queue, stream, name)
-        out += await self._claim_ceiling(queue, stream)
+            dead.append(name)
+        return dead
+
+    async def pending(
+        self, queue: str, owner: str, *, after: str = "-", idle_ms: int | None = None
+    ) -> list[Pending]:
+        """Up to `batch` entries `owner` holds, after entry id `after` (exclusive unless "-"),
+        idle at least `idle_ms` if given. Lists only: delivery counts are unchanged."""
+        rows: Any = await self.redis.xpending_range(
+            self.keys.stream(queue), self.group, min=after if after == "-" else f"({after}",
+            max="+", count=self.batch, consumername=owner, idle=idle_ms,
+        )  # fmt: skip
+        return [Pending(_text(r["message_id"]), owner, int(r["times_delivered"])) for r in rows]
+
+    async def claim(self, queue: str, owner: str, entries: list[Pending]) -> list[Delivery]:
+        """Take `entries` from `owner` (which may be this consumer itself) and return them
+        with their new delivery counts. What `owner` no longer holds is not taken; what was
+        deleted from the stream meanwhile leaves the pending list."""
+        if not entries:
+            return []
+        stream = self.keys.stream(queue)
+        got: Any = await self._claim(
+            keys=[stream],
+            args=[self.group, owner, self.consumer, "", *(p.entry_id for p in entries)],
+        )
+        counts = {p.entry_id: p.deliveries + 1 for p in entries}
+        out = [
+            Delivery(queue, eid, _fields(flat), counts.get(eid, 2))
+            for eid, flat in ((_text(e[0]), e[1]) for e in got)
+            if flat
+        ]
+        if out and owner != self.consumer:
+            logger.warning("reclaimed %d entries of dead consumer %s on %s", len(out), owner,
+                           stream)  # fmt: skip
         return out
 
-    async def _claim_from(self, queue: str, stream: str, name: str) -> list[Delivery]:
-        rows: Any = await self.redis.xpending_range(
-            stream, self.group, min="-", max="+", count=self.batch, consumername=name
-        )
-        counts = {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
-        if not counts:
-            return []
-        claimed: Any = await self.redis.xclaim(
-            stream,
-            self.group,
-            self.consumer,
-            self.claim_min_idle_ms,
-            list(counts),
-        )
-        got = [
-            Delivery(queue, _text(eid), fields, counts.get(_text(eid), 0) + 1)
-            for eid, fields in claimed
-            if fields
-        ]
-        if got:
-            logger.warning("reclaimed %d entries of dead consumer %s on %s", len(got), name, stream)
-        return got
-
-    async def _claim_ceiling(self, queue: str, stream: str) -> list[Delivery]:
+    async def claim_ceiling(self, queue: str) -> list[Delivery]:
+        """Claim entries idle past the ceiling, whoever holds them (the safety net)."""
+        stream = self.keys.stream(queue)
         start = self._cursors.get(stream, "0-0")
         reply: Any = await self.redis.xautoclaim(
             stream, self.group, self.consumer, self.ceiling_ms, start, count=self.batch
@@ -108,36 +134,6 @@ class Reclaimer:
             if fields
         ]
 
-    async def own_pending(self, queue: str, after: str = "0-0") -> tuple[list[Delivery], str]:
-        """Entries this consumer name already holds after `after`, and the next cursor
-        ("" when there are no more). A restarted worker resumes them first.
-
-        Entries deleted from the stream meanwhile have nothing left to run: they are acked.
-        """
-        stream = self.keys.stream(queue)
-        reply: Any = await self.redis.xreadgroup(
-            self.group, self.consumer, {stream: after}, count=self.batch
-        )
-        entries = reply[0][1] if reply else []
-        if not entries:
-            return [], ""
-        cursor = _text(entries[-1][0]) if len(entries) >= self.batch else ""
-        gone = [eid for eid, fields in entries if not fields]  # an entry has at least one field
-        if gone:
-            logger.warning("%d entries of %s were deleted before being processed", len(gone),
-                           stream)  # fmt: skip
-            await self.redis.xack(stream, self.group, *gone)
-        entries = [(eid, fields) for eid, fields in entries if fields]
-        if not entries:
-            return [], cursor
-        ids = [_text(eid) for eid, _ in entries]
-        counts = await self._delivery_counts(stream, ids)
-        found = [
-            Delivery(queue, eid, fields, counts.get(eid, 2))
-            for eid, (_, fields) in zip(ids, entries, strict=True)
-        ]
-        return found, cursor
-
     async def _delivery_counts(self, stream: str, ids: list[str]) -> dict[str, int]:
         """How often Redis has delivered each of our pending entries `ids` (sorted)."""
         rows: Any = await self.redis.xpending_range(
@@ -146,15 +142,23 @@ class Reclaimer:
         )  # fmt: skip
         return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
-    async def refresh(self, queue: str, entry_ids: list[Any]) -> None:
-        """Reset the idle time of our own long-running entries so the ceiling never takes them.
+    async def refresh(self, queue: str, entry_ids: list[str]) -> set[str]:
+        """Reset the idle time of entries we hold so the ceiling never takes them; return
+        those we still hold (one another replica took is left with it)."""
+        if not entry_ids:
+            return set()
+        got: Any = await self._claim(
+            keys=[self.keys.stream(queue)],
+            args=[self.group, self.consumer, self.consumer, "JUSTID", *entry_ids],
+        )
+        return {_text(eid) for eid in got}
 
-        Only those still ours: after a pause, what another replica took stays with it.
-        """
-        if entry_ids:
-            await self._refresh(
-                keys=[self.keys.stream(queue)], args=[self.group, self.consumer, *entry_ids]
-            )
+
+def _fields(flat: Any) -> dict[bytes, bytes]:
+    """A script's reply of an entry's fields (a flat list) as the mapping redis-py returns."""
+    if isinstance(flat, dict):
+        return flat
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _text(value: Any) -> str:

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -120,11 +120,16 @@ class Recorder:
         config: RecorderConfig,
         lease: Lease | None = None,
         superseded: Callable[[Delivery, int], bool] | None = None,
+        on_done: Callable[[Delivery], None] | None = None,
     ) -> None:
         """`lease` says which outcomes need their ownership checked before PostgreSQL is
         written (none while the lease is unbroken; all without one). `superseded(d, n)`
-        says whether this process runs delivery `n` of `d`'s entry, newer than `d`."""
+        says whether this process runs delivery `n` of `d`'s entry, newer than `d`.
+        `on_done(delivery)` is called once an outcome's settlement is over (its entry
+        acked, or left to its new holder), never while it waits to be re-sent."""
         self._redis = redis
+        self._on_done = on_done
+        self._later: dict[int, Result] = {}  # waiting to be re-sent, by id()
         self._pool = pool
         self._cfg = config
         self._lease = lease
@@ -174,8 +179,9 @@ class Recorder:
         return time.time() - self._progress_at if self.backlog else 0.0
 
     def entry_ids(self) -> set[str]:
-        """Entries whose records are waiting or being written (not yet acked)."""
-        return {item.delivery.entry_id for item in (*self._batch, *self._pending)}
+        """Entries whose records are waiting, being written or to be re-sent (not acked)."""
+        items = (*self._batch, *self._pending, *self._later.values())
+        return {item.delivery.entry_id for item in items}
 
     def started(self, start: Start) -> None:
         """Queue the `running` record of a job; the handler does not wait for it."""
@@ -222,6 +228,11 @@ class Recorder:
             if fallen:
                 jobs, results = _after_fallback(jobs, results, fallen)
         await self._write_redis(jobs, results)
+        if self._on_done is not None:
+            later = self._later
+            for r in results:
+                if id(r) not in later:
+                    self._on_done(r.delivery)
         self.settled += len(results)
         self._progress_at = time.time()
         self._flushing = 0
@@ -332,7 +343,17 @@ class Recorder:
             for item, code in zip(items, reply, strict=True):  # type: ignore[call-overload]
                 if not self._owned(item, int(code)):
                     gone.add(id(item))
-        return [item for item in batch if id(item) not in gone] if gone else batch
+        if not gone:
+            return batch
+        self._release(item for item in batch if id(item) in gone)
+        return [item for item in batch if id(item) not in gone]
+
+    def _release(self, dropped: Iterable[Start | Result]) -> None:
+        """Outcomes left to their entry's new holder: this process holds them no more."""
+        if self._on_done is not None:
+            for item in dropped:
+                if isinstance(item, Result):
+                    self._on_done(item.delivery)
 
     def _owned(self, item: Start | Result, code: int) -> bool:
         """Whether a record still speaks for its entry, given the ownership `code`."""
@@ -387,7 +408,17 @@ class Recorder:
         if retry:  # inv. 1: kept unacked; PostgreSQL already has them, so no second row
             for r in retry:
                 r.executed = False
-                asyncio.get_running_loop().call_later(1.0, self.settle, r)
+                self._settle_later(r)
+
+    def _settle_later(self, r: Result) -> None:
+        """Settle `r` again in 1 s; its entry stays held by this process meanwhile."""
+        self._later[id(r)] = r
+
+        def again() -> None:
+            self._later.pop(id(r), None)
+            self.settle(r)
+
+        asyncio.get_running_loop().call_later(1.0, again)
 
     def _unsettled(self, results: list[Result], reply: object) -> list[Result]:
         """The outcomes a settle script's `reply` says must be sent again."""

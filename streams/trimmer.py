@@ -36,8 +36,9 @@ async def safe_min_id(r: aioredis.Redis, stream: str) -> str | None:
         candidates.append(last)  # never below the group's last-delivered entry
         if int(group["pending"]) > 0:
             summary = await r.xpending(stream, name)
-            low = summary["min"]
-            candidates.append(low.decode() if isinstance(low, bytes) else low)
+            low = summary["min"]  # None: the last pending entry was acked since XINFO
+            if low is not None:
+                candidates.append(low.decode() if isinstance(low, bytes) else low)
         for c in candidates:
             if lowest is None or _key(c) < _key(lowest):
                 lowest = c

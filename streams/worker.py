@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +37,7 @@ from streams.keys import Keys
 from streams.lease import Lease, clock
 from streams.observe import NullObserver, Observer
 from streams.pg_store import fetch_statuses
-from streams.reclaimer import Reclaimer
+from streams.reclaimer import Pending, Reclaimer
 from streams.recorder import Recorder, RecorderConfig, Start
 from streams.trimmer import DeadLetterCaps, DeadLetterTrimmer, trim
 
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 job_log = logging.getLogger("streams.jobs")
 _CONN_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _STORE_ERRORS = (*_CONN_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
+_TERMINAL = frozenset({"completed", "failed"})  # failed: dead-lettered when it was recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,15 @@ class _Lane:
         self.route = route
         self.tasks: set[asyncio.Task[None]] = set()  # running or settling
         self.running: dict[str, Delivery] = {}  # holding a slot
+        # inv. 10: every entry this process holds, from its read or claim until its ack
+        # (queued, being checked, running, settling, waiting to be re-sent), with when it
+        # was taken or last refreshed (perf_counter). Every path that runs an entry takes
+        # it here first, so no entry runs twice in one process.
+        self.held: dict[str, float] = {}
+        # Taken over (resumed or reclaimed) and checked, waiting for a slot: they share
+        # the lane's slots and backpressure with new reads, and go first.
+        self.ready: deque[Delivery] = deque()
+        self.reading = False  # between passing the gate and starting what it read
         self.free = asyncio.Event()
         self.free.set()
 
@@ -87,7 +99,12 @@ class _Lane:
     def room(self) -> int:
         return self.route.policy.concurrency - len(self.running)
 
-    def spawn(self, coro: Awaitable[None], d: Delivery) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], d: Delivery) -> None:
+        if d.entry_id in self.running:  # cannot happen while every path takes `held` first
+            coro.close()
+            logger.error("entry %s of %s is already running: not started twice",
+                         d.entry_id, self.route.queue)  # fmt: skip
+            return
         d.started_mono = time.perf_counter()
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
@@ -129,6 +146,7 @@ class Engine:
             ),
             self.lease,
             self._superseded,
+            on_done=self._let_go,
         )
         self.reclaimer = Reclaimer(
             redis, config.keys, config.group, config.consumer, config.reclaim_ceiling_ms
@@ -137,6 +155,15 @@ class Engine:
         caps = DeadLetterCaps(config.dead_max_age_s, config.dead_max_bytes, config.dead_maxlen)
         self.dead_trimmer = DeadLetterTrimmer(redis, config.keys, caps)
         self.stopping = asyncio.Event()
+        self._exited = asyncio.Event()  # drained: the heartbeat may stop
+        # Entries whose earlier deliveries may have crashed their worker, not claimed yet:
+        # each is claimed and run alone (inv. 10, a poison job takes no healthy one with it).
+        self._suspects: dict[tuple[str, str], Pending] = {}
+        self._alone = asyncio.Event()  # cleared while a suspect waits for or has the worker
+        self._alone.set()
+        # Delivered this often (claimed once more), an entry runs alone: a worker that dies
+        # running it then takes nothing else with it, and only its count reaches the limit.
+        self._alone_from = min(3, config.max_deliveries)
         self.heartbeat_at = 0.0
         self.processed = 0
         self._traced = is_recording_enabled()
@@ -164,23 +191,38 @@ class Engine:
         self.recorder.start()
         named = {f"read {q}": self._read_loop(lane) for q, lane in self.lanes.items()}
         named |= {
-            "heartbeat": self._every(self.cfg.alive_ttl_ms / 3000, self._heartbeat),
-            "reclaim": self._every(self.cfg.reclaim_interval_s, self._reclaim),
-            "promote": self._every(self.cfg.promote_interval_s, self._promote),
-            "trim": self._every(self.cfg.trim_interval_s, self._trim),
+            "reclaim": self._every(self.cfg.reclaim_interval_s, self._reclaim, per_queue=True),
+            "promote": self._every(self.cfg.promote_interval_s, self._promote, per_queue=True),
+            "trim": self._every(self.cfg.trim_interval_s, self._trim, per_queue=True),
         }
         self._loops = {name: asyncio.create_task(coro, name=name) for name, coro in named.items()}
         loops = list(self._loops.values())
+        # The heartbeat outlives `stopping`: a draining worker still holds its entries, and
+        # another replica must not take them (or delete its consumer) before it exits.
+        beat = asyncio.create_task(
+            self._every(self.cfg.alive_ttl_ms / 3000, self._heartbeat, until=self._exited),
+            name="heartbeat",
+        )
+        self._loops["heartbeat"] = beat
         try:
             await self.stopping.wait()
         finally:
-            # Loops are not cancelled mid-command: each sees `stopping` within one block_ms
-            # or interval, so no entry is read and then abandoned.
-            _, stuck = await asyncio.wait(loops, timeout=self.cfg.block_ms / 1000 + 10)
-            for task in stuck:
-                task.cancel()
-            await asyncio.gather(*loops, return_exceptions=True)
-            await self._drain()
+            try:
+                # Loops are not cancelled mid-command: each sees `stopping` within one
+                # block_ms or interval, so no entry is read and then abandoned.
+                _, stuck = await asyncio.wait(loops, timeout=self.cfg.block_ms / 1000 + 10)
+                for task in stuck:
+                    task.cancel()
+                await asyncio.gather(*loops, return_exceptions=True)
+                await self._drain()
+            finally:
+                self._exited.set()
+                if not beat.done():
+                    await asyncio.wait([beat], timeout=self.cfg.block_ms / 1000 + 10)
+                    beat.cancel()
+                await asyncio.gather(beat, return_exceptions=True)
+                with contextlib.suppress(*_CONN_ERRORS):
+                    await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
 
     def health(self) -> str | None:
         """None while every loop runs and the heartbeat is fresh; otherwise what is wrong."""
@@ -201,6 +243,7 @@ class Engine:
     def stop(self) -> None:
         """Stop reading; in-flight jobs get the grace period to finish."""
         self.stopping.set()
+        self._alone.set()
         for lane in self.lanes.values():
             lane.free.set()
 
@@ -213,6 +256,10 @@ class Engine:
             except redis.exceptions.ResponseError as exc:
                 if "BUSYGROUP" not in str(exc):
                     raise
+            # Listed in the group from the start, even before anything is delivered to it.
+            await self.redis.xgroup_createconsumer(
+                self.cfg.keys.stream(queue), self.cfg.group, self.cfg.consumer
+            )
         await self._heartbeat()
         for lane in self.lanes.values():  # a restarted worker resumes its own first
             await self._resume_own(lane)
@@ -232,9 +279,11 @@ class Engine:
                 for task in left:
                     task.cancel()
                 await asyncio.gather(*left, return_exceptions=True)
+        waiting = sum(len(lane.ready) for lane in self.lanes.values())
+        if waiting:
+            logger.info("%d taken-over entries not started: left pending for other workers",
+                        waiting)  # fmt: skip
         await self.recorder.close(self.cfg.grace_s)
-        with contextlib.suppress(*_CONN_ERRORS):
-            await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
 
     # ---- resilience helpers ----------------------------------------------------------
     async def _retrying(self, what: str, fn: Callable[[], Awaitable[None]]) -> bool:
@@ -244,18 +293,34 @@ class Engine:
             stopping=self.stopping,
         )  # fmt: skip
 
-    async def _every(self, interval_s: float, fn: Callable[[], Awaitable[None]]) -> None:
-        while not self.stopping.is_set():
-            name = fn.__name__.strip("_")
-            try:
-                await self._retrying(name, fn)
-                self._refused.discard(name)
-            except redis.exceptions.RedisError as exc:  # a refused command must not stop the loop
-                if name not in self._refused:  # once, not every interval
-                    logger.error("%s failed: %s (logged once until it works again)", name, exc)
-                    self._refused.add(name)
+    async def _every(
+        self,
+        interval_s: float,
+        fn: Callable[..., Awaitable[None]],
+        *,
+        per_queue: bool = False,
+        until: asyncio.Event | None = None,
+    ) -> None:
+        """Call `fn()` (`per_queue`: `fn(queue)` for each queue) every `interval_s` until
+        `until` (default: `stopping`) is set. Nothing stops the loop but `until`."""
+        until = until or self.stopping
+        name = fn.__name__.strip("_")
+        calls = [(f"{name} {q}", (q,)) for q in self.lanes] if per_queue else [(name, ())]
+        while not until.is_set():
+            for what, args in calls:
+                try:
+                    await self._retrying(what, functools.partial(fn, *args))
+                    self._refused.discard(what)
+                except Exception as exc:
+                    # One of the sanctioned broad catches (a maintenance loop, like the flush
+                    # loop): a refused command, a race or a bug in one queue's step must not
+                    # stop the loop, nor the other queues' steps. Logged once until it works.
+                    if what not in self._refused:
+                        logger.exception("%s failed: %s (logged once until it works again)",
+                                         what, exc)  # fmt: skip
+                        self._refused.add(what)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), interval_s)
+                await asyncio.wait_for(until.wait(), interval_s)
 
     # ---- reading and dispatch ---------------------------------------------------------
     async def _read_loop(self, lane: _Lane) -> None:
@@ -263,8 +328,14 @@ class Engine:
         while True:
             await lane.free.wait()
             await self.recorder.has_room.wait()  # backpressure: bounded settlement backlog
+            await self._alone.wait()  # a suspect entry is about to run alone
             if self.stopping.is_set():
                 return
+            if lane.ready or lane.room <= 0:  # (a suspect may have run alone meanwhile)
+                while lane.ready and lane.room > 0:
+                    d = lane.ready.popleft()
+                    lane.spawn(self._process(lane, d), d)
+                continue
             count = max(1, min(lane.room, self.cfg.read_count))
             reply: Any = []
 
@@ -278,8 +349,12 @@ class Engine:
                     block=self.cfg.block_ms,
                 )
 
+            lane.reading = True
             try:
-                if await self._retrying(f"read {stream}", read):
+                waited = await self._retrying(f"read {stream}", read)
+                entries = reply[0][1] if reply else []
+                self._run_read(lane, entries)  # taken before anything else can look
+                if waited:  # a lost reply may have delivered entries we never saw
                     await self._retrying(f"resume {stream}", lambda: self._resume_own(lane))
             except redis.exceptions.ResponseError as exc:
                 if "NOGROUP" in str(exc):
@@ -288,35 +363,81 @@ class Engine:
                     logger.error("reading %s refused: %s; retrying in 1s", stream, exc)
                     await asyncio.sleep(1.0)
                 continue
-            entries = reply[0][1] if reply else []
-            for eid, fields in entries:
-                d = Delivery(lane.route.queue, eid.decode(), fields)
-                lane.spawn(self._process(lane, d), d)
+            finally:
+                lane.reading = False
             if not entries and self.cfg.burst and await self._drained():
                 self.stop()
 
-    async def _resume_own(self, lane: _Lane) -> None:
-        """Run the entries our consumer name holds that this process does not know of.
+    def _run_read(self, lane: _Lane, entries: list[Any]) -> None:
+        """Take and start new entries just read (never delivered before, so never held)."""
+        held, queue, now = lane.held, lane.route.queue, time.perf_counter()
+        for eid, fields in entries:
+            entry_id = eid.decode()
+            if entry_id in held:
+                continue
+            held[entry_id] = now
+            d = Delivery(queue, entry_id, fields)
+            lane.spawn(self._process(lane, d), d)
 
-        At start, what a previous process of the same name left; after a Redis outage, a
-        read that was delivered to us with its reply lost. Either would otherwise wait for
-        the safety ceiling.
+    def _let_go(self, d: Delivery) -> None:
+        """The recorder is done with `d`: this process no longer holds its entry."""
+        lane = self.lanes.get(d.queue)
+        if lane is not None:
+            lane.held.pop(d.entry_id, None)
+
+    async def _resume_own(self, lane: _Lane, idle_ms: int | None = None) -> None:
+        """Run the entries our consumer name holds that this process does not hold.
+
+        At start, what a previous process of the same name left; after a dropped
+        connection, a read that was delivered to us with its reply lost. Either would
+        otherwise wait for the safety ceiling. `idle_ms`: only entries idle that long.
         """
-        known = set(lane.running) | self.recorder.entry_ids()
-        cursor = "0-0"
-        while cursor:
-            batch, cursor = await self.reclaimer.own_pending(lane.route.queue, cursor)
-            fresh = [d for d in batch if d.entry_id not in known]
-            if fresh:
-                logger.warning("resuming %d entries this consumer already held", len(fresh))
-                await self._dispatch_redelivered(lane, fresh)
+        after = "-"
+        while True:
+            batch = await self.reclaimer.pending(
+                lane.route.queue, self.cfg.consumer, after=after, idle_ms=idle_ms
+            )
+            await self._take_over(lane, batch)
+            if len(batch) < self.reclaimer.batch:
+                return
+            after = batch[-1].entry_id
+
+    async def _take_over(self, lane: _Lane, batch: list[Pending]) -> None:
+        """Claim pending entries of one consumer that this process does not hold, and run
+        them. They are held from before the claim, so no other path can take them too."""
+        held, now, queue = lane.held, time.perf_counter(), lane.route.queue
+        mine = []
+        for p in batch:
+            if p.entry_id in held or (queue, p.entry_id) in self._suspects:
+                continue
+            if self._alone_from <= p.deliveries + 1 <= self.cfg.max_deliveries:
+                self._suspects[(queue, p.entry_id)] = p  # claimed later, alone
+            else:
+                mine.append(p)
+        if not mine:
+            return
+        for p in mine:
+            held[p.entry_id] = now
+        got: list[Delivery] = []
+        try:
+            got = await self.reclaimer.claim(lane.route.queue, mine[0].owner, mine)
+        finally:
+            taken = {d.entry_id for d in got}
+            for p in mine:
+                if p.entry_id not in taken:  # not claimed: another path may take it later
+                    held.pop(p.entry_id, None)
+        if got and mine[0].owner == self.cfg.consumer:
+            logger.warning("resuming %d entries this consumer already held", len(got))
+        if got:
+            await self._dispatch_redelivered(lane, got)
 
     async def _drained(self) -> bool:
         """Burst mode: nothing new was read; is anything else ready for this worker?
 
         Jobs and retries due later are not ready: they stay for the next run.
         """
-        if any(lane.tasks for lane in self.lanes.values()) or self.recorder.backlog:
+        busy = any(lane.tasks or lane.ready for lane in self.lanes.values())
+        if busy or self._suspects or self.recorder.backlog:
             return False
         now_ms = int(time.time() * 1000)
         try:
@@ -332,18 +453,67 @@ class Engine:
             return False
         return True
 
-    async def _dispatch_redelivered(self, lane: _Lane, batch: list[Delivery]) -> None:
-        """Entries delivered before: ack those PostgreSQL shows completed (inv. 3), run the rest."""
+    async def _run_suspects(self) -> None:
+        """Claim and run each suspect entry alone: no new entry starts in this process
+        until it is the only one running, and none until its handler is done.
+
+        Slow for the rare entries it applies to, and the cost of isolating a poison job:
+        the healthy jobs that died with it run to completion instead of sharing its fate.
+        """
+        while self._suspects and not self.stopping.is_set():
+            (queue, entry_id), p = next(iter(self._suspects.items()))
+            del self._suspects[(queue, entry_id)]
+            lane = self.lanes[queue]
+            if entry_id in lane.held:
+                continue
+            self._alone.clear()
+            try:
+                if not await self._idle():
+                    return
+                lane.held[entry_id] = time.perf_counter()
+                got: list[Delivery] = []
+                try:
+                    got = await self.reclaimer.claim(queue, p.owner, [p])
+                finally:
+                    if not got:  # another replica took it, or it was acked or deleted
+                        lane.held.pop(entry_id, None)
+                if got:
+                    logger.warning(
+                        "running entry %s of %s alone: delivered %d times, an earlier "
+                        "delivery may have crashed its worker",
+                        entry_id, queue, got[0].delivery_count,
+                    )  # fmt: skip
+                    await self._dispatch_redelivered(lane, got, alone=True)
+                    await self._idle()
+            finally:
+                self._alone.set()
+
+    async def _idle(self) -> bool:
+        """Wait until no handler runs and no read is being started; False if stopping."""
+        lanes = self.lanes.values()
+        while any(lane.running or lane.reading for lane in lanes):
+            if self.stopping.is_set():
+                return False
+            await asyncio.sleep(0.01)  # rare path: a poll is simpler than another event
+        return not self.stopping.is_set()
+
+    async def _dispatch_redelivered(
+        self, lane: _Lane, batch: list[Delivery], *, alone: bool = False
+    ) -> None:
+        """Entries delivered before, held by this process: ack those PostgreSQL shows
+        completed (inv. 3) or failed, run the rest (`alone`: at once, the worker is idle)."""
         ids = [safe_job_id(d.entry_id, d.fields) for d in batch]
-        statuses: dict[str, str] = {}
+        statuses: dict[str, str] | None = None
 
         async def fetch() -> None:
             nonlocal statuses
             statuses = await fetch_statuses(self.pool, ids)
 
         await self._retrying("check redelivered", fetch)
+        if statuses is None:  # stopping before PostgreSQL answered: left for other workers
+            return
         for job_id, d in zip(ids, batch, strict=True):
-            if statuses.get(job_id) == "completed":
+            if statuses.get(job_id) in _TERMINAL:  # over: its outcome is already recorded
                 now = time.time()
                 skip = Result(
                     d, job_id, 0, Outcome.SKIPPED, started_at=now, finished_at=now, executed=False
@@ -357,8 +527,10 @@ class Engine:
                 )
                 res.reason = "deliveries"
                 self._settle(res)
-            else:
+            elif alone:
                 lane.spawn(self._process(lane, d), d)
+            else:
+                lane.ready.append(d)  # the read loop starts it when a slot is free
 
     async def _process(self, lane: _Lane, d: Delivery) -> None:
         route = lane.route
@@ -439,34 +611,49 @@ class Engine:
         )
         self.lease.renewed(sent_at)
         self.heartbeat_at = time.time()
-        long_ms = self.cfg.reclaim_ceiling_ms / 2
-        now = time.perf_counter()
+        # inv. 4: whatever this process holds (running, or its outcome waiting in the
+        # recorder, e.g. through a PostgreSQL outage) is kept fresh so the ceiling never
+        # hands it to another replica.
+        long_s = self.cfg.reclaim_ceiling_ms / 2000
         for queue, lane in self.lanes.items():
-            old = [
-                eid for eid, d in lane.running.items() if (now - d.started_mono) * 1000 > long_ms
-            ]
-            await self.reclaimer.refresh(queue, old)
+            now = time.perf_counter()
+            old = [eid for eid, at in lane.held.items() if now - at > long_s]
+            for i in range(0, len(old), 500):
+                chunk = old[i : i + 500]
+                kept = await self.reclaimer.refresh(queue, chunk)
+                for eid in chunk:
+                    if eid in lane.held:
+                        lane.held[eid] = now
+                if len(kept) < len(chunk):
+                    logger.warning("%d entries of %s were taken over by another consumer",
+                                   len(chunk) - len(kept), queue)  # fmt: skip
 
-    async def _reclaim(self) -> None:
-        for queue, lane in self.lanes.items():
-            claimed = await self.reclaimer.reclaim(queue)
-            if claimed:
-                await self._dispatch_redelivered(lane, claimed)
+    async def _reclaim(self, queue: str) -> None:
+        lane = self.lanes[queue]
+        for name in await self.reclaimer.dead_consumers(queue):
+            await self._take_over(lane, await self.reclaimer.pending(queue, name))
+        # Delivered to us with the reply lost inside the client's own retry.
+        await self._resume_own(lane, idle_ms=self.cfg.alive_ttl_ms)
+        claimed = await self.reclaimer.claim_ceiling(queue)
+        held, now = lane.held, time.perf_counter()
+        fresh = [d for d in claimed if d.entry_id not in held]
+        for d in fresh:
+            held[d.entry_id] = now
+        if fresh:
+            await self._dispatch_redelivered(lane, fresh)
+        await self._run_suspects()
 
-    async def _promote(self) -> None:
-        for queue in self.lanes:
-            await self.promoter.promote(queue)
+    async def _promote(self, queue: str) -> None:
+        await self.promoter.promote(queue)
 
-    async def _trim(self) -> None:
-        for queue in self.lanes:
-            await trim(self.redis, self.cfg.keys, queue)
-            for cap, n in (await self.dead_trimmer.trim(queue)).items():
-                self.observer.dead_letters_dropped(queue, cap, n)
-            stream = self.cfg.keys.stream(queue)
-            groups: Any = await self.redis.xinfo_groups(stream)
-            for g in groups:
-                if g["name"].decode() == self.cfg.group:
-                    dead = int(await self.redis.xlen(self.cfg.keys.dead(queue)))
-                    self.observer.queue_stats(
-                        queue, int(g["pending"]), int(g.get("lag") or 0), dead
-                    )
+    async def _trim(self, queue: str) -> None:
+        await trim(self.redis, self.cfg.keys, queue)
+        for cap, n in (await self.dead_trimmer.trim(queue)).items():
+            self.observer.dead_letters_dropped(queue, cap, n)
+        stream = self.cfg.keys.stream(queue)
+        groups: Any = await self.redis.xinfo_groups(stream)
+        ours = self.cfg.group.encode()
+        for g in groups:
+            if g["name"] == ours:  # compared as bytes: a group name need not be UTF-8
+                dead = int(await self.redis.xlen(self.cfg.keys.dead(queue)))
+                self.observer.queue_stats(queue, int(g["pending"]), int(g.get("lag") or 0), dead)

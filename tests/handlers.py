@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 from typing import Any
 
@@ -23,6 +25,7 @@ class Work(msgspec.Struct, frozen=True, kw_only=True):
     permanent: bool = False
     boom: bool = False  # raise an unforeseen exception
     result_text: str | None = None  # returned in the result
+    crash: bool = False  # SIGKILL the worker process running it (a poison job)
 
 
 def executions_key(deps: Deps) -> str:
@@ -37,6 +40,8 @@ def executions_key(deps: Deps) -> str:
 async def work(w: Work, job: Job, deps: Deps) -> dict[str, Any]:
     """Count this execution, then sleep / fail as asked. Not idempotent on purpose."""
     await deps.redis.hincrby(executions_key(deps), job.id, 1)
+    if w.crash:
+        os.kill(os.getpid(), signal.SIGKILL)
     if w.sleep_s:
         await asyncio.sleep(w.sleep_s)
     if w.permanent:

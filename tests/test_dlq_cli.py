@@ -102,8 +102,8 @@ async def test_replay_all_replays_each_letter_present_once_while_a_worker_fails_
         out = await jobstream(env_for(), "dlq", "replay", Q, "--all")
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == f"replayed 60 dead letters of {Q}"
-        await eventually(lambda: dead_count(deps, 60))
-        await eventually(lambda: all_terminal(deps, ids))
+        await eventually(lambda: dead_count(deps, 60), timeout_s=45)
+        await eventually(lambda: all_terminal(deps, ids), timeout_s=45)
     assert await executions(deps) == {job_id: 2 for job_id in ids}
 
 
