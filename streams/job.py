@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from streams.lease import clock
 
@@ -84,3 +85,4 @@ class Result:
     retry_fields: dict[str, str] = field(default_factory=dict)
     executed: bool = True  # False: the handler never ran (invalid entry, skipped)
     exception: BaseException | None = None
+    view: Any = None  # SKIPPED: the terminal row PostgreSQL has, to repair the hash from

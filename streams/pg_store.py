@@ -63,7 +63,13 @@ WITH up AS (
 SELECT (SELECT count(*) FROM up) AS jobs, (SELECT count(*) FROM ex) AS executions
 """
 
-FETCH_STATUSES_SQL = "SELECT id, status FROM jobs WHERE id = ANY($1::text[])"
+FETCH_STATUSES_SQL = """
+SELECT id, queue, status, result::text AS result, error, attempts, stream_entry_id,
+       extract(epoch FROM created_at)::float8 AS created_at,
+       extract(epoch FROM started_at)::float8 AS started_at,
+       extract(epoch FROM completed_at)::float8 AS completed_at
+FROM jobs WHERE id = ANY($1::text[])
+"""
 
 
 @dataclass(slots=True)
@@ -131,7 +137,15 @@ async def write_batch(
     )
 
 
-async def fetch_statuses(pool: asyncpg.Pool, job_ids: Sequence[str]) -> dict[str, str]:
-    """Current PostgreSQL status of each job id that has a row."""
+async def fetch_statuses(pool: asyncpg.Pool, job_ids: Sequence[str]) -> dict[str, JobRow]:
+    """The PostgreSQL row of each job id that has one (without its payload and fence)."""
     rows = await pool.fetch(FETCH_STATUSES_SQL, list(job_ids))
-    return {row["id"]: row["status"] for row in rows}
+    return {row["id"]: _row(row) for row in rows}
+
+
+def _row(row: asyncpg.Record) -> JobRow:
+    return JobRow(
+        row["id"], row["queue"], row["status"], None, row["result"], row["error"],
+        row["attempts"], row["stream_entry_id"] or "", row["created_at"] or 0.0,
+        row["started_at"], row["completed_at"], None, "",
+    )  # fmt: skip

@@ -227,7 +227,8 @@ class Recorder:
             fallen = await self._write_pg(jobs, execs)
             if fallen:
                 jobs, results = _after_fallback(jobs, results, fallen)
-        await self._write_redis(jobs, results)
+        views = [_view_row(r) for r in results if r.view is not None]
+        await self._write_redis(jobs + views, results)
         if self._on_done is not None:
             later = self._later
             for r in results:
@@ -551,6 +552,16 @@ def _job_row(r: Result) -> JobRow:
         r.job_id, d.queue, _STATUS[r.outcome], _payload_text(r.payload), r.result_json,
         _text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None, done,
         _time(r.retry_at), d.fence,
+    )  # fmt: skip
+
+
+def _view_row(r: Result) -> JobRow:
+    """The hash a SKIPPED delivery writes: PostgreSQL's terminal row, under its own fence
+    (newer than the `running` a crashed holder may have left in the view)."""
+    row: JobRow = r.view
+    return JobRow(
+        row.id, row.queue, row.status, None, row.result, row.error, row.attempt,
+        row.entry_id, row.created_at, row.started_at, row.completed_at, None, r.delivery.fence,
     )  # fmt: skip
 
 

@@ -36,7 +36,7 @@ from streams.job import Delivery, Job, Outcome, Result
 from streams.keys import Keys
 from streams.lease import Lease, clock
 from streams.observe import NullObserver, Observer
-from streams.pg_store import fetch_statuses
+from streams.pg_store import JobRow, fetch_statuses
 from streams.reclaimer import Pending, Reclaimer
 from streams.recorder import Recorder, RecorderConfig, Start
 from streams.trimmer import DeadLetterCaps, DeadLetterTrimmer, trim
@@ -503,7 +503,7 @@ class Engine:
         """Entries delivered before, held by this process: ack those PostgreSQL shows
         completed (inv. 3) or failed, run the rest (`alone`: at once, the worker is idle)."""
         ids = [safe_job_id(d.entry_id, d.fields) for d in batch]
-        statuses: dict[str, str] | None = None
+        statuses: dict[str, JobRow] | None = None
 
         async def fetch() -> None:
             nonlocal statuses
@@ -513,11 +513,13 @@ class Engine:
         if statuses is None:  # stopping before PostgreSQL answered: left for other workers
             return
         for job_id, d in zip(ids, batch, strict=True):
-            if statuses.get(job_id) in _TERMINAL:  # over: its outcome is already recorded
+            row = statuses.get(job_id)
+            if row is not None and row.status in _TERMINAL:  # over: its outcome is recorded
                 now = time.time()
                 skip = Result(
                     d, job_id, 0, Outcome.SKIPPED, started_at=now, finished_at=now, executed=False
                 )
+                skip.view = row  # a crash between commit and hash may have left it `running`
                 self._settle(skip)
             elif d.delivery_count > self.cfg.max_deliveries:
                 res = invalid_result(

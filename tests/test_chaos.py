@@ -28,7 +28,7 @@ from tests.smtp_sink import smtp_sink
 from tests.test_engine import executions
 
 Q = handlers.QUEUE
-N = 20_000  # test-queue jobs
+N = 30_000  # test-queue jobs
 N_EVENTS = 5_000
 N_SENDS = 300
 SEND_CONCURRENCY = 8  # per replica: bounds what one SIGKILL can cut mid-transaction
@@ -39,6 +39,26 @@ async def spawn(env: dict[str, str]) -> asyncio.subprocess.Process:
         sys.executable, "-m", "tests.chaos_worker", env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
+
+
+async def sigkill_at(
+    deps: Deps,
+    procs: list[asyncio.subprocess.Process],
+    env: dict[str, str],
+    threshold: int,
+    at: list[int],
+) -> None:
+    """Once `threshold` jobs completed, SIGKILL the first replica (no drain, no records, no
+    acks) and start a new one in its place."""
+
+    async def reached() -> bool:
+        return await count(deps) >= threshold
+
+    await eventually(reached, timeout_s=150, interval_s=0.1)
+    procs[0].kill()
+    await procs[0].wait()
+    at.append(await count(deps))
+    procs[0] = await spawn(env)
 
 
 async def count(deps: Deps, status: str = "completed") -> int:
@@ -111,25 +131,15 @@ async def test_every_fault_at_once_every_job_ends_once(
         work, event_ids, send_ids = await publish_all(deps, sink.url())
         procs = [await spawn(env) for _ in range(3)]
         stop = asyncio.Event()
-        killer: asyncio.Task[int] | None = None
+        killed = 0
         sigkills: list[int] = []
         try:
-            for i, (low, high) in enumerate(((0.15, 0.3), (0.45, 0.6))):
-                threshold = int(total * rand.uniform(low, high))
-
-                async def reached(threshold: int = threshold) -> bool:
-                    return await count(deps) >= threshold
-
-                await eventually(reached, timeout_s=150, interval_s=0.1)
-                procs[0].kill()  # SIGKILL: no drain, no records, no acks
-                await procs[0].wait()
-                sigkills.append(await count(deps))
-                procs[0] = await spawn(env)
-                if i == 0:  # a pause past the liveness (1.5 s), then it wakes stale
-                    procs[1].send_signal(signal.SIGSTOP)
-                    await asyncio.sleep(4)
-                    procs[1].send_signal(signal.SIGCONT)
-                    killer = asyncio.create_task(kill_connections(deps, procs, 8, stop))
+            await sigkill_at(deps, procs, env, int(total * rand.uniform(0.15, 0.3)), sigkills)
+            procs[1].send_signal(signal.SIGSTOP)  # a pause past the liveness (1.5 s)
+            await asyncio.sleep(4)
+            procs[1].send_signal(signal.SIGCONT)  # it wakes stale
+            killed = await kill_connections(deps, procs, 8, stop)
+            await sigkill_at(deps, procs, env, int(total * rand.uniform(0.55, 0.7)), sigkills)
 
             async def all_done() -> bool:
                 done = await count(deps) + await count(deps, "failed")
@@ -139,7 +149,6 @@ async def test_every_fault_at_once_every_job_ends_once(
             await eventually(all_done, timeout_s=240, interval_s=0.3)
         finally:
             stop.set()
-            killed = await killer if killer is not None else 0
             for p in procs:
                 if p.returncode is None:
                     p.send_signal(signal.SIGCONT)

@@ -251,3 +251,35 @@ async def test_a_stale_delivery_cannot_take_back_a_send(deps: Deps):
     assert await _mark_sending(deps, msg, delivery(3), "m1@x", ["b@example.net"], False)
     await deps.pool.execute("UPDATE outbound_messages SET status = 'sent'")
     assert not await _mark_sending(deps, msg, delivery(4), "m1@x", ["b@example.net"], False)
+
+
+async def test_a_skipped_redelivery_repairs_a_hash_left_running(deps: Deps):
+    """A holder killed after PostgreSQL committed `completed` but before the hash was written
+    leaves the view `running`; the replica that takes the entry over acks it without
+    running it, and brings the hash to what PostgreSQL says."""
+    from tests import handlers
+
+    stream = deps.keys.stream(handlers.QUEUE)
+    await deps.redis.xgroup_create(stream, deps.settings.group, id="0", mkstream=True)
+    entry = (await deps.redis.xadd(stream, {"id": "done-1", "payload": "{}"})).decode()
+    await deps.redis.xreadgroup(deps.settings.group, "dead-holder", {stream: ">"})
+    d1 = Delivery(handlers.QUEUE, entry, {}, 1).fence
+    row = JobRow(
+        "done-1", handlers.QUEUE, "completed", "{}", '{"ok": true}', None, 1, entry, 1.0, 2.0,
+        3.0, None, d1,
+    )  # fmt: skip
+    await write_batch(deps.pool, "dead-holder", [row], [])
+    rec = await _recorder(deps, "dead-holder")
+    await rec._send_scripts([rec._hash_cmd([_row(d1, "running")])])
+    await deps.redis.rename(deps.keys.job("job-1"), deps.keys.job("done-1"))
+    async with running(make_engine(deps, None, None, extra=handlers.SPECS)):
+
+        async def repaired() -> bool:
+            return await deps.redis.hget(deps.keys.job("done-1"), "status") == b"completed"
+
+        await eventually(repaired, timeout_s=20)
+    view = await deps.redis.hgetall(deps.keys.job("done-1"))
+    assert view[b"result"] == b'{"ok": true}'
+    assert await deps.redis.ttl(deps.keys.job("done-1")) > 0
+    assert await executions(deps) == {}  # acked without running
+    assert (await deps.redis.xpending(stream, deps.settings.group))["pending"] == 0

@@ -263,3 +263,40 @@ async def test_a_redelivered_job_already_terminal_is_acked_without_running(deps:
     row = await deps.pool.fetchrow("SELECT status, attempts FROM jobs WHERE id = 'done-1'")
     assert (row["status"], row["attempts"]) == (status, 1)
     assert await deps.redis.xlen(deps.keys.dead(Q)) == 0
+
+
+async def test_killed_connections_never_send_a_message_twice(
+    own_redis: OwnRedis, settings: Settings
+):
+    """The same faults on `email-sending` against a real SMTP sink: each message reaches
+    the sink once (the issue's case: two of eight went out twice)."""
+    from collections import Counter
+
+    from consumers.mailboxes import add_mailbox
+    from schema.payloads import SendEmail
+    from tests.smtp_sink import smtp_sink
+
+    s = msgspec.structs.replace(settings, redis_url=own_redis.url)
+    async with connect(s) as deps, smtp_sink() as sink:
+        await add_mailbox(
+            deps.pool, "sender@example.com", mailbox_id="mb-s", smtp_url=sink.url(),
+            daily_limit=10_000, per_minute_limit=10_000,
+        )  # fmt: skip
+        sends = [
+            SendEmail(mailbox_id="mb-s", to=[f"r{i}@example.net"], subject=f"s{i}", text="t")
+            for i in range(60)
+        ]
+        ids = await deps.publisher.publish_many("email-sending", sends)
+        stop = asyncio.Event()
+        async with running(make_engine(deps, ["email-sending"], None)):
+            killer = asyncio.create_task(kill_clients(own_redis.url, stop, 4.0))
+            try:
+                await eventually(lambda: all_terminal(deps, ids), timeout_s=60)
+            finally:
+                stop.set()
+                kills = await killer
+        assert kills >= 10
+        assert set((await statuses(deps, ids)).values()) == {"completed"}
+        delivered = Counter(m.parsed()["Message-ID"] for m in sink.messages)
+        assert len(delivered) == len(ids)
+        assert set(delivered.values()) == {1}, f"sent twice after {kills} kills"
