@@ -3,6 +3,7 @@
 It knows nothing of email; `consumers` gives it routes.
 """
 
+from streams.client import Client, JobState
 from streams.dead_letters import DeadLetter, list_dead, purge_dead, read_dead, replay_dead
 from streams.dispatch import Route
 from streams.errors import (
@@ -24,12 +25,14 @@ from streams.worker import Engine, EngineConfig
 
 __all__ = [
     "TERMINAL",
+    "Client",
     "ConfigError",
     "DeadLetter",
     "Engine",
     "EngineConfig",
     "Job",
     "JobError",
+    "JobState",
     "JobstreamError",
     "Keys",
     "NullObserver",
