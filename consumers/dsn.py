@@ -38,7 +38,7 @@ _RECIPIENT_FIELDS = ("Original-Recipient", "Final-Recipient", "X-Actual-Recipien
 
 _FULL_RE = re.compile(
     r"mailbox (?:is )?full|mail ?folder is full|over ?quota|quota (?:exceeded|violation)"
-    r"|exceed\w*(?: \w+){0,3} quota|disk quota|insufficient (?:system )?storage"
+    r"|\bexceed\w*(?: \w+){0,3} quota|disk quota|insufficient (?:system )?storage"
     r"|mailbox space|too much mail",
     re.IGNORECASE,
 )
@@ -60,7 +60,9 @@ _POLICY_RE = re.compile(
     r"|\bdkim\b|reputation|\brbl\b|spamhaus|unsolicited|unable to relay|relay(?:ing)? denied",
     re.IGNORECASE,
 )
-_MESSAGE_ID_RE = re.compile(r"^[\s>]*message-id:\s*(<[^<>\s]+@[^<>\s]+>)", re.I | re.M)
+# Linear: the line's indent never spans lines (`^` is tried at every line), and the local
+# part holds no `@`, so an id of many `@` has one split to try, not one per `@`.
+_MESSAGE_ID_RE = re.compile(r"^(?:[^\S\n]|>)*message-id:\s*(<[^<>\s@]+@[^<>\s]+>)", re.I | re.M)
 _FIELD_TYPE_RE = re.compile(r"^\s*[\w.\-]+\s*;\s*")
 _SPACE_RE = re.compile(r"\s+")
 
@@ -253,13 +255,13 @@ def _notice_texts(msg: _Message) -> list[str]:
     """Return the human-readable parts of the notice, never those of the returned message."""
     plain: list[str] = []
     markup: list[str] = []
-    stack = [msg]
+    stack = [msg]  # children pushed in reverse, popped from the end: document order
     while stack:
-        part = stack.pop(0)
+        part = stack.pop()
         if part.get_content_maintype() == "message":
             continue  # the returned original, its headers, or the report itself
         if part.is_multipart():
-            stack[:0] = [p for p in part.get_payload() if isinstance(p, _Message)]
+            stack += reversed([p for p in part.get_payload() if isinstance(p, _Message)])
         elif part.get_content_type() == "text/plain" and not _is_attachment(part):
             plain.append(_part_text(part))
         elif part.get_content_type() == "text/html" and not _is_attachment(part):

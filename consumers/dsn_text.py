@@ -5,6 +5,7 @@ Pure functions over already-decoded text; email parsing and classification live 
 
 from __future__ import annotations
 
+import bisect
 import html
 import re
 from dataclasses import dataclass
@@ -86,9 +87,13 @@ _BOUNCE_SUBJECT_RE = re.compile(
     r"|processing error|mail system error|rejected mail|delivery warning",
     re.IGNORECASE,
 )
-# AOL lists screen names without a domain under this sentence.
-_AOL_RE = re.compile(r"not accepting mail from[^\n]*:\n((?:[ \t]+\S+[ \t]*\n?)+)", re.IGNORECASE)
-_TAG_RE = re.compile(r"<(?:br|p|div|tr|li)\b[^>]*>|<[^>]*>", re.IGNORECASE)
+# AOL lists screen names without a domain under this sentence. The rest of the line is
+# bounded so that many sentences on one long line do not each scan to its end.
+_AOL_RE = re.compile(
+    r"not accepting mail from[^\n]{0,500}:\n((?:[ \t]+\S+[ \t]*\n?)+)", re.IGNORECASE
+)
+# A tag never holds `<`: a `<` without its `>` is text, not a scan to the end of the input.
+_TAG_RE = re.compile(r"<(?:br|p|div|tr|li)\b[^<>]*>|<[^<>]*>", re.IGNORECASE)
 _SPACE_RE = re.compile(r"\s+")
 
 
@@ -159,7 +164,8 @@ def find_recipients(
     starts = sorted(mentions[0] for mentions in hits.values())
     findings = []
     for address, mentions in hits.items():
-        end = next((i for i in starts if i > mentions[0]), len(lines))
+        after = bisect.bisect_right(starts, mentions[0])
+        end = starts[after] if after < len(starts) else len(lines)
         window = _window(lines, mentions[0], end)
         code = _code(window) or next(filter(None, (_code(lines[i]) for i in mentions[1:])), None)
         findings.append(TextFinding(address, code, window))

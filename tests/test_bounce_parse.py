@@ -220,3 +220,43 @@ def test_random_bytes_never_raise():
         cut = rng.randrange(len(sample))
         noise = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
         assert isinstance(parse_bounce(sample[:cut] + noise + sample[cut:]), ParsedBounce)
+
+
+# Crafted notices that made the old patterns backtrack quadratically: each took minutes
+# (hours for the `@` run) at these sizes; linear patterns read them in well under a second.
+_NOTICE = b"From: MAILER-DAEMON@mx.example.org\nSubject: Undelivered Mail Returned to Sender\n"
+
+
+def test_blank_lines_and_no_returned_message_id():
+    raw = _NOTICE + b"\n" + b"\n" * 200_000 + b" > Message-ID: unknown\n"
+    parsed = parse_bounce(raw)
+    assert parsed.is_bounce
+    assert parsed.original_message_id is None
+
+
+def test_message_id_of_many_at_signs_is_no_id():
+    raw = _NOTICE + b"\nMessage-ID: <" + b"@" * 200_000 + b"\n"
+    assert parse_bounce(raw).original_message_id is None
+
+
+def test_html_notice_with_unclosed_angle_brackets():
+    html = b"<p>user@example.net: 550 5.1.1 user unknown<br>" + b"<" * 1_000_000
+    raw = _NOTICE + b"Content-Type: text/html\n\n" + html
+    (recipient,) = parse_bounce(raw).recipients
+    assert (recipient.address, recipient.kind, recipient.status) == (
+        "user@example.net",
+        "hard",
+        "5.1.1",
+    )
+
+
+def test_many_aol_sentences_on_one_line():
+    raw = b"From: postmaster@aol.com\nSubject: Undeliverable\n\n"
+    raw += b"not accepting mail from " * 100_000 + b"\nnot accepting mail from x:\n\tscreen\n"
+    (recipient,) = parse_bounce(raw).recipients
+    assert recipient.address == "screen@aol.com"
+
+
+def test_exceed_run_in_a_diagnostic():
+    assert classify_status(None, None, "exceed" * 100_000) == ("unknown", False)
+    assert classify_status(None, None, "552 mailbox exceeded storage quota") == ("soft", False)
