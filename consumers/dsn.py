@@ -18,7 +18,7 @@ from typing import Literal
 
 import msgspec
 
-from consumers import dsn_text
+from consumers import dsn_text, mimetree
 
 __all__ = ["BouncedRecipient", "Kind", "ParsedBounce", "classify_status", "parse_bounce"]
 
@@ -27,6 +27,7 @@ _Message = email.message.Message
 
 _MAX_RECIPIENTS = 1000
 _MAX_DIAGNOSTIC = 1000
+_MAX_HEADER_CHARS = 8192  # RFC 2047 decoding rescans a line from each `=?`: quadratic
 _FAILED_ACTIONS = frozenset({"failed", "failure", "error", "bounced", "undeliverable"})
 _DELAYED_ACTIONS = frozenset({"delayed", "delay", "deferred"})
 _SUCCESS_ACTIONS = frozenset({"delivered", "relayed", "expanded"})
@@ -166,8 +167,8 @@ def _is_sender_side(enhanced: str | None, diagnostic: str | None) -> bool:
 
 def _parse(raw: bytes) -> ParsedBounce:
     # compat32 is the lenient policy: it keeps raw 8-bit bytes and never raises on
-    # malformed headers, which the default policy may do on access.
-    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    # malformed headers, which the default policy may do on access. Nesting is bounded.
+    msg = mimetree.parse_bytes(raw, email.policy.compat32)
     blocks = list(_report_blocks(msg))
     recipients = _dedupe(r for r in map(_recipient_from_block, blocks) if r is not None)
     if not recipients:
@@ -320,10 +321,11 @@ def _header(msg: _Message, name: str) -> str:
     value = msg.get(name)
     if value is None:
         return ""
+    value = str(value)[:_MAX_HEADER_CHARS]
     try:
-        text = str(email.header.make_header(email.header.decode_header(str(value))))
+        text = str(email.header.make_header(email.header.decode_header(value)))
     except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
-        text = str(value)
+        text = value
     return _SPACE_RE.sub(" ", text).strip()
 
 

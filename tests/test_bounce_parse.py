@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.adversarial import CRAFTED
 from consumers.dsn import BouncedRecipient, ParsedBounce, classify_status, parse_bounce
 
 DATA = Path(__file__).parent / "data"
@@ -260,3 +261,35 @@ def test_many_aol_sentences_on_one_line():
 def test_exceed_run_in_a_diagnostic():
     assert classify_status(None, None, "exceed" * 100_000) == ("unknown", False)
     assert classify_status(None, None, "552 mailbox exceeded storage quota") == ("soft", False)
+
+
+@pytest.mark.parametrize("kind", ["multipart_nesting", "rfc822_nesting"])
+def test_thousand_levels_are_read_as_a_notice(kind):
+    """The standard parser recursed once a level: RecursionError, so 'not a bounce'."""
+    parsed = parse_bounce(CRAFTED[kind](1))
+    assert parsed.is_bounce  # the notice's own From/Subject were kept
+
+
+def test_report_within_the_nesting_bound_is_read():
+    report = (EXTRA / "messages" / "postfix_policy_01.eml").read_bytes()
+    raw = b"Subject: fwd\nContent-Type: multipart/mixed; boundary=b0\n\n"
+    for i in range(1, 30):
+        raw += b"--b%d\nContent-Type: multipart/mixed; boundary=b%d\n\n" % (i - 1, i)
+    raw += b"--b29\nContent-Type: message/rfc822\n\n" + report
+    (recipient,) = parse_bounce(raw).recipients
+    assert (recipient.kind, recipient.status) == ("hard", "5.7.1")
+
+
+def test_long_quoted_mime_parameters_are_cut():
+    """`_parseparam` counts quotes from the start for every `;`: quadratic in the header."""
+    raw = _NOTICE + b'Content-Type: text/plain; x="' + b";" * 400_000 + b"\n\n"
+    raw += b"user@example.net: 550 5.1.1 user unknown\n"
+    (recipient,) = parse_bounce(raw).recipients
+    assert recipient.address == "user@example.net"
+
+
+def test_long_encoded_word_headers_are_cut():
+    """RFC 2047 decoding rescans the line from each `=?`: quadratic in the header."""
+    raw = _NOTICE + b"To: " + b"=?a?q??=" * 800_000 + b"\n\nuser@example.net: 550 5.1.1 unknown\n"
+    (recipient,) = parse_bounce(raw).recipients
+    assert recipient.address == "user@example.net"
