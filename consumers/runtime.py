@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from consumers.deps import Deps
 from consumers.handler import HandlerSpec
 from consumers.health import write_reports
+from consumers.parsepool import ParsePool, default_processes
 from consumers.registry import by_queue
 from consumers.settings import Settings, redact_url
 from otel.metrics import MetricsHandle, setup_metrics
@@ -72,9 +73,10 @@ async def _pool(settings: Settings, wait: bool) -> asyncpg.Pool:
 
 @asynccontextmanager
 async def connect(settings: Settings, *, wait: bool = True) -> AsyncIterator[Deps]:
-    """Open Redis and PostgreSQL for the lifetime of the block.
+    """Open Redis, PostgreSQL and the parse pool for the lifetime of the block.
 
-    `wait=False` (one-off commands) fails at once when PostgreSQL does not answer.
+    `wait=False` (one-off commands) fails at once when PostgreSQL does not answer. The
+    pool starts its processes only when something is parsed; they stop with the block.
     """
     redis = aioredis.Redis.from_url(
         settings.redis_url,
@@ -85,9 +87,11 @@ async def connect(settings: Settings, *, wait: bool = True) -> AsyncIterator[Dep
     )
     pool = await _pool(settings, wait)
     keys = keys_of(settings)
+    parser = ParsePool(settings.parse_processes or default_processes())
     try:
-        yield Deps(pool, redis, Publisher(redis, keys, PAYLOADS), settings, keys)
+        yield Deps(pool, redis, Publisher(redis, keys, PAYLOADS), settings, keys, parser)
     finally:
+        await parser.aclose()
         await pool.close()
         await redis.aclose()
 
