@@ -63,7 +63,8 @@ async def busy_pid(pool: ParsePool) -> int:
     async def check() -> list[int]:
         return pool.busy_pids
 
-    (pid,) = await eventually(check, timeout_s=30)
+    pids: list[int] = await eventually(check, timeout_s=30)
+    (pid,) = pids
     return pid
 
 
