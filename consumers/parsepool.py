@@ -14,8 +14,10 @@ timeout) kills its child with SIGKILL at once; the next call starts a fresh chil
 start on demand, so a worker that parses nothing starts none.
 
 What crosses the process boundary is small and inert: the raw bytes and the name of a
-parser in, the parser's msgspec struct out (msgpack). A child that dies mid-parse
-(a crash, the out-of-memory killer) fails the job with a PermanentError that says so.
+parser in, the parser's msgspec struct out (msgpack). A child killed by a signal mid-parse
+(a crash, the out-of-memory killer) fails the job with a PermanentError that says so: the
+same message would do it again. A child that exits by itself (it could not start) fails
+the call with a RetryableError.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import msgspec
 from consumers.dsn import ParsedBounce
 from consumers.inbound import ParsedMessage
 from consumers.parseproc import Reply, Request
-from streams import PermanentError
+from streams import JobError, PermanentError, RetryableError
 
 __all__ = ["ParsePool", "default_processes"]
 
@@ -84,6 +86,7 @@ class ParsePool:
         self._busy: set[_Child] = set()
         self._ending: set[asyncio.Task[int]] = set()
         self._closed = False
+        self.command = [sys.executable, "-m", "consumers.parseproc"]  # what a child runs
 
     @property
     def pids(self) -> list[int]:
@@ -114,7 +117,7 @@ class ParsePool:
                 data = await child.call(request)
             except (asyncio.IncompleteReadError, ConnectionError) as exc:
                 self._end(child)
-                raise PermanentError(await self._death(child, len(raw))) from exc
+                raise await self._death(child, len(raw)) from exc
             except BaseException:  # cancelled (the job's timeout) or broken: stop the parse
                 self._end(child)
                 raise
@@ -129,9 +132,7 @@ class ParsePool:
         # A session of its own: a Ctrl-C at the terminal reaches the worker, which decides
         # when parsing stops, and not the children directly.
         proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "consumers.parseproc",
+            *self.command,
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
             start_new_session=True,
@@ -141,16 +142,22 @@ class ParsePool:
     def _end(self, child: _Child) -> None:
         """Kill a child now (never reused) and reap it in the background."""
         self._busy.discard(child)
-        with contextlib.suppress(ProcessLookupError):
-            child.proc.send_signal(signal.SIGKILL)
+        # os.kill, not Process.kill: that polls first, and a poll that reaps a child which
+        # just died robs asyncio's child watcher of its exit status.
+        if child.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child.proc.pid, signal.SIGKILL)
         task = asyncio.get_running_loop().create_task(child.proc.wait())
         self._ending.add(task)
         task.add_done_callback(self._ending.discard)
 
-    async def _death(self, child: _Child, size: int) -> str:
+    async def _death(self, child: _Child, size: int) -> JobError:
+        """The error for a call whose child ended: permanent if a signal killed it mid-parse."""
         code = await child.proc.wait()
-        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-        return f"the parser process died ({how}) while parsing a {size}-byte message"
+        if code < 0:
+            what = f"died (killed by signal {-code}) while parsing a {size}-byte message"
+            return PermanentError(f"the parser process {what}")
+        return RetryableError(f"the parser process exited (exit code {code}) before answering")
 
     async def aclose(self) -> None:
         """Stop every child: idle ones by closing their input, busy ones by SIGKILL."""

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from consumers.dsn import BouncedRecipient, ParsedBounce, parse_bounce
 from consumers.inbound import parse_message
 from consumers.parsepool import ParsePool, default_processes
 from consumers.settings import Settings
-from streams import ConfigError, PermanentError
+from streams import ConfigError, PermanentError, RetryableError
 from tests.conftest import eventually
 
+ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 PATHS = [
     DATA / "inbound" / "rfc2047_malformed.eml",
@@ -103,6 +105,42 @@ async def test_a_crashed_process_fails_the_call_for_good(pool: ParsePool) -> Non
         await task
     raw = SAMPLES[1]
     assert await pool.parse_message(raw) == parse_message(raw)
+
+
+async def test_a_process_that_cannot_start_fails_the_call_for_now(pool: ParsePool) -> None:
+    pool.command = [sys.executable, "-c", "raise SystemExit(3)"]
+    with pytest.raises(RetryableError, match=r"exited \(exit code 3\) before answering"):
+        await pool.parse_message(SAMPLES[0])
+    assert pool.pids == []
+
+
+async def test_a_parse_never_outlives_its_worker() -> None:
+    """The worker is SIGKILLed mid-parse: its parser process notices and exits."""
+    script = (
+        "import asyncio, sys\n"
+        "from bench.adversarial import CRAFTED\n"
+        "from consumers.parsepool import ParsePool\n"
+        "async def main():\n"
+        "    pool = ParsePool(1)\n"
+        "    task = asyncio.create_task(pool.parse_message(CRAFTED['sibling_parts'](200)))\n"
+        "    while not pool.busy_pids:\n"
+        "        await asyncio.sleep(0.01)\n"
+        "    await asyncio.sleep(1)  # the whole message is in the child: it is parsing\n"
+        "    print(pool.busy_pids[0], flush=True)\n"
+        "    await task\n"
+        "asyncio.run(main())\n"
+    )
+    worker = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, cwd=ROOT, stdout=asyncio.subprocess.PIPE
+    )
+    assert worker.stdout is not None
+    try:
+        pid = int(await asyncio.wait_for(worker.stdout.readline(), 30))
+        assert alive(pid)
+    finally:
+        worker.kill()
+        await worker.wait()
+    await until_gone(pid)
 
 
 async def test_calls_beyond_its_size_wait_for_a_process() -> None:
