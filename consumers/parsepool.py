@@ -31,6 +31,7 @@ from typing import TypeVar
 
 import msgspec
 
+from consumers import parseproc
 from consumers.dsn import ParsedBounce
 from consumers.inbound import ParsedMessage
 from consumers.parseproc import Reply, Request
@@ -86,7 +87,7 @@ class ParsePool:
         self._busy: set[_Child] = set()
         self._ending: set[asyncio.Task[int]] = set()
         self._closed = False
-        self.command = [sys.executable, "-m", "consumers.parseproc"]  # what a child runs
+        self.command = [sys.executable, "-m", parseproc.__name__]  # what a child runs
 
     @property
     def pids(self) -> list[int]:
