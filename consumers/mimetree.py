@@ -9,7 +9,7 @@ parsers cost tens of microseconds per character, quadratically more past a few k
   `BoundedMessage.too_deep` says so;
 * the values of Content-Type, Content-Disposition and Content-Transfer-Encoding are cut at
   `MAX_MIME_HEADER_CHARS` (`BoundedMessage.cut_headers` names them), and each is parsed
-  once per part however often it is asked for.
+  (value and parameters) once per part however often it is asked for.
 
 The tree is for reading (`set_boundary` after parsing would leave a stale cached
 Content-Type). Pure, no I/O.
@@ -75,11 +75,23 @@ class _Bounded(email.message.Message):
         key = name.lower()
         if key not in _MIME_HEADERS:
             return super().get(name, failobj)
-        cache: dict[str, Any] = self.__dict__.setdefault("_mime_cache", {})
-        if key not in cache:
-            cache[key] = super().get(name, _ABSENT)
-        value = cache[key]
+        cache: dict[tuple[str, str], Any] = self.__dict__.setdefault("_mime_cache", {})
+        if ("value", key) not in cache:
+            cache["value", key] = super().get(name, _ABSENT)
+        value = cache["value", key]
         return failobj if value is _ABSENT else value
+
+    def _get_params_preserve(self, failobj: Any, header: str) -> Any:
+        # Behind get_param, get_params, get_content_charset, get_filename and get_boundary:
+        # the parameter parser costs microseconds a character, so each header's once.
+        key = header.lower()
+        if key not in _MIME_HEADERS:
+            return super()._get_params_preserve(failobj, header)  # type: ignore[misc]
+        cache: dict[tuple[str, str], Any] = self.__dict__.setdefault("_mime_cache", {})
+        if ("params", key) not in cache:
+            cache["params", key] = super()._get_params_preserve(_ABSENT, header)  # type: ignore[misc]
+        params = cache["params", key]
+        return failobj if params is _ABSENT else list(params)
 
     def __setitem__(self, name: str, val: Any) -> None:
         self.__dict__.pop("_mime_cache", None)
