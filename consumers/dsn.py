@@ -27,6 +27,7 @@ _Message = email.message.Message
 
 _MAX_RECIPIENTS = 1000
 _MAX_DIAGNOSTIC = 1000
+_MAX_CLASSIFIED = 4096  # characters of a status or diagnostic classified
 _MAX_HEADER_CHARS = 8192  # RFC 2047 decoding rescans a line from each `=?`: quadratic
 _FAILED_ACTIONS = frozenset({"failed", "failure", "error", "bounced", "undeliverable"})
 _DELAYED_ACTIONS = frozenset({"delayed", "delay", "deferred"})
@@ -111,6 +112,12 @@ def classify_status(
     the SMTP reply class, then known temporary or permanent wording. `sender_side` is
     set for 5.7.x/4.7.x codes and policy wording (spam, blocklists, DMARC, relaying).
     """
+    # What decides is at the start; a producer's megabytes of diagnostic would otherwise
+    # cost the event loop a second or more of pattern matching (bounce.py's `_given`).
+    status, diagnostic = (
+        status and status[:_MAX_CLASSIFIED],
+        diagnostic and diagnostic[:_MAX_CLASSIFIED],
+    )
     verb = (action or "").strip().lower().split(" ", 1)[0].rstrip(";:,")
     if verb in _SUCCESS_ACTIONS:
         return "unknown", False

@@ -293,3 +293,10 @@ def test_long_encoded_word_headers_are_cut():
     raw = _NOTICE + b"To: " + b"=?a?q??=" * 800_000 + b"\n\nuser@example.net: 550 5.1.1 unknown\n"
     (recipient,) = parse_bounce(raw).recipients
     assert recipient.address == "user@example.net"
+
+
+def test_classification_reads_the_start_of_a_diagnostic():
+    """A producer may send megabytes of diagnostic: only the first 4096 characters count."""
+    assert classify_status(None, None, "x" * 4_000 + " user unknown") == ("hard", False)
+    assert classify_status(None, None, "x" * 5_000_000 + " user unknown") == ("unknown", False)
+    assert classify_status("5" * 5_000_000, "failed", None) == ("hard", False)
