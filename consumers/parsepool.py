@@ -65,7 +65,8 @@ class _Child:
         stdin, stdout = self.proc.stdin, self.proc.stdout
         assert stdin is not None  # both are pipes, see ParsePool._spawn
         assert stdout is not None
-        stdin.write(len(request).to_bytes(_HEADER_BYTES, "big") + request)
+        stdin.write(len(request).to_bytes(_HEADER_BYTES, "big"))
+        stdin.write(request)
         await stdin.drain()
         size = int.from_bytes(await stdout.readexactly(_HEADER_BYTES), "big")
         return await stdout.readexactly(size)
