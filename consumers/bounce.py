@@ -11,10 +11,11 @@ import msgspec
 from consumers import suppressions
 from consumers.addresses import AddressError, normalize_each
 from consumers.deps import Deps
-from consumers.dsn import BouncedRecipient, classify_status, parse_bounce
+from consumers.dsn import BouncedRecipient, classify_status
 from consumers.events import emit
 from consumers.handler import handler
-from consumers.rawmail import clean_text, decode_raw, off_loop
+from consumers.parsepool import ParsePool
+from consumers.rawmail import clean_text, decode_raw
 from consumers.settings import Settings
 from schema.payloads import BounceRecipient, ProcessBounce
 from streams import Job, Policy
@@ -78,7 +79,7 @@ async def process_bounce(msg: ProcessBounce, job: Job, deps: Deps) -> dict[str, 
     upsert, all in one transaction; events use the key `<job id>:<address>`, so a rerun
     publishes the same event ids again.
     """
-    report = await _read(msg, deps.settings.max_inbound_bytes)
+    report = await _read(msg, deps.settings.max_inbound_bytes, deps.parser)
     mailbox_id, campaign_id, marked = msg.mailbox_id, None, False
     suppressed: list[str] = []
     async with deps.pool.acquire() as conn, conn.transaction():
@@ -103,11 +104,11 @@ async def process_bounce(msg: ProcessBounce, job: Job, deps: Deps) -> dict[str, 
     }
 
 
-async def _read(msg: ProcessBounce, limit: int) -> _Report:
+async def _read(msg: ProcessBounce, limit: int, parser: ParsePool) -> _Report:
     """Parse the raw bounce; the given recipients are used when there is none (or it names none)."""
     report = _Report(is_bounce=False, recipients=[], original_message_id=None)
     if msg.raw_b64 is not None:
-        parsed = await off_loop(parse_bounce, decode_raw(msg.raw_b64, limit))
+        parsed = await parser.parse_bounce(decode_raw(msg.raw_b64, limit))
         report = _Report(parsed.is_bounce, parsed.recipients, parsed.original_message_id)
     if not report.recipients and msg.recipients:
         report = _Report(True, _given(msg.recipients), report.original_message_id)

@@ -1,4 +1,4 @@
-"""What handlers may use: the PostgreSQL pool, Redis, the publisher and the settings."""
+"""What handlers may use: PostgreSQL and Redis, the publisher, the settings, the parse pool."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import asyncpg
 import redis.asyncio as aioredis
 
+from consumers.parsepool import ParsePool
 from consumers.settings import Settings
 from streams import Keys, Publisher
 
@@ -20,3 +21,4 @@ class Deps:
     publisher: Publisher
     settings: Settings
     keys: Keys
+    parser: ParsePool  # CPU-heavy mail parsing, in processes of its own

@@ -18,7 +18,7 @@ from typing import Literal
 
 import msgspec
 
-from consumers import dsn_ses, dsn_text
+from consumers import dsn_ses, dsn_text, mimetree
 
 __all__ = ["BouncedRecipient", "Kind", "ParsedBounce", "classify_status", "parse_bounce"]
 
@@ -27,6 +27,8 @@ _Message = email.message.Message
 
 _MAX_RECIPIENTS = 1000
 _MAX_DIAGNOSTIC = 1000
+_MAX_CLASSIFIED = 4096  # characters of a status or diagnostic classified
+_MAX_HEADER_CHARS = 8192  # RFC 2047 decoding rescans a line from each `=?`: quadratic
 _FAILED_ACTIONS = frozenset({"failed", "failure", "error", "bounced", "undeliverable"})
 _DELAYED_ACTIONS = frozenset({"delayed", "delay", "deferred"})
 _SUCCESS_ACTIONS = frozenset({"delivered", "relayed", "expanded"})
@@ -39,7 +41,7 @@ _RECIPIENT_FIELDS = ("Original-Recipient", "Final-Recipient", "X-Actual-Recipien
 
 _FULL_RE = re.compile(
     r"mailbox (?:is )?full|mail ?folder is full|over ?quota|quota (?:exceeded|violation)"
-    r"|exceed\w*(?: \w+){0,3} quota|disk quota|insufficient (?:system )?storage"
+    r"|\bexceed\w*(?: \w+){0,3} quota|disk quota|insufficient (?:system )?storage"
     r"|mailbox space|too much mail",
     re.IGNORECASE,
 )
@@ -61,7 +63,9 @@ _POLICY_RE = re.compile(
     r"|\bdkim\b|reputation|\brbl\b|spamhaus|unsolicited|unable to relay|relay(?:ing)? denied",
     re.IGNORECASE,
 )
-_MESSAGE_ID_RE = re.compile(r"^[\s>]*message-id:\s*(<[^<>\s]+@[^<>\s]+>)", re.I | re.M)
+# Linear: the line's indent never spans lines (`^` is tried at every line), and the local
+# part holds no `@`, so an id of many `@` has one split to try, not one per `@`.
+_MESSAGE_ID_RE = re.compile(r"^(?:[^\S\n]|>)*message-id:\s*(<[^<>\s@]+@[^<>\s]+>)", re.I | re.M)
 _FIELD_TYPE_RE = re.compile(r"^\s*[\w.\-]+\s*;\s*")
 _SPACE_RE = re.compile(r"\s+")
 
@@ -114,6 +118,12 @@ def classify_status(
     set for 5.7.x/4.7.x codes, a refused sender address (x.1.7, x.1.8) and policy
     wording (spam, blocklists, DMARC, relaying).
     """
+    # What decides is at the start; a producer's megabytes of diagnostic would otherwise
+    # cost the event loop a second or more of pattern matching (bounce.py's `_given`).
+    status, diagnostic = (
+        status and status[:_MAX_CLASSIFIED],
+        diagnostic and diagnostic[:_MAX_CLASSIFIED],
+    )
     verb = (action or "").strip().lower().split(" ", 1)[0].rstrip(";:,")
     if verb in _SUCCESS_ACTIONS:
         return "unknown", False
@@ -171,8 +181,8 @@ def _is_sender_side(enhanced: str | None, diagnostic: str | None) -> bool:
 
 def _parse(raw: bytes) -> ParsedBounce:
     # compat32 is the lenient policy: it keeps raw 8-bit bytes and never raises on
-    # malformed headers, which the default policy may do on access.
-    msg = email.message_from_bytes(raw, policy=email.policy.compat32)
+    # malformed headers, which the default policy may do on access. Nesting is bounded.
+    msg = mimetree.parse_bytes(raw, email.policy.compat32)
     blocks = list(_report_blocks(msg))
     recipients = _dedupe(r for r in map(_recipient_from_block, blocks) if r is not None)
     if any(dsn_text.is_generic(r.status) for r in recipients):
@@ -323,13 +333,13 @@ def _notice_texts(msg: _Message) -> list[str]:
     """Return the human-readable parts of the notice, never those of the returned message."""
     plain: list[str] = []
     markup: list[str] = []
-    stack = [msg]
+    stack = [msg]  # children pushed in reverse, popped from the end: document order
     while stack:
-        part = stack.pop(0)
+        part = stack.pop()
         if part.get_content_maintype() == "message":
             continue  # the returned original, its headers, or the report itself
         if part.is_multipart():
-            stack[:0] = [p for p in part.get_payload() if isinstance(p, _Message)]
+            stack += reversed([p for p in part.get_payload() if isinstance(p, _Message)])
         elif part.get_content_type() == "text/plain" and not _is_attachment(part):
             plain.append(_part_text(part))
         elif part.get_content_type() == "text/html" and not _is_attachment(part):
@@ -388,10 +398,11 @@ def _header(msg: _Message, name: str) -> str:
     value = msg.get(name)
     if value is None:
         return ""
+    value = str(value)[:_MAX_HEADER_CHARS]
     try:
-        text = str(email.header.make_header(email.header.decode_header(str(value))))
+        text = str(email.header.make_header(email.header.decode_header(value)))
     except (email.errors.HeaderParseError, LookupError, UnicodeError, ValueError):
-        text = str(value)
+        text = value
     return _SPACE_RE.sub(" ", text).strip()
 
 

@@ -103,7 +103,8 @@ _BOUNCE_SUBJECT_RE = re.compile(
 )
 # AOL lists screen names without a domain, one an indented line, under this sentence.
 _AOL_INTRO = "not accepting mail from"
-_TAG_RE = re.compile(r"<(?:br|p|div|tr|li)\b[^>]*>|<[^>]*>", re.IGNORECASE)
+# A tag never holds `<`: a `<` without its `>` is text, not a scan to the end of the input.
+_TAG_RE = re.compile(r"<(?:br|p|div|tr|li)\b[^<>]*>|<[^<>]*>", re.IGNORECASE)
 _SPACE_RE = re.compile(r"\s+")
 
 
@@ -210,7 +211,8 @@ def find_recipients(
     starts = sorted(mentions[0] for mentions in hits.values())
     findings = []
     for address, mentions in hits.items():
-        end = next((i for i in starts if i > mentions[0]), len(lines))
+        after = bisect.bisect_right(starts, mentions[0])
+        end = starts[after] if after < len(starts) else len(lines)
         window = _window(lines, mentions[0], end)
         code = _code(window) or next(filter(None, (_code(lines[i]) for i in mentions[1:])), None)
         findings.append(TextFinding(address, refine_code(code, window), window))

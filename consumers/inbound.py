@@ -13,10 +13,11 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from email import policy, utils
 from email.message import Message
-from email.parser import BytesParser
 from typing import Literal, ParamSpec, TypeVar
 
 import msgspec
+
+from consumers import mimetree
 
 __all__ = [
     "WARMUP_HEADER",
@@ -43,7 +44,11 @@ _KEPT_HEADERS = (
 # The header registry's parser is super-linear on long values (a 750 kB header of encoded
 # words takes a minute), so longer values bypass it.
 _MAX_PARSED_HEADER_CHARS = 16_384
-_MAX_DEPTH = 32  # multipart / message nesting walked before giving up
+# Its address and MIME-parameter parsers are slower still: tens of microseconds a character,
+# growing quadratically past a few kB (16 kB of `(a)` in a To: header takes 10 s).
+_MAX_STRUCTURED_CHARS = 4096
+_STRUCTURED = frozenset({"from", "to", "cc", "reply-to", "return-path", "content-type"})
+_MAX_DEPTH = mimetree.MAX_DEPTH  # multipart / message nesting walked before giving up
 _MAX_DEFECTS = 64  # distinct defect strings kept; one hostile message can produce thousands
 _MAX_ERROR_CHARS = 200
 
@@ -153,7 +158,7 @@ def parse_message(raw: bytes) -> ParsedMessage:
         draft.defect("empty message")
     elif not _SEPARATOR.search(raw) and not raw.startswith((b"\n", b"\r\n")):
         draft.defect("missing header/body separator")
-    msg = _attempt(draft, BytesParser(policy=policy.default).parsebytes, raw)
+    msg = _attempt(draft, mimetree.parse_bytes, raw, policy.default)
     if msg is not None:
         _read_headers(msg, draft)
         _attempt(draft, _visit, msg, draft, 0, nested=False)
@@ -247,7 +252,11 @@ def _read_headers(msg: Message, draft: _Draft) -> None:
         if name in raw:
             value = _clean(_prepare(name, raw[name], draft))
             shown = _shorten(name, value, draft)
-            text = _attempt(draft, _registry_text, name, shown, draft)
+            text = None
+            if name in _STRUCTURED and len(shown) > _MAX_STRUCTURED_CHARS:
+                draft.defect(f"{name}: longer than {_MAX_STRUCTURED_CHARS} characters, not decoded")
+            else:
+                text = _attempt(draft, _registry_text, name, shown, draft)
             draft.headers[name] = shown if text is None else text
             _attempt(draft, _use_header, name, value, draft)
     draft.subject = draft.headers.get("subject")
@@ -306,7 +315,7 @@ def _date(value: str, draft: _Draft) -> datetime | None:
 def _addresses(name: str, value: str, draft: _Draft) -> list[str]:
     """Bare addresses (those with an @) in order; the registry first, else the lenient parser."""
     specs: list[str] | None = None
-    if len(value) <= _MAX_PARSED_HEADER_CHARS:
+    if len(value) <= _MAX_STRUCTURED_CHARS:
         specs = _attempt(draft, _registry_addresses, name, value)
     if specs is None:
         specs = [addr for _, addr in utils.getaddresses([value])]
@@ -325,8 +334,10 @@ def _visit(part: Message, draft: _Draft, depth: int, *, nested: bool) -> None:
     """Walk the MIME tree; inside an attached message only defects are collected."""
     for defect in part.defects:
         draft.defect(_defect_name(defect))
+    for name in getattr(part, "cut_headers", ()):
+        draft.defect(f"{name}: longer than {mimetree.MAX_MIME_HEADER_CHARS} characters, truncated")
     if depth > _MAX_DEPTH:
-        draft.defect("MIME nesting too deep")
+        draft.defect(f"MIME nesting deeper than {_MAX_DEPTH} levels: inner parts not read")
         return
     payload = part.get_payload()
     if not isinstance(payload, list):

@@ -13,8 +13,8 @@ import msgspec
 from consumers.deps import Deps
 from consumers.events import emit
 from consumers.handler import handler
-from consumers.inbound import WARMUP_HEADER, Classification, ParsedMessage, classify, parse_message
-from consumers.rawmail import clean_text, decode_raw, off_loop, sha256_hex
+from consumers.inbound import WARMUP_HEADER, Classification, ParsedMessage, classify
+from consumers.rawmail import clean_text, decode_raw, sha256_hex
 from schema.payloads import ProcessBounce, ProcessEmail
 from streams import Job, Policy
 
@@ -81,7 +81,7 @@ async def process_email(msg: ProcessEmail, job: Job, deps: Deps) -> dict[str, An
     before publishing); a republished follow-up carries the same job or event id.
     """
     raw = decode_raw(msg.raw_b64, deps.settings.max_inbound_bytes)
-    parsed = await off_loop(parse_message, raw)
+    parsed = await deps.parser.parse_message(raw)  # off the event loop; stopped at the timeout
     key, has_id = inbound_key(parsed.message_id, raw)
     ours = await _our_messages(deps.pool, parsed)
     thread = {i for i in _thread_ids(parsed) if i in ours}

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
 import re
-from collections.abc import Callable
-from typing import TypeVar
 
 from streams import PermanentError
 
-__all__ = ["clean_text", "decode_raw", "off_loop", "sha256_hex"]
+__all__ = ["clean_text", "decode_raw", "sha256_hex"]
 
-_T = TypeVar("_T")
-
-# Parsing a message this large inline would hold the event loop (and the worker's liveness
-# heartbeat) for too long; larger ones are parsed in a thread.
-_INLINE_BYTES = 64 * 1024
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL and lone surrogates
 
 
@@ -37,13 +29,6 @@ def decode_raw(raw_b64: str, limit: int) -> bytes:
             " (JOBSTREAM_MAX_INBOUND_BYTES)"
         )
     return raw
-
-
-async def off_loop(fn: Callable[[bytes], _T], raw: bytes) -> _T:
-    """Run a pure parser on `raw`: inline when small, in a worker thread when large."""
-    if len(raw) <= _INLINE_BYTES:
-        return fn(raw)
-    return await asyncio.to_thread(fn, raw)
 
 
 def sha256_hex(data: bytes) -> str:

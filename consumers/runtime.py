@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from consumers.deps import Deps
 from consumers.handler import HandlerSpec
 from consumers.health import write_reports
+from consumers.parsepool import ParsePool, default_processes
 from consumers.registry import by_queue
 from consumers.settings import Settings, redact_url
 from consumers.tls import client_context, database_dsn, redis_tls_options
@@ -85,9 +86,10 @@ def _printable(name: str | None) -> str | None:
 async def connect(
     settings: Settings, *, wait: bool = True, client_name: str | None = None
 ) -> AsyncIterator[Deps]:
-    """Open Redis and PostgreSQL for the lifetime of the block.
+    """Open Redis, PostgreSQL and the parse pool for the lifetime of the block.
 
-    `wait=False` (one-off commands) fails at once when PostgreSQL does not answer.
+    `wait=False` (one-off commands) fails at once when PostgreSQL does not answer. The
+    pool starts its processes only when something is parsed; they stop with the block.
     `client_name` names the Redis connections (`CLIENT LIST`) and PostgreSQL sessions
     (`pg_stat_activity.application_name`): a worker passes its consumer name.
     The URLs' passwords are remembered, so no log line, span or error shows them.
@@ -106,9 +108,11 @@ async def connect(
     )
     pool = await _pool(settings, wait, client_name)
     keys = keys_of(settings)
+    parser = ParsePool(settings.parse_processes or default_processes())
     try:
-        yield Deps(pool, redis, Publisher(redis, keys, PAYLOADS), settings, keys)
+        yield Deps(pool, redis, Publisher(redis, keys, PAYLOADS), settings, keys, parser)
     finally:
+        await parser.aclose()
         await pool.close()
         await redis.aclose()
 

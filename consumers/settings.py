@@ -60,6 +60,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     max_inbound_bytes: int = 10 * 1024 * 1024
     soft_bounce_limit: int = 3
     soft_bounce_window_days: int = 7
+    parse_processes: int | None = None  # parser processes; default: the CPUs available
     alive_ttl_ms: int = 10_000
     reclaim_interval_s: float = 5.0
     reclaim_ceiling_ms: int = 3_600_000
@@ -107,6 +108,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "JOBSTREAM_MAX_INBOUND_BYTES": self.max_inbound_bytes >= 1,
             "JOBSTREAM_SOFT_BOUNCE_LIMIT": self.soft_bounce_limit >= 1,
             "JOBSTREAM_SOFT_BOUNCE_WINDOW_DAYS": self.soft_bounce_window_days >= 1,
+            "JOBSTREAM_PARSE_PROCESSES": self.parse_processes is None or self.parse_processes >= 1,
             "REDIS_URL (redis://, rediss:// or unix://)": self.redis_url.startswith(
                 ("redis://", "rediss://", "unix://")
             ),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.adversarial import CRAFTED
 from consumers import dsn_text
 from consumers.dsn import BouncedRecipient, ParsedBounce, classify_status, parse_bounce
 
@@ -311,3 +312,83 @@ def test_random_bytes_never_raise():
         cut = rng.randrange(len(sample))
         noise = bytes(rng.randrange(256) for _ in range(rng.randrange(64)))
         assert isinstance(parse_bounce(sample[:cut] + noise + sample[cut:]), ParsedBounce)
+
+
+# Crafted notices that made the old patterns backtrack quadratically: each took minutes
+# (hours for the `@` run) at these sizes; linear patterns read them in well under a second.
+_NOTICE = b"From: MAILER-DAEMON@mx.example.org\nSubject: Undelivered Mail Returned to Sender\n"
+
+
+def test_blank_lines_and_no_returned_message_id():
+    raw = _NOTICE + b"\n" + b"\n" * 200_000 + b" > Message-ID: unknown\n"
+    parsed = parse_bounce(raw)
+    assert parsed.is_bounce
+    assert parsed.original_message_id is None
+
+
+def test_message_id_of_many_at_signs_is_no_id():
+    raw = _NOTICE + b"\nMessage-ID: <" + b"@" * 200_000 + b"\n"
+    assert parse_bounce(raw).original_message_id is None
+
+
+def test_html_notice_with_unclosed_angle_brackets():
+    html = b"<p>user@example.net: 550 5.1.1 user unknown<br>" + b"<" * 1_000_000
+    raw = _NOTICE + b"Content-Type: text/html\n\n" + html
+    (recipient,) = parse_bounce(raw).recipients
+    assert (recipient.address, recipient.kind, recipient.status) == (
+        "user@example.net",
+        "hard",
+        "5.1.1",
+    )
+
+
+def test_many_aol_sentences_on_one_line():
+    raw = b"From: postmaster@aol.com\nSubject: Undeliverable\n\n"
+    raw += b"not accepting mail from " * 100_000 + b"\n\tscreen\n"
+    parsed = parse_bounce(raw)
+    assert parsed.is_bounce
+    assert parsed.recipients == []  # no sentence ends in a colon: no list of names
+
+
+def test_exceed_run_in_a_diagnostic():
+    assert classify_status(None, None, "exceed" * 100_000) == ("unknown", False)
+    assert classify_status(None, None, "552 mailbox exceeded storage quota") == ("soft", False)
+
+
+@pytest.mark.parametrize("kind", ["multipart_nesting", "rfc822_nesting"])
+def test_thousand_levels_are_read_as_a_notice(kind):
+    """The standard parser recursed once a level: RecursionError, so 'not a bounce'."""
+    parsed = parse_bounce(CRAFTED[kind](1))
+    assert parsed.is_bounce  # the notice's own From/Subject were kept
+
+
+def test_report_within_the_nesting_bound_is_read():
+    report = (EXTRA / "messages" / "postfix_policy_01.eml").read_bytes()
+    raw = b"Subject: fwd\nContent-Type: multipart/mixed; boundary=b0\n\n"
+    for i in range(1, 30):
+        raw += b"--b%d\nContent-Type: multipart/mixed; boundary=b%d\n\n" % (i - 1, i)
+    raw += b"--b29\nContent-Type: message/rfc822\n\n" + report
+    (recipient,) = parse_bounce(raw).recipients
+    assert (recipient.kind, recipient.status) == ("hard", "5.7.1")
+
+
+def test_long_quoted_mime_parameters_are_cut():
+    """`_parseparam` counts quotes from the start for every `;`: quadratic in the header."""
+    raw = _NOTICE + b'Content-Type: text/plain; x="' + b";" * 400_000 + b"\n\n"
+    raw += b"user@example.net: 550 5.1.1 user unknown\n"
+    (recipient,) = parse_bounce(raw).recipients
+    assert recipient.address == "user@example.net"
+
+
+def test_long_encoded_word_headers_are_cut():
+    """RFC 2047 decoding rescans the line from each `=?`: quadratic in the header."""
+    raw = _NOTICE + b"To: " + b"=?a?q??=" * 800_000 + b"\n\nuser@example.net: 550 5.1.1 unknown\n"
+    (recipient,) = parse_bounce(raw).recipients
+    assert recipient.address == "user@example.net"
+
+
+def test_classification_reads_the_start_of_a_diagnostic():
+    """A producer may send megabytes of diagnostic: only the first 4096 characters count."""
+    assert classify_status(None, None, "x" * 4_000 + " user unknown") == ("hard", False)
+    assert classify_status(None, None, "x" * 5_000_000 + " user unknown") == ("unknown", False)
+    assert classify_status("5" * 5_000_000, "failed", None) == ("hard", False)

@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from bench.adversarial import CRAFTED
 from consumers.inbound import (
     WARMUP_HEADER,
     Attachment,
@@ -437,4 +438,44 @@ def test_deep_nesting_is_bounded() -> None:
     msg = parse_message(raw + b"--b199\nContent-Type: text/plain\n\ntext\n")
     assert_sound(msg)
     assert msg.subject == "deep"
-    assert "MIME nesting too deep" in msg.defects
+    assert "MIME nesting deeper than 32 levels: inner parts not read" in msg.defects
+
+
+@pytest.mark.parametrize("kind", ["multipart_nesting", "rfc822_nesting"])
+def test_thousand_levels_keep_the_headers(kind: str) -> None:
+    """The standard parser recursed once a level: RecursionError, every header lost."""
+    msg = parse_message(CRAFTED[kind](1))
+    assert_sound(msg)
+    assert msg.subject == "Undelivered Mail Returned to Sender"
+    assert msg.from_email == "mailer-daemon@mx.example.org"
+    assert msg.message_id == "notice.1@mx.example.org"
+    assert "MIME nesting deeper than 32 levels: inner parts not read" in msg.defects
+    assert not any(d.startswith("parser error") for d in msg.defects)
+
+
+def test_nesting_within_the_bound_is_read() -> None:
+    raw = b"Subject: deep\nContent-Type: multipart/mixed; boundary=b0\n\n"
+    for i in range(1, 31):
+        raw += b"--b%d\nContent-Type: multipart/mixed; boundary=b%d\n\n" % (i - 1, i)
+    msg = parse_message(raw + b"--b30\nContent-Type: text/plain\n\ninnermost\n")
+    assert msg.text_body is not None
+    assert msg.text_body.strip() == "innermost"
+    assert not any(d.startswith("MIME nesting") for d in msg.defects)
+
+
+def test_long_mime_parameters_are_cut() -> None:
+    """The registry's MIME parameter parser is quadratic: 50 kB of them took minutes."""
+    value = b'text/plain; charset=utf-8; x="' + b";" * 50_000
+    msg = parse_message(b"Subject: long\nContent-Type: " + value + b"\n\nbody\n")
+    assert_sound(msg)
+    assert msg.text_body == "body\n"
+    assert "content-type: longer than 2048 characters, truncated" in msg.defects
+    assert len(msg.headers["content-type"]) < 2100  # cut at 2048, then re-rendered
+
+
+def test_long_address_headers_skip_the_registry() -> None:
+    """16 kB of comments in a To: header took the registry's address parser 10 s."""
+    msg = parse_message(message("Cc: " + "(a)" * 5_000 + " x@example.org"))
+    assert_sound(msg)
+    assert msg.cc == ["x@example.org"]
+    assert "cc: longer than 4096 characters, not decoded" in msg.defects
