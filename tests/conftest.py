@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import pathlib
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +21,7 @@ from consumers.deps import Deps
 from consumers.runtime import connect
 from consumers.settings import Settings
 from schema.migrate import apply_migrations, load_migrations
+from tests.servers import OwnPostgres, OwnRedis
 
 ADMIN_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -144,3 +147,34 @@ def env_for(settings: Settings) -> Callable[..., dict[str, str]]:
         return out
 
     return make
+
+
+@pytest.fixture
+async def own_pg() -> AsyncIterator[OwnPostgres]:
+    """A private, migrated PostgreSQL cluster on a free port, for tests that stop it."""
+    with tempfile.TemporaryDirectory(prefix="jobstream-pg-") as folder:
+        pg = OwnPostgres(pathlib.Path(folder))
+        await asyncio.to_thread(pg.init)
+        await asyncio.to_thread(pg.start)
+        conn = await asyncpg.connect(pg.url)
+        try:
+            await apply_migrations(conn)
+        finally:
+            await conn.close()
+        try:
+            yield pg
+        finally:
+            if await pg.answers():
+                await asyncio.to_thread(pg.stop)
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[OwnRedis]:
+    """A private redis-server on a free port, for tests that kill or stop it."""
+    with tempfile.TemporaryDirectory(prefix="jobstream-redis-") as folder:
+        server = OwnRedis(pathlib.Path(folder))
+        await server.start()
+        try:
+            yield server
+        finally:
+            await server.stop()

@@ -7,14 +7,10 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
-import pathlib
-import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import asyncpg
 import msgspec
 import pytest
 import redis
@@ -23,7 +19,6 @@ from consumers.deps import Deps
 from consumers.handler import handler
 from consumers.runtime import connect, make_engine
 from consumers.settings import Settings
-from schema.migrate import apply_migrations
 from streams import Job, Policy, Publisher, RetryableError
 from streams.trimmer import safe_min_id
 from tests import handlers
@@ -162,24 +157,6 @@ async def test_no_retry_after_hint_wedges_the_recorder(deps: Deps):
     for row in rows:
         assert in_a_day - dt.timedelta(hours=1) < row["next_attempt_at"] <= in_a_day
     assert await deps.redis.zcard(deps.keys.delayed(HINT_Q)) == 2
-
-
-@pytest.fixture
-async def own_pg() -> AsyncIterator[OwnPostgres]:
-    with tempfile.TemporaryDirectory(prefix="jobstream-pg-") as folder:
-        pg = OwnPostgres(pathlib.Path(folder))
-        await asyncio.to_thread(pg.init)
-        await asyncio.to_thread(pg.start)
-        conn = await asyncpg.connect(pg.url)
-        try:
-            await apply_migrations(conn)
-        finally:
-            await conn.close()
-        try:
-            yield pg
-        finally:
-            if await pg.answers():
-                await asyncio.to_thread(pg.stop)
 
 
 async def test_outcomes_waiting_for_postgres_are_never_taken_past_the_ceiling(

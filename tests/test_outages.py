@@ -5,18 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import pathlib
-import tempfile
-from collections.abc import AsyncIterator
 
-import asyncpg
 import msgspec
 import pytest
 
 from consumers.deps import Deps
 from consumers.runtime import connect, make_engine
 from consumers.settings import Settings
-from schema.migrate import apply_migrations
 from streams import Publisher
 from tests import handlers
 from tests.conftest import eventually, running
@@ -24,35 +19,6 @@ from tests.servers import OwnPostgres, OwnRedis
 from tests.test_engine import all_terminal, executions, statuses
 
 Q = handlers.QUEUE
-
-
-@pytest.fixture
-async def own_pg() -> AsyncIterator[OwnPostgres]:
-    with tempfile.TemporaryDirectory(prefix="jobstream-pg-") as folder:
-        pg = OwnPostgres(pathlib.Path(folder))
-        await asyncio.to_thread(pg.init)
-        await asyncio.to_thread(pg.start)
-        conn = await asyncpg.connect(pg.url)
-        try:
-            await apply_migrations(conn)
-        finally:
-            await conn.close()
-        try:
-            yield pg
-        finally:
-            if await pg.answers():
-                await asyncio.to_thread(pg.stop)
-
-
-@pytest.fixture
-async def own_redis() -> AsyncIterator[OwnRedis]:
-    with tempfile.TemporaryDirectory(prefix="jobstream-redis-") as folder:
-        server = OwnRedis(pathlib.Path(folder))
-        await server.start()
-        try:
-            yield server
-        finally:
-            await server.stop()
 
 
 def pub(deps: Deps) -> Publisher:

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import pathlib
 import random
 import signal
 import sys
-import tempfile
-from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
@@ -55,17 +52,6 @@ async def counted(w: handlers.Work, job: Job, deps: Deps) -> None:
 async def runs(deps: Deps) -> dict[str, int]:
     rows = await deps.pool.fetch("SELECT job_id, count(*) AS n FROM test_runs GROUP BY job_id")
     return {r["job_id"]: int(r["n"]) for r in rows}
-
-
-@pytest.fixture
-async def own_redis() -> AsyncIterator[OwnRedis]:
-    with tempfile.TemporaryDirectory(prefix="jobstream-redis-") as folder:
-        server = OwnRedis(pathlib.Path(folder))
-        await server.start()
-        try:
-            yield server
-        finally:
-            await server.stop()
 
 
 async def kill_clients(url: str, stop: asyncio.Event, for_s: float) -> int:

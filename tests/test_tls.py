@@ -416,14 +416,14 @@ async def test_postgres_verify_full_refuses_a_wrong_name_or_no_ca(
     if trust:
         with pytest.raises(ConfigError, match=re.escape(why)):
             async with connect(s, wait=False):
-                pass
+                raise AssertionError("connected without a trusted root certificate")
     else:
         # A worker waits for a server that is down, but not for a root certificate.
         monkeypatch.setenv("HOME", str(tls_pg.folder))  # no ~/.postgresql/root.crt there
         no_ca = msgspec.structs.replace(s, tls_ca_file=None)
         with pytest.raises(ConfigError, match="DATABASE_URL: root certificate file"):
             async with asyncio.timeout(10), connect(no_ca):
-                pass
+                raise AssertionError("connected without a root certificate")
 
 
 @pytest.mark.parametrize(
