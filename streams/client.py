@@ -89,13 +89,21 @@ class Client:
         queue: str | None = None,
         job_id: str | None = None,
         delay_s: float | None = None,
+        unique_for_s: float | None = None,
     ) -> str:
         """Publish one job (after `delay_s` seconds if given); return its job id.
 
+        With `unique_for_s` (and a `job_id`), an id already published to the queue within
+        that many seconds is refused: nothing is written and the existing job's id is
+        returned (`Publisher.publish_unique` says which happened).
         Raises PublishError, writing nothing, for an invalid payload or an unknown queue.
         """
         return await self._publisher.publish(
-            queue or self.queue_of(payload), payload, job_id, delay_s=delay_s
+            queue or self.queue_of(payload),
+            payload,
+            job_id,
+            delay_s=delay_s,
+            unique_for_s=unique_for_s,
         )
 
     async def publish_many(

@@ -34,7 +34,15 @@ from streams.errors import PermanentError, RetryableError
 from streams.job import Delivery, Job, Outcome, Result
 from streams.policy import Policy, backoff_s
 
-__all__ = ["Handler", "Route", "classify", "invalid_result", "prepare", "retry_fields"]
+__all__ = [
+    "Handler",
+    "Route",
+    "cancelled_result",
+    "classify",
+    "invalid_result",
+    "prepare",
+    "retry_fields",
+]
 
 logger = logging.getLogger("streams.jobs")
 _tracer = trace.get_tracer("jobstream.worker")
@@ -157,9 +165,24 @@ def prepare(route: Route, d: Delivery, max_payload_bytes: int) -> tuple[Envelope
 
 
 async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delivery) -> Result:
-    """Run the handler once; return the attempt's Result. Only cancellation escapes."""
+    """Run the handler once; return the attempt's Result. Only cancellation escapes, but
+    for a cancellation by request (`d.cancel_requested`), which becomes the outcome."""
     started = time.time()
     mono = time.perf_counter()
+    try:
+        return await _execute(route, env, payload, job, d, started, mono)
+    except asyncio.CancelledError:
+        if not d.cancel_requested:  # shutdown or the grace period: not ours to record
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # handled: settlement goes on in this task
+        return cancelled_result(d, job.id, job.attempt, env.payload, started, mono)
+
+
+async def _execute(
+    route: Route, env: Envelope, payload: Any, job: Job, d: Delivery, started: float, mono: float
+) -> Result:
     outcome, reason, value, error = Outcome.COMPLETED, "", None, None
     exc: Exception | None = None
     try:
@@ -200,6 +223,24 @@ async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delive
             res.retry_at = finished + wait
             res.retry_fields = retry_fields(d, job.id, job.attempt)
     return res
+
+
+def cancelled_result(
+    d: Delivery, job_id: str, attempt: int, payload: bytes | None, started: float, mono: float
+) -> Result:
+    """The outcome of an attempt cancelled by request: recorded `cancelled`, acked, no retry."""
+    return Result(
+        d,
+        job_id,
+        attempt,
+        Outcome.CANCELLED,
+        payload=payload,
+        error="cancelled by request while running",
+        reason="cancelled",
+        started_at=started,
+        finished_at=time.time(),
+        duration_ms=round((time.perf_counter() - mono) * 1000),
+    )
 
 
 def _attributes(attrs: dict[str, Any], d: Delivery, job_id: str) -> dict[str, Any]:
@@ -253,8 +294,12 @@ async def execute_traced(
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
+        if job.reporter is not None:  # progress events go on this span
+            job.reporter.span = span
         around(None)
         res = await execute(route, env, payload, job, d)
+        if res.outcome is Outcome.CANCELLED:
+            span.add_event("cancelled", {"jobstream.reason": "cancelled by request"})
         if res.exception is not None:
             span.record_exception(res.exception, exception_attributes(res.exception))
             span.set_attribute("error.type", type(res.exception).__qualname__)

@@ -35,6 +35,18 @@ class Keys:
     def dead(self, queue: str) -> str:
         return f"{self.prefix}{{{queue}}}:dead"
 
+    def cancels(self, queue: str) -> str:
+        """The stream of cancellation requests of a queue's jobs (read by every worker)."""
+        return f"{self.prefix}{{{queue}}}:cancels"
+
+    def unique(self, queue: str, job_id: str) -> str:
+        """The claim that makes a job id unique in its queue for a while."""
+        return f"{self.prefix}{{{queue}}}:unique:{job_id}"
+
+    def schedule(self, queue: str, name: str) -> str:
+        """The newest occurrence of a schedule published to `queue` (its claim cursor)."""
+        return f"{self.prefix}{{{queue}}}:schedule:{name}"
+
     def job(self, job_id: str) -> str:
         return f"{self.job_prefix}{job_id}"
 

@@ -43,7 +43,7 @@ WITH up AS (
         updated_at = now(),
         next_attempt_at = EXCLUDED.next_attempt_at,
         fence = EXCLUDED.fence
-    WHERE j.status NOT IN ('completed', 'failed')
+    WHERE j.status NOT IN ('completed', 'failed', 'cancelled')
       AND (j.fence IS NULL OR EXCLUDED.fence > j.fence
            OR (EXCLUDED.fence = j.fence AND j.status = 'running'
                AND EXCLUDED.status <> 'running'))

@@ -31,6 +31,7 @@ from streams.job import Delivery, Outcome, Result
 from streams.keys import Keys
 from streams.lease import Lease
 from streams.pg_store import ExecRow, JobRow, write_batch
+from streams.progress import ProgressBuffer
 from streams.status import TERMINAL, Status
 
 __all__ = ["Recorder", "RecorderConfig", "Start"]
@@ -41,6 +42,7 @@ _STATUS = {
     Outcome.COMPLETED: Status.COMPLETED,
     Outcome.RETRYING: Status.RETRYING,
     Outcome.FAILED: Status.FAILED,
+    Outcome.CANCELLED: Status.CANCELLED,
 }
 # Refusals of what a row holds (ProgramLimitExceeded: e.g. a jsonb nested too deep).
 _DATA_ERRORS = (
@@ -63,6 +65,7 @@ def _script(name: str) -> tuple[bytes, bytes]:
 _SETTLE = _script("settle.lua")
 _SETHASH = _script("sethash.lua")
 _OWNED = _script("owned.lua")
+_PROGRESS = _script("progress.lua")
 
 
 @dataclass(slots=True)
@@ -86,6 +89,7 @@ class RecorderConfig:
     max_batch: int = 2000
     max_backlog: int = 4000
     redis_timeout_s: float = 30.0
+    progress_interval_s: float = 1.0
 
 
 def _iso(ts: float | None) -> str:
@@ -145,6 +149,8 @@ class Recorder:
         self._progress_at = time.time()
         self.has_room = asyncio.Event()  # cleared while the backlog is over max_backlog
         self.has_room.set()
+        # Handlers' progress: the latest per job, written by the next flush.
+        self.progress = ProgressBuffer(config.keys, config.progress_interval_s, self._wake.set)
 
     def start(self) -> None:
         if self._task is None:
@@ -206,7 +212,7 @@ class Recorder:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
+            while self._pending or self.progress.due:
                 try:
                     await self._flush_some()
                 except Exception:  # the loop must outlive any one batch (settle never raises)
@@ -397,9 +403,12 @@ class Recorder:
         for r in results:
             by_queue.setdefault(r.delivery.queue, []).append(r)
         cmds += [self._settle_cmd(q, rs) for q, rs in by_queue.items()]
+        progress = self.progress.take(_PROGRESS[1])
+        if progress is not None:  # last, after the `running` writes of this flush
+            cmds.append(progress)
         if not cmds:
             return
-        replies = await self._send_scripts(cmds)
+        replies = _without_progress(await self._send_scripts(cmds), progress)
         if jobs and isinstance(replies[0], Exception):  # inv. 2: a view; fails no job
             logger.warning("job hash write failed: %s", replies[0])
         settled = replies[1:] if jobs else replies
@@ -489,7 +498,8 @@ class Recorder:
         them (after a restart or SCRIPT FLUSH) and sending again: they are idempotent."""
         replies = await self._send(cmds)
         if any(isinstance(x, redis.exceptions.NoScriptError) for x in replies):
-            await self._send([("SCRIPT", "LOAD", body) for body, _ in (_SETTLE, _SETHASH, _OWNED)])
+            scripts = (_SETTLE, _SETHASH, _OWNED, _PROGRESS)
+            await self._send([("SCRIPT", "LOAD", body) for body, _ in scripts])
             replies = await self._send(cmds)
         return replies
 
@@ -526,6 +536,15 @@ class Recorder:
         elif row.status == Status.RETRYING:
             out += ("error", row.error or "")
         return out
+
+
+def _without_progress(replies: list[object], progress: object) -> list[object]:
+    """The replies but the progress write's (last), which is logged if it failed."""
+    if progress is None:
+        return replies
+    if isinstance(replies[-1], Exception):  # a view, like the hash: fails no job
+        logger.warning("job progress write failed: %s", replies[-1])
+    return replies[:-1]
 
 
 def _str(value: Any) -> str:

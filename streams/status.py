@@ -13,6 +13,7 @@ class Status(enum.StrEnum):
     RETRYING = "retrying"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
-TERMINAL = frozenset({Status.COMPLETED, Status.FAILED})
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})

@@ -23,9 +23,11 @@ import redis.exceptions
 from otel import is_recording_enabled
 from schema.envelope import enqueued_at_ms, safe_job_id
 from streams.backoff import retry_until_done
+from streams.cancel import CancelWatch
 from streams.delayed import Promoter
 from streams.dispatch import (
     Route,
+    cancelled_result,
     execute,
     execute_traced,
     invalid_result,
@@ -47,7 +49,7 @@ logger = logging.getLogger(__name__)
 job_log = logging.getLogger("streams.jobs")
 _CONN_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _STORE_ERRORS = (*_CONN_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
-_TERMINAL = frozenset({"completed", "failed"})  # failed: dead-lettered when it was recorded
+_TERMINAL = frozenset({"completed", "failed", "cancelled"})  # failed: dead-lettered
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +154,8 @@ class Engine:
             redis, config.keys, config.group, config.consumer, config.reclaim_ceiling_ms
         )
         self.promoter = Promoter(redis, config.keys)
+        self.cancels = CancelWatch(redis, config.keys)
+        self._jobs: dict[str, tuple[Delivery, asyncio.Task[Any]]] = {}  # running, by job id
         caps = DeadLetterCaps(config.dead_max_age_s, config.dead_max_bytes, config.dead_maxlen)
         self.dead_trimmer = DeadLetterTrimmer(redis, config.keys, caps)
         self.stopping = asyncio.Event()
@@ -547,6 +551,14 @@ class Engine:
             self._settle(prepared)
             return
         env, payload = prepared
+        if self.cancels.requested and env.job_id in self.cancels.requested:
+            lane.release(d.entry_id)  # cancelled before it started: never runs
+            now, mono = time.time(), time.perf_counter()
+            res = cancelled_result(d, env.job_id, env.attempt, env.payload, now, mono)
+            res.error, res.executed = "cancelled by request before it ran", False
+            job_log.info("job cancelled job=%s queue=%s", env.job_id, route.queue)
+            self._settle(res)
+            return
         job = Job(
             env.job_id,
             route.queue,
@@ -555,7 +567,11 @@ class Engine:
             enqueued_at_ms(d.entry_id),
             d.delivery_count,
             env.traceparent,
+            self.recorder.progress.reporter(env.job_id, d),
         )
+        task = asyncio.current_task()
+        if task is not None:
+            self._jobs[job.id] = (d, task)
         self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time()))
         self.observer.job_started(route.queue)
         if self._traced:
@@ -570,6 +586,8 @@ class Engine:
             self._log_job(job, None)
             res = await execute(route, env, payload, job, d)
             self._log_job(job, res)
+        if task is not None and self._jobs.get(job.id, (None,))[0] is d:
+            del self._jobs[job.id]
         lane.release(d.entry_id)
         self._settle(res)
 
@@ -647,6 +665,20 @@ class Engine:
 
     async def _promote(self, queue: str) -> None:
         await self.promoter.promote(queue)
+        for job_id in await self.cancels.poll(queue):
+            self._cancel_running(job_id)
+
+    def _cancel_running(self, job_id: str) -> None:
+        """Cancel the handler running `job_id` in this process, if one is: cooperatively,
+        by cancelling its task; the attempt is recorded `cancelled` and acked."""
+        running = self._jobs.get(job_id)
+        if running is None:
+            return
+        d, task = running
+        if not d.cancel_requested:
+            logger.info("cancelling the running job %s of %s by request", job_id, d.queue)
+            d.cancel_requested = True
+            task.cancel("cancelled by request")
 
     async def _trim(self, queue: str) -> None:
         await trim(self.redis, self.cfg.keys, queue)

@@ -1,0 +1,207 @@
+"""Cancelling jobs: the operator's request, and each worker's view of the requests.
+
+A request is one script in the queue's slot: it appends the job id to the queue's stream of
+cancellations, removes the job from the delayed set and deletes its stream entries that no
+consumer was given yet (those are recorded `cancelled` and never run). An entry already
+delivered is left to its worker, which reads the cancellations four times a second: it does
+not start the job, or cancels its running handler (recorded `cancelled`, acked, no retry).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import asyncpg
+import msgspec
+import redis.asyncio as aioredis
+
+from streams.keys import Keys
+from streams.status import TERMINAL, Status
+
+__all__ = ["CancelAnswer", "CancelWatch", "Cancelled", "cancel_job"]
+
+_CANCEL_LUA = resources.files("streams.lua").joinpath("cancel.lua").read_text(encoding="utf-8")
+_SETHASH_LUA = resources.files("streams.lua").joinpath("sethash.lua").read_text(encoding="utf-8")
+CANCELS_KEPT = 10_000
+"""Cancellation requests a queue's stream keeps (about): far more than are ever pending."""
+_LAST_FENCE = "9" * 50  # after any delivery's fence: the request is the job's last word
+_SCAN = 50_000  # entries of each stream and delayed set searched for the job
+
+JOB_SQL = "SELECT queue, status FROM jobs WHERE id = $1"
+# Only a job no worker is running: a running one is recorded by its worker.
+CANCEL_SQL = """
+INSERT INTO jobs AS j (id, queue, status, error, completed_at, updated_at)
+VALUES ($1, $2, 'cancelled', 'cancelled by request before it ran', now(), now())
+ON CONFLICT (id) DO UPDATE SET status = 'cancelled', error = EXCLUDED.error,
+    completed_at = now(), updated_at = now(), next_attempt_at = NULL
+WHERE j.status IN ('queued', 'retrying')
+RETURNING status
+"""
+
+
+class Cancelled(enum.StrEnum):
+    """What a cancellation request found."""
+
+    CANCELLED = "cancelled"  # it was waiting: it never runs
+    REQUESTED = "requested"  # it is running: its worker cancels the handler
+    TERMINAL = "terminal"  # it was already over
+    UNKNOWN = "unknown"  # no store knows the job
+
+
+@dataclass(frozen=True, slots=True)
+class CancelAnswer:
+    outcome: Cancelled
+    queue: str | None = None
+    status: str | None = None  # TERMINAL: the status it ended with
+    consumer: str | None = None  # REQUESTED: who holds its entry, when known
+
+
+async def _queue_of(
+    r: aioredis.Redis, keys: Keys, job_id: str, row: asyncpg.Record | None
+) -> tuple[str | None, str | None]:
+    """The job's queue and status from PostgreSQL, else from its hash."""
+    if row is not None:
+        return row["queue"], row["status"]
+    raw: Any = await r.hmget(keys.job(job_id), "queue", "status")
+    queue, status = (v.decode(errors="replace") if v else None for v in raw)
+    return queue, status
+
+
+async def _entries(r: aioredis.Redis, stream: str, job_id: str) -> list[str]:
+    """The entry IDs of the job among the newest entries of a stream."""
+    found: list[str] = []
+    end, seen = "+", 0
+    while seen < _SCAN:
+        page: Any = await r.xrevrange(stream, end, "-", count=500)
+        if not page:
+            break
+        for entry_id, fields in page:
+            if fields.get(b"id", b"").decode(errors="replace") == job_id:
+                found.append(entry_id.decode())
+        seen += len(page)
+        end = "(" + page[-1][0].decode()
+    return found
+
+
+async def _members(r: aioredis.Redis, key: str, job_id: str) -> list[bytes]:
+    """The job's members of a delayed set (each a JSON object of an entry's fields)."""
+    decoder = msgspec.json.Decoder(dict[str, Any])
+    found: list[bytes] = []
+    cursor, seen = 0, 0
+    while True:
+        reply: Any = await r.zscan(key, cursor, count=500)
+        cursor, page = reply
+        for member, _ in page:
+            try:
+                fields = decoder.decode(member)
+            except msgspec.DecodeError:
+                continue
+            if str(fields.get("id")) == job_id:
+                found.append(member)
+        seen += len(page)
+        if cursor == 0 or seen >= _SCAN:
+            return found
+
+
+async def cancel_job(
+    r: aioredis.Redis,
+    pool: asyncpg.Pool,
+    keys: Keys,
+    job_id: str,
+    *,
+    group: str = "workers",
+    streams_of: Any = None,
+    hash_ttl_s: int = 7 * 24 * 3600,
+) -> CancelAnswer:
+    """Cancel a job wherever it is (see the module's docstring).
+
+    `streams_of(queue)` lists the queue's streams (default: its one stream). Idempotent:
+    asked again, a cancelled job answers TERMINAL.
+    """
+    row = await pool.fetchrow(JOB_SQL, job_id)
+    queue, status = await _queue_of(r, keys, job_id, row)
+    if status in TERMINAL:
+        return CancelAnswer(Cancelled.TERMINAL, queue, status)
+    if queue is None:
+        return CancelAnswer(Cancelled.UNKNOWN)
+    streams: Sequence[str] = streams_of(queue) if streams_of else [keys.stream(queue)]
+    members = await _members(r, keys.delayed(queue), job_id)
+    pairs: list[Any] = []
+    for i, stream in enumerate(streams, 1):
+        for entry_id in await _entries(r, stream, job_id):
+            pairs += (i, entry_id)
+    now_ms = int(time.time() * 1000)
+    reply: Any = await r.eval(
+        _CANCEL_LUA,
+        2 + len(streams),
+        keys.cancels(queue),
+        keys.delayed(queue),
+        *streams,
+        group,
+        job_id,
+        CANCELS_KEPT,
+        now_ms,
+        len(members),
+        *members,
+        *pairs,
+    )
+    removed, holder = int(reply[0]), reply[1]
+    consumer = holder.decode(errors="replace") if holder else None
+    if consumer is not None or (status == Status.RUNNING and not removed):
+        return CancelAnswer(Cancelled.REQUESTED, queue, status, consumer)
+    recorded = await pool.fetchval(CANCEL_SQL, job_id, queue)
+    if recorded is None:  # a worker recorded it meanwhile: running (it cancels) or over
+        row = await pool.fetchrow(JOB_SQL, job_id)
+        if row is not None and row["status"] in TERMINAL:
+            return CancelAnswer(Cancelled.TERMINAL, queue, row["status"])
+        return CancelAnswer(Cancelled.REQUESTED, queue, row["status"] if row else None)
+    await _hash_cancelled(r, keys, job_id, queue, hash_ttl_s)
+    return CancelAnswer(Cancelled.CANCELLED, queue, Status.CANCELLED)
+
+
+async def _hash_cancelled(
+    r: aioredis.Redis, keys: Keys, job_id: str, queue: str, ttl_s: int
+) -> None:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    fields = ["status", "cancelled", "queue", queue, "updated_at", now, "completed_at", now,
+              "error", "cancelled by request before it ran"]  # fmt: skip
+    await r.eval(_SETHASH_LUA, 1, keys.job(job_id), _LAST_FENCE, 3, ttl_s, len(fields), *fields)
+
+
+class CancelWatch:
+    """The cancellation requests this worker has seen, per queue, newest kept.
+
+    `poll(queue)` reads the queue's requests written since the last poll (all of the
+    kept ones on the first) in one command and returns the new job ids.
+    """
+
+    def __init__(self, redis: aioredis.Redis, keys: Keys, keep: int = 100_000) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._keep = keep
+        self._last: dict[str, str] = {}
+        self.requested: OrderedDict[str, float] = OrderedDict()  # job id -> when seen
+
+    async def poll(self, queue: str) -> list[str]:
+        key = self._keys.cancels(queue)
+        reply: Any = await self._redis.xread({key: self._last.get(queue, "0-0")}, count=1000)
+        if not reply:
+            return []
+        entries = reply[0][1]
+        self._last[queue] = entries[-1][0].decode()
+        now, fresh = time.time(), []
+        for _, fields in entries:
+            job_id = fields.get(b"id", b"").decode(errors="replace")
+            if job_id and job_id not in self.requested:
+                fresh.append(job_id)
+            self.requested[job_id] = now
+            self.requested.move_to_end(job_id)
+        while len(self.requested) > self._keep:
+            self.requested.popitem(last=False)
+        return fresh
