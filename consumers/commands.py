@@ -11,7 +11,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from consumers import commands_mail, ops
+from consumers import commands_control, commands_mail, ops
 from consumers.deps import Deps
 from consumers.runtime import connect, run_worker, service_version
 from consumers.settings import Settings
@@ -66,9 +66,9 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 
         return await run_demo(settings, args.events)
     async with connect(settings, wait=False) as deps:
-        mail = await commands_mail.run(args, deps)
-        if mail is not None:
-            return mail
+        done = await _other(args, deps)
+        if done is not None:
+            return done
         if args.command == "publish":
             return await _publish(deps, args)
         if args.command == "status":
@@ -82,6 +82,15 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             print(problem or "ok")
             return 1 if problem else 0
     raise ConfigError(f"unknown command {args.command}")
+
+
+async def _other(args: argparse.Namespace, deps: Deps) -> int | None:
+    """Run the commands of the other command modules; None when it is none of theirs."""
+    for module_run in (commands_mail.run, commands_control.run):
+        done = await module_run(args, deps)
+        if done is not None:
+            return done
+    return None
 
 
 async def _remember_relays(deps: Deps) -> None:

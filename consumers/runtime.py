@@ -28,6 +28,7 @@ from otel.redact import remember_secrets
 from otel.tracing import TracingHandle, setup_tracing
 from schema.payloads import PAYLOADS
 from streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
+from streams.scheduler import Scheduler
 
 __all__ = [
     "connect",
@@ -171,6 +172,7 @@ def make_engine(
         dead_max_age_s=s.dead_letter_max_age_s,
         dead_max_bytes=s.dead_letter_max_bytes,
         burst=burst,
+        progress_interval_s=s.progress_interval_s,
     )
     return Engine(deps.redis, deps.pool, routes, config, observer)
 
@@ -223,6 +225,16 @@ async def _run(engine: Engine, settings: Settings) -> None:
         redact_url(settings.redis_url),
         redact_url(settings.database_url),
     )
+    scheduler = None
+    if settings.scheduler and not engine.cfg.burst:  # every replica: no leader to lose
+        sched = Scheduler(
+            engine.redis,
+            engine.pool,
+            engine.cfg.keys,
+            interval_s=settings.schedule_interval_s,
+            grace_s=settings.schedule_grace_s,
+        )
+        scheduler = asyncio.create_task(sched.run(engine.stopping), name="scheduler")
     reporter = None
     if settings.health_file:
         every = settings.alive_ttl_ms / 3000
@@ -230,9 +242,10 @@ async def _run(engine: Engine, settings: Settings) -> None:
     try:
         await engine.run()
     finally:
-        if reporter is not None:
-            reporter.cancel()
-            await asyncio.gather(reporter, return_exceptions=True)
+        for task in (reporter, scheduler):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
     logger.info("worker %s stopped after %d jobs", engine.cfg.consumer, engine.processed)
 
 

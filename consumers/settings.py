@@ -71,6 +71,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     dead_letter_max_age_s: float = 30 * 86400
     dead_letter_max_bytes: int = 256 * 1024 * 1024
     trim_interval_s: float = 10.0
+    progress_interval_s: float = 1.0
+    """Handlers' progress reaches the job hashes at most this late (coalesced writes)."""
+    scheduler: bool = True
+    """Run the scheduler loop in this worker (every replica may: no leader)."""
+    schedule_interval_s: float = 0.5
+    """How often the scheduler looks for due occurrences."""
+    schedule_grace_s: float = 60.0
+    """An occurrence older than this when found is missed: its catch-up policy decides."""
     pg_pool_size: int = 20
     log_level: str = "INFO"
     policies: str = ""
@@ -102,6 +110,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "JOBSTREAM_RECLAIM_CEILING_MS": self.reclaim_ceiling_ms >= 1000,
             "JOBSTREAM_SHUTDOWN_GRACE_S": self.shutdown_grace_s >= 0,
             "JOBSTREAM_PG_POOL_SIZE": self.pg_pool_size >= 2,
+            "JOBSTREAM_PROGRESS_INTERVAL_S": 0 < self.progress_interval_s <= 3600,
+            "JOBSTREAM_SCHEDULE_INTERVAL_S": 0 < self.schedule_interval_s <= 60,
+            "JOBSTREAM_SCHEDULE_GRACE_S": self.schedule_grace_s >= 0,
             "JOBSTREAM_DEAD_MAXLEN": self.dead_maxlen >= 0,
             "JOBSTREAM_DEAD_LETTER_MAX_AGE_S": self.dead_letter_max_age_s > 0,
             "JOBSTREAM_DEAD_LETTER_MAX_BYTES": self.dead_letter_max_bytes >= 0,

@@ -72,6 +72,7 @@ class EngineConfig:
     dead_max_age_s: float = 30 * 86400
     dead_max_bytes: int = 256 * 1024 * 1024
     burst: bool = False
+    progress_interval_s: float = 1.0
 
 
 class _Lane:
@@ -144,7 +145,12 @@ class Engine:
             redis,
             pool,
             RecorderConfig(
-                config.group, config.consumer, config.keys, config.hash_ttl_s, config.dead_maxlen
+                config.group,
+                config.consumer,
+                config.keys,
+                config.hash_ttl_s,
+                config.dead_maxlen,
+                progress_interval_s=config.progress_interval_s,
             ),
             self.lease,
             self._superseded,
