@@ -16,6 +16,7 @@ from consumers.deps import Deps
 from consumers.runtime import connect, run_worker, service_version
 from consumers.settings import Settings
 from consumers.tls import database_dsn
+from consumers.warmup_schedule import WARMUP_SCHEDULE, ensure_warmup_schedule
 from otel.redact import remember_secrets, scrub, secrets_of_url
 from otel.tracing import setup_tracing
 from schema.migrate import MigrationMismatch, apply_migrations
@@ -120,12 +121,15 @@ async def _migrate(settings: Settings) -> int:
         raise ConfigError(f"invalid configuration: DATABASE_URL: {exc.args[0]}") from None
     try:
         applied = await apply_migrations(conn)
+        created = await ensure_warmup_schedule(conn)
     except MigrationMismatch as exc:
         raise ConfigError(str(exc)) from None
     finally:
         await conn.close()
     names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
     print(f"migrations applied: {names}" if applied else "migrations: up to date")
+    if created:
+        print(f"schedule {WARMUP_SCHEDULE} created: the warmup queue's daily run, 00:00 UTC")
     return 0
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from consumers import mailboxes, webhook
 from consumers.deps import Deps
 from consumers.settings import redact_url
-from schema.payloads import RunWarmup
+from consumers.warmup_schedule import publish_day
 from streams import ConfigError
 
 __all__ = ["COMMANDS", "add_parsers", "run", "schedule_warmup"]
@@ -75,11 +75,7 @@ async def run(args: argparse.Namespace, deps: Deps) -> int | None:
 async def schedule_warmup(deps: Deps, day: dt.date | None = None) -> list[str]:
     """Publish one `warmup` job per enabled mailbox for `day`; the job ids are per mailbox
     and day, so a cron entry that fires twice plans nothing twice."""
-    when = day or dt.datetime.now(dt.UTC).date()
-    ids = [r["id"] for r in await deps.pool.fetch(ENABLED_SQL)]
-    jobs = [RunWarmup(mailbox_id=i, day=when) for i in ids]
-    job_ids = [f"warmup-day:{i[:150]}:{when.isoformat()}" for i in ids]
-    return await deps.publisher.publish_many("warmup", jobs, job_ids) if jobs else []
+    return await publish_day(deps, day)
 
 
 def _table(rows: list[dict[str, Any]]) -> str:

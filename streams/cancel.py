@@ -189,19 +189,21 @@ class CancelWatch:
         self.requested: OrderedDict[str, float] = OrderedDict()  # job id -> when seen
 
     async def poll(self, queue: str) -> list[str]:
-        key = self._keys.cancels(queue)
-        reply: Any = await self._redis.xread({key: self._last.get(queue, "0-0")}, count=1000)
-        if not reply:
-            return []
-        entries = reply[0][1]
-        self._last[queue] = entries[-1][0].decode()
-        now, fresh = time.time(), []
-        for _, fields in entries:
-            job_id = fields.get(b"id", b"").decode(errors="replace")
-            if job_id and job_id not in self.requested:
-                fresh.append(job_id)
-            self.requested[job_id] = now
-            self.requested.move_to_end(job_id)
-        while len(self.requested) > self._keep:
-            self.requested.popitem(last=False)
-        return fresh
+        key, fresh = self._keys.cancels(queue), []
+        while True:
+            reply: Any = await self._redis.xread({key: self._last.get(queue, "0-0")}, count=1000)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                return fresh
+            self._last[queue] = entries[-1][0].decode()
+            now = time.time()
+            for _, fields in entries:
+                job_id = fields.get(b"id", b"").decode(errors="replace")
+                if job_id and job_id not in self.requested:
+                    fresh.append(job_id)
+                self.requested[job_id] = now
+                self.requested.move_to_end(job_id)
+            while len(self.requested) > self._keep:
+                self.requested.popitem(last=False)
+            if len(entries) < 1000:
+                return fresh

@@ -214,7 +214,9 @@ def _from_row(row: asyncpg.Record) -> Schedule:
     )
 
 
-async def add_schedule(pool: asyncpg.Pool, s: Schedule, now: dt.datetime | None = None) -> bool:
+async def add_schedule(
+    pool: asyncpg.Pool | asyncpg.Connection, s: Schedule, now: dt.datetime | None = None
+) -> bool:
     """Create the schedule from its next occurrence on; False when the name is taken."""
     check_schedule(s)
     start = first_at_or_after(s, now or dt.datetime.now(dt.UTC))

@@ -271,6 +271,8 @@ class Engine:
                 self.cfg.keys.stream(queue), self.cfg.group, self.cfg.consumer
             )
         await self._heartbeat()
+        for queue in self.lanes:  # cancellations requested before it started: none may run
+            await self.cancels.poll(queue)
         for lane in self.lanes.values():  # a restarted worker resumes its own first
             await self._resume_own(lane)
 

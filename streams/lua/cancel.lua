@@ -28,7 +28,10 @@ local delivered = {}
 for i = 6 + n, #ARGV, 2 do
     local stream = KEYS[2 + tonumber(ARGV[i])]
     local id = ARGV[i + 1]
-    local held = redis.call('XPENDING', stream, ARGV[1], id, id, 1)
+    local ok, held = pcall(redis.call, 'XPENDING', stream, ARGV[1], id, id, 1)
+    if not ok then
+        held = {}  -- no consumer group yet: nothing was delivered
+    end
     if #held > 0 then
         holder = held[1][2]
     else
