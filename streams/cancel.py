@@ -189,7 +189,7 @@ class CancelWatch:
         self.requested: OrderedDict[str, float] = OrderedDict()  # job id -> when seen
 
     async def poll(self, queue: str) -> list[str]:
-        key, fresh = self._keys.cancels(queue), []
+        key, fresh = self._keys.cancels(queue), list[str]()
         while True:
             reply: Any = await self._redis.xread({key: self._last.get(queue, "0-0")}, count=1000)
             entries = reply[0][1] if reply else []
