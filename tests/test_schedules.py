@@ -35,8 +35,8 @@ UTC = dt.UTC
 EVENT = msgspec.json.encode(event("sched-evt")).decode()
 
 
-def at(*args: int) -> dt.datetime:
-    return dt.datetime(*args, tzinfo=UTC)
+def at(year: int, month: int, day: int, hour: int = 0, minute: int = 0, s: int = 0) -> dt.datetime:
+    return dt.datetime(year, month, day, hour, minute, s, tzinfo=UTC)
 
 
 class Clock:
@@ -256,11 +256,10 @@ async def test_three_replicas_one_killed_publish_every_occurrence_exactly_once(
     SIGKILLed midway. Every occurrence from the first to the last is one entry: none
     twice, none missing."""
     env = env_for(JOBSTREAM_SCHEDULE_INTERVAL_S="0.2", JOBSTREAM_LOG_LEVEL="WARNING")
+    quiet = asyncio.subprocess.DEVNULL
+    worker = (sys.executable, "-m", "tests.handlers")
     procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tests.handlers", env=env,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-        )  # fmt: skip
+        await asyncio.create_subprocess_exec(*worker, env=env, stdout=quiet, stderr=quiet)
         for _ in range(3)
     ]
     try:
