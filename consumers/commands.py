@@ -106,7 +106,7 @@ async def _publish(deps: Deps, args: argparse.Namespace) -> int:
     tracing = setup_tracing(service_version(), None)
     try:
         job_id = await deps.publisher.publish(
-            args.queue, args.payload, args.job_id, delay_s=args.delay
+            args.queue, args.payload, args.job_id, delay_s=args.delay, priority=args.priority
         )
     finally:
         await asyncio.to_thread(tracing.shutdown)

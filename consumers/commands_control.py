@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 
 from consumers.deps import Deps
+from consumers.ops import levels_of
 from streams import ConfigError
 from streams.cancel import Cancelled, cancel_job
 from streams.schedules import (
@@ -54,6 +55,7 @@ def add_parsers(sub: Any, publish: argparse.ArgumentParser, job: argparse.Argume
         metavar="S",
         help="refuse the job id if published to the queue within S seconds (needs --id)",
     )
+    publish.add_argument("--priority", metavar="LEVEL", help="one of the queue's priority levels")
     job.add_argument("cancel_id", nargs="?", metavar="ID", help="`job cancel ID`: cancel it")
     sched = sub.add_parser("schedule", help="recurring jobs")
     ops = sched.add_subparsers(dest="schedule", required=True)
@@ -88,6 +90,7 @@ async def run(args: argparse.Namespace, deps: Deps) -> int | None:
         return await _cancel(deps, args.cancel_id)
     if args.command == "publish" and args.unique_for is not None:
         return await _publish_unique(deps, args)
+
     return None
 
 
@@ -154,6 +157,7 @@ async def _cancel(deps: Deps, job_id: str) -> int:
         deps.keys,
         job_id,
         group=deps.settings.group,
+        levels=levels_of,
         hash_ttl_s=deps.settings.hash_ttl_s,
     )
     if answer.outcome is Cancelled.UNKNOWN:
@@ -174,8 +178,9 @@ async def _cancel(deps: Deps, job_id: str) -> int:
 async def _publish_unique(deps: Deps, args: argparse.Namespace) -> int:
     if not args.job_id:
         raise ConfigError("--unique-for needs --id (the id that must be unique)")
+    queue = deps.publisher.target(args.queue, args.priority)
     done = await deps.publisher.publish_unique(
-        args.queue, args.payload, args.job_id, args.unique_for, delay_s=args.delay
+        queue, args.payload, args.job_id, args.unique_for, delay_s=args.delay
     )
     print(done.job_id)
     if done.published:

@@ -12,9 +12,11 @@ from consumers.deps import Deps
 from consumers.health import read_report
 from consumers.registry import by_queue
 from schema.payloads import PAYLOADS
+from streams.keys import base_queue, level_of
+from streams.levels import level_names
 from streams.lookup import find_waiting
 
-__all__ = ["health", "job_info", "queue_status"]
+__all__ = ["health", "job_info", "levels_of", "queue_status"]
 
 COUNTS_SQL = "SELECT queue, status, count(*) AS n FROM jobs GROUP BY queue, status"
 JOB_SQL = "SELECT * FROM jobs WHERE id = $1"
@@ -60,14 +62,42 @@ async def _stream_info(deps: Deps, queue: str) -> dict[str, Any]:
     return info
 
 
+def levels_of(queue: str) -> list[str]:
+    """The engine's names of a queue's priority levels (the queue alone without levels)."""
+    spec = by_queue().get(queue)
+    return level_names(queue, spec.policy) if spec is not None else [queue]
+
+
+async def _levels_info(deps: Deps, queue: str) -> dict[str, Any]:
+    """A queue's stream figures, summed over its priority levels (each also under
+    `levels`, by name, when it has levels)."""
+    names = levels_of(queue)
+    parts = [await _stream_info(deps, name) for name in names]
+    if len(parts) == 1:
+        return parts[0]
+    info = {**parts[0], "queue": queue}
+    for key in ("length", "pending", "lag", "delayed"):
+        info[key] = sum(p[key] for p in parts)
+    info["consumers"] = max(p["consumers"] for p in parts)
+    ages = [p["oldest_pending_age_s"] for p in parts if p["oldest_pending_age_s"] is not None]
+    info["oldest_pending_age_s"] = max(ages) if ages else None
+    policy = by_queue()[queue].policy
+    info["levels"] = {
+        level: {k: p[k] for k in ("length", "pending", "lag", "delayed")}
+        for level, p in zip(policy.priorities, parts, strict=True)
+    }
+    return info
+
+
 async def queue_status(deps: Deps) -> list[dict[str, Any]]:
-    """Per queue: stream length, pending, lag, consumers, oldest pending age, counts by status."""
+    """Per queue: stream length, pending, lag, consumers, oldest pending age, counts by status
+    (all priority levels together, and each under `levels`)."""
     counts: dict[str, dict[str, int]] = {}
     for row in await deps.pool.fetch(COUNTS_SQL):
         counts.setdefault(row["queue"], {})[row["status"]] = row["n"]
     out = []
     for queue in sorted(set(PAYLOADS) | set(by_queue()) | set(counts)):
-        info = await _stream_info(deps, queue)
+        info = await _levels_info(deps, queue)
         info["jobs"] = counts.get(queue, {})
         out.append(info)
     return out
@@ -85,9 +115,12 @@ async def job_info(deps: Deps, job_id: str, scan_limit: int = 50_000) -> dict[st
     hashed = await deps.redis.hgetall(deps.keys.job(job_id))
     waiting, complete = [], True
     if row is None:  # published by any producer, not yet recorded by a worker
-        queues = sorted(set(PAYLOADS) | set(by_queue()))
+        queues = [n for q in sorted(set(PAYLOADS) | set(by_queue())) for n in levels_of(q)]
         found, complete = await find_waiting(deps.redis, deps.keys, queues, job_id, scan_limit)
         waiting = [msgspec.to_builtins(w) for w in found]
+        for w in waiting:  # a priority level shows as the queue and its level
+            level = level_of(w["queue"])
+            w["queue"] = base_queue(w["queue"]) + (f" ({level})" if level else "")
     if row is None and not hashed and not waiting and complete:
         return None
     return {

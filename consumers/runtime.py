@@ -111,7 +111,9 @@ async def connect(
     keys = keys_of(settings)
     parser = ParsePool(settings.parse_processes or default_processes())
     try:
-        yield Deps(pool, redis, Publisher(redis, keys, PAYLOADS), settings, keys, parser)
+        levels = {q: spec.policy for q, spec in by_queue().items()}  # queues' priority levels
+        publisher = Publisher(redis, keys, PAYLOADS, priorities=levels)
+        yield Deps(pool, redis, publisher, settings, keys, parser)
     finally:
         await parser.aclose()
         await pool.close()

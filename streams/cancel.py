@@ -12,7 +12,7 @@ from __future__ import annotations
 import enum
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -116,13 +116,13 @@ async def cancel_job(
     job_id: str,
     *,
     group: str = "workers",
-    streams_of: Any = None,
+    levels: Callable[[str], Sequence[str]] | None = None,
     hash_ttl_s: int = 7 * 24 * 3600,
 ) -> CancelAnswer:
     """Cancel a job wherever it is (see the module's docstring).
 
-    `streams_of(queue)` lists the queue's streams (default: its one stream). Idempotent:
-    asked again, a cancelled job answers TERMINAL.
+    `levels(queue)` names the queue's priority levels as the engine does (default: the
+    queue alone). Idempotent: asked again, a cancelled job answers TERMINAL.
     """
     row = await pool.fetchrow(JOB_SQL, job_id)
     queue, status = await _queue_of(r, keys, job_id, row)
@@ -130,26 +130,29 @@ async def cancel_job(
         return CancelAnswer(Cancelled.TERMINAL, queue, status)
     if queue is None:
         return CancelAnswer(Cancelled.UNKNOWN)
-    streams: Sequence[str] = streams_of(queue) if streams_of else [keys.stream(queue)]
-    members = await _members(r, keys.delayed(queue), job_id)
-    pairs: list[Any] = []
-    for i, stream in enumerate(streams, 1):
-        for entry_id in await _entries(r, stream, job_id):
-            pairs += (i, entry_id)
+    names = levels(queue) if levels else [queue]
+    level_keys: list[str] = []
+    members: list[Any] = []
+    entries: list[Any] = []
+    for i, name in enumerate(names, 1):
+        level_keys += (keys.delayed(name), keys.stream(name))
+        for member in await _members(r, keys.delayed(name), job_id):
+            members += (i, member)
+        for entry_id in await _entries(r, keys.stream(name), job_id):
+            entries += (i, entry_id)
     now_ms = int(time.time() * 1000)
     reply: Any = await r.eval(
         _CANCEL_LUA,
-        2 + len(streams),
+        1 + len(level_keys),
         keys.cancels(queue),
-        keys.delayed(queue),
-        *streams,
+        *level_keys,
         group,
         job_id,
         CANCELS_KEPT,
         now_ms,
-        len(members),
+        len(members) // 2,
         *members,
-        *pairs,
+        *entries,
     )
     removed, holder = int(reply[0]), reply[1]
     consumer = holder.decode(errors="replace") if holder else None

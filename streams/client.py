@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from streams.errors import PublishError
 from streams.keys import Keys
+from streams.policy import Policy
 from streams.publisher import Publisher
 from streams.status import TERMINAL, Status
 
@@ -63,11 +64,12 @@ class Client:
         keys: Keys | None = None,
         *,
         pool: asyncpg.Pool | None = None,
+        priorities: Mapping[str, Policy] | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys or Keys()
         self._pool = pool
-        self._publisher = Publisher(redis, self._keys, payloads)
+        self._publisher = Publisher(redis, self._keys, payloads, priorities=priorities)
         self._queues: dict[type[msgspec.Struct], list[str]] = {}
         for queue, struct in payloads.items():
             self._queues.setdefault(struct, []).append(queue)
@@ -90,12 +92,14 @@ class Client:
         job_id: str | None = None,
         delay_s: float | None = None,
         unique_for_s: float | None = None,
+        priority: str | None = None,
     ) -> str:
         """Publish one job (after `delay_s` seconds if given); return its job id.
 
         With `unique_for_s` (and a `job_id`), an id already published to the queue within
         that many seconds is refused: nothing is written and the existing job's id is
-        returned (`Publisher.publish_unique` says which happened).
+        returned (`Publisher.publish_unique` says which happened). `priority` names one of
+        the queue's priority levels (the client needs `priorities=` for it).
         Raises PublishError, writing nothing, for an invalid payload or an unknown queue.
         """
         return await self._publisher.publish(
@@ -104,6 +108,7 @@ class Client:
             job_id,
             delay_s=delay_s,
             unique_for_s=unique_for_s,
+            priority=priority,
         )
 
     async def publish_many(

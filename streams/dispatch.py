@@ -32,6 +32,7 @@ from schema.envelope import (
 )
 from streams.errors import PermanentError, RetryableError
 from streams.job import Delivery, Job, Outcome, Result
+from streams.keys import base_queue
 from streams.policy import Policy, backoff_s
 
 __all__ = [
@@ -151,7 +152,7 @@ def prepare(route: Route, d: Delivery, max_payload_bytes: int) -> tuple[Envelope
         return invalid_result(
             d, f"invalid entry: payload is {len(env.payload)} bytes, at most {max_payload_bytes}"
         )
-    what = f"invalid payload for {route.queue}"
+    what = f"invalid payload for {base_queue(route.queue)}"
     try:
         return env, route.decode(env.payload)
     except msgspec.ValidationError as exc:

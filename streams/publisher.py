@@ -22,7 +22,8 @@ from otel import inject, is_recording_enabled
 from schema.envelope import job_id_problem
 from schema.payloads import PAYLOADS
 from streams.errors import PublishError
-from streams.keys import Keys
+from streams.keys import Keys, base_queue, level_queue
+from streams.policy import Policy
 
 __all__ = ["PayloadLike", "Published", "Publisher", "new_job_id"]
 
@@ -60,11 +61,31 @@ class Publisher:
         payloads: Mapping[str, type[msgspec.Struct]] = PAYLOADS,
         *,
         record_queued: bool = True,
+        priorities: Mapping[str, Policy] | None = None,
     ) -> None:
+        """`priorities`: the policies of the queues that declare priority levels, so that
+        `priority=` publishes to the right stream."""
         self._redis = redis
         self._keys = keys or Keys()
         self._payloads = dict(payloads)
         self._record_queued = record_queued
+        self._levels = {
+            q: {name: engine for name, (engine, _) in zip(p.priorities, p.levels(), strict=True)}
+            for q, p in (priorities or {}).items()
+            if p.priorities
+        }
+
+    def target(self, queue: str, priority: str | None) -> str:
+        """The engine's name of the level a job goes to (the queue itself by default)."""
+        if priority is None:
+            return queue
+        levels = self._levels.get(queue)
+        if not levels:
+            raise PublishError(f"{queue} has no priority levels")
+        if priority not in levels:
+            raise PublishError(f"{queue} has no priority {priority!r} (levels: "
+                               f"{', '.join(levels)})")  # fmt: skip
+        return level_queue(queue, levels[priority])
 
     @property
     def queues(self) -> list[str]:
@@ -72,7 +93,7 @@ class Publisher:
 
     def encode(self, queue: str, payload: PayloadLike) -> bytes:
         """Validate a payload against its queue's struct; return its JSON or raise PublishError."""
-        struct = self._payloads.get(queue)
+        struct = self._payloads.get(base_queue(queue))
         if struct is None:
             known = ", ".join(self.queues)
             raise PublishError(f"unknown queue {queue!r} (known: {known})")
@@ -99,13 +120,16 @@ class Publisher:
         *,
         delay_s: float | None = None,
         unique_for_s: float | None = None,
+        priority: str | None = None,
     ) -> str:
         """Publish one job (after `delay_s` seconds if given); return its job id.
 
         With `unique_for_s`, a job id already published to this queue within that many
         seconds is not published again: the existing job's id is returned (see
-        `publish_unique` to tell the two apart).
+        `publish_unique` to tell the two apart). `priority` names one of the queue's
+        priority levels (default: its default level).
         """
+        queue = self.target(queue, priority)
         if unique_for_s is not None:
             done = await self.publish_unique(queue, payload, job_id, unique_for_s, delay_s=delay_s)
             return done.job_id
@@ -180,7 +204,7 @@ class Publisher:
         )
         published, where = bool(int(reply[0])), _text(reply[1])
         if published and self._record_queued:
-            await mark_queued(self._redis, self._keys, job_id, queue)
+            await mark_queued(self._redis, self._keys, job_id, base_queue(queue))
         return Published(job_id, published, where)
 
     async def publish_many(
@@ -235,7 +259,8 @@ class Publisher:
         for body, job_id in zip(bodies, ids, strict=True):
             fields: dict[str, str | bytes] = {"id": job_id, "payload": body, **context}
             if self._record_queued:  # before the entry exists, so it never hides a later status
-                status = {"status": "queued", "queue": queue, "attempt": 1, "updated_at": now}
+                status = {"status": "queued", "queue": base_queue(queue), "attempt": 1,
+                          "updated_at": now}  # fmt: skip
                 pipe.hset(self._keys.job(job_id), mapping=status)  # type: ignore[arg-type]
             if due_ms is None:
                 pipe.xadd(self._keys.stream(queue), fields)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -35,8 +36,9 @@ from streams.dispatch import (
     trace_invalid,
 )
 from streams.job import Delivery, Job, Outcome, Result
-from streams.keys import Keys
+from streams.keys import Keys, base_queue, level_queue
 from streams.lease import Lease, clock
+from streams.levels import Slots, WeightedOrder
 from streams.observe import NullObserver, Observer
 from streams.pg_store import JobRow, fetch_statuses
 from streams.reclaimer import Pending, Reclaimer
@@ -82,8 +84,9 @@ class _Lane:
     the recorder batches the outcomes of many more jobs than the concurrency.
     """
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, slots: Slots | None = None) -> None:
         self.route = route
+        self.slots = slots or Slots(route.policy.concurrency)  # shared by a queue's levels
         self.tasks: set[asyncio.Task[None]] = set()  # running or settling
         self.running: dict[str, Delivery] = {}  # holding a slot
         # inv. 10: every entry this process holds, from its read or claim until its ack
@@ -95,12 +98,11 @@ class _Lane:
         # the lane's slots and backpressure with new reads, and go first.
         self.ready: deque[Delivery] = deque()
         self.reading = False  # between passing the gate and starting what it read
-        self.free = asyncio.Event()
-        self.free.set()
+        self.free = self.slots.free
 
     @property
     def room(self) -> int:
-        return self.route.policy.concurrency - len(self.running)
+        return self.slots.room
 
     def spawn(self, coro: Coroutine[Any, Any, None], d: Delivery) -> None:
         if d.entry_id in self.running:  # cannot happen while every path takes `held` first
@@ -112,14 +114,13 @@ class _Lane:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
         self.running[d.entry_id] = d
-        if self.room <= 0:
-            self.free.clear()
+        self.slots.take()
         task.add_done_callback(lambda t: self._done(t, d.entry_id))
 
     def release(self, entry_id: str) -> None:
         """The handler is done with its slot (its outcome may still be settling)."""
         if self.running.pop(entry_id, None) is not None:
-            self.free.set()
+            self.slots.give()
 
     def _done(self, task: asyncio.Task[None], entry_id: str) -> None:
         self.tasks.discard(task)
@@ -139,7 +140,19 @@ class Engine:
     ) -> None:
         self.redis, self.pool, self.cfg = redis, pool, config
         self.observer: Observer = observer or NullObserver()
-        self.lanes = {r.queue: _Lane(r) for r in routes}
+        self.lanes: dict[str, _Lane] = {}  # by queue, or level of a queue with priorities
+        self._levels: list[tuple[list[_Lane], WeightedOrder]] = []
+        for r in routes:
+            if not r.policy.priorities:
+                self.lanes[r.queue] = _Lane(r)
+                continue
+            slots, group, weights = Slots(r.policy.concurrency), [], []
+            for level, weight in r.policy.levels():
+                lane = _Lane(dataclasses.replace(r, queue=level_queue(r.queue, level)), slots)
+                self.lanes[lane.route.queue] = lane
+                group.append(lane)
+                weights.append(weight)
+            self._levels.append((group, WeightedOrder(weights)))
         self.lease = Lease(config.alive_ttl_ms / 1000)
         self.recorder = Recorder(
             redis,
@@ -199,7 +212,14 @@ class Engine:
             logger.warning("stopped before the worker could start")
             return
         self.recorder.start()
-        named = {f"read {q}": self._read_loop(lane) for q, lane in self.lanes.items()}
+        grouped = {lane.route.queue for group, _ in self._levels for lane in group}
+        named = {
+            f"read {q}": self._read_loop(lane) for q, lane in self.lanes.items() if q not in grouped
+        }
+        named |= {
+            f"read {base_queue(group[0].route.queue)}": self._read_levels(group, order)
+            for group, order in self._levels
+        }
         named |= {
             "reclaim": self._every(self.cfg.reclaim_interval_s, self._reclaim, per_queue=True),
             "promote": self._every(self.cfg.promote_interval_s, self._promote, per_queue=True),
@@ -389,7 +409,98 @@ class Engine:
                 continue
             held[entry_id] = now
             d = Delivery(queue, entry_id, fields)
-            lane.spawn(self._process(lane, d), d)
+            if lane.room > 0:
+                lane.spawn(self._process(lane, d), d)
+            else:  # a blocking read of several levels may bring one more than there is room
+                lane.ready.append(d)
+
+    async def _read_levels(self, lanes: list[_Lane], order: WeightedOrder) -> None:
+        """The read loop of a queue with priority levels (`lanes`, highest first): free
+        slots go to the levels in `order`, and what a level with nothing waiting leaves
+        goes to the highest that has more. Idle, it blocks on all of them at once."""
+        slots = lanes[0].slots
+        while True:
+            await slots.free.wait()
+            await self.recorder.has_room.wait()
+            await self._alone.wait()
+            if self.stopping.is_set():
+                return
+            if slots.room <= 0 or any(lane.ready for lane in lanes):
+                for lane in lanes:  # taken over, or read beyond the room: highest first
+                    while lane.ready and slots.room > 0:
+                        d = lane.ready.popleft()
+                        lane.spawn(self._process(lane, d), d)
+                continue
+            got = await self._read_levels_guarded(lanes, order)
+            if not got and self.cfg.burst and await self._drained():
+                self.stop()
+
+    async def _read_levels_guarded(self, lanes: list[_Lane], order: WeightedOrder) -> int:
+        """`_read_levels_once` through outages (inv. 7, 10), as `_read_loop` reads."""
+        name, got = base_queue(lanes[0].route.queue), 0
+
+        async def read() -> None:
+            nonlocal got
+            got = await self._read_levels_once(lanes, order)
+
+        for lane in lanes:
+            lane.reading = True
+        try:
+            if await self._retrying(f"read {name}", read):  # replies may have been lost
+                for lane in lanes:
+                    await self._retrying(
+                        f"resume {name}", functools.partial(self._resume_own, lane)
+                    )
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                await self._retrying("start", self._setup)
+            else:
+                logger.error("reading %s refused: %s; retrying in 1s", name, exc)
+                await asyncio.sleep(1.0)
+        finally:
+            for lane in lanes:
+                lane.reading = False
+        return got
+
+    async def _read_levels_once(self, lanes: list[_Lane], order: WeightedOrder) -> int:
+        """One weighted read of every level without blocking (one round trip, plus one per
+        level that had more when others had less); a blocking one when all were empty."""
+        group, me = self.cfg.group, self.cfg.consumer
+        streams = [self.cfg.keys.stream(lane.route.queue) for lane in lanes]
+        quotas = order.take(min(lanes[0].slots.room, self.cfg.read_count))
+        pipe = self.redis.pipeline(transaction=False)
+        asked = [i for i, q in enumerate(quotas) if q > 0]
+        for i in asked:
+            pipe.xreadgroup(group, me, {streams[i]: ">"}, count=quotas[i])
+        replies: list[Any] = await pipe.execute()
+        got, drained = 0, set()
+        for i, reply in zip(asked, replies, strict=True):
+            entries = reply[0][1] if reply else []
+            self._run_read(lanes[i], entries)
+            got += len(entries)
+            if len(entries) < quotas[i]:
+                drained.add(i)
+        if drained:  # what they left goes to the highest levels that may have more
+            for i in range(len(lanes)):
+                left = lanes[0].slots.room
+                if left <= 0:
+                    break
+                if i in drained:
+                    continue
+                more: Any = await self.redis.xreadgroup(group, me, {streams[i]: ">"}, count=left)
+                entries = more[0][1] if more else []
+                self._run_read(lanes[i], entries)
+                got += len(entries)
+        if got:
+            return got
+        idle: Any = await self.redis.xreadgroup(
+            group, me, dict.fromkeys(streams, ">"), count=1, block=self.cfg.block_ms
+        )
+        by_stream = {s: lane for s, lane in zip(streams, lanes, strict=True)}
+        for stream, entries in idle or []:
+            self._run_read(by_stream[stream.decode()], entries)
+            got += len(entries)
+        return got
 
     def _let_go(self, d: Delivery) -> None:
         """The recorder is done with `d`: this process no longer holds its entry."""
@@ -547,29 +658,24 @@ class Engine:
                 lane.ready.append(d)  # the read loop starts it when a slot is free
 
     async def _process(self, lane: _Lane, d: Delivery) -> None:
-        route = lane.route
+        route, queue = lane.route, base_queue(lane.route.queue)
         prepared = prepare(route, d, self.cfg.max_payload_bytes)
         if isinstance(prepared, Result):
             lane.release(d.entry_id)
             if self._traced:
                 trace_invalid(prepared, self._attrs[route.queue])
             job_log.warning(
-                "job invalid job=%s queue=%s error=%s", prepared.job_id, route.queue, prepared.error
+                "job invalid job=%s queue=%s error=%s", prepared.job_id, queue, prepared.error
             )
             self._settle(prepared)
             return
         env, payload = prepared
         if self.cancels.requested and env.job_id in self.cancels.requested:
-            lane.release(d.entry_id)  # cancelled before it started: never runs
-            now, mono = time.time(), time.perf_counter()
-            res = cancelled_result(d, env.job_id, env.attempt, env.payload, now, mono)
-            res.error, res.executed = "cancelled by request before it ran", False
-            job_log.info("job cancelled job=%s queue=%s", env.job_id, route.queue)
-            self._settle(res)
+            self._cancel_unstarted(lane, d, env)
             return
         job = Job(
             env.job_id,
-            route.queue,
+            queue,
             env.attempt,
             d.entry_id,
             enqueued_at_ms(d.entry_id),
@@ -581,7 +687,7 @@ class Engine:
         if task is not None:
             self._jobs[job.id] = (d, task)
         self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time()))
-        self.observer.job_started(route.queue)
+        self.observer.job_started(queue)
         if self._traced:
 
             def around(res: Result | None) -> None:
@@ -597,6 +703,15 @@ class Engine:
         if task is not None and self._jobs.get(job.id, (None,))[0] is d:
             del self._jobs[job.id]
         lane.release(d.entry_id)
+        self._settle(res)
+
+    def _cancel_unstarted(self, lane: _Lane, d: Delivery, env: Any) -> None:
+        """Settle an entry whose job was cancelled before it started: it never runs."""
+        lane.release(d.entry_id)
+        now, mono = time.time(), time.perf_counter()
+        res = cancelled_result(d, env.job_id, env.attempt, env.payload, now, mono)
+        res.error, res.executed = "cancelled by request before it ran", False
+        job_log.info("job cancelled job=%s queue=%s", env.job_id, base_queue(d.queue))
         self._settle(res)
 
     @staticmethod
@@ -622,8 +737,9 @@ class Engine:
         self.recorder.settle(res)
         self.processed += 1
         if not res.executed:  # invalid or already done: counted, with no handler run
-            self.observer.job_started(res.delivery.queue)
-        self.observer.job_finished(res.delivery.queue, res.outcome.value, res.duration_ms / 1000)
+            self.observer.job_started(base_queue(res.delivery.queue))
+        queue = base_queue(res.delivery.queue)
+        self.observer.job_finished(queue, res.outcome.value, res.duration_ms / 1000)
 
     def _superseded(self, d: Delivery, count: int) -> bool:
         """Whether this process runs delivery `count` (or later) of `d`'s entry, not `d`."""
@@ -691,11 +807,12 @@ class Engine:
     async def _trim(self, queue: str) -> None:
         await trim(self.redis, self.cfg.keys, queue)
         for cap, n in (await self.dead_trimmer.trim(queue)).items():
-            self.observer.dead_letters_dropped(queue, cap, n)
+            self.observer.dead_letters_dropped(base_queue(queue), cap, n)
         stream = self.cfg.keys.stream(queue)
         groups: Any = await self.redis.xinfo_groups(stream)
         ours = self.cfg.group.encode()
         for g in groups:
             if g["name"] == ours:  # compared as bytes: a group name need not be UTF-8
                 dead = int(await self.redis.xlen(self.cfg.keys.dead(queue)))
-                self.observer.queue_stats(queue, int(g["pending"]), int(g.get("lag") or 0), dead)
+                pending, lag = int(g["pending"]), int(g.get("lag") or 0)
+                self.observer.queue_stats(base_queue(queue), pending, lag, dead)
