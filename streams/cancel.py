@@ -194,11 +194,11 @@ class CancelWatch:
     async def poll(self, queue: str) -> list[str]:
         key, fresh = self._keys.cancels(queue), list[str]()
         while True:
-            reply: Any = await self._redis.xread({key: self._last.get(queue, "0-0")}, count=1000)
+            reply: Any = await self._redis.xread({key: self._last.get(key, "0-0")}, count=1000)
             entries = reply[0][1] if reply else []
             if not entries:
                 return fresh
-            self._last[queue] = entries[-1][0].decode()
+            self._last[key] = entries[-1][0].decode()  # by key: a queue's levels share it
             now = time.time()
             for _, fields in entries:
                 job_id = fields.get(b"id", b"").decode(errors="replace")
