@@ -21,13 +21,17 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
-from streams.keys import Keys
-from streams.status import TERMINAL, Status
+from jobstream.streams.keys import Keys
+from jobstream.streams.status import TERMINAL, Status
 
 __all__ = ["CancelAnswer", "CancelWatch", "Cancelled", "cancel_job"]
 
-_CANCEL_LUA = resources.files("streams.lua").joinpath("cancel.lua").read_text(encoding="utf-8")
-_SETHASH_LUA = resources.files("streams.lua").joinpath("sethash.lua").read_text(encoding="utf-8")
+_CANCEL_LUA = (
+    resources.files("jobstream.streams.lua").joinpath("cancel.lua").read_text(encoding="utf-8")
+)
+_SETHASH_LUA = (
+    resources.files("jobstream.streams.lua").joinpath("sethash.lua").read_text(encoding="utf-8")
+)
 CANCELS_KEPT = 10_000
 """Cancellation requests a queue's stream keeps (about): far more than are ever pending."""
 _LAST_FENCE = "9" * 50  # after any delivery's fence: the request is the job's last word

@@ -6,10 +6,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from streams.lease import clock
+from jobstream.streams.lease import clock
 
 if TYPE_CHECKING:
-    from streams.progress import Reporter
+    from jobstream.streams.progress import Reporter
 
 __all__ = ["Delivery", "Job", "Outcome", "Result", "fence_of"]
 
@@ -55,7 +55,7 @@ class Job:
         if self.reporter is not None:
             self.reporter.report(fraction, note)
         else:  # not run by an engine (a test, a direct call): checked all the same
-            from streams.progress import check_progress
+            from jobstream.streams.progress import check_progress
 
             check_progress(fraction, note)
 
@@ -69,7 +69,7 @@ class Delivery:
     fields: dict[bytes, bytes]
     delivery_count: int = 1
     started_mono: float = 0.0
-    read_at: float = field(default_factory=clock)  # on the lease clock (`streams.lease`)
+    read_at: float = field(default_factory=clock)  # on the lease clock (`jobstream.streams.lease`)
     cancel_requested: bool = False  # an operator cancelled its job: its task is cancelled
 
     @property

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from streams.keys import level_queue
-from streams.policy import Policy
+from jobstream.streams.keys import level_queue
+from jobstream.streams.policy import Policy
 
 __all__ = ["Slots", "WeightedOrder", "level_names"]
 

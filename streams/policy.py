@@ -7,7 +7,7 @@ import re
 
 import msgspec
 
-from streams.errors import ConfigError
+from jobstream.streams.errors import ConfigError
 
 __all__ = ["RESERVED_LEVELS", "Policy", "backoff_s"]
 

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
-from streams.keys import Keys
+from jobstream.streams.keys import Keys
 
 if TYPE_CHECKING:
-    from streams.job import Delivery
+    from jobstream.streams.job import Delivery
 
 __all__ = ["MAX_NOTE", "ProgressBuffer", "Reporter", "check_progress"]
 

@@ -18,19 +18,21 @@ import msgspec
 import redis.asyncio as aioredis
 from opentelemetry import trace
 
-from otel import inject, is_recording_enabled
-from schema.envelope import job_id_problem
-from schema.payloads import PAYLOADS
-from streams.errors import PublishError
-from streams.keys import Keys, base_queue, level_queue
-from streams.policy import Policy
+from jobstream.otel import inject, is_recording_enabled
+from jobstream.schema.envelope import job_id_problem
+from jobstream.schema.payloads import PAYLOADS
+from jobstream.streams.errors import PublishError
+from jobstream.streams.keys import Keys, base_queue, level_queue
+from jobstream.streams.policy import Policy
 
 __all__ = ["PayloadLike", "Published", "Publisher", "new_job_id"]
 
 PayloadLike = msgspec.Struct | Mapping[str, Any] | str | bytes
 _tracer = trace.get_tracer("jobstream.publisher")
-_UNIQUE_LUA = resources.files("streams.lua").joinpath("publish_unique.lua").read_text("utf-8")
-_SETHASH_LUA = resources.files("streams.lua").joinpath("sethash.lua").read_text("utf-8")
+_UNIQUE_LUA = (
+    resources.files("jobstream.streams.lua").joinpath("publish_unique.lua").read_text("utf-8")
+)
+_SETHASH_LUA = resources.files("jobstream.streams.lua").joinpath("sethash.lua").read_text("utf-8")
 _FIRST_FENCE = "0" * 50  # before any delivery's fence: a worker's record always wins
 MAX_UNIQUE_S = 366 * 86400
 

@@ -20,14 +20,16 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from streams.keys import Keys
-from streams.publisher import mark_queued
-from streams.schedules import Schedule, due_occurrences, list_schedules, occurrence_id
+from jobstream.streams.keys import Keys
+from jobstream.streams.publisher import mark_queued
+from jobstream.streams.schedules import Schedule, due_occurrences, list_schedules, occurrence_id
 
 __all__ = ["Scheduler"]
 
 logger = logging.getLogger(__name__)
-_CLAIM_LUA = resources.files("streams.lua").joinpath("schedule_claim.lua").read_text("utf-8")
+_CLAIM_LUA = (
+    resources.files("jobstream.streams.lua").joinpath("schedule_claim.lua").read_text("utf-8")
+)
 
 ADVANCE_SQL = """
 UPDATE schedules SET next_run_at = $3,

@@ -18,7 +18,7 @@ import asyncpg
 import msgspec
 from cronsim import CronSim, CronSimError
 
-from streams.errors import ConfigError
+from jobstream.streams.errors import ConfigError
 
 __all__ = [
     "CatchUp",
