@@ -160,10 +160,15 @@ async def purge_dead(
     return before - int(await r.xlen(key))
 
 
+# Reopened before the entry is published: a worker that picks the entry up at once then
+# finds the row no longer terminal, and its own record applies (a `failed` row ignores it).
+REOPEN_SQL = """
+UPDATE jobs SET status = 'queued', error = NULL, next_attempt_at = NULL, updated_at = now()
+WHERE id = $1 AND status = 'failed'
+"""
 REPLAY_SQL = """
-UPDATE jobs SET status = 'queued', error = NULL, next_attempt_at = NULL, updated_at = now(),
-                stream_entry_id = $2
-WHERE id = $1 AND stream_entry_id IS DISTINCT FROM $2
+UPDATE jobs SET stream_entry_id = $2, updated_at = now()
+WHERE id = $1 AND status = 'queued' AND stream_entry_id IS DISTINCT FROM $2
 """
 _REPLAY_LUA = (
     resources.files("jobstream.streams.lua").joinpath("replay.lua").read_text(encoding="utf-8")
@@ -201,6 +206,13 @@ async def replay_dead(
     fields["attempt"] = "1"
     job_id = letter.fields.get("job_id") or fields.get("id") or letter.dead_id
     fields["id"] = job_id
+    # Both stores first say `queued`, so that whatever a worker records of the new entry
+    # wins (a `failed` row or hash would ignore it). Should the letter be gone meanwhile
+    # (replayed by another operator, who publishes it), the job is queued all the same.
+    if not await r.xrange(keys.dead(letter.queue), letter.dead_id, letter.dead_id):
+        return None  # replayed or purged meanwhile: nothing to reopen
+    await pool.execute(REOPEN_SQL, job_id)
+    await r.register_script(_QUEUED_LUA)(keys=[keys.job(job_id)])
     move = r.register_script(_REPLAY_LUA)
     entry_id = await move(
         keys=[keys.dead(letter.queue), keys.stream(letter.queue)],
@@ -209,9 +221,8 @@ async def replay_dead(
     if entry_id is None:
         return None
     entry = _id(entry_id)
-    # A worker may already have picked the new entry up: its own record then wins.
+    # A worker may already have recorded the new entry: its own record then stays.
     await pool.execute(REPLAY_SQL, job_id, entry)
-    await r.register_script(_QUEUED_LUA)(keys=[keys.job(job_id)])
     return entry
 
 
