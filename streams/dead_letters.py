@@ -117,10 +117,12 @@ def _decode(queue: str, entry: Any) -> DeadLetter:
 
 
 async def list_dead(
-    r: aioredis.Redis, keys: Keys, queue: str, count: int = 100
+    r: aioredis.Redis, keys: Keys, queue: str, count: int = 100, before: str | None = None
 ) -> list[DeadLetter]:
-    """The newest `count` dead letters of a queue, newest first."""
-    entries: Any = await r.xrevrange(keys.dead(queue), count=count)
+    """The newest `count` dead letters of a queue (older than the id `before`, if given),
+    newest first."""
+    newest = "+" if before is None else f"({before}"
+    entries: Any = await r.xrevrange(keys.dead(queue), max=newest, count=count)
     return [_decode(queue, e) for e in entries]
 
 
