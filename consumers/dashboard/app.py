@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import resources
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
@@ -60,21 +61,28 @@ async def _guard(request: Request, call_next: Handler) -> Response:
         return RedirectResponse(f"/login?next={target}", status_code=303)
     if request.method not in ("GET", "HEAD") and path != "/login":
         given = request.headers.get("x-csrf-token")
-        if given is None and not is_api:
-            given = str((await request.form()).get("csrf", "")) or None
+        if given is None and not is_api:  # the body is read again by the page (cached)
+            form = urllib.parse.parse_qs((await request.body()).decode(errors="replace"))
+            given = (form.get("csrf") or [None])[0]
         if not auth.csrf_ok(request, given):
             text = "refused: a cross-site request (reload the page and try again)"
             if is_api:
                 return api.error(text, 403)
             return pages.render(request, "error.html", 403, message=text)
-    try:
-        response = await call_next(request)
-    except ListError as exc:
-        if not is_api:
-            raise
-        response = api.error(str(exc), 400)
+    response = await call_next(request)
     response.headers.update(_HEADERS)
     return response
+
+
+async def _refused(request: Request, exc: Exception) -> Response:
+    """A request answered as refused: JSON under /api/, a page elsewhere."""
+    if isinstance(exc, HTTPException):
+        code, text = exc.status_code, str(exc.detail)
+    else:
+        code, text = 400, str(exc)
+    if request.url.path.startswith("/api/"):
+        return api.error(text, code)
+    return pages.render(request, "error.html", code, message=text)
 
 
 async def _login_form(request: Request) -> Response:
@@ -134,6 +142,7 @@ def build_app(settings: Settings, auth: Auth, deps: Deps | None = None) -> Starl
         routes=routes,
         lifespan=lifespan,
         middleware=[Middleware(BaseHTTPMiddleware, dispatch=_guard)],
+        exception_handlers={404: _refused, 405: _refused, ListError: _refused},
     )
     app.state.auth = auth
     return app
