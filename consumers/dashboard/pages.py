@@ -85,7 +85,7 @@ async def jobs(request: Request) -> Response:
         "jobs.html",
         data=data,
         filters=filters,
-        queues=q.known_queues(),
+        queues=await q.all_queues(_deps(request)),
         statuses=[s.value for s in Status],
         next_url=f"/jobs?{urllib.parse.urlencode(nxt)}" if data.next else None,
     )

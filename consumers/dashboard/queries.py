@@ -22,12 +22,21 @@ from consumers.registry import by_queue
 from otel.redact import scrub
 from schema.envelope import job_id_problem
 from schema.payloads import PAYLOADS
-from streams import ConfigError, Status, list_dead, purge_dead, read_dead, replay_dead
+from streams import (
+    ConfigError,
+    Status,
+    check_queue_name,
+    list_dead,
+    purge_dead,
+    read_dead,
+    replay_dead,
+)
 from streams.dead_letters import count_dead as count_dead_letters
 
 __all__ = [
     "PAGE_SIZE",
     "ListError",
+    "all_queues",
     "count_dead",
     "dead_letter",
     "dead_page",
@@ -99,6 +108,12 @@ class ListError(ConfigError):
 
 def known_queues() -> list[str]:
     return sorted(set(PAYLOADS) | set(by_queue()))
+
+
+async def all_queues(deps: Deps) -> list[str]:
+    """The configured queues and those with rows (e.g. no longer configured)."""
+    recorded = {r["queue"] for r in await deps.pool.fetch(JOB_QUEUES_SQL)}
+    return sorted(set(known_queues()) | recorded)
 
 
 def scrubbed(value: Any) -> Any:
@@ -178,13 +193,11 @@ def _parse_cursor(cursor: str) -> tuple[dt.datetime, str]:
         raise ListError("invalid cursor: pass the `next` value of the previous page") from None
 
 
-def _check_filters(queue: str | None, status: str | None) -> list[str]:
-    queues = known_queues()
-    if queue is not None and queue not in queues:
-        raise ListError(f"unknown queue {queue!r} (known: {', '.join(queues)})")
+def _check_filters(queue: str | None, status: str | None) -> None:
+    if queue is not None:  # any queue that could exist: one no longer configured may have rows
+        _check_queue_name(queue)
     if status is not None and status not in {s.value for s in Status}:
         raise ListError(f"unknown status {status!r} (known: {', '.join(s.value for s in Status)})")
-    return queues
 
 
 async def jobs_page(
@@ -198,7 +211,7 @@ async def jobs_page(
 ) -> m.JobsPage:
     """Jobs newest first, filtered by queue and status, `limit` at a time after `before`;
     with `job_id`, that one job (if it has a row)."""
-    queues = _check_filters(queue, status)
+    _check_filters(queue, status)
     if not 1 <= limit <= 500:
         raise ListError("limit must be from 1 to 500")
     if job_id is not None:
@@ -206,10 +219,7 @@ async def jobs_page(
         rows = [r for r in [await deps.pool.fetchrow(JOB_BY_ID_SQL, job_id)] if r is not None]
         rows = [r for r in rows if queue in (None, r["queue"]) and status in (None, r["status"])]
         return m.JobsPage(jobs=[_summary(r) for r in rows], next=None)
-    if queue is None:  # also queues no longer configured whose rows remain
-        queues = sorted(set(queues) | {r["queue"] for r in await deps.pool.fetch(JOB_QUEUES_SQL)})
-    else:
-        queues = [queue]
+    queues = await all_queues(deps) if queue is None else [queue]
     at, after_id = _parse_cursor(before) if before else (_NEWEST, "")
     if status is None:
         rows = await deps.pool.fetch(JOBS_PAGE_SQL, queues, at, after_id, limit + 1)
@@ -258,11 +268,19 @@ def _check_dead_ids(ids: list[str]) -> None:
         raise ListError(f"invalid dead-letter id {bad[0][:40]!r}: ids look like 1764496800000-0")
 
 
-async def _dead_queue(deps: Deps, queue: str) -> list[str]:
+def _check_queue_name(queue: str) -> None:
+    try:
+        check_queue_name(queue)
+    except ConfigError as exc:
+        raise ListError(str(exc)) from None
+
+
+async def _dead_queue(deps: Deps, queue: str) -> None:
+    """Refuse a queue that has neither a payload nor dead letters."""
     queues = await ops.dead_queues(deps)
     if queue not in queues:
+        _check_queue_name(queue)
         raise ListError(f"unknown queue {queue!r} (known: {', '.join(queues)})")
-    return queues
 
 
 async def dead_page(
@@ -272,8 +290,9 @@ async def dead_page(
     newest first, `limit` at a time, older than the id `before`."""
     await ops.remember_relays(deps)
     queues = await ops.dead_queues(deps)
-    if queue is not None and queue not in queues:
-        raise ListError(f"unknown queue {queue!r} (known: {', '.join(queues)})")
+    if queue is not None and queue not in queues:  # e.g. just purged: none left
+        _check_queue_name(queue)
+        queues.append(queue)
     if before is not None:
         _check_dead_ids([before])
     if not 1 <= limit <= 500:
@@ -385,7 +404,7 @@ async def workers_page(deps: Deps) -> m.WorkersPage:
     """Every consumer of the group on any queue: heartbeat age, entries held, which."""
     r, keys, group = deps.redis, deps.keys, deps.settings.group
     found: dict[str, dict[str, Any]] = {}
-    for queue in known_queues():
+    for queue in await all_queues(deps):
         try:
             consumers = await r.xinfo_consumers(keys.stream(queue), group)
         except redis.exceptions.ResponseError:  # no stream or no group yet
