@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import functools
 import json
+from typing import Any
 
 import msgspec
 import pytest
@@ -33,6 +35,10 @@ def _engine(deps: Deps) -> Engine:
 async def _status(deps: Deps, job_id: str, status: str) -> bool:
     got = await deps.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id)
     return bool(got == status)
+
+
+async def _until(deps: Deps, job_id: str, status: str) -> None:
+    await eventually(functools.partial(_status, deps, job_id, status))
 
 
 async def _fill(deps: Deps, n: int, same_time: bool = False) -> None:
@@ -90,7 +96,7 @@ async def test_jobs_page_refuses_what_it_cannot_answer(deps: Deps):
             await q.jobs_page(deps, **kwargs)  # type: ignore[arg-type]
 
 
-def _nodes(plan: dict) -> list[dict]:
+def _nodes(plan: dict[str, Any]) -> list[dict[str, Any]]:
     out = [plan]
     for child in plan.get("Plans", []):
         out += _nodes(child)
@@ -116,6 +122,7 @@ async def test_every_jobs_page_is_served_by_an_index(deps: Deps, generic: bool):
         if generic:  # what a prepared statement may switch to after a few runs
             await conn.execute("SET plan_cache_mode = force_generic_plan")
         for sql, args, index in cases:
+            n_queues = len(args[0])  # type: ignore[arg-type]
             raw = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
             nodes = _nodes(json.loads(raw)[0]["Plan"])
             on_jobs = [n for n in nodes if n.get("Relation Name") == "jobs"]
@@ -124,7 +131,7 @@ async def test_every_jobs_page_is_served_by_an_index(deps: Deps, generic: bool):
                 assert n["Node Type"] in ("Index Scan", "Index Only Scan"), n["Node Type"]
                 assert n["Index Name"] == index
                 assert n["Scan Direction"] == "Backward"
-                assert n["Actual Rows"] * n["Actual Loops"] <= 51 * len(args[0])
+                assert n["Actual Rows"] * n["Actual Loops"] <= 51 * n_queues
             assert not any(n["Node Type"] == "Seq Scan" for n in nodes)
         queues = [r["queue"] for r in await conn.fetch(q.JOB_QUEUES_SQL)]
         assert queues == sorted(QUEUES)
@@ -136,10 +143,10 @@ async def test_a_jobs_trace_id_is_recorded_from_its_traceparent(deps: Deps):
     await deps.redis.xadd(stream, {"id": "plain", "payload": "{}"})
     await deps.redis.xadd(stream, {"id": "bad", "payload": "not json", "traceparent": TRACEPARENT})
     async with running(_engine(deps)):
-        await eventually(lambda: _status(deps, "bad", "failed"))
-        await eventually(lambda: _status(deps, "plain", "completed"))
-        await eventually(lambda: _status(deps, "traced", "completed"))
-    rows = dict(await deps.pool.fetch("SELECT id, trace_id FROM jobs"))
+        await _until(deps, "bad", "failed")
+        await _until(deps, "plain", "completed")
+        await _until(deps, "traced", "completed")
+    rows = {r["id"]: r["trace_id"] for r in await deps.pool.fetch("SELECT id, trace_id FROM jobs")}
     assert rows == {"traced": TRACE, "plain": None, "bad": TRACE}
 
 
@@ -152,14 +159,14 @@ async def test_a_traced_jobs_trace_id_is_its_spans_also_when_invalid(deps: Deps)
         await deps.redis.xadd(stream, {"id": "child", "payload": "{}", "traceparent": TRACEPARENT})
         async with running(_engine(deps)):
             for job_id in ("new-trace", "child"):
-                await eventually(lambda j=job_id: _status(deps, j, "completed"))  # type: ignore[misc]
-            await eventually(lambda: _status(deps, "invalid", "failed"))
+                await _until(deps, job_id, "completed")
+            await _until(deps, "invalid", "failed")
         spans = {
-            s.attributes["messaging.message.conversation_id"]: s  # type: ignore[index]
+            s.attributes["messaging.message.conversation_id"]: s
             for s in exporter.get_finished_spans()
             if s.name.startswith("process ")
         }
-    rows = dict(await deps.pool.fetch("SELECT id, trace_id FROM jobs"))
+    rows = {r["id"]: r["trace_id"] for r in await deps.pool.fetch("SELECT id, trace_id FROM jobs")}
     for job_id in ("new-trace", "invalid"):
         assert rows[job_id] == format(spans[job_id].context.trace_id, "032x")
     assert rows["child"] == TRACE
@@ -173,7 +180,7 @@ async def test_job_detail_links_its_trace_and_scrubs_secrets(deps: Deps):
     await deps.redis.xadd(stream, {"id": "j1", "payload": json.dumps(payload),
                                    "traceparent": TRACEPARENT})  # fmt: skip
     async with running(_engine(deps)):
-        await eventually(lambda: _status(deps, "j1", "failed"))
+        await _until(deps, "j1", "failed")
     plain = await q.job_detail(deps, "j1")
     assert plain is not None
     assert plain.job is not None
@@ -197,7 +204,7 @@ async def test_replay_and_purge_from_the_dashboard(deps: Deps):
         await deps.redis.xadd(stream, {"id": f"p{i}", "payload": json.dumps({"permanent": True})})
     async with running(_engine(deps)):
         for i in range(3):
-            await eventually(lambda i=i: _status(deps, f"p{i}", "failed"))  # type: ignore[misc]
+            await _until(deps, f"p{i}", "failed")
     page = await q.dead_page(deps, handlers.QUEUE, limit=2)
     assert page.next is not None
     rest = await q.dead_page(deps, handlers.QUEUE, before=page.next, limit=2)
@@ -250,9 +257,7 @@ async def test_queues_page_counts_and_charts_the_last_hour(deps: Deps):
         await deps.redis.xadd(stream, {"id": f"c{i}", "payload": json.dumps({"permanent": i == 0})})
     async with running(_engine(deps)):
         for i in range(4):
-            await eventually(
-                lambda i=i: _status(deps, f"c{i}", "failed" if i == 0 else "completed")
-            )  # type: ignore[misc]
+            await _until(deps, f"c{i}", "failed" if i == 0 else "completed")
     page = await q.queues_page(deps)
     (mine,) = [info for info in page.queues if info.queue == handlers.QUEUE]
     assert mine.jobs == {"completed": 3, "failed": 1}

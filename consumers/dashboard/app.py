@@ -63,7 +63,7 @@ async def _guard(request: Request, call_next: Handler) -> Response:
         given = request.headers.get("x-csrf-token")
         if given is None and not is_api:  # the body is read again by the page (cached)
             form = urllib.parse.parse_qs((await request.body()).decode(errors="replace"))
-            given = (form.get("csrf") or [None])[0]
+            given = form.get("csrf", [""])[0] or None
         if not auth.csrf_ok(request, given):
             text = "refused: a cross-site request (reload the page and try again)"
             if is_api:
