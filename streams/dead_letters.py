@@ -121,6 +121,8 @@ async def list_dead(
 ) -> list[DeadLetter]:
     """The newest `count` dead letters of a queue (older than the id `before`, if given),
     newest first."""
+    if before is not None and not before.strip("0-"):
+        return []  # nothing is older than 0-0 (and Redis refuses the range)
     newest = "+" if before is None else f"({before}"
     entries: Any = await r.xrevrange(keys.dead(queue), max=newest, count=count)
     return [_decode(queue, e) for e in entries]

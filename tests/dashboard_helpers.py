@@ -6,8 +6,10 @@ import contextlib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from typing import IO
 
 import httpx
 
@@ -25,34 +27,38 @@ def free_port() -> int:
 def dashboard(env: dict[str, str], port: int | None = None) -> Iterator[str]:
     """Serve the dashboard with `env` on a free loopback port; yield its base URL."""
     port = port or free_port()
-    base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "consumers.cli", "dashboard", "--port", str(port)],
-        env={"JOBSTREAM_DASHBOARD_TOKEN": TOKEN, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                out = proc.stdout.read().decode() if proc.stdout else ""
-                raise AssertionError(f"the dashboard exited with {proc.returncode}: {out}")
-            try:
-                httpx.get(f"{base}/login", timeout=2)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "consumers.cli", "dashboard", "--port", str(port)],
+            env={"JOBSTREAM_DASHBOARD_TOKEN": TOKEN, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            yield _ready(proc, log, f"http://127.0.0.1:{port}")
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _ready(proc: subprocess.Popen[bytes], log: IO[bytes], base: str) -> str:
+    deadline = time.monotonic() + 30
+    while True:
+        if proc.poll() is not None:
+            log.seek(0)
+            out = log.read().decode(errors="replace")
+            raise AssertionError(f"the dashboard exited with {proc.returncode}: {out}")
+        try:
+            httpx.get(f"{base}/login", timeout=2)
+            return base
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 def bearer() -> dict[str, str]:

@@ -120,7 +120,7 @@ async def test_bearer_actions_need_no_csrf_token_but_purge_needs_confirmation(
         "/api/dead/webhook/purge", json={"confirm": False}, headers=headers
     )
     assert unconfirmed.status_code == 400
-    assert "confirm" in unconfirmed.json()["error"]
+    assert "$.confirm" in unconfirmed.json()["error"]
     done = await client.post("/api/dead/webhook/purge", json={"confirm": True}, headers=headers)
     assert done.json() == {"purged": 0}
     page = await client.post("/dead/purge", data={"queue": "webhook"}, headers=headers)

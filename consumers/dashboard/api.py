@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -54,12 +55,12 @@ async def queues(request: Request) -> Response:
 
 async def jobs(request: Request) -> Response:
     p = request.query_params
-    page = await q.jobs_page(
+    page = await q.jobs_page(  # an empty value is a value: "" is no cursor, no status
         _deps(request),
-        queue=p.get("queue") or None,
-        status=p.get("status") or None,
-        job_id=p.get("id") or None,
-        before=p.get("before") or None,
+        queue=p.get("queue"),
+        status=p.get("status"),
+        job_id=p.get("id"),
+        before=p.get("before"),
         limit=_limit(request),
     )
     return json(page)
@@ -75,9 +76,7 @@ async def job(request: Request) -> Response:
 
 async def dead(request: Request) -> Response:
     p = request.query_params
-    page = await q.dead_page(
-        _deps(request), p.get("queue") or None, p.get("before") or None, _limit(request)
-    )
+    page = await q.dead_page(_deps(request), p.get("queue"), p.get("before"), _limit(request))
     return json(page)
 
 
@@ -102,9 +101,7 @@ async def replay(request: Request) -> Response:
 
 
 async def purge(request: Request) -> Response:
-    body: m.PurgeRequest = await _body(request, m.PurgeRequest)
-    if not body.confirm:
-        raise q.ListError("purging deletes dead letters for good: send confirm: true")
+    body: m.PurgeRequest = await _body(request, m.PurgeRequest)  # confirm: true, or refused
     older = parse_duration_ms(body.older_than) if body.older_than else None
     return json(await q.purge(_deps(request), request.path_params["queue"], older))
 
@@ -117,6 +114,20 @@ async def openapi_json(request: Request) -> Response:
     return json(openapi())
 
 
+class _DeadIdConvertor(Convertor[str]):
+    """A dead-letter id in a path, so that `/api/dead/<queue>/replay` is never taken for one."""
+
+    regex = m.DEAD_ID_PATTERN.strip("^$")
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("dead_id", _DeadIdConvertor())
+
 ROUTES = [
     Route("/api/openapi.json", openapi_json),
     Route("/api/queues", queues),
@@ -125,7 +136,7 @@ ROUTES = [
     Route("/api/dead", dead),
     Route("/api/dead/{queue}/replay", replay, methods=["POST"]),
     Route("/api/dead/{queue}/purge", purge, methods=["POST"]),
-    Route("/api/dead/{queue}/{dead_id}", dead_letter),
+    Route("/api/dead/{queue}/{dead_id:dead_id}", dead_letter),
     Route("/api/workers", workers),
 ]
 
@@ -159,7 +170,8 @@ def _param(name: str, where: str, schema: dict[str, Any], text: str) -> dict[str
 
 
 _LIMIT = _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 500}, "page size")
-_QUEUE = _param("queue", "path", {"type": "string"}, "the queue")
+_QUEUE = _param("queue", "path", {"type": "string", "pattern": m.QUEUE_PATTERN}, "the queue")
+_DEAD_ID = {"type": "string", "pattern": m.DEAD_ID_PATTERN}
 
 
 def _post(model: type[Any], body: type[Any], summary: str) -> dict[str, Any]:
@@ -171,7 +183,7 @@ def _post(model: type[Any], body: type[Any], summary: str) -> dict[str, Any]:
                 "required": True,
                 "content": {"application/json": {"schema": _ref(body)}},
             },
-            "responses": _answer(model, 400, 403),
+            "responses": _answer(model, 400, 403, 404),
         }
     }
 
@@ -190,26 +202,28 @@ def openapi() -> dict[str, Any]:
                 _param("queue", "query", {"type": "string"}, "only this queue"),
                 _param("status", "query", statuses, "only this status"),
                 _param("id", "query", {"type": "string"}, "only the job with this id"),
-                _param("before", "query", {"type": "string"}, "`next` of the previous page"),
+                _param("before", "query", {"type": "string", "pattern": m.CURSOR_PATTERN},
+                       "`next` of the previous page"),
                 _LIMIT,
             ],
             "responses": _answer(m.JobsPage, 400),
         }},
         "/api/jobs/{job_id}": {"get": {"summary": "one job: row, executions, hash, trace",
                                        "parameters": [job_id],
-                                       "responses": _answer(m.JobDetail, 400, 404)}},
+                                       "responses": _answer(m.JobDetail, 404)}},
         "/api/dead": {"get": {
             "summary": "dead letters per queue, newest first",
             "parameters": [
-                _param("queue", "query", {"type": "string"}, "default: the first with letters"),
-                _param("before", "query", {"type": "string"}, "`next` of the previous page"),
+                _param("queue", "query", {"type": "string", "pattern": m.QUEUE_PATTERN},
+                       "default: the first with letters"),
+                _param("before", "query", _DEAD_ID, "`next` of the previous page"),
                 _LIMIT,
             ],
             "responses": _answer(m.DeadPage, 400),
         }},
         "/api/dead/{queue}/{dead_id}": {"get": {
             "summary": "one dead letter, all fields",
-            "parameters": [_QUEUE, _param("dead_id", "path", {"type": "string"}, "its id")],
+            "parameters": [_QUEUE, _param("dead_id", "path", _DEAD_ID, "its id")],
             "responses": _answer(m.DeadLetterDetail, 400, 404),
         }},
         "/api/dead/{queue}/replay": _post(m.ReplayResult, m.ReplayRequest, "replay dead letters"),

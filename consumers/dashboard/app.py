@@ -19,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 
 from consumers.dashboard import api, pages
 from consumers.dashboard.auth import COOKIE, Auth, same_origin
-from consumers.dashboard.queries import ListError
+from consumers.dashboard.queries import ListError, Unknown
 from consumers.deps import Deps
 from consumers.runtime import connect
 from consumers.settings import Settings
@@ -76,13 +76,15 @@ async def _guard(request: Request, call_next: Handler) -> Response:
 
 async def _refused(request: Request, exc: Exception) -> Response:
     """A request answered as refused: JSON under /api/, a page elsewhere."""
-    if isinstance(exc, HTTPException):
-        code, text = exc.status_code, str(exc.detail)
-    else:
-        code, text = 400, str(exc)
+    code, text, headers = 404 if isinstance(exc, Unknown) else 400, str(exc), {}
+    if isinstance(exc, HTTPException):  # 404, 405 (with its Allow header)
+        code, text, headers = exc.status_code, str(exc.detail), dict(exc.headers or {})
     if request.url.path.startswith("/api/"):
-        return api.error(text, code)
-    return pages.render(request, "error.html", code, message=text)
+        response = api.error(text, code)
+    else:
+        response = pages.render(request, "error.html", code, message=text)
+    response.headers.update(headers)
+    return response
 
 
 async def _login_form(request: Request) -> Response:

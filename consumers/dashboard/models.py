@@ -7,12 +7,15 @@ OpenAPI description (`api.openapi`) is generated from them.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 __all__ = [
+    "CURSOR_PATTERN",
+    "DEAD_ID_PATTERN",
     "MODELS",
+    "QUEUE_PATTERN",
     "ChartPoint",
     "DeadLetterDetail",
     "DeadLetterSummary",
@@ -38,6 +41,10 @@ __all__ = [
     "WorkerQueue",
     "WorkersPage",
 ]
+
+
+QUEUE_PATTERN = r"^[^{}\r\n ]{1,100}$"  # streams.check_queue_name
+CURSOR_PATTERN = r"^[0-9]{1,18}~[^\x00]*$"
 
 
 class Error(msgspec.Struct, frozen=True, kw_only=True):
@@ -174,8 +181,13 @@ class DeadLetterDetail(msgspec.Struct, frozen=True, kw_only=True):
     why_not: str | None
 
 
+DEAD_ID_PATTERN = r"^[0-9]{1,19}-[0-9]{1,19}$"  # each part fits 64 bits
+DeadId = Annotated[str, msgspec.Meta(pattern=DEAD_ID_PATTERN)]
+
+
 class ReplayRequest(msgspec.Struct, frozen=True, kw_only=True):
-    ids: list[str]
+    ids: Annotated[list[DeadId], msgspec.Meta(min_length=1, max_length=1000)]
+    """Dead-letter ids, e.g. 1764496800000-0."""
 
 
 class Replayed(msgspec.Struct, frozen=True, kw_only=True):
@@ -197,9 +209,9 @@ class ReplayResult(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PurgeRequest(msgspec.Struct, frozen=True, kw_only=True):
-    confirm: bool
+    confirm: Literal[True]
     """Must be true: purging deletes dead letters for good."""
-    older_than: str | None = None
+    older_than: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,9}[smhd]$")] | None = None
     """Only letters older than this: 30s, 15m, 12h, 7d."""
 
 

@@ -36,6 +36,7 @@ from streams.dead_letters import count_dead as count_dead_letters
 __all__ = [
     "PAGE_SIZE",
     "ListError",
+    "Unknown",
     "all_queues",
     "count_dead",
     "dead_letter",
@@ -43,6 +44,7 @@ __all__ = [
     "job_detail",
     "jobs_page",
     "known_queues",
+    "names_a_job",
     "purge",
     "queues_page",
     "replay",
@@ -53,7 +55,7 @@ __all__ = [
 PAGE_SIZE = 50
 WINDOW_S = 300  # jobs/s is measured over the last five minutes
 HELD_SHOWN = 20
-_DEAD_ID = re.compile(r"\d{1,20}-\d{1,20}")
+_DEAD_ID = re.compile(m.DEAD_ID_PATTERN)
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _NEWEST = dt.datetime.max.replace(tzinfo=dt.UTC)
 
@@ -103,7 +105,16 @@ JOB_BY_ID_SQL = f"SELECT {_SUMMARY} FROM jobs WHERE id = $1"
 
 
 class ListError(ConfigError):
-    """A request the dashboard cannot answer as asked (an unknown queue, a bad cursor)."""
+    """A request the dashboard cannot answer as asked (a malformed cursor or id)."""
+
+
+class Unknown(ListError):
+    """A request naming a queue that has neither a payload nor dead letters."""
+
+
+def names_a_job(job_id: str) -> bool:
+    """Whether `job_id` could name a job (else no store can hold it, and none is asked)."""
+    return bool(job_id) and job_id_problem(job_id) is None and _encodes(job_id)
 
 
 def known_queues() -> list[str]:
@@ -161,15 +172,6 @@ async def queues_page(deps: Deps) -> m.QueuesPage:
     return m.QueuesPage(window_s=WINDOW_S, queues=queues)
 
 
-def check_job_id(job_id: str) -> None:
-    """Refuse what cannot name a job, before it reaches a store."""
-    problem = job_id_problem(job_id)
-    if problem is None and not _encodes(job_id):
-        problem = "is not valid UTF-8"
-    if problem is not None or not job_id:
-        raise ListError(f"invalid job id: {problem or 'empty'}")
-
-
 def _encodes(text: str) -> bool:
     try:
         text.encode()
@@ -189,13 +191,11 @@ def _parse_cursor(cursor: str) -> tuple[dt.datetime, str]:
         raise ListError("invalid cursor: pass the `next` value of the previous page")
     try:
         return _EPOCH + dt.timedelta(microseconds=int(us)), job_id
-    except OverflowError:
-        raise ListError("invalid cursor: pass the `next` value of the previous page") from None
+    except OverflowError:  # past any time a row holds: everything is older
+        return _NEWEST, ""
 
 
 def _check_filters(queue: str | None, status: str | None) -> None:
-    if queue is not None:  # any queue that could exist: one no longer configured may have rows
-        _check_queue_name(queue)
     if status is not None and status not in {s.value for s in Status}:
         raise ListError(f"unknown status {status!r} (known: {', '.join(s.value for s in Status)})")
 
@@ -214,13 +214,17 @@ async def jobs_page(
     _check_filters(queue, status)
     if not 1 <= limit <= 500:
         raise ListError("limit must be from 1 to 500")
+    at, after_id = _parse_cursor(before) if before is not None else (_NEWEST, "")
     if job_id is not None:
-        check_job_id(job_id)
-        rows = [r for r in [await deps.pool.fetchrow(JOB_BY_ID_SQL, job_id)] if r is not None]
+        found = await deps.pool.fetchrow(JOB_BY_ID_SQL, job_id) if names_a_job(job_id) else None
+        rows = [found] if found is not None else []
         rows = [r for r in rows if queue in (None, r["queue"]) and status in (None, r["status"])]
         return m.JobsPage(jobs=[_summary(r) for r in rows], next=None)
+    # Any queue name: one no longer configured may have rows, and a name that cannot
+    # exist has none.
     queues = await all_queues(deps) if queue is None else [queue]
-    at, after_id = _parse_cursor(before) if before else (_NEWEST, "")
+    if not all(_encodes(name) for name in queues):
+        return m.JobsPage(jobs=[], next=None)
     if status is None:
         rows = await deps.pool.fetch(JOBS_PAGE_SQL, queues, at, after_id, limit + 1)
     else:
@@ -240,7 +244,8 @@ def _summary(row: Any) -> m.JobSummary:
 
 async def job_detail(deps: Deps, job_id: str) -> m.JobDetail | None:
     """The job's row, executions, hash and waiting entries (`ops.job_info`), and its trace."""
-    check_job_id(job_id)
+    if not names_a_job(job_id):
+        return None
     await ops.remember_relays(deps)
     info = await ops.job_info(deps, job_id)
     if info is None or not (info["job"] or info["hash"] or info["waiting"]):
@@ -280,7 +285,7 @@ async def _dead_queue(deps: Deps, queue: str) -> None:
     queues = await ops.dead_queues(deps)
     if queue not in queues:
         _check_queue_name(queue)
-        raise ListError(f"unknown queue {queue!r} (known: {', '.join(queues)})")
+        raise Unknown(f"unknown queue {queue!r} (known: {', '.join(queues)})")
 
 
 async def dead_page(
@@ -329,8 +334,8 @@ async def dead_page(
 
 async def dead_letter(deps: Deps, queue: str, dead_id: str) -> m.DeadLetterDetail | None:
     """One dead letter with all its fields, or None."""
-    await _dead_queue(deps, queue)
     _check_dead_ids([dead_id])
+    await _dead_queue(deps, queue)
     await ops.remember_relays(deps)
     found = await read_dead(deps.redis, deps.keys, queue, dead_id)
     if found is None:
