@@ -36,7 +36,8 @@ async def remember_relays(deps: Deps) -> None:
 async def dead_queues(deps: Deps) -> list[str]:
     """Every queue with a payload or a dead-letter stream, sorted."""
     r, keys = deps.redis, deps.keys
-    seen = {keys.queue_of(k.decode()) async for k in r.scan_iter(match=keys.dead_pattern())}
+    found = r.scan_iter(match=keys.dead_pattern(), count=1000, _type="stream")
+    seen = {keys.queue_of(k.decode()) async for k in found}
     return sorted(set(PAYLOADS) | seen)
 
 

@@ -159,4 +159,4 @@ def test_seeded_answers_hold_what_the_pages_show(api_base: str):
     suppress_health_check=list(hypothesis.HealthCheck),
 )
 def test_every_operation_conforms_to_its_description(case: Any, api_base: str):
-    case.call_and_validate(base_url=api_base, headers=bearer())
+    case.call_and_validate(base_url=api_base, headers=bearer(), timeout=60)
