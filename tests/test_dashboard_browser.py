@@ -101,7 +101,7 @@ def _login(b: WebDriver, base: str, shots: pathlib.Path | None = None) -> None:
     _wait(b, lambda d: d.find_elements(By.CSS_SELECTOR, "main#queues"))
 
 
-def _webhook(job_id: str, endpoint: str) -> dict[str, str]:
+def _webhook(job_id: str, endpoint: str) -> dict[Any, Any]:
     payload = {"endpoint_id": endpoint, "message_id": f"msg_{job_id}", "event_type": "email.sent",
                "timestamp": "2026-12-01T10:00:00Z", "data": {"n": 1}}  # fmt: skip
     return {"id": job_id, "payload": json.dumps(payload),
