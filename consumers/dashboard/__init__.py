@@ -1,10 +1,6 @@
-"""The operator's web dashboard: queues, jobs, dead letters and workers, with a JSON API.
+"""The operator's web dashboard and its JSON API: what the CLI shows, and dead-letter actions."""
 
-It reads what the command line reads (`consumers.ops`, `streams`) and acts on dead letters
-through the same functions; it never runs jobs.
-"""
-
-from consumers.dashboard.app import build_app
-from consumers.dashboard.server import run_dashboard
+from jobstream.consumers.dashboard.app import build_app
+from jobstream.consumers.dashboard.server import run_dashboard
 
 __all__ = ["build_app", "run_dashboard"]

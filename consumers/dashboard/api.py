@@ -14,11 +14,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from consumers.commands import parse_duration_ms
-from consumers.dashboard import models as m
-from consumers.dashboard import queries as q
-from consumers.deps import Deps
-from streams import Status
+from jobstream.consumers.cli.commands import parse_duration_ms
+from jobstream.consumers.dashboard import models as m
+from jobstream.consumers.dashboard import queries as q
+from jobstream.consumers.worker.deps import Deps
+from jobstream.streams import Status
 
 __all__ = ["ROUTES", "error", "json", "openapi"]
 

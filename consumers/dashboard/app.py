@@ -17,12 +17,12 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from consumers.dashboard import api, pages
-from consumers.dashboard.auth import COOKIE, Auth, same_origin
-from consumers.dashboard.queries import ListError, Unknown
-from consumers.deps import Deps
-from consumers.runtime import connect
-from consumers.settings import Settings
+from jobstream.consumers.dashboard import api, pages
+from jobstream.consumers.dashboard.auth import COOKIE, Auth, same_origin
+from jobstream.consumers.dashboard.queries import ListError, Unknown
+from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.runtime import connect
+from jobstream.consumers.worker.settings import Settings
 
 __all__ = ["build_app"]
 
@@ -131,7 +131,9 @@ def build_app(settings: Settings, auth: Auth, deps: Deps | None = None) -> Starl
             app.state.deps = opened
             yield
 
-    static = StaticFiles(directory=str(resources.files("consumers.dashboard").joinpath("static")))
+    static = StaticFiles(
+        directory=str(resources.files("jobstream.consumers.dashboard").joinpath("static"))
+    )
     routes = [
         Route("/login", _login_form, methods=["GET"]),
         Route("/login", _login, methods=["POST"]),

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from consumers.settings import Settings
-from streams import ConfigError
+from jobstream.consumers.worker.settings import Settings
+from jobstream.streams import ConfigError
 
 __all__ = ["COOKIE", "MIN_TOKEN_LENGTH", "Auth", "is_loopback", "load_token"]
 

@@ -16,16 +16,16 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from consumers.commands import parse_duration_ms
-from consumers.dashboard import queries as q
-from consumers.dashboard.auth import Auth
-from consumers.deps import Deps
-from streams import ConfigError, Status
+from jobstream.consumers.cli.commands import parse_duration_ms
+from jobstream.consumers.dashboard import queries as q
+from jobstream.consumers.dashboard.auth import Auth
+from jobstream.consumers.worker.deps import Deps
+from jobstream.streams import ConfigError, Status
 
 __all__ = ["ROUTES", "TEMPLATES", "render"]
 
 TEMPLATES = Jinja2Templates(
-    directory=str(resources.files("consumers.dashboard").joinpath("templates"))
+    directory=str(resources.files("jobstream.consumers.dashboard").joinpath("templates"))
 )
 TEMPLATES.env.filters["quote"] = lambda s: urllib.parse.quote(str(s), safe="")
 TEMPLATES.env.filters["pretty"] = lambda v: json.dumps(v, indent=2, ensure_ascii=False, default=str)

@@ -1,6 +1,6 @@
 """What the dashboard shows and does, as typed records; the pages and the API share it.
 
-It reuses the operator queries of `consumers.ops` and the dead-letter functions of
+It reuses the operator queries of `jobstream.consumers.cli.ops` and the dead-letter functions of
 `streams` (one home per fact) and adds only what the command line has no use for: a
 keyset-paged job list, throughput per minute, and each worker's pending entries.
 """
@@ -15,14 +15,14 @@ from typing import Any
 import msgspec
 import redis.exceptions
 
-from consumers import ops
-from consumers.dashboard import models as m
-from consumers.deps import Deps
-from consumers.registry import by_queue
-from otel.redact import scrub
-from schema.envelope import job_id_problem
-from schema.payloads import PAYLOADS
-from streams import (
+from jobstream.consumers.cli import ops
+from jobstream.consumers.dashboard import models as m
+from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.registry import by_queue
+from jobstream.otel.redact import scrub
+from jobstream.schema.envelope import job_id_problem
+from jobstream.schema.payloads import PAYLOADS
+from jobstream.streams import (
     ConfigError,
     Status,
     check_queue_name,
@@ -31,7 +31,7 @@ from streams import (
     read_dead,
     replay_dead,
 )
-from streams.dead_letters import count_dead as count_dead_letters
+from jobstream.streams.dead_letters import count_dead as count_dead_letters
 
 __all__ = [
     "PAGE_SIZE",

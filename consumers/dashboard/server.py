@@ -7,12 +7,12 @@ import sys
 
 import uvicorn
 
-from consumers.dashboard.app import build_app
-from consumers.dashboard.auth import Auth, is_loopback, load_token
-from consumers.deps import Deps
-from consumers.runtime import connect
-from consumers.settings import Settings
-from streams import ConfigError
+from jobstream.consumers.dashboard.app import build_app
+from jobstream.consumers.dashboard.auth import Auth, is_loopback, load_token
+from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.runtime import connect
+from jobstream.consumers.worker.settings import Settings
+from jobstream.streams import ConfigError
 
 __all__ = ["run_dashboard"]
 
