@@ -3,11 +3,14 @@ command refuses bad addresses, ports and tokens in one line."""
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import yaml
 
+from jobstream.consumers.cli.main import build_parser
 from jobstream.consumers.dashboard import build_app
 from jobstream.consumers.dashboard.auth import COOKIE, Auth
 from jobstream.consumers.worker.deps import Deps
@@ -174,3 +177,18 @@ def test_the_token_file_is_read(tmp_path):
     path.write_text(f"{TOKEN}\n")
     assert load_token(Settings(dashboard_token_file=str(path))) == TOKEN
     assert load_token(Settings()) is None
+
+
+def test_compose_serves_the_dashboard_with_the_token_from_an_uncommitted_env_file():
+    root = pathlib.Path(__file__).resolve().parents[2]
+    service = yaml.safe_load((root / "compose.yaml").read_text())["services"]["dashboard"]
+    assert service["env_file"] == [{"path": "dashboard.env", "required": True}]
+    assert not any("TOKEN" in name for name in service["environment"])  # never inline
+    args = build_parser().parse_args(service["command"][1:])
+    assert (args.command, args.host, args.port) == ("dashboard", "0.0.0.0", 8080)
+    assert "{trace_id}" in service["environment"]["JOBSTREAM_TRACE_URL"]
+    example = (root / "dashboard.env.example").read_text().splitlines()
+    names = {line.split("=", 1)[0] for line in example if line and not line.startswith("#")}
+    assert names == {"JOBSTREAM_DASHBOARD_TOKEN"}
+    assert names <= set(Settings.__struct_encode_fields__)
+    assert "dashboard.env" in (root / ".gitignore").read_text().splitlines()
