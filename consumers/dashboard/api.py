@@ -17,6 +17,7 @@ from starlette.routing import Route
 from jobstream.consumers.cli.commands import parse_duration_ms
 from jobstream.consumers.dashboard import models as m
 from jobstream.consumers.dashboard import queries as q
+from jobstream.consumers.dashboard.workers import workers_page
 from jobstream.consumers.worker.deps import Deps
 from jobstream.streams import Status
 
@@ -107,7 +108,7 @@ async def purge(request: Request) -> Response:
 
 
 async def workers(request: Request) -> Response:
-    return json(await q.workers_page(_deps(request)))
+    return json(await workers_page(_deps(request)))
 
 
 async def openapi_json(request: Request) -> Response:

@@ -19,6 +19,7 @@ from starlette.templating import Jinja2Templates
 from jobstream.consumers.cli.commands import parse_duration_ms
 from jobstream.consumers.dashboard import queries as q
 from jobstream.consumers.dashboard.auth import Auth
+from jobstream.consumers.dashboard.workers import workers_page
 from jobstream.consumers.worker.deps import Deps
 from jobstream.streams import ConfigError, Status
 
@@ -161,7 +162,7 @@ async def purge(request: Request) -> Response:
 
 
 async def workers(request: Request) -> Response:
-    return render(request, "workers.html", data=await q.workers_page(_deps(request)))
+    return render(request, "workers.html", data=await workers_page(_deps(request)))
 
 
 ROUTES = [

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
 
 import uvicorn
@@ -36,6 +38,10 @@ def dashboard_auth(settings: Settings, host: str) -> tuple[Auth, bool]:
     return Auth.random(), True
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 async def run_dashboard(settings: Settings, host: str, port: int) -> int:
     """Serve the dashboard on host:port until SIGTERM or SIGINT; return the exit code."""
     auth, made_up = dashboard_auth(settings, host)
@@ -58,8 +64,15 @@ async def _serve(settings: Settings, auth: Auth, deps: Deps, host: str, port: in
         lifespan="on",
         server_header=False,
     )
+    try:  # bound here, so that a taken port is one line of ours
+        sock = socket.create_server((host, port), family=_family(host))
+    except OSError as exc:
+        raise ConfigError(
+            f"the dashboard cannot listen on {shown}:{port}: {os.strerror(exc.errno or 0)}"
+        ) from None
     server = uvicorn.Server(config)
-    await server.serve()
+    with sock:
+        await server.serve(sockets=[sock])
     if not server.started:  # e.g. the port is taken: uvicorn logged why
         raise ConfigError(f"the dashboard could not listen on {shown}:{port}")
     return 0

@@ -4,6 +4,7 @@ command refuses bad addresses, ports and tokens in one line."""
 from __future__ import annotations
 
 import pathlib
+import socket
 from collections.abc import AsyncIterator
 
 import httpx
@@ -168,6 +169,17 @@ async def test_the_command_refuses_bad_addresses_ports_and_tokens(env_for, tmp_p
         assert expected in out.stderr, out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert "Traceback" not in out.stderr
+    with socket.socket() as busy:  # a port another process holds
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        out = await jobstream(
+            {**env, "JOBSTREAM_DASHBOARD_TOKEN": TOKEN}, "dashboard", "--port", port
+        )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"jobstream: the dashboard cannot listen on 127.0.0.1:{port}: Address already in use"
+    ]
 
 
 def test_the_token_file_is_read(tmp_path):

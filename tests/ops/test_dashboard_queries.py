@@ -15,6 +15,7 @@ import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from jobstream.consumers.dashboard import queries as q
+from jobstream.consumers.dashboard.workers import workers_page
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import make_engine
 from jobstream.otel.redact import remember_secrets
@@ -236,11 +237,11 @@ async def test_workers_show_heartbeat_and_held_entries(deps: Deps):
     async with running(engine):
 
         async def holding() -> bool:
-            page = await q.workers_page(deps)
+            page = await workers_page(deps)
             return any(h.job_id == "slow" for w in page.workers for h in w.held)
 
         await eventually(holding)
-        page = await q.workers_page(deps)
+        page = await workers_page(deps)
         (me,) = [w for w in page.workers if w.name == engine.cfg.consumer]
         assert me.alive
         assert me.heartbeat_age_s is not None
