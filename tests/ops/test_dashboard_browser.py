@@ -23,6 +23,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from jobstream.consumers.worker.deps import Deps
@@ -282,6 +283,23 @@ async def test_pages_stay_usable_with_10000_jobs_and_1000_dead_letters(
         assert b.find_element(By.ID, "replay-selected").text == "Replay 50 selected"
         assert "1000" in b.find_element(By.CSS_SELECTOR, ".tabs a[aria-current]").text
         _shot(b, shots, "dead-loaded")
+        b.find_element(By.ID, "replay-selected").click()  # the 50 ticked: replayed, not purged
+        done = _wait(b, lambda d: d.find_elements(By.ID, "done"))
+        assert done[0].text.startswith("Replayed 50")
+        assert "950" in b.find_element(By.CSS_SELECTOR, ".tabs a[aria-current]").text
+        assert await deps.redis.xlen(deps.keys.stream("webhook")) == 50
+
+        b.find_element(By.ID, "purge").click()  # purging asks twice: a page, then a dialog
+        assert "deletes 950 dead letters" in b.find_element(By.ID, "purge-count").text
+        _shot(b, shots, "purge-loaded")
+        b.find_element(By.ID, "confirm-purge").click()
+        _wait(b, EC.alert_is_present()).dismiss()  # "no": nothing goes
+        assert await deps.redis.xlen(deps.keys.dead("webhook")) == 950
+        b.find_element(By.ID, "confirm-purge").click()
+        _wait(b, EC.alert_is_present()).accept()
+        done = _wait(b, lambda d: d.find_elements(By.ID, "done"))
+        assert done[0].text.startswith("Purged 950")
+        assert await deps.redis.xlen(deps.keys.dead("webhook")) == 0
 
         timings["/workers"] = _timed(b, f"{base}/workers")
         _shot(b, shots, "workers-loaded")
