@@ -38,7 +38,6 @@ __all__ = [
     "Replayed",
     "Waiting",
     "Worker",
-    "WorkerQueue",
     "WorkersPage",
 ]
 
@@ -67,6 +66,9 @@ class QueueInfo(msgspec.Struct, frozen=True, kw_only=True):
     pending: int
     lag: int
     consumers: int
+    """Consumers of the group with a live heartbeat."""
+    stale_consumers: int = 0
+    """Consumers of the group without one (gone, or not yet taken over)."""
     oldest_pending_age_s: float | None
     delayed: int
     dead: int
@@ -227,19 +229,21 @@ class Held(msgspec.Struct, frozen=True, kw_only=True):
     deliveries: int
 
 
-class WorkerQueue(msgspec.Struct, frozen=True, kw_only=True):
-    queue: str
-    pending: int
-    idle_ms: int
-
-
 class Worker(msgspec.Struct, frozen=True, kw_only=True):
-    name: str
-    alive: bool
+    """What `jobstream workers` shows of a consumer, and the entries it holds."""
+
+    consumer: str
+    live: bool
+    """Its heartbeat key exists (it expires unless the worker refreshes it)."""
     heartbeat_age_s: float | None
     in_flight: int
+    """Jobs it was running at its last heartbeat."""
+    pending: int
     """Entries delivered to it and not yet acknowledged, over all queues."""
-    queues: list[WorkerQueue]
+    idle_s: float | None
+    pid: int | None
+    host: str | None
+    queues: list[str]
     held: list[Held]
     """Up to 20 of the entries it holds, per queue."""
 

@@ -1,14 +1,15 @@
-"""The workers page: every consumer of the group, its heartbeat, and the entries it holds."""
+"""The workers page: what `jobstream workers` shows (`ops.workers`), and the entries each
+consumer holds."""
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
+import msgspec
 import redis.exceptions
 
+from jobstream.consumers.cli import ops
 from jobstream.consumers.dashboard import models as m
-from jobstream.consumers.dashboard.queries import all_queues
 from jobstream.consumers.worker.deps import Deps
 
 __all__ = ["HELD_SHOWN", "workers_page"]
@@ -21,10 +22,14 @@ def _text(value: Any) -> str:
 
 
 async def _held(deps: Deps, queue: str, consumer: str) -> list[m.Held]:
+    """The first entries `consumer` holds in `queue`, with the job id each carries."""
     r, stream, group = deps.redis, deps.keys.stream(queue), deps.settings.group
-    pending = await r.xpending_range(
-        stream, group, min="-", max="+", count=HELD_SHOWN, consumername=consumer
-    )
+    try:
+        pending = await r.xpending_range(
+            stream, group, min="-", max="+", count=HELD_SHOWN, consumername=consumer
+        )
+    except redis.exceptions.ResponseError:  # no stream or no group (yet)
+        return []
     held = []
     for p in pending:
         entry_id = _text(p["message_id"])
@@ -43,35 +48,13 @@ async def _held(deps: Deps, queue: str, consumer: str) -> list[m.Held]:
 
 
 async def workers_page(deps: Deps) -> m.WorkersPage:
-    """Every consumer of the group on any queue: heartbeat age, entries held, which."""
-    r, keys, group = deps.redis, deps.keys, deps.settings.group
-    found: dict[str, dict[str, Any]] = {}
-    for queue in await all_queues(deps):
-        try:
-            consumers = await r.xinfo_consumers(keys.stream(queue), group)
-        except redis.exceptions.ResponseError:  # no stream or no group yet
-            continue
-        for c in consumers:
-            name = _text(c["name"])
-            w = found.setdefault(name, {"queues": [], "held": []})
-            pending = int(c["pending"])
-            w["queues"].append(m.WorkerQueue(queue=queue, pending=pending, idle_ms=int(c["idle"])))
-            if pending:
-                w["held"] += await _held(deps, queue, name)
+    """Every consumer known to a queue's group or by its heartbeat, live ones first."""
+    rows = await ops.workers(deps)
     workers = []
-    now = time.time()
-    for name, w in found.items():
-        beat = await r.get(keys.alive(name))
-        age = round(max(now - float(beat), 0.0), 1) if beat is not None else None
-        workers.append(
-            m.Worker(
-                name=name,
-                alive=beat is not None,
-                heartbeat_age_s=age,
-                in_flight=sum(q.pending for q in w["queues"]),
-                queues=w["queues"],
-                held=w["held"],
-            )
-        )
-    workers.sort(key=lambda w: (not w.alive, w.name))
+    for row in rows:
+        held: list[m.Held] = []
+        for queue in row["queues"]:  # of its group, and those its heartbeat names
+            held += await _held(deps, queue, row["consumer"])
+        workers.append(msgspec.convert({**row, "held": held}, m.Worker, from_attributes=True))
+    workers.sort(key=lambda w: (not w.live, w.consumer))
     return m.WorkersPage(workers=workers)

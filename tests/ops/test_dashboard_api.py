@@ -149,7 +149,7 @@ def test_seeded_answers_hold_what_the_pages_show(api_base: str):
     dead = get("/api/dead?queue=webhook").json()
     assert [d["job_id"] for d in dead["letters"]] == ["dead-2", "dead-1", "dead-0"]
     workers = get("/api/workers").json()["workers"]
-    assert [(w["name"], w["alive"], w["in_flight"]) for w in workers] == [("api-worker", True, 1)]
+    assert [(w["consumer"], w["live"], w["pending"]) for w in workers] == [("api-worker", True, 1)]
     assert workers[0]["held"][0]["job_id"] == "held"
 
 
