@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pathlib
 import socket
+import urllib.parse
 from collections.abc import AsyncIterator
 
 import httpx
@@ -204,3 +205,18 @@ def test_compose_serves_the_dashboard_with_the_token_from_an_uncommitted_env_fil
     assert names == {"JOBSTREAM_DASHBOARD_TOKEN"}
     assert names <= set(Settings.__struct_encode_fields__)
     assert "dashboard.env" in (root / ".gitignore").read_text().splitlines()
+
+
+async def test_what_jobs_carry_is_shown_escaped(client: httpx.AsyncClient, deps: Deps):
+    hostile = '<img src=x onerror="alert(1)">'
+    await deps.pool.execute(
+        "INSERT INTO jobs (id, queue, status, error, payload) VALUES ($1, 'webhook', 'failed', $1, "
+        "jsonb_build_object('x', $1::text))",
+        hostile,
+    )
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    for path in ("/jobs", "/jobs?status=failed", f"/jobs/{urllib.parse.quote(hostile, safe='')}"):
+        page = await client.get(path, headers=headers)
+        assert page.status_code == 200, path
+        assert hostile not in page.text, path
+        assert "&lt;img src=x onerror=" in page.text, path
