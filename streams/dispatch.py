@@ -20,7 +20,7 @@ import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from jobstream.otel import extract, presample
+from jobstream.otel import extract, presample, trace_id_of
 from jobstream.otel.redact import exception_attributes, scrub
 from jobstream.schema.envelope import (
     Envelope,
@@ -279,3 +279,4 @@ def trace_invalid(res: Result, attrs: dict[str, Any]) -> None:
     ) as span:
         span.set_status(trace.StatusCode.ERROR, res.error)
         span.add_event("dead-lettered", {"jobstream.reason": res.reason or "invalid"})
+        res.trace_id = trace_id_of(sampled_only=True) or trace_id_of(trace_context(d.fields)[0])

@@ -22,8 +22,8 @@ import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from jobstream.otel import is_recording_enabled
-from jobstream.schema.envelope import enqueued_at_ms, safe_job_id
+from jobstream.otel import is_recording_enabled, trace_id_of
+from jobstream.schema.envelope import enqueued_at_ms, safe_job_id, trace_context
 from jobstream.streams.backoff import retry_until_done
 from jobstream.streams.delayed import Promoter
 from jobstream.streams.dispatch import (
@@ -544,6 +544,8 @@ class Engine:
             lane.release(d.entry_id)
             if self._traced:
                 trace_invalid(prepared, self._attrs[route.queue])
+            else:
+                prepared.trace_id = trace_id_of(trace_context(d.fields)[0])
             job_log.warning(
                 "job invalid job=%s queue=%s error=%s", prepared.job_id, route.queue, prepared.error
             )
@@ -559,11 +561,15 @@ class Engine:
             d.delivery_count,
             env.traceparent,
         )
-        self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time()))
+        trace_id = trace_id_of(env.traceparent)  # the producer's trace, if it sent one
+        self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time(), trace_id))
         self.observer.job_started(route.queue)
         if self._traced:
 
             def around(res: Result | None) -> None:
+                nonlocal trace_id
+                if res is None:  # inside the job's span: its trace, when sampled
+                    trace_id = trace_id_of(sampled_only=True) or trace_id
                 self._log_job(job, res)
 
             res = await execute_traced(
@@ -573,6 +579,7 @@ class Engine:
             self._log_job(job, None)
             res = await execute(route, env, payload, job, d)
             self._log_job(job, res)
+        res.trace_id = trace_id
         lane.release(d.entry_id)
         self._settle(res)
 

@@ -92,6 +92,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     webhook_connect_timeout_s: float = 5.0
     webhook_timeout_s: float = 15.0
     webhook_max_response_bytes: int = 64 * 1024
+    # The dashboard (consumers/dashboard/).
+    dashboard_token: str | None = None
+    """The operator's token for `jobstream dashboard` (or `dashboard_token_file`)."""
+    dashboard_token_file: str | None = None
+    trace_url: str | None = None
+    """A trace's page, `{trace_id}` standing for its id: `http://localhost:16686/trace/{trace_id}`."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -126,6 +132,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "JOBSTREAM_WEBHOOK_TIMEOUT_S": 0
             < self.webhook_connect_timeout_s
             <= self.webhook_timeout_s,
+            "JOBSTREAM_TRACE_URL (http(s)://... with {trace_id})": self.trace_url is None
+            or (
+                self.trace_url.startswith(("http://", "https://"))
+                and "{trace_id}" in self.trace_url
+            ),
         }
         for name, url in (
             ("REDIS_URL", self.redis_url),
@@ -168,11 +179,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
 
     def secrets(self) -> list[str]:
         """The passwords and secret query parameters of the configured URLs."""
-        return [v for f in _SECRET for v in secrets_of_url(getattr(self, f))]
+        found = [v for f in _SECRET for v in secrets_of_url(getattr(self, f))]
+        return found + ([self.dashboard_token] if self.dashboard_token else [])
 
     def __repr__(self) -> str:
         shown = {
             f: (redact_url(getattr(self, f)) if f in _SECRET else getattr(self, f))
             for f in self.__struct_fields__
         }
+        if self.dashboard_token is not None:
+            shown["dashboard_token"] = "***"
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
