@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+import redis.exceptions
 from opentelemetry import trace
 
 from otel import inject, is_recording_enabled
@@ -172,7 +173,7 @@ class Publisher:
         stream = self._keys.stream(queue)
         try:
             replies = await pipe.execute()
-        except Exception as exc:  # counted as a failed send, then raised as it was
+        except (redis.exceptions.RedisError, OSError) as exc:  # counted, then raised as it was
             self._observer.messages_sent(queue, stream, len(bodies), type(exc).__qualname__)
             raise
         self._observer.messages_sent(queue, stream, len(bodies), None)
