@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import time
@@ -21,7 +22,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from otel import is_recording_enabled
-from otel.suppress import instrumented, suppressed
+from otel.suppress import instrumented_context, suppressed
 from schema.envelope import enqueued_at_ms, safe_job_id
 from streams import semconv as sc
 from streams.backoff import retry_until_done
@@ -97,6 +98,7 @@ class _Lane:
         self.reading = False  # between passing the gate and starting what it read
         self.free = asyncio.Event()
         self.free.set()
+        self.context: contextvars.Context | None = None  # where jobs run (instrumentation on)
 
     @property
     def room(self) -> int:
@@ -109,7 +111,10 @@ class _Lane:
                          d.entry_id, self.route.queue)  # fmt: skip
             return
         d.started_mono = time.perf_counter()
-        task = asyncio.ensure_future(coro)
+        if self.context is None:
+            task = asyncio.ensure_future(coro)
+        else:
+            task = asyncio.get_running_loop().create_task(coro, context=self.context.copy())
         self.tasks.add(task)
         self.running[d.entry_id] = d
         if self.room <= 0:
@@ -197,6 +202,9 @@ class Engine:
         The engine's own commands run with auto-instrumentation suppressed (no root span
         per poll); each job turns it on again for its handler.
         """
+        jobs = instrumented_context()  # the handler's SQL and Redis calls nest under its span
+        for lane in self.lanes.values():
+            lane.context = jobs
         with suppressed():
             await self._run()
 
@@ -553,10 +561,6 @@ class Engine:
                 lane.ready.append(d)  # the read loop starts it when a slot is free
 
     async def _process(self, lane: _Lane, d: Delivery) -> None:
-        with instrumented():  # the handler's SQL and Redis calls nest under its span
-            await self._process_one(lane, d)
-
-    async def _process_one(self, lane: _Lane, d: Delivery) -> None:
         route = lane.route
         prepared = prepare(route, d, self.cfg.max_payload_bytes)
         if isinstance(prepared, Result):
