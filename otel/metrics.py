@@ -49,7 +49,7 @@ class OtelObserver:
     """The engine's Observer (see `streams.observe`) recording into OpenTelemetry instruments.
 
     The hot path only bumps plain counters and records one histogram point with an attribute
-    dict bound once per (queue, outcome, error type); counters and gauges are read at
+    dict bound once per (queue, error type); counters and gauges are read at
     collection. Every series of a queue served exists from the start, at 0.
     """
 
@@ -62,7 +62,7 @@ class OtelObserver:
         self._in_flight: dict[str, int] = {}
         self._stats: dict[str, tuple[int, int, int]] = {}
         self._dropped: dict[tuple[str, str], int] = {}
-        self._bound: dict[tuple[str, str, str | None], _Attrs] = {}
+        self._bound: dict[tuple[str, str | None], _Attrs] = {}
         self._duration = meter.create_histogram(
             "messaging.process.duration",
             unit="s",
@@ -127,10 +127,10 @@ class OtelObserver:
             self._in_flight[queue] = running - 1
         if outcome == "skipped":  # acked as already completed: it never ran
             return
-        bound = (queue, outcome, error_type)
+        bound = (queue, error_type)
         attrs = self._bound.get(bound)
         if attrs is None:
-            attrs = self._bound[bound] = self._process_attributes(queue, outcome, error_type)
+            attrs = self._bound[bound] = self._process_attributes(queue, error_type)
         self._duration.record(duration_s, attrs)
 
     def queue_stats(self, queue: str, pending: int, lag: int, dead: int) -> None:
@@ -146,13 +146,13 @@ class OtelObserver:
         key = (queue, stream, error_type)
         self._sent[key] = self._sent.get(key, 0) + count
 
-    def _process_attributes(self, queue: str, outcome: str, error_type: str | None) -> _Attrs:
+    def _process_attributes(self, queue: str, error_type: str | None) -> _Attrs:
+        """The conventions' attributes, and no more: the SDK's cost of recording a point
+        grows with each attribute, and this is paid once per job."""
         attrs = {
             "messaging.system": "redis",
             "messaging.operation.name": "process",
             "messaging.destination.name": self._streams.get(queue, queue),
-            "queue": queue,
-            "outcome": outcome,
         }
         if self._group:
             attrs["messaging.consumer.group.name"] = self._group
