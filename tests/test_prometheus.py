@@ -20,6 +20,7 @@ from consumers.deps import Deps
 from tests.conftest import eventually
 from tests.helpers import event
 
+ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS = shutil.which("prometheus")
 PROMTOOL = shutil.which("promtool")
 pytestmark = pytest.mark.skipif(
@@ -124,3 +125,16 @@ async def test_prometheus_scrapes_a_worker_and_answers_a_counter_query(
         )  # fmt: skip
         out, _ = await asyncio.wait_for(check.communicate(served), 30)
         assert check.returncode == 0, out.decode()
+
+
+async def test_promtool_accepts_the_prometheus_configuration_compose_mounts():
+    if PROMTOOL is None:
+        pytest.skip("promtool (Debian's prometheus package) is not installed")
+    config = ROOT / "otel" / "prometheus.yml"
+    check = await asyncio.create_subprocess_exec(
+        PROMTOOL, "check", "config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(check.communicate(), 30)
+    assert check.returncode == 0, out.decode()
+    assert "SUCCESS" in out.decode()
