@@ -21,8 +21,8 @@ from prometheus_client import (
     start_http_server,
 )
 
-from otel.redact import redact_url
-from otel.tracing import make_resource, otlp_endpoint, otlp_protocol, sdk_disabled
+from jobstream.otel.redact import redact_url
+from jobstream.otel.tracing import make_resource, otlp_endpoint, otlp_protocol, sdk_disabled
 
 __all__ = [
     "DEAD_LETTER_CAPS",
@@ -46,7 +46,7 @@ DEAD_LETTER_CAPS = ("age", "entries", "bytes")
 
 
 class OtelObserver:
-    """The engine's Observer (see `streams.observe`) recording into OpenTelemetry instruments.
+    """The engine's Observer (`jobstream.streams.observe`) recording into OpenTelemetry instruments.
 
     The hot path only bumps plain counters and records one histogram point with an attribute
     dict bound once per (queue, error type); counters and gauges are read at

@@ -12,12 +12,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from streams.keys import Keys
-from streams.observe import Observer
+from jobstream.streams.keys import Keys
+from jobstream.streams.observe import Observer
 
 __all__ = ["QueueGauges"]
 
-_LEASE_LUA = resources.files("streams.lua").joinpath("gauge_lease.lua").read_text(encoding="utf-8")
+_LEASE_LUA = (
+    resources.files("jobstream.streams.lua").joinpath("gauge_lease.lua").read_text(encoding="utf-8")
+)
 
 
 class QueueGauges:

@@ -17,13 +17,13 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from opentelemetry import trace
 
-from otel import inject, is_recording_enabled
-from schema.envelope import job_id_problem
-from schema.payloads import PAYLOADS
-from streams import semconv as sc
-from streams.errors import PublishError
-from streams.keys import Keys
-from streams.observe import NullObserver, Observer
+from jobstream.otel import inject, is_recording_enabled
+from jobstream.schema.envelope import job_id_problem
+from jobstream.schema.payloads import PAYLOADS
+from jobstream.streams import semconv as sc
+from jobstream.streams.errors import PublishError
+from jobstream.streams.keys import Keys
+from jobstream.streams.observe import NullObserver, Observer
 
 __all__ = ["PayloadLike", "Publisher", "new_job_id"]
 
