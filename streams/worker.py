@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -23,7 +24,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from jobstream.otel import is_recording_enabled, trace_id_of
+from jobstream.otel.suppress import instrumented_context, suppressed
 from jobstream.schema.envelope import enqueued_at_ms, safe_job_id, trace_context
+from jobstream.streams import semconv as sc
 from jobstream.streams.backoff import retry_until_done
 from jobstream.streams.delayed import Promoter
 from jobstream.streams.dispatch import (
@@ -34,6 +37,7 @@ from jobstream.streams.dispatch import (
     prepare,
     trace_invalid,
 )
+from jobstream.streams.gauges import QueueGauges
 from jobstream.streams.heartbeat import heartbeat_value
 from jobstream.streams.job import Delivery, Job, Outcome, Result
 from jobstream.streams.keys import Keys
@@ -97,6 +101,7 @@ class _Lane:
         self.reading = False  # between passing the gate and starting what it read
         self.free = asyncio.Event()
         self.free.set()
+        self.context: contextvars.Context | None = None  # where jobs run (instrumentation on)
 
     @property
     def room(self) -> int:
@@ -109,7 +114,10 @@ class _Lane:
                          d.entry_id, self.route.queue)  # fmt: skip
             return
         d.started_mono = time.perf_counter()
-        task = asyncio.ensure_future(coro)
+        if self.context is None:
+            task = asyncio.ensure_future(coro)
+        else:
+            task = asyncio.get_running_loop().create_task(coro, context=self.context.copy())
         self.tasks.add(task)
         self.running[d.entry_id] = d
         if self.room <= 0:
@@ -157,6 +165,8 @@ class Engine:
         self.promoter = Promoter(redis, config.keys)
         caps = DeadLetterCaps(config.dead_max_age_s, config.dead_max_bytes, config.dead_maxlen)
         self.dead_trimmer = DeadLetterTrimmer(redis, config.keys, caps)
+        gauge_ttl_ms = int(config.trim_interval_s * 2500)  # survives one missed report
+        self.gauges = QueueGauges(redis, config.keys, config.group, config.consumer, gauge_ttl_ms)
         self.stopping = asyncio.Event()
         self._exited = asyncio.Event()  # drained: the heartbeat may stop
         # Entries whose earlier deliveries may have crashed their worker, not claimed yet:
@@ -170,23 +180,38 @@ class Engine:
         self.heartbeat_at = 0.0
         self.processed = 0
         self._traced = is_recording_enabled()
+        server = sc.server_attributes(redis)
         self._attrs = {
             q: {
-                "messaging.system": "redis",
-                "messaging.operation.type": "process",
-                "messaging.destination.name": config.keys.stream(q),
-                "messaging.consumer.group.name": config.group,
-                "messaging.client.id": config.consumer,
+                sc.SYSTEM: "redis",
+                sc.OPERATION_NAME: "process",
+                sc.OPERATION_TYPE: "process",
+                sc.DESTINATION: config.keys.stream(q),
+                sc.CONSUMER_GROUP: config.group,
+                sc.CLIENT_ID: config.consumer,
+                **server,
             }
             for q in self.lanes
         }
+        self.observer.serving({q: config.keys.stream(q) for q in self.lanes}, config.group)
         self._down: set[str] = set()
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._refused: set[str] = set()
 
     # ---- lifecycle -------------------------------------------------------------------
     async def run(self) -> None:
-        """Run until `stop()` (or, in burst mode, until the queues are drained), then drain."""
+        """Run until `stop()` (or, in burst mode, until the queues are drained), then drain.
+
+        The engine's own commands run with auto-instrumentation suppressed (no root span
+        per poll); each job turns it on again for its handler.
+        """
+        jobs = instrumented_context()  # the handler's SQL and Redis calls nest under its span
+        for lane in self.lanes.values():
+            lane.context = jobs
+        with suppressed():
+            await self._run()
+
+    async def _run(self) -> None:
         await self._retrying("start", self._setup)
         if self.stopping.is_set():  # stopped before it could even start: nothing to drain
             logger.warning("stopped before the worker could start")
@@ -226,6 +251,7 @@ class Engine:
                 await asyncio.gather(beat, return_exceptions=True)
                 with contextlib.suppress(*_CONN_ERRORS):
                     await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
+                    await self.gauges.release()
 
     def health(self) -> str | None:
         """None while every loop runs and the heartbeat is fresh; otherwise what is wrong."""
@@ -613,7 +639,14 @@ class Engine:
         self.processed += 1
         if not res.executed:  # invalid or already done: counted, with no handler run
             self.observer.job_started(res.delivery.queue)
-        self.observer.job_finished(res.delivery.queue, res.outcome.value, res.duration_ms / 1000)
+        error_type = None  # the conventions' error.type: the exception, else why it never ran
+        if res.exception is not None:
+            error_type = type(res.exception).__qualname__
+        elif res.outcome is Outcome.FAILED:
+            error_type = "TooManyDeliveries" if res.reason == "deliveries" else "InvalidEntry"
+        self.observer.job_finished(
+            res.delivery.queue, res.outcome.value, res.duration_ms / 1000, error_type
+        )
 
     def _superseded(self, d: Delivery, count: int) -> bool:
         """Whether this process runs delivery `count` (or later) of `d`'s entry, not `d`."""
@@ -680,10 +713,4 @@ class Engine:
         await trim(self.redis, self.cfg.keys, queue)
         for cap, n in (await self.dead_trimmer.trim(queue)).items():
             self.observer.dead_letters_dropped(queue, cap, n)
-        stream = self.cfg.keys.stream(queue)
-        groups: Any = await self.redis.xinfo_groups(stream)
-        ours = self.cfg.group.encode()
-        for g in groups:
-            if g["name"] == ours:  # compared as bytes: a group name need not be UTF-8
-                dead = int(await self.redis.xlen(self.cfg.keys.dead(queue)))
-                self.observer.queue_stats(queue, int(g["pending"]), int(g.get("lag") or 0), dead)
+        await self.gauges.report(queue, self.observer)

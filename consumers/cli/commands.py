@@ -60,6 +60,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             args.concurrency,
             burst=args.burst,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     if args.command == "migrate":
         return await _migrate(settings)

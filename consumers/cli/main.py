@@ -104,6 +104,9 @@ def _add_commands(sub: Any) -> None:
     w.add_argument("--burst", action="store_true", help="drain the queues, then exit")
     w.add_argument("--metrics-port", type=_port, metavar="PORT", help="serve /metrics on this port")
     w.add_argument(
+        "--metrics-host", metavar="HOST", help="address /metrics listens on (default: 127.0.0.1)"
+    )
+    w.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one object a line"
     )
 

@@ -75,6 +75,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     log_level: str = "INFO"
     policies: str = ""
     """JSON overriding queues' policies, e.g. `{"webhook": {"max_attempts": 12}}`."""
+    metrics_port: int | None = None
+    """Serve `/metrics` for Prometheus on this port (`jobstream worker --metrics-port`)."""
+    metrics_host: str = "127.0.0.1"
+    """The address `/metrics` listens on: loopback unless set (`0.0.0.0`: every interface)."""
     health_file: str | None = None
     """Where a worker reports its health for `jobstream health` (e.g. in a container)."""
     tls_ca_file: str | None = None
@@ -122,6 +126,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
                 ("postgresql://", "postgres://")
             ),
             "JOBSTREAM_BLOCK_MS (1 to 60000)": 1 <= self.block_ms <= 60_000,
+            "JOBSTREAM_METRICS_PORT (1 to 65535)": self.metrics_port is None
+            or 1 <= self.metrics_port <= 65535,
+            "JOBSTREAM_METRICS_HOST": bool(self.metrics_host.strip()),
             "JOBSTREAM_LOG_LEVEL (DEBUG, INFO, WARNING or ERROR)": self.log_level.upper()
             in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
             "SMTP_URL": self.smtp_url is None or self.smtp_url.startswith(("smtp://", "smtps://")),
