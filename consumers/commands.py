@@ -13,8 +13,9 @@ import msgspec
 
 from consumers import commands_mail, ops
 from consumers.deps import Deps
-from consumers.runtime import connect, run_worker, service_version
+from consumers.runtime import connect, run_worker, select_handlers, service_version
 from consumers.settings import Settings
+from consumers.supervisor import for_slot, run_processes, usable_cores
 from consumers.tls import database_dsn
 from otel.redact import remember_secrets, scrub, secrets_of_url
 from otel.tracing import setup_tracing
@@ -52,13 +53,7 @@ def _json(value: Any) -> str:
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the parsed command; return the process exit code."""
     if args.command == "worker":
-        return await run_worker(
-            settings,
-            args.queues,
-            args.concurrency,
-            burst=args.burst,
-            metrics_port=args.metrics_port,
-        )
+        return await _worker(args, settings)
     if args.command == "migrate":
         return await _migrate(settings)
     if args.command == "demo":
@@ -82,6 +77,32 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             print(problem or "ok")
             return 1 if problem else 0
     raise ConfigError(f"unknown command {args.command}")
+
+
+async def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    processes = args.processes or usable_cores()
+    if processes > 1 and args.slot is None:
+        select_handlers(args.queues)  # an unknown queue fails here, not N times
+        return await run_processes(
+            settings,
+            processes,
+            queues=args.queues,
+            concurrency=args.concurrency,
+            burst=args.burst,
+            metrics_port=args.metrics_port,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    if args.slot is not None:
+        settings = for_slot(settings, args.slot, processes)
+    return await run_worker(
+        settings,
+        args.queues,
+        args.concurrency,
+        burst=args.burst,
+        metrics_port=args.metrics_port,
+        supervised=args.slot is not None,
+    )
 
 
 async def _remember_relays(deps: Deps) -> None:

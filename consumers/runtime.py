@@ -22,6 +22,7 @@ from consumers.health import write_reports
 from consumers.parsepool import ParsePool, default_processes
 from consumers.registry import by_queue
 from consumers.settings import Settings, redact_url
+from consumers.supervisor import EXIT_UNDRAINED
 from consumers.tls import client_context, database_dsn, redis_tls_options
 from otel.metrics import MetricsHandle, setup_metrics
 from otel.redact import remember_secrets
@@ -35,6 +36,7 @@ __all__ = [
     "keys_of",
     "make_engine",
     "run_worker",
+    "select_handlers",
     "service_version",
     "start_telemetry",
 ]
@@ -117,7 +119,8 @@ async def connect(
         await redis.aclose()
 
 
-def _select(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
+def select_handlers(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
+    """The handlers of `queues` (all by default); ConfigError naming any unknown queue."""
     known = by_queue()
     if not queues:
         return list(known.values())
@@ -141,7 +144,7 @@ def make_engine(
 ) -> Engine:
     """The engine for the selected queues (all handled ones by default)."""
     s = deps.settings
-    specs = [*_select(queues), *extra] if queues or not extra else list(extra)
+    specs = [*select_handlers(queues), *extra] if queues or not extra else list(extra)
     limit = concurrency or s.concurrency
     overrides = s.policy_overrides()
     unknown = set(overrides) - {spec.queue for spec in specs}
@@ -187,9 +190,14 @@ async def run_worker(
     burst: bool = False,
     extra: Sequence[HandlerSpec[Any]] = (),
     metrics_port: int | None = None,
+    supervised: bool = False,
 ) -> int:
-    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code."""
-    _select(queues)  # fail on an unknown queue before connecting anywhere
+    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code.
+
+    `supervised` (a process of `--processes N`): exit with EXIT_UNDRAINED when the grace
+    period left entries pending, so that the supervisor can say so in its own exit code.
+    """
+    select_handlers(queues)  # fail on an unknown queue before connecting anywhere
     consumer = consumer_name(settings)
     tracing, metrics = start_telemetry(consumer, prometheus=metrics_port is not None)
     try:
@@ -206,10 +214,11 @@ async def run_worker(
             if metrics_port is not None:
                 await metrics.serve(metrics_port)
             await _run(engine, settings)
+            left = sum(len(lane.held) for lane in engine.lanes.values())
     finally:
         await metrics.aclose()
         await asyncio.to_thread(tracing.shutdown)
-    return 0
+    return EXIT_UNDRAINED if supervised and left else 0
 
 
 async def _run(engine: Engine, settings: Settings) -> None:
