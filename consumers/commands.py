@@ -13,7 +13,7 @@ import msgspec
 
 from consumers import commands_mail, ops
 from consumers.deps import Deps
-from consumers.runtime import connect, run_worker, select_handlers, service_version
+from consumers.runtime import check_selection, connect, run_worker, service_version
 from consumers.settings import Settings
 from consumers.supervisor import for_slot, run_processes, usable_cores
 from consumers.tls import database_dsn
@@ -82,7 +82,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
 async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     processes = args.processes or usable_cores()
     if processes > 1 and args.slot is None:
-        select_handlers(args.queues)  # an unknown queue fails here, not N times
+        check_selection(settings, args.queues)  # a bad selection fails here, not N times
         return await run_processes(
             settings,
             processes,

@@ -31,6 +31,7 @@ from schema.payloads import PAYLOADS
 from streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
 
 __all__ = [
+    "check_selection",
     "connect",
     "consumer_name",
     "keys_of",
@@ -130,6 +131,14 @@ def select_handlers(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
             f"no handler for queue {', '.join(unknown)} (handled: {', '.join(sorted(known))})"
         )
     return [known[q] for q in queues]
+
+
+def check_selection(settings: Settings, queues: Sequence[str] | None) -> None:
+    """ConfigError for an unknown queue, or for JOBSTREAM_POLICIES naming a queue not served."""
+    served = {spec.queue for spec in select_handlers(queues)}
+    unknown = set(settings.policy_overrides()) - served
+    if unknown:
+        raise ConfigError(f"JOBSTREAM_POLICIES names queues not served: {', '.join(unknown)}")
 
 
 def make_engine(

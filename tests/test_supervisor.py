@@ -110,7 +110,7 @@ def children_of(pid: int) -> list[int]:
 @pytest.fixture
 def webhook_env(env_for):
     def make(**extra: str) -> dict[str, str]:
-        return env_for(JOBSTREAM_WEBHOOK_ALLOW_PRIVATE="true", **extra)
+        return dict(env_for(JOBSTREAM_WEBHOOK_ALLOW_PRIVATE="true", **extra))
 
     return make
 
@@ -260,13 +260,23 @@ async def test_a_process_that_cannot_drain_makes_the_supervisor_exit_non_zero(
 
 
 async def test_a_configuration_error_stops_the_supervisor_without_restarts(env_for):
+    # Found before any process starts: one line, as from a single worker.
     out = await jobstream(
         env_for(JOBSTREAM_POLICIES='{"nope": {"max_attempts": 2}}'),
         "worker", "--processes", "2", "--burst",
     )  # fmt: skip
     assert out.returncode == 2, out.stderr
+    one_line = "jobstream: JOBSTREAM_POLICIES names queues not served: nope"
+    assert out.stderr.splitlines() == [one_line]
+    # Found by the processes as they start: the supervisor stops them all, restarts none.
+    out = await jobstream(
+        env_for(JOBSTREAM_TLS_CA_FILE="/nonexistent/ca.pem"),
+        "worker", "--processes", "2", "--queues", "analytics",
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert "configuration error; stopping all" in out.stderr
     assert "restarting" not in out.stderr
-    assert "JOBSTREAM_POLICIES names queues not served: nope" in out.stderr
+    assert "/nonexistent/ca.pem" in out.stderr
 
 
 async def test_zero_processes_is_refused_in_one_line(env_for):
