@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from schema.payloads import AnalyticsEvent
@@ -22,11 +23,11 @@ def event(event_id: str, type_: str = "open", mailbox: str = "mb-1", **kw: Any) 
 
 
 async def run(
-    *args: str, env: dict[str, str] | None = None, limit_s: float = 90
+    *args: str, env: dict[str, str] | None = None, limit_s: float = 90, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a command without blocking the event loop; return its exit code and output."""
     proc = await asyncio.create_subprocess_exec(
-        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=cwd
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), limit_s)
