@@ -8,8 +8,9 @@ queue's real handler and policy, full path) against local sinks: an SMTP sink fo
 messages of tests/data/inbound for `email:processing` and the real bounces of
 tests/data/bounces* for `bounce`. The no-op queue runs first and last; its mean is the
 baseline. Prints jobs/s and the ratio to no-op for each, and exits non-zero when a queue
-drained fewer jobs than were published. Follow-up jobs a handler publishes (events,
-webhooks, sends) are left in their streams and deleted with the run's keys.
+drained fewer jobs than were published or any job failed. Follow-up jobs a handler
+publishes (events, webhooks, sends) are left in their streams and deleted with the run's
+keys.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from bench.common import (
     NOOP,
     NOOP_QUEUE,
     ROOT,
+    BenchError,
     Noop,
     bench_settings,
     burst_worker,
@@ -99,7 +101,7 @@ def sending(n: int, rng: random.Random, ctx: dict[str, str]) -> list[Any]:
     words = ("hello", "thanks", "offer", "meeting", "price", "schedule", "call", "next")
     return [
         SendEmail(
-            mailbox_id=SEND_MAILBOX, to=[f"Customer {i} <customer{i}@example.net>"],
+            mailbox_id=SEND_MAILBOX, to=[f"customer{i}@example.net"],
             subject=f"Your receipt #{i}", text=" ".join(rng.choice(words) for _ in range(300)),
             html=f"<p>Receipt {i}</p>" + "<p>line</p>" * 50, campaign_id=f"cmp-{i % 7}",
             headers={"X-Campaign": f"cmp-{i % 7}"},
@@ -195,6 +197,8 @@ async def drain(db: str, queue: str, payloads: Sequence[Any]) -> dict[str, float
         await r.aclose()
         await drop_keys(prefix)
     require_drained(queue, len(payloads), int(got["done"]))
+    if got["failed"]:  # a real handler refused the workload: not the path to measure
+        raise BenchError(f"{queue}: {int(got['failed'])} of {len(payloads)} jobs failed")
     return got
 
 
