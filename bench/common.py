@@ -182,7 +182,7 @@ async def burst_worker(
         engine.observer = clock
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.readline)
-        started = time.time()
+        started, cpu = time.time(), time.process_time()
         await engine.run()
         drained = time.time()
         if after is not None:
@@ -196,6 +196,7 @@ async def burst_worker(
         "first": first,
         "ended": ended,
         "flush": ended - drained,
+        "cpu": time.process_time() - cpu,
     }
     print(json.dumps(figures), flush=True)
 
@@ -237,7 +238,26 @@ async def run_workers(
         "failed": sum(f["failed"] for f in figures),
         "seconds": max(f["ended"] for f in figures) - min(f["first"] for f in figures),
         "flush": max(f["flush"] for f in figures),
+        "cpu": sum(f["cpu"] for f in figures),
     }
+
+
+async def redis_cpu_s() -> float:
+    """CPU seconds the Redis server has used so far (user + system, all its threads)."""
+    r = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        info: Any = await r.info("cpu")
+    finally:
+        await r.aclose()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all processes of the machine have used so far (from /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def load_note() -> str:

@@ -40,6 +40,8 @@ from bench.common import (
     check_servers,
     drop_keys,
     load_note,
+    machine_busy_s,
+    redis_cpu_s,
     require_drained,
     run_main,
     run_workers,
@@ -119,7 +121,11 @@ async def engine_run(
     await publish(redis, Keys(f"{prefix}jobs:", f"{prefix}job:"), n)
     await redis.aclose()
     args = ["--db", db, "--prefix", prefix, "--concurrency", str(concurrency)]
+    redis_before, busy_before = await redis_cpu_s(), machine_busy_s()
     got = await run_workers(SCRIPT, args, processes, env)
+    # Where the cores went meanwhile (start-up included, so slightly more than the drain).
+    got["redis_cpu"] = await redis_cpu_s() - redis_before
+    got["busy"] = machine_busy_s() - busy_before
     require_drained(f"engine, {processes} process(es)", n, int(got["jobs"]))
     return got
 
@@ -188,10 +194,21 @@ def _runs(values: list[float]) -> str:
     return ", ".join(f"{v:,.0f}" for v in values)
 
 
+def _cores(runs: list[dict[str, float]]) -> str:
+    """Cores busy while the engine drained (medians): its processes, Redis, the machine."""
+
+    def med(key: str) -> float:
+        return statistics.median(r[key] / r["seconds"] for r in runs)
+
+    return (f"cores busy: engine {med('cpu'):.2f}, redis-server {med('redis_cpu'):.2f}, "
+            f"whole machine {med('busy'):.2f} (PostgreSQL and other tenants included)")  # fmt: skip
+
+
 async def main(n: int, concurrency: int, tracing: bool, repeat: int, processes: int) -> None:
     await check_servers()
     env = worker_env()
     rates: dict[str, list[float]] = {"engine": [], "plain": [], "many": []}
+    figures: dict[str, list[dict[str, float]]] = {"engine": [], "many": []}
     async with scratch_database() as db:
         # Interleaved repetitions: the tables grow as runs go, so neither side always runs
         # first on a cold database.
@@ -205,9 +222,11 @@ async def main(n: int, concurrency: int, tracing: bool, repeat: int, processes: 
                     many_prefix = f"{prefix}m:"
                     many = await engine_run(db, many_prefix, n, concurrency, env, processes)
                     rates["many"].append(many["jobs"] / many["seconds"])
+                    figures["many"].append(many)
             finally:
                 await drop_keys(prefix)
             rates["engine"].append(eng["jobs"] / eng["seconds"])
+            figures["engine"].append(eng)
             rates["plain"].append(plain_n / plain_s)
         eng_rate = statistics.median(rates["engine"])
         plain_rate = statistics.median(rates["plain"])
@@ -218,11 +237,13 @@ async def main(n: int, concurrency: int, tracing: bool, repeat: int, processes: 
         print(f"plain redis-py loop (same writes):    {plain_rate:>9,.0f} jobs/s "
               f"(runs: {_runs(rates['plain'])})")  # fmt: skip
         print(f"ratio engine / plain loop: {eng_rate / plain_rate:.2f}")
+        print(f"  1 process, {_cores(figures['engine'])}")
         if processes > 1:
             many_rate = statistics.median(rates["many"])
             print(f"engine, {processes} worker processes:      {many_rate:>9,.0f} jobs/s "
                   f"(runs: {_runs(rates['many'])})")  # fmt: skip
             print(f"ratio {processes} processes / 1 process: {many_rate / eng_rate:.2f}")
+            print(f"  {processes} processes, {_cores(figures['many'])}")
         if tracing:
             print()
             await traced_runs(db, n, concurrency, env, repeat)
