@@ -219,11 +219,13 @@ async def run_workers(
             line = await asyncio.wait_for(p.stdout.readline(), 120)
             if line.strip() != b"ready":
                 raise BenchError(f"a worker process of {script.name} failed to start")
+        cpu_before = await cores_used()
         for p in procs:
             assert p.stdin is not None
             p.stdin.write(b"go\n")
             await p.stdin.drain()
         outs = [await p.communicate() for p in procs]
+        cpu = {k: v - cpu_before[k] for k, v in (await cores_used()).items()}
     finally:
         for p in procs:
             if p.returncode is None:
@@ -239,6 +241,7 @@ async def run_workers(
         "seconds": max(f["ended"] for f in figures) - min(f["first"] for f in figures),
         "flush": max(f["flush"] for f in figures),
         "cpu": sum(f["cpu"] for f in figures),
+        **cpu,
     }
 
 
@@ -250,6 +253,27 @@ async def redis_cpu_s() -> float:
     finally:
         await r.aclose()
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def postgres_cpu_s() -> float:
+    """CPU seconds used so far by the processes named `postgres` on this machine (the
+    server of DATABASE_URL when it runs here; other databases' sessions included)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone meanwhile
+            continue
+        name, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :]
+        if name == "postgres":
+            fields = rest.split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def cores_used() -> dict[str, float]:
+    """CPU seconds so far of Redis, PostgreSQL and the whole machine."""
+    return {"redis_cpu": await redis_cpu_s(), "pg_cpu": postgres_cpu_s(), "busy": machine_busy_s()}
 
 
 def machine_busy_s() -> float:

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # `python bench/throughput.py`: make `bench` impo
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse
+import os
 import signal
 import statistics
 import subprocess
@@ -40,8 +41,6 @@ from bench.common import (
     check_servers,
     drop_keys,
     load_note,
-    machine_busy_s,
-    redis_cpu_s,
     require_drained,
     run_main,
     run_workers,
@@ -121,11 +120,7 @@ async def engine_run(
     await publish(redis, Keys(f"{prefix}jobs:", f"{prefix}job:"), n)
     await redis.aclose()
     args = ["--db", db, "--prefix", prefix, "--concurrency", str(concurrency)]
-    redis_before, busy_before = await redis_cpu_s(), machine_busy_s()
     got = await run_workers(SCRIPT, args, processes, env)
-    # Where the cores went meanwhile (start-up included, so slightly more than the drain).
-    got["redis_cpu"] = await redis_cpu_s() - redis_before
-    got["busy"] = machine_busy_s() - busy_before
     require_drained(f"engine, {processes} process(es)", n, int(got["jobs"]))
     return got
 
@@ -201,7 +196,8 @@ def _cores(runs: list[dict[str, float]]) -> str:
         return statistics.median(r[key] / r["seconds"] for r in runs)
 
     return (f"cores busy: engine {med('cpu'):.2f}, redis-server {med('redis_cpu'):.2f}, "
-            f"whole machine {med('busy'):.2f} (PostgreSQL and other tenants included)")  # fmt: skip
+            f"postgres {med('pg_cpu'):.2f}, whole machine {med('busy'):.2f} of "
+            f"{os.cpu_count()}")  # fmt: skip
 
 
 async def main(n: int, concurrency: int, tracing: bool, repeat: int, processes: int) -> None:
