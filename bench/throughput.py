@@ -192,12 +192,12 @@ def _runs(values: list[float]) -> str:
 def _cores(runs: list[dict[str, float]]) -> str:
     """Cores busy while the engine drained (medians): its processes, Redis, the machine."""
 
-    def med(key: str) -> float:
-        return statistics.median(r[key] / r["seconds"] for r in runs)
+    def med(key: str, per: str) -> float:
+        return statistics.median(r[key] / r[per] for r in runs)
 
-    return (f"cores busy: engine {med('cpu'):.2f}, redis-server {med('redis_cpu'):.2f}, "
-            f"postgres {med('pg_cpu'):.2f}, whole machine {med('busy'):.2f} of "
-            f"{os.cpu_count()}")  # fmt: skip
+    return (f"cores busy: engine {med('cpu', 'seconds'):.2f}, redis-server "
+            f"{med('redis_cpu', 'wall'):.2f}, whole machine {med('busy', 'wall'):.2f} of "
+            f"{os.cpu_count()} (PostgreSQL and other tenants included)")  # fmt: skip
 
 
 async def main(n: int, concurrency: int, tracing: bool, repeat: int, processes: int) -> None:
