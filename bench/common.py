@@ -20,12 +20,12 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from consumers.deps import Deps
-from consumers.handler import HandlerSpec, handler
-from consumers.runtime import connect, make_engine
-from consumers.settings import Settings
-from schema.migrate import apply_migrations
-from streams import Job, Policy
+from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.handler import HandlerSpec, handler
+from jobstream.consumers.worker.runtime import connect, make_engine
+from jobstream.consumers.worker.settings import Settings
+from jobstream.schema.migrate import apply_migrations
+from jobstream.streams import Job, Policy
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")

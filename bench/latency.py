@@ -41,10 +41,10 @@ from bench.common import (
     scratch_database,
     worker_env,
 )
-from consumers.deps import Deps
-from consumers.handler import handler
-from consumers.runtime import connect, make_engine
-from streams import Job, Keys, Policy
+from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.handler import handler
+from jobstream.consumers.worker.runtime import connect, make_engine
+from jobstream.streams import Job, Keys, Policy
 
 SCRIPT = Path(__file__).resolve()
 QUEUE = "bench-latency"

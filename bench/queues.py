@@ -50,11 +50,11 @@ from bench.common import (
     scratch_database,
     worker_env,
 )
-from consumers.demo_servers import hook_receiver, mail_sink
-from consumers.mailboxes import add_mailbox
-from consumers.settings import Settings
-from consumers.webhook import add_endpoint
-from schema.payloads import (
+from jobstream.consumers.demo.servers import hook_receiver, mail_sink
+from jobstream.consumers.store.mailboxes import add_mailbox
+from jobstream.consumers.store.webhooks import add_endpoint
+from jobstream.consumers.worker.settings import Settings
+from jobstream.schema.payloads import (
     PAYLOADS,
     AnalyticsEvent,
     ProcessBounce,
@@ -63,7 +63,7 @@ from schema.payloads import (
     SendEmail,
     WebhookDelivery,
 )
-from streams import Keys, Publisher
+from jobstream.streams import Keys, Publisher
 
 SCRIPT = Path(__file__).resolve()
 DATA = ROOT / "tests" / "data"

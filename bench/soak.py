@@ -40,8 +40,8 @@ from bench.common import (
     scratch_database,
     worker_env,
 )
-from consumers.runtime import connect, make_engine
-from streams import Keys, Publisher
+from jobstream.consumers.worker.runtime import connect, make_engine
+from jobstream.streams import Keys, Publisher
 
 SCRIPT = Path(__file__).resolve()
 

@@ -47,8 +47,8 @@ from bench.common import (
     scratch_database,
     worker_env,
 )
-from otel.tracing import setup_tracing
-from streams import Keys, Publisher
+from jobstream.otel.tracing import setup_tracing
+from jobstream.streams import Keys, Publisher
 
 SCRIPT = Path(__file__).resolve()
 PLAIN_UPSERT_SQL = """
