@@ -36,15 +36,23 @@ def render_json(value: Any) -> str:
 
 
 class Progress:
-    """Progress of a long command on stderr: `label: done/total` at most every `every_s`
-    (rewritten in place at a terminal, a line each otherwise), and a last line when done."""
+    """Progress of a long command on stderr, as `label: done/total`: rewritten in place at a
+    terminal (and left on its last value when done); elsewhere (a log) one line every
+    `log_every_s` while it runs, so a quick command adds nothing to its output there."""
 
     def __init__(
-        self, label: str, total: int | None, stream: IO[str] | None = None, every_s: float = 1.0
+        self,
+        label: str,
+        total: int | None,
+        stream: IO[str] | None = None,
+        *,
+        every_s: float = 0.2,
+        log_every_s: float = 10.0,
     ) -> None:
-        self.label, self.total, self.every_s = label, total, every_s
+        self.label, self.total = label, total
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
+        self.every_s = every_s if self.tty else log_every_s
         self.shown_at = time.monotonic()
         self.done = 0
 
@@ -61,5 +69,6 @@ class Progress:
             self.stream.flush()
 
     def finish(self) -> None:
-        self.stream.write(f"\r{self._line()}\n" if self.tty else f"{self._line()}\n")
-        self.stream.flush()
+        if self.tty:
+            self.stream.write(f"\r{self._line()}\n")
+            self.stream.flush()

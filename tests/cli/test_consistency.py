@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import pty
 import signal
 import sys
 import time
@@ -176,24 +178,59 @@ async def test_status_watch_prints_again_until_interrupted(deps: Deps, env_for):
     assert "0.1 to 3600" in bad.stderr
 
 
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the other side closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _at_a_terminal(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """Run `jobstream ARGS` with stderr on a terminal: exit code, stdout, what the terminal got."""
+    primary, secondary = pty.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            JOBSTREAM, *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=secondary
+        )
+        os.close(secondary)
+        secondary = -1
+        reading = asyncio.create_task(asyncio.to_thread(_read_all, primary))
+        out, _ = await asyncio.wait_for(proc.communicate(), 90)
+        shown = await asyncio.wait_for(reading, 30)
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    return proc.returncode or 0, out.decode(), shown.decode(errors="replace")
+
+
 async def test_long_commands_show_progress(deps: Deps, env_for):
     env = env_for()
     pub = Publisher(deps.redis, deps.keys, handlers.PAYLOADS)
     ids = await pub.publish_many(handlers.QUEUE, [handlers.Work(permanent=True) for _ in range(7)])
     async with running(engine(deps)):
         await eventually(lambda: all_terminal(deps, ids))
-    replay = await jobstream(env, "dlq", "replay", handlers.QUEUE, "--all")
-    assert replay.returncode == 0, replay.stderr
-    assert f"replaying dead letters of {handlers.QUEUE}: 7/7" in replay.stderr
-    assert "replayed 7 dead letters" in replay.stdout
+    code, out, shown = await _at_a_terminal(env, "dlq", "replay", handlers.QUEUE, "--all")
+    assert code == 0, shown
+    assert f"replaying dead letters of {handlers.QUEUE}: 7/7" in shown
+    assert "replayed 7 dead letters" in out
 
     for i in range(3):
         box = await jobstream(env, "mailbox", "add", f"warm{i}@example.com", "--warmup")
         assert box.returncode == 0, box.stderr
-    warm = await jobstream(env, "warmup", "schedule")
-    assert warm.returncode == 0, warm.stderr
-    assert "publishing warmup jobs: 3/3" in warm.stderr
-    assert "published 3 warmup jobs" in warm.stdout
+    code, out, shown = await _at_a_terminal(env, "warmup", "schedule")
+    assert code == 0, shown
+    assert "publishing warmup jobs: 3/3" in shown
+    assert "published 3 warmup jobs" in out
+    # Not at a terminal (a log), a quick command adds no progress lines to stderr.
+    again = await jobstream(env, "warmup", "schedule")
+    assert (again.returncode, again.stderr) == (0, "")
 
 
 async def test_json_logs_carry_the_jobs_fields(deps: Deps, env_for):
