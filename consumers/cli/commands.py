@@ -22,8 +22,14 @@ from jobstream.consumers.cli.render import (
     render_table,
 )
 from jobstream.consumers.worker.deps import Deps
-from jobstream.consumers.worker.runtime import connect, run_worker, service_version
+from jobstream.consumers.worker.runtime import (
+    check_selection,
+    connect,
+    run_worker,
+    service_version,
+)
 from jobstream.consumers.worker.settings import Settings
+from jobstream.consumers.worker.supervisor import for_slot, run_processes, usable_cores
 from jobstream.consumers.worker.tls import database_dsn
 from jobstream.otel.redact import scrub
 from jobstream.otel.tracing import setup_tracing
@@ -54,14 +60,7 @@ def parse_duration_ms(text: str) -> int:
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the parsed command; return the process exit code."""
     if args.command == "worker":
-        return await run_worker(
-            settings,
-            args.queues,
-            args.concurrency,
-            burst=args.burst,
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
-        )
+        return await _worker(args, settings)
     if args.command == "migrate":
         return await _migrate(settings)
     if args.command in ("dashboard", "demo"):
@@ -85,6 +84,35 @@ async def _serve(args: argparse.Namespace, settings: Settings) -> int:
     from jobstream.consumers.demo.main import run_demo
 
     return await run_demo(settings, args.events)
+
+
+async def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    processes = args.processes or usable_cores()
+    metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
+    if processes > 1 and args.slot is None:
+        check_selection(settings, args.queues)  # a bad selection fails here, not N times
+        return await run_processes(
+            settings,
+            processes,
+            queues=args.queues,
+            concurrency=args.concurrency,
+            burst=args.burst,
+            metrics_port=metrics_port,
+            metrics_host=args.metrics_host,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    if args.slot is not None:
+        settings = for_slot(settings, args.slot, processes)
+    return await run_worker(
+        settings,
+        args.queues,
+        args.concurrency,
+        burst=args.burst,
+        metrics_port=metrics_port,
+        metrics_host=args.metrics_host,
+        supervised=args.slot is not None,
+    )
 
 
 async def _health(deps: Deps, args: argparse.Namespace) -> int:

@@ -109,6 +109,13 @@ def _add_commands(sub: Any) -> None:
     w.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one object a line"
     )
+    w.add_argument(
+        "--processes",
+        type=_positive,
+        metavar="N",
+        help="engine processes under one supervisor (default: the usable cores; 1: no supervisor)",
+    )
+    w.add_argument("--slot", type=int, help=argparse.SUPPRESS)  # set by the supervisor
 
     sub.add_parser("migrate", help="apply the SQL migrations (idempotent)")
 

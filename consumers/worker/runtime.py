@@ -22,6 +22,7 @@ from jobstream.consumers.worker.health import write_reports
 from jobstream.consumers.worker.parsepool import ParsePool, default_processes
 from jobstream.consumers.worker.registry import by_queue
 from jobstream.consumers.worker.settings import Settings, redact_url
+from jobstream.consumers.worker.supervisor import EXIT_UNDRAINED
 from jobstream.consumers.worker.tls import client_context, database_dsn, redis_tls_options
 from jobstream.otel.metrics import MetricsError, MetricsHandle, setup_metrics
 from jobstream.otel.redact import remember_secrets
@@ -31,11 +32,13 @@ from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
 
 __all__ = [
+    "check_selection",
     "connect",
     "consumer_name",
     "keys_of",
     "make_engine",
     "run_worker",
+    "select_handlers",
     "service_version",
     "start_telemetry",
 ]
@@ -124,7 +127,8 @@ async def connect(
         await redis.aclose()
 
 
-def _select(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
+def select_handlers(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
+    """The handlers of `queues` (all by default); ConfigError naming any unknown queue."""
     known = by_queue()
     if not queues:
         return list(known.values())
@@ -134,6 +138,14 @@ def _select(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
             f"no handler for queue {', '.join(unknown)} (handled: {', '.join(sorted(known))})"
         )
     return [known[q] for q in queues]
+
+
+def check_selection(settings: Settings, queues: Sequence[str] | None) -> None:
+    """ConfigError for an unknown queue, or for JOBSTREAM_POLICIES naming a queue not served."""
+    served = {spec.queue for spec in select_handlers(queues)}
+    unknown = set(settings.policy_overrides()) - served
+    if unknown:
+        raise ConfigError(f"JOBSTREAM_POLICIES names queues not served: {', '.join(unknown)}")
 
 
 def make_engine(
@@ -148,7 +160,7 @@ def make_engine(
 ) -> Engine:
     """The engine for the selected queues (all handled ones by default)."""
     s = deps.settings
-    specs = [*_select(queues), *extra] if queues or not extra else list(extra)
+    specs = [*select_handlers(queues), *extra] if queues or not extra else list(extra)
     limit = concurrency or s.concurrency
     overrides = s.policy_overrides()
     unknown = set(overrides) - {spec.queue for spec in specs}
@@ -195,14 +207,17 @@ async def run_worker(
     extra: Sequence[HandlerSpec[Any]] = (),
     metrics_port: int | None = None,
     metrics_host: str | None = None,
+    supervised: bool = False,
 ) -> int:
     """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code.
 
     `metrics_port` serves `/metrics` on `metrics_host` (defaults: the settings'); a port
     that cannot be bound fails here, before anything connects. The worker's own commands
-    run with auto-instrumentation suppressed: only jobs make spans.
+    run with auto-instrumentation suppressed: only jobs make spans. `supervised` (a process
+    of `--processes N`): exit with EXIT_UNDRAINED when the grace period left entries
+    pending, so that the supervisor can say so in its own exit code.
     """
-    _select(queues)  # fail on an unknown queue before connecting anywhere
+    select_handlers(queues)  # fail on an unknown queue before connecting anywhere
     consumer = consumer_name(settings)
     port = metrics_port if metrics_port is not None else settings.metrics_port
     tracing, metrics = start_telemetry(consumer, prometheus=port is not None)
@@ -224,10 +239,11 @@ async def run_worker(
                     consumer=consumer,
                 )
                 await _run(engine, settings)
+                left = sum(len(lane.held) for lane in engine.lanes.values())
     finally:
         await metrics.aclose()
         await asyncio.to_thread(tracing.shutdown)
-    return 0
+    return EXIT_UNDRAINED if supervised and left else 0
 
 
 async def _run(engine: Engine, settings: Settings) -> None:

@@ -274,7 +274,7 @@ async def test_worker_metrics_port_counts_processed_jobs_by_outcome(
         env.pop(name, None)
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "jobstream"),
-        "worker", "--queues", "analytics", "--metrics-port", str(port),
+        "worker", "--processes", "1", "--queues", "analytics", "--metrics-port", str(port),
         env=env, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:
