@@ -1,5 +1,5 @@
 """The `jobstream` command line: worker, migrate, publish, status, job, dlq, health, schema,
-demo, mailbox, webhook and warmup."""
+prune, demo, mailbox, webhook and warmup."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import NoReturn
 import asyncpg
 import redis.exceptions
 
-from consumers import commands, commands_mail, commands_schema
+from consumers import commands, commands_mail, commands_prune, commands_schema
 from consumers.logs import escape_controls, setup_logging
 from consumers.settings import Settings
 from otel.redact import remember_secrets, scrub
@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--consumer", help="also require this worker's heartbeat")
 
     commands_schema.add_parser(sub)
+    commands_prune.add_parser(sub)
 
     d = sub.add_parser("demo", help="start two workers and push real jobs through every queue")
     d.add_argument("--events", type=_positive, default=3000)

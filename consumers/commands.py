@@ -13,14 +13,22 @@ import msgspec
 
 from consumers import commands_mail, ops
 from consumers.deps import Deps
-from consumers.runtime import connect, run_worker, service_version
+from consumers.runtime import connect, partition_policy, run_worker, service_version
 from consumers.settings import Settings
 from consumers.tls import database_dsn
 from otel.redact import remember_secrets, scrub, secrets_of_url
 from otel.tracing import setup_tracing
 from schema.migrate import MigrationMismatch, apply_migrations
 from schema.payloads import PAYLOADS
-from streams import ConfigError, PublishError, list_dead, purge_dead, read_dead, replay_dead
+from streams import (
+    ConfigError,
+    PublishError,
+    ensure_partitions,
+    list_dead,
+    purge_dead,
+    read_dead,
+    replay_dead,
+)
 from streams.dead_letters import count_dead, replay_all
 
 __all__ = ["parse_duration_ms", "render_table", "run"]
@@ -69,8 +77,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         mail = await commands_mail.run(args, deps)
         if mail is not None:
             return mail
-        if args.command == "publish":
-            return await _publish(deps, args)
+        if args.command in ("publish", "prune"):
+            return await (_publish if args.command == "publish" else _prune)(deps, args)
         if args.command == "status":
             return await _status(deps, args.json)
         if args.command == "job":
@@ -89,6 +97,12 @@ async def _remember_relays(deps: Deps) -> None:
     (errors recorded by older versions may carry one)."""
     for row in await deps.pool.fetch("SELECT smtp_url FROM mailboxes WHERE smtp_url <> ''"):
         remember_secrets(secrets_of_url(row["smtp_url"]))
+
+
+async def _prune(deps: Deps, args: argparse.Namespace) -> int:
+    from consumers import commands_prune  # it imports this module
+
+    return await commands_prune.run(deps, args)
 
 
 async def _publish(deps: Deps, args: argparse.Namespace) -> int:
@@ -111,12 +125,15 @@ async def _migrate(settings: Settings) -> int:
         raise ConfigError(f"invalid configuration: DATABASE_URL: {exc.args[0]}") from None
     try:
         applied = await apply_migrations(conn)
+        created = await ensure_partitions(conn, partition_policy(settings))
     except MigrationMismatch as exc:
         raise ConfigError(str(exc)) from None
     finally:
         await conn.close()
     names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
     print(f"migrations applied: {names}" if applied else "migrations: up to date")
+    if created:
+        print(f"job partitions created: {', '.join(created)}")
     return 0
 
 

@@ -27,13 +27,23 @@ from otel.metrics import MetricsHandle, setup_metrics
 from otel.redact import remember_secrets
 from otel.tracing import TracingHandle, setup_tracing
 from schema.payloads import PAYLOADS
-from streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
+from streams import (
+    ConfigError,
+    Engine,
+    EngineConfig,
+    Keys,
+    Observer,
+    PartitionPolicy,
+    Policy,
+    Publisher,
+)
 
 __all__ = [
     "connect",
     "consumer_name",
     "keys_of",
     "make_engine",
+    "partition_policy",
     "run_worker",
     "service_version",
     "start_telemetry",
@@ -171,8 +181,19 @@ def make_engine(
         dead_max_age_s=s.dead_letter_max_age_s,
         dead_max_bytes=s.dead_letter_max_bytes,
         burst=burst,
+        partitions=partition_policy(s),
     )
     return Engine(deps.redis, deps.pool, routes, config, observer)
+
+
+def partition_policy(s: Settings) -> PartitionPolicy:
+    """The job tables' partitioning and retention, from the settings."""
+    return PartitionPolicy(
+        width_s=s.partition_width_s,
+        retention_s=s.retention_s,
+        ahead=s.partitions_ahead,
+        prune_interval_s=s.prune_interval_s,
+    )
 
 
 def _fields(policy: Policy) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from schema.envelope import created_ms
 from streams.errors import PublishError
 from streams.keys import Keys
 
@@ -163,8 +164,10 @@ async def purge_dead(
 REPLAY_SQL = """
 UPDATE jobs SET status = 'queued', error = NULL, next_attempt_at = NULL, updated_at = now(),
                 stream_entry_id = $2
-WHERE id = $1 AND stream_entry_id IS DISTINCT FROM $2
+WHERE id = $1 AND created_at = to_timestamp($3::float8) AND stream_entry_id IS DISTINCT FROM $2
 """
+# Whether the job's row is still there (its partition not yet dropped by the retention).
+HAS_ROW_SQL = "SELECT 1 FROM jobs WHERE id = $1 AND created_at = to_timestamp($2::float8)"
 _REPLAY_LUA = resources.files("streams.lua").joinpath("replay.lua").read_text(encoding="utf-8")
 # The hash says `queued` unless a worker already recorded the replayed attempt.
 _QUEUED_LUA = """
@@ -199,6 +202,13 @@ async def replay_dead(
     fields["attempt"] = "1"
     job_id = letter.fields.get("job_id") or fields.get("id") or letter.dead_id
     fields["id"] = job_id
+    # The replay names the job's row (and partition) by the job's creation time; a job
+    # whose row the retention has dropped starts afresh, created by the replay's entry.
+    raw = {k.encode(): v.encode() for k, v in fields.items() if k == "created_ms"}
+    created = created_ms(letter.fields.get("entry_id") or letter.dead_id, raw) / 1000.0
+    fields.pop("created_ms", None)
+    if await pool.fetchval(HAS_ROW_SQL, job_id, created):
+        fields["created_ms"] = str(round(created * 1000))
     move = r.register_script(_REPLAY_LUA)
     entry_id = await move(
         keys=[keys.dead(letter.queue), keys.stream(letter.queue)],
@@ -208,7 +218,7 @@ async def replay_dead(
         return None
     entry = _id(entry_id)
     # A worker may already have picked the new entry up: its own record then wins.
-    await pool.execute(REPLAY_SQL, job_id, entry)
+    await pool.execute(REPLAY_SQL, job_id, entry, created)
     await r.register_script(_QUEUED_LUA)(keys=[keys.job(job_id)])
     return entry
 

@@ -182,7 +182,7 @@ async def test_postgresql_status_moves_forward_only(deps: Deps):
 
 
 async def test_an_execution_row_is_written_once_when_a_commit_is_sent_again(deps: Deps):
-    execs = [ExecRow("job-1", 1, "completed", None, 5, 1.0, 2.0, "1-0", 1)]
+    execs = [ExecRow("job-1", 1, "completed", None, 5, 1.0, 2.0, "1-0", 1, 1.0)]
     row = _row("0" * 49 + "1", "completed")
     await write_batch(deps.pool, "w", [row], execs)
     await write_batch(deps.pool, "w", [row], execs)  # the reply of the first was lost
@@ -190,7 +190,7 @@ async def test_an_execution_row_is_written_once_when_a_commit_is_sent_again(deps
     assert n == 1
     # another delivery of the same attempt is another execution
     await write_batch(deps.pool, "w", [], [ExecRow("job-1", 1, "completed", None, 5, 1.0, 2.0,
-                                                   "1-0", 2)])  # fmt: skip
+                                                   "1-0", 2, 1.0)])  # fmt: skip
     n = await deps.pool.fetchval("SELECT count(*) FROM job_executions WHERE job_id = 'job-1'")
     assert n == 2
 
