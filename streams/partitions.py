@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 _ENSURE_LOCK = 0x6A6F6270  # "jobp": partition DDL, one replica at a time
 _PRUNE_LOCK = 0x6A6F6271  # "jobq": the daily prune, one replica at a time
 _MAX_ADOPT = 100  # partitions created per run for rows waiting in the default partition
-_MAX_TIME = dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=dt.UTC)
+_END_S = 253_402_300_800  # 10000-01-01T00:00:00Z, past Python's datetime
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 
 # Bounds as PostgreSQL renders them, read back as timestamptz in the same session (so in
@@ -121,7 +121,7 @@ def _literal(ts: dt.datetime | None, unbounded: str) -> str:
 
 def _at(seconds: float) -> dt.datetime | None:
     """A time of a bucket bound; None past what Python holds (the partition is unbounded)."""
-    if seconds > _MAX_TIME.timestamp():
+    if seconds >= _END_S:
         return None
     return _EPOCH + dt.timedelta(seconds=seconds)
 

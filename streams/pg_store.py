@@ -67,15 +67,19 @@ WITH up AS (
 SELECT (SELECT count(*) FROM up) AS jobs, (SELECT count(*) FROM ex) AS executions
 """
 
-# The keys' creation times prune the scan to their partitions (most often one).
+# One probe per key (a LATERAL join with LIMIT keeps it a nested loop): the key's creation
+# time prunes each probe to one partition, at execution time, generic plan or not.
 FETCH_STATUSES_SQL = """
-SELECT id, queue, status, result::text AS result, error, attempts, stream_entry_id,
-       extract(epoch FROM created_at)::float8 AS created_at,
-       extract(epoch FROM started_at)::float8 AS started_at,
-       extract(epoch FROM completed_at)::float8 AS completed_at
-FROM jobs
-WHERE id = ANY($1::text[])
-  AND created_at = ANY(ARRAY(SELECT to_timestamp(unnest($2::float8[]))))
+SELECT k.id, k.created_s, j.*
+FROM unnest($1::text[], $2::float8[]) AS k(id, created_s)
+CROSS JOIN LATERAL (
+    SELECT queue, status, result::text AS result, error, attempts, stream_entry_id,
+           extract(epoch FROM created_at)::float8 AS created_at,
+           extract(epoch FROM started_at)::float8 AS started_at,
+           extract(epoch FROM completed_at)::float8 AS completed_at
+    FROM jobs WHERE jobs.id = k.id AND jobs.created_at = to_timestamp(k.created_s)
+    LIMIT 1
+) AS j
 """
 # A job whose creation time its entry does not tell (an entry from before partitioning,
 # or an `attempt` above 1 from a producer): its newest row, probing every partition's index.
@@ -153,23 +157,12 @@ async def write_batch(
 
 
 async def fetch_statuses(
-    pool: asyncpg.Pool, keys: Sequence[tuple[str, float]]
+    pool: asyncpg.Pool | asyncpg.Connection, keys: Sequence[tuple[str, float]]
 ) -> dict[tuple[str, float], JobRow]:
     """The PostgreSQL row (without its payload and fence) of each job that has one, by
     (job id, creation time in epoch seconds): the time names the partition to look in."""
-    ids = [k[0] for k in keys]
-    times = [k[1] for k in keys]
-    rows = await pool.fetch(FETCH_STATUSES_SQL, ids, times)
-    by_id: dict[str, list[asyncpg.Record]] = {}
-    for row in rows:
-        by_id.setdefault(row["id"], []).append(row)
-    out: dict[tuple[str, float], JobRow] = {}
-    for key in keys:
-        for row in by_id.get(key[0], ()):
-            # Times are whole milliseconds; the float round trip may move them by less.
-            if abs(row["created_at"] - key[1]) < 0.0005:
-                out[key] = _row(row)
-    return out
+    rows = await pool.fetch(FETCH_STATUSES_SQL, [k[0] for k in keys], [k[1] for k in keys])
+    return {(row["id"], row["created_s"]): _row(row) for row in rows}
 
 
 async def find_created(

@@ -40,3 +40,9 @@ async def run(
 async def jobstream(env: dict[str, str], *args: str, limit_s: float = 90) -> Any:
     """`jobstream ARGS` as a subprocess of this interpreter."""
     return await run(sys.executable, "-m", "consumers.cli", *args, env=env, limit_s=limit_s)
+
+
+def entry_seconds(entry_id: Any) -> float:
+    """An entry ID's time in epoch seconds, as the recorder stores a job's `created_at`."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(text.partition("-")[0]) / 1000.0
