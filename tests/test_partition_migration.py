@@ -118,11 +118,13 @@ async def test_migration_keeps_every_row_and_everything_works_after(at_0008):
     assert await conn.fetchval("SELECT count(*) FROM jobs WHERE id = 'today'") == 1
     assert await conn.fetchval("SELECT status FROM jobs WHERE id = 'today'") == "completed"
 
+    assert legacy.upper is not None
+    later = legacy.upper + 31 * DAY
     # The old rows are one partition: kept while a job in it is not over, then dropped whole.
-    plan = await prune(conn, policy, now=legacy.upper + 31 * DAY)  # type: ignore[operator]
+    plan = await prune(conn, policy, now=later)
     assert [(p.name, p.live) for p in plan.kept] == [("jobs_legacy", 1)]
     await conn.execute("UPDATE jobs SET status = 'failed' WHERE id = 'old-live'")
-    plan = await prune(conn, policy, now=legacy.upper + 31 * DAY)  # type: ignore[operator]
+    plan = await prune(conn, policy, now=later)
     assert "jobs_legacy" in {p.name for p in plan.dropped}
     assert await conn.fetchval("SELECT count(*) FROM job_executions WHERE job_id = 'orphan'") == 0
 
