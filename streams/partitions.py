@@ -111,6 +111,18 @@ class PrunePlan:
     default_rows: int = 0
 
 
+async def _bound(conn: Conn) -> None:
+    """Keep this transaction's locks short, whatever happens to this process.
+
+    Its DDL locks block every reader of `jobs`: it waits at most `lock_timeout` for them
+    (so it never queues long ahead of the readers behind it), and a replica paused while
+    it holds them (SIGSTOP, a frozen VM) loses its session, and so its locks, to
+    `idle_in_transaction_session_timeout`. What fails is tried again at the next round.
+    """
+    await conn.execute("SET LOCAL lock_timeout = '5s'")
+    await conn.execute("SET LOCAL idle_in_transaction_session_timeout = '5s'")
+
+
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -183,6 +195,7 @@ async def ensure_partitions(
     waiting in the default partitions; return the names created. Idempotent; replicas
     running it at once take turns (an advisory lock)."""
     async with conn.transaction():
+        await _bound(conn)
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _ENSURE_LOCK)
         if now is None:
             now = await conn.fetchval("SELECT now()")
@@ -250,7 +263,7 @@ async def prune(
 async def _drop(conn: Conn, p: Partition) -> int:
     """Drop the pair unless a live job came in meanwhile; return how many did (0: dropped)."""
     async with conn.transaction():
-        await conn.execute("SET LOCAL lock_timeout = '10s'")
+        await _bound(conn)
         await conn.execute("LOCK TABLE ONLY jobs, ONLY job_executions IN ACCESS EXCLUSIVE MODE")
         live = await conn.fetchval(LIVE_SQL.format(_quote(p.name)))
         if live:

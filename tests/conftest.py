@@ -21,6 +21,7 @@ from consumers.deps import Deps
 from consumers.runtime import connect
 from consumers.settings import Settings
 from schema.migrate import apply_migrations, load_migrations
+from streams import PartitionPolicy, ensure_partitions
 from tests.servers import OwnPostgres, OwnRedis
 
 ADMIN_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -34,7 +35,8 @@ def _db_url(name: str) -> str:
 
 def _template_name() -> str:
     digest = hashlib.sha1("".join(m.sql for m in load_migrations()).encode()).hexdigest()[:10]
-    return f"jobstream_tpl_{digest}"
+    day = time.strftime("%Y%m%d", time.gmtime())  # its job partitions start today
+    return f"jobstream_tpl_{digest}_{day}"
 
 
 async def _ensure_template() -> str:
@@ -48,6 +50,7 @@ async def _ensure_template() -> str:
             conn = await asyncpg.connect(_db_url(f"{name}_tmp"))
             try:
                 await apply_migrations(conn)
+                await ensure_partitions(conn, PartitionPolicy())  # as `jobstream migrate`
             finally:
                 await conn.close()
             await admin.execute(f'ALTER DATABASE "{name}_tmp" RENAME TO "{name}"')
