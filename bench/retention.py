@@ -25,9 +25,9 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, drop_keys, scratch_database
-from consumers.runtime import connect, make_engine
-from consumers.settings import Settings
-from streams import Keys, Publisher
+from jobstream.consumers.worker.runtime import connect, make_engine
+from jobstream.consumers.worker.settings import Settings
+from jobstream.streams import Keys, Publisher
 
 SIZE_SQL = """
 SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)::bigint AS bytes,

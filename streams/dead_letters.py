@@ -19,9 +19,9 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from schema.envelope import created_ms
-from streams.errors import PublishError
-from streams.keys import Keys
+from jobstream.schema.envelope import created_ms
+from jobstream.streams.errors import PublishError
+from jobstream.streams.keys import Keys
 
 __all__ = [
     "MAX_FIELD_BYTES",
@@ -168,7 +168,9 @@ WHERE id = $1 AND created_at = to_timestamp($3::float8) AND stream_entry_id IS D
 """
 # Whether the job's row is still there (its partition not yet dropped by the retention).
 HAS_ROW_SQL = "SELECT 1 FROM jobs WHERE id = $1 AND created_at = to_timestamp($2::float8)"
-_REPLAY_LUA = resources.files("streams.lua").joinpath("replay.lua").read_text(encoding="utf-8")
+_REPLAY_LUA = (
+    resources.files("jobstream.streams.lua").joinpath("replay.lua").read_text(encoding="utf-8")
+)
 # The hash says `queued` unless a worker already recorded the replayed attempt.
 _QUEUED_LUA = """
 local status = redis.call('HGET', KEYS[1], 'status')
