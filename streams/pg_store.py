@@ -126,7 +126,30 @@ async def write_batch(
     jobs: Sequence[JobRow],
     executions: Sequence[ExecRow],
 ) -> None:
-    """Upsert `jobs` and insert `job_executions` in one round trip (one implicit transaction)."""
+    """Upsert `jobs` and insert `job_executions` in one round trip (one implicit transaction).
+
+    A statement that routed a row to a default partition just before a partition for it
+    was attached fails its partition constraint: it changed nothing, and is sent again
+    (with the new partitions), never taken for a row PostgreSQL refuses.
+    """
+    for attempt in range(_REROUTES + 1):
+        try:
+            await _write(conn, worker_id, jobs, executions)
+            return
+        except asyncpg.CheckViolationError as exc:
+            if "partition constraint" not in str(exc) or attempt == _REROUTES:
+                raise
+
+
+_REROUTES = 3
+
+
+async def _write(
+    conn: asyncpg.Pool | asyncpg.Connection,
+    worker_id: str,
+    jobs: Sequence[JobRow],
+    executions: Sequence[ExecRow],
+) -> None:
     await conn.execute(
         WRITE_BATCH_SQL,
         [r.id for r in jobs],

@@ -9,7 +9,7 @@ import sys
 
 import asyncpg
 
-from jobstream.consumers.cli import commands_mail, ops
+from jobstream.consumers.cli import commands_mail, commands_prune, ops
 from jobstream.consumers.cli.render import render_json, render_table
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import (
@@ -69,7 +69,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         if mail is not None:
             return mail
         if args.command in ("publish", "prune"):
-            return await (_publish if args.command == "publish" else _prune)(deps, args)
+            return await (_publish if args.command == "publish" else commands_prune.run)(deps, args)
         if args.command == "status":
             return await _status(deps, args.json)
         if args.command == "job":
@@ -88,12 +88,6 @@ async def _remember_relays(deps: Deps) -> None:
     (errors recorded by older versions may carry one)."""
     for row in await deps.pool.fetch("SELECT smtp_url FROM mailboxes WHERE smtp_url <> ''"):
         remember_secrets(secrets_of_url(row["smtp_url"]))
-
-
-async def _prune(deps: Deps, args: argparse.Namespace) -> int:
-    from jobstream.consumers.cli import commands_prune  # it imports this module
-
-    return await commands_prune.run(deps, args)
 
 
 async def _publish(deps: Deps, args: argparse.Namespace) -> int:

@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from typing import Any
 
 import msgspec
 
-from jobstream.consumers.cli.commands import parse_duration_ms
 from jobstream.consumers.cli.render import render_table
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import partition_policy
 from jobstream.streams import Partition, PrunePlan, ensure_partitions, prune
 
 __all__ = ["add_parser", "run"]
+
+_UNITS_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration_s(text: str) -> float:
+    """`30s`, `15m`, `12h`, `7d` (as `dlq purge --older-than`) in seconds."""
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not match or int(match[1]) == 0:
+        raise argparse.ArgumentTypeError(f"use a positive number and s, m, h or d, not {text!r}")
+    return float(int(match[1]) * _UNITS_S[match[2]])
 
 
 def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
@@ -26,7 +36,11 @@ def add_parser(sub: argparse._SubParsersAction[Any]) -> None:
         "is not. Also creates the partitions ahead.",
     )
     p.add_argument("--dry-run", action="store_true", help="only show what would be dropped")
-    p.add_argument("--older-than", help="this retention instead of the configured one: 7d, 12h")
+    p.add_argument(
+        "--older-than",
+        type=_duration_s,
+        help="this retention instead of the configured one: 7d, 12h",
+    )
     p.add_argument("--json", action="store_true")
 
 
@@ -51,8 +65,7 @@ async def run(deps: Deps, args: argparse.Namespace) -> int:
     """Print what the retention drops (or would, with --dry-run) and what it keeps."""
     policy = partition_policy(deps.settings)
     if args.older_than is not None:
-        retention_s = parse_duration_ms(args.older_than) / 1000
-        policy = dataclasses.replace(policy, retention_s=retention_s)
+        policy = dataclasses.replace(policy, retention_s=args.older_than)
     async with deps.pool.acquire() as conn:
         if not args.dry_run:
             await ensure_partitions(conn, policy)
