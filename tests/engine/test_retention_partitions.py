@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -22,7 +23,14 @@ from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import make_engine
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.envelope import MAX_TIME_MS
-from jobstream.streams import PartitionPolicy, ensure_partitions, list_partitions, prune
+from jobstream.streams import (
+    PartitionPolicy,
+    ensure_partitions,
+    list_dead,
+    list_partitions,
+    prune,
+    replay_dead,
+)
 from jobstream.streams.pg_store import (
     FETCH_STATUSES_SQL,
     ExecRow,
@@ -299,3 +307,46 @@ async def test_prune_command_shows_then_applies_the_retention(
 def test_settings_hold_the_partition_knobs():
     s = Settings.from_env({"JOBSTREAM_PARTITION_WIDTH_S": "300", "JOBSTREAM_RETENTION_S": "900"})
     assert (s.partition_width_s, s.retention_s) == (300, 900.0)
+
+
+async def test_a_replayed_dead_letter_reopens_the_row_in_its_partition(deps: Deps, conn):
+    """The replay carries the job's creation time: one row, reopened where it was. A job
+    whose row the retention dropped starts afresh, in the replay's own partition."""
+    await ensure_partitions(conn, MINUTE)
+    stream = deps.keys.stream(Q)
+    eid = await deps.redis.xadd(stream, {"id": "dl", "payload": '{"permanent": true}'})
+    await deps.redis.xadd(stream, {"id": "gone", "payload": '{"permanent": true}'})
+    async with running(make_engine(deps, None, None, extra=handlers.SPECS)):
+
+        async def failed() -> bool:
+            return bool(
+                await conn.fetchval("SELECT count(*) FROM jobs WHERE status = 'failed'") == 2
+            )
+
+        await eventually(failed)
+    created = round(entry_seconds(eid) * 1000)
+    letters = {d.fields["job_id"]: d for d in await list_dead(deps.redis, deps.keys, Q)}
+    new = await replay_dead(deps.redis, deps.pool, deps.keys, letters["dl"])
+    assert new is not None
+    fields: Any = (await deps.redis.xrange(stream, min=new, max=new))[0][1]
+    assert fields[b"created_ms"] == str(created).encode()
+    rows = await conn.fetch("SELECT status, created_at FROM jobs WHERE id = 'dl'")
+    assert [r["status"] for r in rows] == ["queued"]
+    # `gone`: its row is no more (as after its partition was dropped)
+    await conn.execute("DELETE FROM jobs WHERE id = 'gone'")
+    new2 = await replay_dead(deps.redis, deps.pool, deps.keys, letters["gone"])
+    assert new2 is not None
+    fields = (await deps.redis.xrange(stream, min=new2, max=new2))[0][1]
+    assert b"created_ms" not in fields
+    async with running(make_engine(deps, None, None, extra=handlers.SPECS)):
+
+        async def failed_again() -> bool:
+            n = await conn.fetchval("SELECT count(*) FROM jobs WHERE status = 'failed'")
+            return bool(n == 2)
+
+        await eventually(failed_again)
+    rows = await conn.fetch("SELECT created_at, attempts FROM jobs WHERE id = 'dl'")
+    assert len(rows) == 1  # reopened and failed again in the same row
+    assert rows[0]["created_at"] == dt.datetime.fromtimestamp(created / 1000, dt.UTC)
+    gone = await conn.fetch("SELECT created_at FROM jobs WHERE id = 'gone'")
+    assert [g[0] for g in gone] == [dt.datetime.fromtimestamp(entry_seconds(new2), dt.UTC)]
