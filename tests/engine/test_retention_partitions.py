@@ -350,3 +350,29 @@ async def test_a_replayed_dead_letter_reopens_the_row_in_its_partition(deps: Dep
     assert rows[0]["created_at"] == dt.datetime.fromtimestamp(created / 1000, dt.UTC)
     gone = await conn.fetch("SELECT created_at FROM jobs WHERE id = 'gone'")
     assert [g[0] for g in gone] == [dt.datetime.fromtimestamp(entry_seconds(new2), dt.UTC)]
+
+
+async def test_a_write_routed_to_the_default_partition_as_a_partition_arrives(deps: Deps, conn):
+    """A flush that routed its row to the default partition just before a partition for
+    it was attached (it waited for the lock) is sent again, into the new partition, and
+    never taken for a row PostgreSQL refuses."""
+    now = await _now()
+    await ensure_partitions(conn, MINUTE, now=now)
+    ahead = now + dt.timedelta(minutes=10)  # no partition yet: the default one
+    lower = ahead.replace(second=0, microsecond=0)
+    async with conn.transaction():  # as `ensure_partitions` does, held open
+        await conn.execute("LOCK TABLE jobs_default IN SHARE ROW EXCLUSIVE MODE")
+        write = asyncio.create_task(
+            write_batch(deps.pool, "w", [_job("late", lower.timestamp() + 1.5)], [])
+        )
+        await asyncio.sleep(0.5)  # routed to jobs_default, waiting for its lock
+        assert not write.done()
+        await conn.execute('CREATE TABLE jobs_x (LIKE jobs INCLUDING DEFAULTS INCLUDING CONSTRAINTS)')
+        await conn.execute(
+            "ALTER TABLE jobs ATTACH PARTITION jobs_x FOR VALUES FROM ($1) TO ($2)".replace(
+                "$1", f"'{lower.isoformat()}'"
+            ).replace("$2", f"'{(lower + dt.timedelta(minutes=1)).isoformat()}'")
+        )
+    await asyncio.wait_for(write, 10)
+    row = await conn.fetchrow("SELECT status, tableoid::regclass::text AS p FROM jobs")
+    assert (row["status"], row["p"]) == ("completed", "jobs_x")
