@@ -56,7 +56,7 @@ INSERT INTO jobs AS j (id, queue, status, payload, result, attempts, stream_entr
                        created_at, started_at, completed_at, updated_at)
 SELECT u.id, $2, 'completed', u.payload::jsonb, NULL, 1, u.entry_id, now(), now(), now(), now()
 FROM unnest($1::text[], $3::text[], $4::text[]) AS u(id, payload, entry_id)
-ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, updated_at = now()
+ON CONFLICT (id, created_at) DO UPDATE SET status = EXCLUDED.status, updated_at = now()
 """
 
 

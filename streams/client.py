@@ -26,7 +26,7 @@ __all__ = ["Client", "JobState"]
 JOB_SQL = """
 SELECT queue, status, attempts, result::text AS result, error,
        to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS updated_at
-FROM jobs WHERE id = $1
+FROM jobs WHERE id = $1 ORDER BY created_at DESC LIMIT 1
 """
 
 

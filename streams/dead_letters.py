@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from jobstream.schema.envelope import created_ms
 from jobstream.streams.errors import PublishError
 from jobstream.streams.job import fence_of
 from jobstream.streams.keys import Keys
@@ -170,25 +171,30 @@ async def purge_dead(
 # before this function returns, always win. The old values come back for an undo.
 REPLAY_SQL = """
 WITH old AS (
-    SELECT id, status, error, next_attempt_at, fence FROM jobs WHERE id = $1 FOR UPDATE
+    SELECT id, created_at, status, error, next_attempt_at, fence FROM jobs
+    WHERE id = $1 AND created_at = to_timestamp($3::float8) FOR UPDATE
 )
 UPDATE jobs AS j
 SET status = 'queued', error = NULL, next_attempt_at = NULL, updated_at = now(),
     fence = $2::text::numeric
 FROM old
-WHERE j.id = old.id AND (old.fence IS NULL OR old.fence < $2::text::numeric)
+WHERE j.id = old.id AND j.created_at = old.created_at
+  AND (old.fence IS NULL OR old.fence < $2::text::numeric)
 RETURNING old.status, old.error, old.next_attempt_at, old.fence::text AS fence
 """
 # Then the row learns the new entry, unless its worker has written since.
 REPLAYED_SQL = """
-UPDATE jobs SET stream_entry_id = $3 WHERE id = $1 AND fence = $2::text::numeric
+UPDATE jobs SET stream_entry_id = $3
+WHERE id = $1 AND created_at = to_timestamp($4::float8) AND fence = $2::text::numeric
 """
 # Or, when the letter was gone after all, the row gets back what it said.
 UNDO_SQL = """
 UPDATE jobs SET status = $3, error = $4, next_attempt_at = $5, fence = $6::text::numeric,
                 updated_at = now()
-WHERE id = $1 AND fence = $2::text::numeric
+WHERE id = $1 AND created_at = to_timestamp($7::float8) AND fence = $2::text::numeric
 """
+# Whether the job's row is still there (its partition not yet dropped by the retention).
+HAS_ROW_SQL = "SELECT 1 FROM jobs WHERE id = $1 AND created_at = to_timestamp($2::float8)"
 _REPLAY_LUA = (
     resources.files("jobstream.streams.lua").joinpath("replay.lua").read_text(encoding="utf-8")
 )
@@ -247,10 +253,17 @@ async def replay_dead(
     fields["attempt"] = "1"
     job_id = letter.fields.get("job_id") or fields.get("id") or letter.dead_id
     fields["id"] = job_id
+    # The replay names the job's row (and partition) by the job's creation time; a job
+    # whose row the retention has dropped starts afresh, created by the replay's entry.
+    raw = {k.encode(): v.encode() for k, v in fields.items() if k == "created_ms"}
+    created = created_ms(letter.fields.get("entry_id") or letter.dead_id, raw) / 1000.0
+    fields.pop("created_ms", None)
+    if await pool.fetchval(HAS_ROW_SQL, job_id, created):
+        fields["created_ms"] = str(round(created * 1000))
     seconds, micros = await r.time()  # the new entry's ID is at least this (Redis's clock)
     fence = fence_of(f"{seconds * 1000 + micros // 1000}-0", 0)
     hashed = keys.job(job_id)
-    row = await pool.fetchrow(REPLAY_SQL, job_id, fence)
+    row = await pool.fetchrow(REPLAY_SQL, job_id, fence, created)
     before = await r.register_script(_QUEUED_LUA)(keys=[hashed], args=[fence])
     move = r.register_script(_REPLAY_LUA)
     entry_id = await move(
@@ -262,10 +275,10 @@ async def replay_dead(
             undo = [_id(v) if v is not None else "" for v in before]
             await r.register_script(_UNDO_LUA)(keys=[hashed], args=[fence, *undo])
         if row is not None:
-            await pool.execute(UNDO_SQL, job_id, fence, *row.values())
+            await pool.execute(UNDO_SQL, job_id, fence, *row.values(), created)
         return None
     entry = _id(entry_id)
-    await pool.execute(REPLAYED_SQL, job_id, fence, entry)
+    await pool.execute(REPLAYED_SQL, job_id, fence, entry, created)
     return entry
 
 

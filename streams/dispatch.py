@@ -25,6 +25,7 @@ from jobstream.otel.redact import exception_attributes, scrub
 from jobstream.schema.envelope import (
     Envelope,
     EnvelopeError,
+    created_ms,
     decode_envelope,
     safe_attempt,
     safe_job_id,
@@ -68,13 +69,16 @@ def classify(exc: BaseException, attempt: int, policy: Policy) -> tuple[Outcome,
 MAX_RETRY_EXTRA_FIELDS = 100
 """Fields beyond the contract's a retry keeps: its delayed member must stay small enough
 for the promotion script to publish it in one command."""
-_CONTRACT_FIELDS = frozenset({b"payload", b"id", b"attempt", b"traceparent", b"tracestate"})
+_CONTRACT_FIELDS = frozenset(
+    {b"payload", b"id", b"attempt", b"traceparent", b"tracestate", b"created_ms"}
+)
 MAX_RETRY_AFTER_S = 86_400.0
 """The longest a handler's retry-after hint may defer a job beyond its policy's backoff cap."""
 
 
 def retry_fields(d: Delivery, job_id: str, attempt: int) -> dict[str, str]:
-    """Fields of the retry entry: the original ones with the job id and `attempt + 1`.
+    """Fields of the retry entry: the original ones with the job id, `attempt + 1` and the
+    job's `created_ms` (its time partition in PostgreSQL, whatever the retry entry's ID).
 
     Other fields than the contract's are kept up to `MAX_RETRY_EXTRA_FIELDS`; how many
     were left out is in `dropped_fields`.
@@ -90,6 +94,7 @@ def retry_fields(d: Delivery, job_id: str, attempt: int) -> dict[str, str]:
         out[k.decode(errors="replace")] = v.decode(errors="replace")
     out["id"] = job_id
     out["attempt"] = str(attempt + 1)
+    out["created_ms"] = str(created_ms(d.entry_id, d.fields))
     if dropped:
         out["dropped_fields"] = str(dropped)
     return out

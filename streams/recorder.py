@@ -24,13 +24,13 @@ import msgspec
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from jobstream.schema.envelope import MAX_TIME_MS, enqueued_at_ms
+from jobstream.schema.envelope import MAX_TIME_MS, created_ms
 from jobstream.streams.backoff import retry_until_done
 from jobstream.streams.dead_letters import dead_fields
 from jobstream.streams.job import Delivery, Outcome, Result
 from jobstream.streams.keys import Keys
 from jobstream.streams.lease import Lease
-from jobstream.streams.pg_store import ExecRow, JobRow, write_batch
+from jobstream.streams.pg_store import ExecRow, JobRow, find_created, write_batch
 from jobstream.streams.status import TERMINAL, Status
 
 __all__ = ["Recorder", "RecorderConfig", "Start"]
@@ -224,6 +224,9 @@ class Recorder:
         batch = await self._drop_stale(batch)
         results = [item for item in batch if isinstance(item, Result)]
         jobs, execs = self._rows(batch)
+        untold = {item.job_id for item in batch if _untold(item)}
+        if untold:
+            await self._find_created(untold, jobs, execs)
         if jobs or execs:
             fallen = await self._write_pg(jobs, execs)
             if fallen:
@@ -259,6 +262,25 @@ class Recorder:
             if have is None or _order(item) > (have.fence, have.status != Status.RUNNING):
                 rows[item.job_id] = _start_row(item) if isinstance(item, Start) else _job_row(item)
         return list(rows.values()), execs
+
+    async def _find_created(
+        self, job_ids: set[str], jobs: list[JobRow], execs: list[ExecRow]
+    ) -> None:
+        """Give rows whose entry does not tell its job's creation time the time of the
+        job's row in PostgreSQL, if it has one, so that they update it (rare path)."""
+        found: dict[str, float] = {}
+
+        async def find() -> None:
+            nonlocal found
+            found = await find_created(self._pool, sorted(job_ids))
+
+        await retry_until_done(
+            find, errors=_PG_ERRORS, what="PostgreSQL", down=self._down, log=logger
+        )
+        for row in jobs:
+            row.created_at = found.get(row.id, row.created_at)
+        for ex in execs:
+            ex.created_at = found.get(ex.job_id, ex.created_at)
 
     async def _write_pg(
         self, jobs: list[JobRow], execs: list[ExecRow]
@@ -518,7 +540,8 @@ class Recorder:
     def _hash_fields(self, row: JobRow, now: str) -> list[Any]:
         out: list[Any] = ["status", row.status.encode(), "queue", row.queue,
                           "attempt", row.attempt, "worker_id", self._cfg.worker_id,
-                          "updated_at", now]  # fmt: skip
+                          "updated_at", now,
+                          "created_ms", round(row.created_at * 1000)]  # fmt: skip
         if row.started_at is not None:
             out += ("started_at", _iso(row.started_at))
         if row.status in TERMINAL:
@@ -571,13 +594,20 @@ def _exec_row(r: Result) -> ExecRow:
     d = r.delivery
     return ExecRow(
         r.job_id, r.attempt, r.outcome.value, _text(r.error), r.duration_ms, r.started_at,
-        r.finished_at, d.entry_id, d.delivery_count,
+        r.finished_at, d.entry_id, d.delivery_count, _created(d),
     )  # fmt: skip
 
 
 def _created(d: Delivery) -> float:
-    """The entry ID's time, clamped (an explicit ID may be past any storable time)."""
-    return enqueued_at_ms(d.entry_id) / 1000.0
+    """The job's creation time: its partition (carried by retries and replays, else the
+    entry ID's time, clamped: an explicit ID may be past any storable time)."""
+    return created_ms(d.entry_id, d.fields) / 1000.0
+
+
+def _untold(item: Start | Result) -> bool:
+    """Whether an entry may belong to a job created before it without saying when: an
+    attempt above 1 without `created_ms` (a retry published before partitioning)."""
+    return item.attempt > 1 and b"created_ms" not in item.delivery.fields
 
 
 def _time(ts: float | None) -> float | None:

@@ -25,7 +25,7 @@ import redis.exceptions
 
 from jobstream.otel import is_recording_enabled, trace_id_of
 from jobstream.otel.suppress import instrumented_context, suppressed
-from jobstream.schema.envelope import enqueued_at_ms, safe_job_id, trace_context
+from jobstream.schema.envelope import created_ms, enqueued_at_ms, safe_job_id, trace_context
 from jobstream.streams import semconv as sc
 from jobstream.streams.backoff import retry_until_done
 from jobstream.streams.delayed import Promoter
@@ -43,6 +43,7 @@ from jobstream.streams.job import Delivery, Job, Outcome, Result
 from jobstream.streams.keys import Keys
 from jobstream.streams.lease import Lease, clock
 from jobstream.streams.observe import NullObserver, Observer
+from jobstream.streams.partitions import PartitionPolicy, PrunePlan, maintain
 from jobstream.streams.pg_store import JobRow, fetch_statuses
 from jobstream.streams.reclaimer import Pending, Reclaimer
 from jobstream.streams.recorder import Recorder, RecorderConfig, Start
@@ -77,6 +78,8 @@ class EngineConfig:
     dead_max_age_s: float = 30 * 86400
     dead_max_bytes: int = 256 * 1024 * 1024
     burst: bool = False
+    partitions: PartitionPolicy | None = field(default_factory=PartitionPolicy)
+    """Time partitions of the job tables, made ahead and pruned daily; None: left alone."""
 
 
 class _Lane:
@@ -197,6 +200,7 @@ class Engine:
         self._down: set[str] = set()
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._refused: set[str] = set()
+        self.prunes: list[PrunePlan] = []  # the retention runs this replica applied
 
     # ---- lifecycle -------------------------------------------------------------------
     async def run(self) -> None:
@@ -223,6 +227,9 @@ class Engine:
             "promote": self._every(self.cfg.promote_interval_s, self._promote, per_queue=True),
             "trim": self._every(self.cfg.trim_interval_s, self._trim, per_queue=True),
         }
+        if self.cfg.partitions is not None:
+            every = self.cfg.partitions.check_interval_s
+            named["partitions"] = self._every(every, self._partitions)
         self._loops = {name: asyncio.create_task(coro, name=name) for name, coro in named.items()}
         loops = list(self._loops.values())
         # The heartbeat outlives `stopping`: a draining worker still holds its entries, and
@@ -531,18 +538,20 @@ class Engine:
     ) -> None:
         """Entries delivered before, held by this process: ack those PostgreSQL shows
         completed (inv. 3) or failed, run the rest (`alone`: at once, the worker is idle)."""
-        ids = [safe_job_id(d.entry_id, d.fields) for d in batch]
-        statuses: dict[str, JobRow] | None = None
+        # The job's creation time names the one partition its row can be in.
+        keys = [(safe_job_id(d.entry_id, d.fields), created_ms(d.entry_id, d.fields) / 1000.0)
+                for d in batch]  # fmt: skip
+        statuses: dict[tuple[str, float], JobRow] | None = None
 
         async def fetch() -> None:
             nonlocal statuses
-            statuses = await fetch_statuses(self.pool, ids)
+            statuses = await fetch_statuses(self.pool, keys)
 
         await self._retrying("check redelivered", fetch)
         if statuses is None:  # stopping before PostgreSQL answered: left for other workers
             return
-        for job_id, d in zip(ids, batch, strict=True):
-            row = statuses.get(job_id)
+        for key, d in zip(keys, batch, strict=True):
+            job_id, row = key[0], statuses.get(key)
             if row is not None and row.status in _TERMINAL:  # over: its outcome is recorded
                 now = time.time()
                 skip = Result(
@@ -708,6 +717,11 @@ class Engine:
 
     async def _promote(self, queue: str) -> None:
         await self.promoter.promote(queue)
+
+    async def _partitions(self) -> None:
+        if self.cfg.partitions is not None:
+            plan = await maintain(self.pool, self.cfg.partitions, self.cfg.consumer)
+            self.prunes += [plan] if plan is not None else []
 
     async def _trim(self, queue: str) -> None:
         await trim(self.redis, self.cfg.keys, queue)

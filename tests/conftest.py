@@ -7,6 +7,7 @@ import hashlib
 import os
 import pathlib
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
@@ -18,6 +19,7 @@ from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import connect
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.migrate import apply_migrations, load_migrations
+from jobstream.streams import PartitionPolicy, ensure_partitions
 from tests.helpers import ADMIN_URL, REDIS_URL
 from tests.servers import OwnPostgres, OwnRedis
 
@@ -29,7 +31,8 @@ def _db_url(name: str) -> str:
 
 def _template_name() -> str:
     digest = hashlib.sha1("".join(m.sql for m in load_migrations()).encode()).hexdigest()[:10]
-    return f"jobstream_tpl_{digest}"
+    day = time.strftime("%Y%m%d", time.gmtime())  # its job partitions start today
+    return f"jobstream_tpl_{digest}_{day}"
 
 
 async def _ensure_template() -> str:
@@ -43,6 +46,7 @@ async def _ensure_template() -> str:
             conn = await asyncpg.connect(_db_url(f"{name}_tmp"))
             try:
                 await apply_migrations(conn)
+                await ensure_partitions(conn, PartitionPolicy())  # as `jobstream migrate`
             finally:
                 await conn.close()
             await admin.execute(f'ALTER DATABASE "{name}_tmp" RENAME TO "{name}"')

@@ -311,3 +311,9 @@ def leaf_commands(parser: argparse.ArgumentParser, path: str = "") -> dict[str, 
             for name, child in action.choices.items():
                 out |= leaf_commands(child, f"{path}{name} ") or {f"{path}{name}": child}
     return out
+
+
+def entry_seconds(entry_id: Any) -> float:
+    """An entry ID's time in epoch seconds, as the recorder stores a job's `created_at`."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(text.partition("-")[0]) / 1000.0

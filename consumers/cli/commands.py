@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from jobstream.consumers.cli import commands_mail, ops
+from jobstream.consumers.cli import commands_mail, commands_prune, ops
 from jobstream.consumers.cli.render import (
     Progress,
     render_json,
@@ -25,6 +25,7 @@ from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import (
     check_selection,
     connect,
+    partition_policy,
     run_worker,
     service_version,
 )
@@ -37,6 +38,7 @@ from jobstream.schema.migrate import MigrationMismatch, apply_migrations
 from jobstream.streams import (
     ConfigError,
     PublishError,
+    ensure_partitions,
     list_dead,
     purge_dead,
     read_dead,
@@ -128,6 +130,7 @@ _WITH_DEPS: dict[str, Callable[[Deps, argparse.Namespace], Awaitable[int]]] = {
     "job": lambda deps, a: _job(deps, a.job_id, a.json),
     "dlq": lambda deps, a: _dlq(deps, a),
     "health": lambda deps, a: _health(deps, a),
+    "prune": commands_prune.run,
 }
 
 
@@ -151,12 +154,15 @@ async def _migrate(settings: Settings) -> int:
         raise ConfigError(f"invalid configuration: DATABASE_URL: {exc.args[0]}") from None
     try:
         applied = await apply_migrations(conn)
+        created = await ensure_partitions(conn, partition_policy(settings))
     except MigrationMismatch as exc:
         raise ConfigError(str(exc)) from None
     finally:
         await conn.close()
     names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
     print(f"migrations applied: {names}" if applied else "migrations: up to date")
+    if created:
+        print(f"job partitions created: {', '.join(created)}")
     return 0
 
 

@@ -1,5 +1,5 @@
 """The `jobstream` command line: worker, migrate, publish, status, workers, job, dlq, health,
-schema, dashboard, demo, mailbox, webhook and warmup."""
+schema, prune, dashboard, demo, mailbox, webhook and warmup."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 import asyncpg
 import redis.exceptions
 
-from jobstream.consumers.cli import commands, commands_mail, commands_schema
+from jobstream.consumers.cli import commands, commands_mail, commands_prune, commands_schema
 from jobstream.consumers.worker.settings import Settings
 from jobstream.otel.logs import escape_controls, setup_logging
 from jobstream.otel.redact import remember_secrets, scrub
@@ -165,6 +165,7 @@ def _add_commands(sub: Any) -> None:
     h.add_argument("--consumer", help="also require this worker's heartbeat")
 
     commands_schema.add_parser(sub)
+    commands_prune.add_parser(sub)
 
     web = sub.add_parser("dashboard", help="serve the web dashboard (token required)")
     web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")

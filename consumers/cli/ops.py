@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -12,6 +13,7 @@ from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.health import read_report
 from jobstream.consumers.worker.registry import by_queue
 from jobstream.otel.redact import remember_secrets, secrets_of_url
+from jobstream.schema.envelope import enqueued_at_ms
 from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams.heartbeat import Heartbeat, read_heartbeat
 from jobstream.streams.lookup import find_waiting
@@ -26,12 +28,16 @@ __all__ = [
     "workers",
 ]
 
+_ENTRY_ID = re.compile(r"\d{1,15}-\d+")
 COUNTS_SQL = "SELECT queue, status, count(*) AS n FROM jobs GROUP BY queue, status"
-JOB_SQL = "SELECT * FROM jobs WHERE id = $1"
+# By id and creation time: one partition. Without the time (a custom id whose hash has
+# expired), every partition's index is probed: an operator's question, never a hot path.
+JOB_AT_SQL = "SELECT * FROM jobs WHERE id = $1 AND created_at = to_timestamp($2::float8)"
+JOB_SQL = "SELECT * FROM jobs WHERE id = $1 ORDER BY created_at DESC LIMIT 1"
 RELAYS_SQL = "SELECT smtp_url FROM mailboxes WHERE smtp_url <> ''"
 EXECUTIONS_SQL = (
     "SELECT attempt, outcome, error, duration_ms, worker_id, started_at, finished_at "
-    "FROM job_executions WHERE job_id = $1 ORDER BY started_at, id"
+    "FROM job_executions WHERE job_id = $1 AND job_created_at = $2 ORDER BY started_at, id"
 )
 
 
@@ -165,9 +171,9 @@ async def job_info(deps: Deps, job_id: str, scan_limit: int = 50_000) -> dict[st
     `complete` is false when a stream or delayed set longer than `scan_limit` was read only
     in part (then the answer may be empty rather than None).
     """
-    row = await deps.pool.fetchrow(JOB_SQL, job_id)
-    execs = await deps.pool.fetch(EXECUTIONS_SQL, job_id)
     hashed = await deps.redis.hgetall(deps.keys.job(job_id))
+    row = await _job_row(deps, job_id, hashed)
+    execs = [] if row is None else await deps.pool.fetch(EXECUTIONS_SQL, job_id, row["created_at"])
     waiting, complete = [], True
     if row is None:  # published by any producer, not yet recorded by a worker
         queues = _queues()
@@ -182,6 +188,22 @@ async def job_info(deps: Deps, job_id: str, scan_limit: int = 50_000) -> dict[st
         "waiting": waiting,
         "complete": complete,
     }
+
+
+async def _job_row(deps: Deps, job_id: str, hashed: dict[Any, Any]) -> Any:
+    """The job's row, looked up in the partition of its creation time when the hash or the
+    id (an entry ID, the default) tells it, else in every partition."""
+    times = []
+    raw = _text(hashed.get(b"created_ms", b""))
+    if raw.isascii() and raw.isdigit():
+        times.append(int(raw) / 1000.0)
+    if _ENTRY_ID.fullmatch(job_id):
+        times.append(enqueued_at_ms(job_id) / 1000.0)
+    for at in times:
+        row = await deps.pool.fetchrow(JOB_AT_SQL, job_id, at)
+        if row is not None:
+            return row
+    return await deps.pool.fetchrow(JOB_SQL, job_id)
 
 
 async def health(deps: Deps, consumer: str | None = None, max_age_s: float = 30.0) -> str | None:

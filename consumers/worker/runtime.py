@@ -29,7 +29,16 @@ from jobstream.otel.redact import remember_secrets
 from jobstream.otel.suppress import suppressed
 from jobstream.otel.tracing import TracingHandle, setup_tracing
 from jobstream.schema.payloads import PAYLOADS
-from jobstream.streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
+from jobstream.streams import (
+    ConfigError,
+    Engine,
+    EngineConfig,
+    Keys,
+    Observer,
+    PartitionPolicy,
+    Policy,
+    Publisher,
+)
 
 __all__ = [
     "check_selection",
@@ -37,6 +46,7 @@ __all__ = [
     "consumer_name",
     "keys_of",
     "make_engine",
+    "partition_policy",
     "run_worker",
     "select_handlers",
     "service_version",
@@ -190,8 +200,19 @@ def make_engine(
         dead_max_age_s=s.dead_letter_max_age_s,
         dead_max_bytes=s.dead_letter_max_bytes,
         burst=burst,
+        partitions=partition_policy(s),
     )
     return Engine(deps.redis, deps.pool, routes, config, observer)
+
+
+def partition_policy(s: Settings) -> PartitionPolicy:
+    """The job tables' partitioning and retention, from the settings."""
+    return PartitionPolicy(
+        width_s=s.partition_width_s,
+        retention_s=s.retention_s,
+        ahead=s.partitions_ahead,
+        prune_interval_s=s.prune_interval_s,
+    )
 
 
 def _fields(policy: Policy) -> dict[str, Any]:

@@ -72,6 +72,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     dead_letter_max_bytes: int = 256 * 1024 * 1024
     trim_interval_s: float = 10.0
     pg_pool_size: int = 20
+    # Time partitions of `jobs` and `job_executions` (streams/partitions.py).
+    retention_s: float = 30 * 86400
+    partition_width_s: int = 86400
+    partitions_ahead: int = 3
+    prune_interval_s: float = 86400
     log_level: str = "INFO"
     policies: str = ""
     """JSON overriding queues' policies, e.g. `{"webhook": {"max_attempts": 12}}`."""
@@ -112,6 +117,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "JOBSTREAM_RECLAIM_CEILING_MS": self.reclaim_ceiling_ms >= 1000,
             "JOBSTREAM_SHUTDOWN_GRACE_S": self.shutdown_grace_s >= 0,
             "JOBSTREAM_PG_POOL_SIZE": self.pg_pool_size >= 2,
+            "JOBSTREAM_RETENTION_S": self.retention_s > 0,
+            "JOBSTREAM_PARTITION_WIDTH_S": self.partition_width_s >= 1,
+            "JOBSTREAM_PARTITIONS_AHEAD": self.partitions_ahead >= 1,
+            "JOBSTREAM_PRUNE_INTERVAL_S": self.prune_interval_s > 0,
             "JOBSTREAM_DEAD_MAXLEN": self.dead_maxlen >= 0,
             "JOBSTREAM_DEAD_LETTER_MAX_AGE_S": self.dead_letter_max_age_s > 0,
             "JOBSTREAM_DEAD_LETTER_MAX_BYTES": self.dead_letter_max_bytes >= 0,

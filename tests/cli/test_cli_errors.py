@@ -48,6 +48,8 @@ CASES: list[tuple[str, list[str], dict[str, str]]] = [
     ("dlq purge", ["dlq", "purge", "analytics"], {}),
     ("dlq purge", ["dlq", "purge", "analytics", "--older-than", "soon", "--yes"], {}),
     ("health", ["health", "--consumer"], {}),
+    ("prune", ["prune", "--older-than", "soon"], {}),
+    ("prune", ["prune", "--dry-run"], BAD_DATABASE),
     ("schema", ["schema", "no-such-queue"], {}),
     ("schema", ["schema", "--write"], {}),
     ("health", ["health"], BAD_DATABASE),
