@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from consumers.deps import Deps
 from consumers.handler import HandlerSpec
@@ -28,6 +27,7 @@ from otel.redact import remember_secrets
 from otel.tracing import TracingHandle, setup_tracing
 from schema.payloads import PAYLOADS
 from streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
+from streams.redis_client import connect_redis
 
 __all__ = [
     "connect",
@@ -97,12 +97,9 @@ async def connect(
     remember_secrets(settings.secrets())
     if settings.tls_ca_file is not None:
         client_context(settings, "smtp")  # a missing or bad CA file fails now, named
-    redis = aioredis.Redis.from_url(
+    redis = connect_redis(
         settings.redis_url,
-        decode_responses=False,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        max_connections=None,
+        cluster=settings.redis_cluster,
         client_name=_printable(client_name),
         **redis_tls_options(settings),
     )
@@ -110,7 +107,14 @@ async def connect(
     keys = keys_of(settings)
     parser = ParsePool(settings.parse_processes or default_processes())
     try:
-        yield Deps(pool, redis, Publisher(redis, keys, PAYLOADS), settings, keys, parser)
+        publisher = Publisher(
+            redis,
+            keys,
+            PAYLOADS,
+            wait_replicas=settings.publish_wait_replicas,
+            wait_timeout_ms=settings.publish_wait_timeout_ms,
+        )
+        yield Deps(pool, redis, publisher, settings, keys, parser)
     finally:
         await parser.aclose()
         await pool.close()

@@ -14,11 +14,11 @@ from typing import Any
 
 import asyncpg
 import msgspec
-import redis.asyncio as aioredis
 
 from streams.errors import PublishError
 from streams.keys import Keys
 from streams.publisher import Publisher
+from streams.redis_client import AnyRedis
 from streams.status import TERMINAL, Status
 
 __all__ = ["Client", "JobState"]
@@ -58,7 +58,7 @@ class Client:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         payloads: Mapping[str, type[msgspec.Struct]],
         keys: Keys | None = None,
         *,

@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 from opentelemetry import trace
 
 from otel import inject, is_recording_enabled
@@ -21,6 +20,7 @@ from schema.envelope import job_id_problem
 from schema.payloads import PAYLOADS
 from streams.errors import PublishError
 from streams.keys import Keys
+from streams.redis_client import AnyRedis, wait_replicas
 
 __all__ = ["PayloadLike", "Publisher", "new_job_id"]
 
@@ -38,13 +38,19 @@ class Publisher:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         keys: Keys | None = None,
         payloads: Mapping[str, type[msgspec.Struct]] = PAYLOADS,
         *,
         record_queued: bool = True,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
     ) -> None:
+        """`wait_replicas` > 0: a publish succeeds only once that many replicas confirmed
+        its writes (Redis `WAIT`, at most `wait_timeout_ms`); else it raises PublishError
+        (the jobs were written and may run: publishing again is safe, only never lost)."""
         self._redis = redis
+        self._wait = (wait_replicas, wait_timeout_ms)
         self._keys = keys or Keys()
         self._payloads = dict(payloads)
         self._record_queued = record_queued
@@ -133,21 +139,35 @@ class Publisher:
         context: dict[str, str],
         delay_s: float | None,
     ) -> None:
-        pipe = self._redis.pipeline(transaction=False)
+        pipe: Any = self._redis.pipeline(transaction=False)
+        written: list[str] = []
         due_ms = int((time.time() + delay_s) * 1000) if delay_s else None
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for body, job_id in zip(bodies, ids, strict=True):
             fields: dict[str, str | bytes] = {"id": job_id, "payload": body, **context}
             if self._record_queued:  # before the entry exists, so it never hides a later status
                 status = {"status": "queued", "queue": queue, "attempt": 1, "updated_at": now}
-                pipe.hset(self._keys.job(job_id), mapping=status)  # type: ignore[arg-type]
+                pipe.hset(self._keys.job(job_id), mapping=status)
+                written.append(self._keys.job(job_id))
             if due_ms is None:
-                pipe.xadd(self._keys.stream(queue), fields)  # type: ignore[arg-type]
+                pipe.xadd(self._keys.stream(queue), fields)
+                written.append(self._keys.stream(queue))
             else:
                 fields["attempt"] = "1"
                 member = msgspec.json.encode({k: _text(v) for k, v in fields.items()})
                 pipe.zadd(self._keys.delayed(queue), {member: due_ms})
-        await pipe.execute()
+                written.append(self._keys.delayed(queue))
+        replicas, timeout_ms = self._wait
+        if replicas <= 0:
+            await pipe.execute()
+            return
+        confirmed = await wait_replicas(self._redis, pipe, written, replicas, timeout_ms)
+        if confirmed < replicas:
+            raise PublishError(
+                f"{queue}: {len(ids)} jobs written but confirmed by {confirmed} of "
+                f"{replicas} replicas within {timeout_ms} ms (JOBSTREAM_PUBLISH_WAIT_REPLICAS): "
+                "they may run, or be lost if the master fails now; publish them again"
+            )
 
 
 def _text(value: str | bytes) -> str:

@@ -21,8 +21,8 @@ from typing import Any
 import asyncpg
 import hiredis
 import msgspec
-import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 
 from schema.envelope import MAX_TIME_MS, enqueued_at_ms
 from streams.backoff import retry_until_done
@@ -31,6 +31,7 @@ from streams.job import Delivery, Outcome, Result
 from streams.keys import Keys
 from streams.lease import Lease
 from streams.pg_store import ExecRow, JobRow, write_batch
+from streams.redis_client import REDIS_ERRORS, AnyRedis, load_scripts, send_many
 from streams.status import TERMINAL, Status
 
 __all__ = ["Recorder", "RecorderConfig", "Start"]
@@ -50,7 +51,7 @@ _DATA_ERRORS = (
 )
 _MAX_TIME_S = MAX_TIME_MS / 1000
 _PG_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
-_REDIS_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_REDIS_ERRORS = REDIS_ERRORS
 _MAX_DEAD_FIELDS = 1000  # a dead letter keeps at most this many of an entry's fields
 
 
@@ -115,7 +116,7 @@ class Recorder:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         pool: asyncpg.Pool,
         config: RecorderConfig,
         lease: Lease | None = None,
@@ -128,6 +129,7 @@ class Recorder:
         `on_done(delivery)` is called once an outcome's settlement is over (its entry
         acked, or left to its new holder), never while it waits to be re-sent."""
         self._redis = redis
+        self._cluster = isinstance(redis, RedisCluster)
         self._on_done = on_done
         self._later: dict[int, Result] = {}  # waiting to be re-sent, by id()
         self._pool = pool
@@ -390,9 +392,8 @@ class Recorder:
         Idempotent: re-sent after a lost reply, it finds its entries acked and its hashes
         written, and changes nothing (inv. 10).
         """
-        cmds: list[tuple[Any, ...]] = []
-        if jobs:
-            cmds.append(self._hash_cmd(jobs))
+        cmds = self._hash_cmds(jobs) if jobs else []
+        hashes = len(cmds)
         by_queue: dict[str, list[Result]] = {}
         for r in results:
             by_queue.setdefault(r.delivery.queue, []).append(r)
@@ -400,9 +401,10 @@ class Recorder:
         if not cmds:
             return
         replies = await self._send_scripts(cmds)
-        if jobs and isinstance(replies[0], Exception):  # inv. 2: a view; fails no job
-            logger.warning("job hash write failed: %s", replies[0])
-        settled = replies[1:] if jobs else replies
+        failed = [x for x in replies[:hashes] if isinstance(x, Exception)]
+        if failed:  # inv. 2: a view; fails no job
+            logger.warning("job hash write failed (%d of %d): %s", len(failed), hashes, failed[0])
+        settled = replies[hashes:]
         retry: list[Result] = []
         for rs, reply in zip(by_queue.values(), settled, strict=True):
             retry += self._unsettled(rs, reply)
@@ -438,17 +440,26 @@ class Recorder:
                 self._owned(r, int(code))  # counted and logged as stale
         return retry
 
-    def _hash_cmd(self, jobs: list[JobRow]) -> tuple[Any, ...]:
+    def _hash_cmds(self, jobs: list[JobRow]) -> list[tuple[Any, ...]]:
+        """One script call for all job hashes on one server; on a cluster, where the hashes
+        are spread over every slot, one call per job (a script touches one slot only)."""
         now = _iso(time.time())
         keys: list[str] = []
         args: list[Any] = []
+        cmds: list[tuple[Any, ...]] = []
         for row in jobs:
             fields = self._hash_fields(row, now)
-            keys.append(self._cfg.keys.job(row.id))
             terminal = row.status in TERMINAL
-            args += (row.fence, 1 if row.status == Status.RUNNING else 2,
-                     self._cfg.hash_ttl_s if terminal else 0, len(fields), *fields)  # fmt: skip
-        return ("EVALSHA", _SETHASH[1], len(keys), *keys, *args)
+            one = (row.fence, 1 if row.status == Status.RUNNING else 2,
+                   self._cfg.hash_ttl_s if terminal else 0, len(fields), *fields)  # fmt: skip
+            if self._cluster:
+                cmds.append(("EVALSHA", _SETHASH[1], 1, self._cfg.keys.job(row.id), *one))
+            else:
+                keys.append(self._cfg.keys.job(row.id))
+                args += one
+        if keys:
+            cmds.append(("EVALSHA", _SETHASH[1], len(keys), *keys, *args))
+        return cmds
 
     def _settle_cmd(self, queue: str, results: list[Result]) -> tuple[Any, ...]:
         keys = self._cfg.keys
@@ -489,12 +500,16 @@ class Recorder:
         them (after a restart or SCRIPT FLUSH) and sending again: they are idempotent."""
         replies = await self._send(cmds)
         if any(isinstance(x, redis.exceptions.NoScriptError) for x in replies):
-            await self._send([("SCRIPT", "LOAD", body) for body, _ in (_SETTLE, _SETHASH, _OWNED)])
+            await load_scripts(self._redis, [body for body, _ in (_SETTLE, _SETHASH, _OWNED)])
             replies = await self._send(cmds)
         return replies
 
     async def _send(self, cmds: list[tuple[Any, ...]]) -> list[object]:
-        """Send commands in one round trip; packed by hiredis, which is much cheaper per job."""
+        """Send commands in one round trip (per node, on a cluster); on one server packed
+        by hiredis, which is much cheaper per job."""
+        if isinstance(self._redis, RedisCluster):
+            async with asyncio.timeout(self._cfg.redis_timeout_s):
+                return await send_many(self._redis, cmds)
         pool = self._redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from otel import is_recording_enabled
@@ -39,14 +38,19 @@ from streams.observe import NullObserver, Observer
 from streams.pg_store import JobRow, fetch_statuses
 from streams.reclaimer import Pending, Reclaimer
 from streams.recorder import Recorder, RecorderConfig, Start
+from streams.redis_client import REDIS_ERRORS, AnyRedis
 from streams.trimmer import DeadLetterCaps, DeadLetterTrimmer, trim
 
 __all__ = ["Engine", "EngineConfig"]
 
 logger = logging.getLogger(__name__)
 job_log = logging.getLogger("streams.jobs")
-_CONN_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-_STORE_ERRORS = (*_CONN_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
+_CONN_ERRORS = REDIS_ERRORS
+_STORE_ERRORS: tuple[type[BaseException], ...] = (
+    *_CONN_ERRORS,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 _TERMINAL = frozenset({"completed", "failed"})  # failed: dead-lettered when it was recorded
 
 
@@ -128,7 +132,7 @@ class Engine:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         pool: asyncpg.Pool,
         routes: Sequence[Route],
         config: EngineConfig,

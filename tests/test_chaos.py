@@ -110,9 +110,7 @@ async def kill_connections(
         if stop.is_set():
             break
         for client in await worker_clients(deps, [p.pid for p in procs]):
-            reply = await deps.redis.execute_command(  # type: ignore[no-untyped-call]
-                "CLIENT", "KILL", "ID", client
-            )
+            reply = await deps.redis.execute_command("CLIENT", "KILL", "ID", client)
             killed += int(reply)
         await asyncio.sleep(random.uniform(0.4, 1.0))
     return killed

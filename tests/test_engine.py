@@ -18,6 +18,8 @@ from tests.conftest import eventually, running
 from tests.helpers import event
 
 Q = handlers.QUEUE
+# Every test runs on one Redis and on a Redis Cluster of 3 masters with replicas.
+pytestmark = pytest.mark.cluster_too
 
 
 def publisher(deps: Deps) -> Publisher:

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import msgspec
+import pytest
 
 from consumers.deps import Deps
 from consumers.handler import handler
@@ -21,6 +22,8 @@ from tests.conftest import eventually, running
 from tests.test_engine import all_terminal, executions, statuses
 
 Q = handlers.QUEUE
+# Every test runs on one Redis and on a Redis Cluster of 3 masters with replicas.
+pytestmark = pytest.mark.cluster_too
 SLOW_Q = "test-slow"
 
 
