@@ -31,6 +31,7 @@ def free_cluster_port(taken: set[int]) -> int:
             taken.add(port)
             return port
 
+
 __all__ = ["OwnCluster"]
 
 
@@ -80,8 +81,15 @@ class OwnCluster:
             _wait_port(port)
         nodes = [f"127.0.0.1:{p}" for p in self.ports]
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *nodes, "--cluster-replicas", "1",
-             "--cluster-yes"],  # fmt: skip
+            [
+                "redis-cli",
+                "--cluster",
+                "create",
+                *nodes,
+                "--cluster-replicas",
+                "1",
+                "--cluster-yes",
+            ],
             check=True,
             capture_output=True,
             timeout=60,
