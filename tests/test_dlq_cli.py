@@ -9,6 +9,8 @@ import pty
 import sys
 from typing import Any
 
+import pytest
+
 from consumers.deps import Deps
 from streams import Publisher, list_dead, replay_dead
 from tests import handlers
@@ -17,6 +19,9 @@ from tests.helpers import jobstream
 from tests.test_engine import all_terminal, engine, executions
 
 Q = handlers.QUEUE
+
+# Each test runs on one Redis and on a Redis Cluster of 3 masters with replicas.
+pytestmark = pytest.mark.cluster_too
 
 
 async def test_dlq_list_show_replay_purge(deps: Deps, env_for):
