@@ -175,6 +175,8 @@ def make_engine(
         dead_max_age_s=s.dead_letter_max_age_s,
         dead_max_bytes=s.dead_letter_max_bytes,
         burst=burst,
+        wait_replicas=s.publish_wait_replicas,
+        wait_timeout_ms=s.publish_wait_timeout_ms,
     )
     return Engine(deps.redis, deps.pool, routes, config, observer)
 

@@ -161,7 +161,7 @@ class Publisher:
         if replicas <= 0:
             await pipe.execute()
             return
-        confirmed = await wait_replicas(self._redis, pipe, written, replicas, timeout_ms)
+        confirmed, _ = await wait_replicas(self._redis, pipe, written, replicas, timeout_ms)
         if confirmed < replicas:
             raise PublishError(
                 f"{queue}: {len(ids)} jobs written but confirmed by {confirmed} of "

@@ -31,7 +31,13 @@ from streams.job import Delivery, Outcome, Result
 from streams.keys import Keys
 from streams.lease import Lease
 from streams.pg_store import ExecRow, JobRow, write_batch
-from streams.redis_client import REDIS_ERRORS, AnyRedis, load_scripts, send_many
+from streams.redis_client import (
+    REDIS_ERRORS,
+    AnyRedis,
+    NotReplicated,
+    load_scripts,
+    send_many,
+)
 from streams.status import TERMINAL, Status
 
 __all__ = ["Recorder", "RecorderConfig", "Start"]
@@ -87,6 +93,8 @@ class RecorderConfig:
     max_batch: int = 2000
     max_backlog: int = 4000
     redis_timeout_s: float = 30.0
+    wait_replicas: int = 0  # settlement waits for this many replicas (Redis WAIT)
+    wait_timeout_ms: int = 1000
 
 
 def _iso(ts: float | None) -> str:
@@ -400,7 +408,7 @@ class Recorder:
         cmds += [self._settle_cmd(q, rs) for q, rs in by_queue.items()]
         if not cmds:
             return
-        replies = await self._send_scripts(cmds)
+        replies = await self._send_scripts(cmds, wait=self._cfg.wait_replicas > 0)
         failed = [x for x in replies[:hashes] if isinstance(x, Exception)]
         if failed:  # inv. 2: a view; fails no job
             logger.warning("job hash write failed (%d of %d): %s", len(failed), hashes, failed[0])
@@ -495,21 +503,51 @@ class Recorder:
             items = [*items[: _MAX_DEAD_FIELDS - 8], *items[-7:], ("dropped_fields", dropped)]
         return msgspec.json.encode([_str(x) for kv in items for x in kv])
 
-    async def _send_scripts(self, cmds: list[tuple[Any, ...]]) -> list[object]:
+    async def _send_scripts(
+        self, cmds: list[tuple[Any, ...]], *, wait: bool = False
+    ) -> list[object]:
         """Send EVALSHA commands in one round trip, loading the scripts when Redis lacks
-        them (after a restart or SCRIPT FLUSH) and sending again: they are idempotent."""
-        replies = await self._send(cmds)
+        them (after a restart, a failover or SCRIPT FLUSH) and sending again: they are
+        idempotent. `wait`: see `_send`."""
+        replies = await self._send(cmds, wait)
         if any(isinstance(x, redis.exceptions.NoScriptError) for x in replies):
             await load_scripts(self._redis, [body for body, _ in (_SETTLE, _SETHASH, _OWNED)])
-            replies = await self._send(cmds)
+            replies = await self._send(cmds, wait)
         return replies
 
-    async def _send(self, cmds: list[tuple[Any, ...]]) -> list[object]:
+    async def _send(self, cmds: list[tuple[Any, ...]], wait: bool = False) -> list[object]:
         """Send commands in one round trip (per node, on a cluster); on one server packed
-        by hiredis, which is much cheaper per job."""
+        by hiredis, which is much cheaper per job.
+
+        `wait`: then wait for `wait_replicas` replicas. Once fewer confirmed, the writes are
+        sent again after a second (all idempotent): across a failover they land on the
+        new master if the old one died before passing them on. Not more often: a replica
+        that is down must not stop settlement.
+        """
+        n = self._cfg.wait_replicas if wait else 0
+        try:
+            return await self._send_once(cmds, n)
+        except NotReplicated as exc:
+            logger.warning("settlement not confirmed by replicas (%s); sending it again", exc)
+            await asyncio.sleep(1.0)
+            return await self._send_once(cmds, 0)
+
+    async def _send_once(self, cmds: list[tuple[Any, ...]], replicas: int) -> list[object]:
+        wait = (replicas, self._cfg.wait_timeout_ms)
         if isinstance(self._redis, RedisCluster):
+            keys = [str(c[3]) for c in cmds if c[0] == "EVALSHA" and int(c[2]) > 0]
             async with asyncio.timeout(self._cfg.redis_timeout_s):
-                return await send_many(self._redis, cmds)
+                return await send_many(self._redis, cmds, keys, wait)
+        if replicas > 0:
+            replies = await self._send_raw([*cmds, ("WAIT", *wait)])
+            confirmed = replies.pop()
+            if not isinstance(confirmed, int) or confirmed < replicas:
+                raise NotReplicated(f"{confirmed} of {replicas} replicas confirmed the writes")
+            return replies
+        return await self._send_raw(cmds)
+
+    async def _send_raw(self, cmds: list[tuple[Any, ...]]) -> list[object]:
+        assert not isinstance(self._redis, RedisCluster)  # a cluster goes through send_many
         pool = self._redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:

@@ -17,6 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 __all__ = [
     "REDIS_ERRORS",
     "AnyRedis",
+    "NotReplicated",
     "connect_redis",
     "is_cluster",
     "load_scripts",
@@ -67,14 +68,30 @@ def is_cluster(r: AnyRedis) -> bool:
     return isinstance(r, RedisCluster)
 
 
-async def send_many(r: RedisCluster, cmds: Sequence[tuple[Any, ...]]) -> list[object]:
+class NotReplicated(redis.exceptions.RedisError):
+    """Fewer replicas than asked confirmed a batch of writes (`WAIT`)."""
+
+
+async def send_many(
+    r: RedisCluster, cmds: Sequence[tuple[Any, ...]], keys: Sequence[str], wait: tuple[int, int]
+) -> list[object]:
     """Send commands through the cluster client's pipeline (one round trip per node);
     a refused command's reply is its exception. A connection lost or a failover under
-    way raises, so the caller sends everything again."""
+    way raises, so the caller sends everything again.
+
+    `wait` = (replicas, timeout ms): when replicas > 0, each node the commands' `keys` go
+    to then waits for that many replicas; fewer raises NotReplicated.
+    """
     pipe = r.pipeline(transaction=False)
     for cmd in cmds:
         pipe.execute_command(*cmd)
-    replies: list[object] = await pipe.execute(raise_on_error=False)
+    if wait[0] > 0:
+        confirmed = await wait_replicas(r, pipe, keys, *wait, raise_on_error=False)
+        replies: list[object] = confirmed[1]
+        if confirmed[0] < wait[0]:
+            raise NotReplicated(f"{confirmed[0]} of {wait[0]} replicas confirmed the writes")
+    else:
+        replies = await pipe.execute(raise_on_error=False)
     for reply in replies:
         if isinstance(reply, REDIS_ERRORS):
             raise reply
@@ -82,31 +99,40 @@ async def send_many(r: RedisCluster, cmds: Sequence[tuple[Any, ...]]) -> list[ob
 
 
 async def wait_replicas(
-    r: AnyRedis, pipe: Any, keys: Sequence[str], replicas: int, timeout_ms: int
-) -> int:
+    r: AnyRedis,
+    pipe: Any,
+    keys: Sequence[str],
+    replicas: int,
+    timeout_ms: int,
+    *,
+    raise_on_error: bool = True,
+) -> tuple[int, list[Any]]:
     """Queue `WAIT replicas timeout_ms` behind the writes to `keys` already in `pipe`, on
     each node they go to, and run the pipeline; return the fewest replicas any node
-    confirmed (so the writes of a publish are all replicated that often).
+    confirmed (so every write is replicated at least that often) and the writes' replies.
 
     A node's WAIT travels on the same connection as its writes, which is what WAIT counts.
     """
-    if isinstance(r, RedisCluster):
-        nodes: dict[str, Any] = {}
-        for k in keys:
-            node = r.get_node_from_key(k)
-            if node is None:  # the client has no map of the slot: cannot confirm anything
-                return 0
+    if not isinstance(r, RedisCluster):
+        pipe.execute_command("WAIT", replicas, timeout_ms)
+        replies = await pipe.execute(raise_on_error=raise_on_error)
+        last = replies.pop()
+        return (int(last) if isinstance(last, int) else 0), replies
+    await r.initialize()  # the slot map (a no-op once known)
+    nodes: dict[str, Any] = {}
+    for k in keys:
+        node = r.get_node_from_key(k)
+        if node is not None:
             nodes[node.name] = node
-        for node in nodes.values():
-            pipe.execute_command("WAIT", replicas, timeout_ms, target_nodes=node)
-        replies = await pipe.execute()
-        waits = replies[len(replies) - len(nodes) :]
-        # A write redirected meanwhile (a failover) went on another connection: not counted.
-        moved = any(getattr(r.get_node_from_key(k), "name", None) not in nodes for k in keys)
-        return 0 if moved else min(int(w) for w in waits)
-    pipe.execute_command("WAIT", replicas, timeout_ms)
-    replies = await pipe.execute()
-    return int(replies[-1])
+    for node in nodes.values():
+        pipe.execute_command("WAIT", replicas, timeout_ms, target_nodes=node)
+    replies = await pipe.execute(raise_on_error=raise_on_error)
+    waits = replies[len(replies) - len(nodes) :]
+    del replies[len(replies) - len(nodes) :]
+    # A write redirected meanwhile (a failover) went on another connection: not counted.
+    moved = any(getattr(r.get_node_from_key(k), "name", None) not in nodes for k in keys)
+    counts = [w if isinstance(w, int) else 0 for w in waits]
+    return (0 if moved or not counts else min(counts)), replies
 
 
 async def load_scripts(r: AnyRedis, bodies: Sequence[bytes]) -> None:

@@ -74,6 +74,8 @@ class EngineConfig:
     dead_max_age_s: float = 30 * 86400
     dead_max_bytes: int = 256 * 1024 * 1024
     burst: bool = False
+    wait_replicas: int = 0  # settlement waits for this many replicas to confirm
+    wait_timeout_ms: int = 1000
 
 
 class _Lane:
@@ -146,7 +148,13 @@ class Engine:
             redis,
             pool,
             RecorderConfig(
-                config.group, config.consumer, config.keys, config.hash_ttl_s, config.dead_maxlen
+                config.group,
+                config.consumer,
+                config.keys,
+                config.hash_ttl_s,
+                config.dead_maxlen,
+                wait_replicas=config.wait_replicas,
+                wait_timeout_ms=config.wait_timeout_ms,
             ),
             self.lease,
             self._superseded,

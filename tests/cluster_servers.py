@@ -71,7 +71,7 @@ class OwnCluster:
              "--cluster-node-timeout", str(self.node_timeout_ms), "--dir", str(home),
              "--appendonly", "no", "--save", "", "--logfile", str(home / "redis.log"),
              # a replica may always take over, however long since it heard its master
-             "--cluster-replica-validity-factor", "0"],
+             "--cluster-replica-validity-factor", "0", "--repl-diskless-sync-delay", "0"],
         )  # fmt: skip
 
     def start(self) -> None:
@@ -106,11 +106,15 @@ class OwnCluster:
         return [p for p in self.ports if p in self.procs and self.procs[p].poll() is None]
 
     def wait_ok(self, timeout_s: float = 60) -> None:
-        """Until every live node sees the whole cluster: every slot served, state ok."""
+        """Until every live node sees the whole cluster (every slot served, state ok) and
+        every replica is linked to its master."""
         deadline = time.monotonic() + timeout_s
         while True:
             infos = [self.cli(p, "cluster", "info") for p in self.alive()]
-            if all("cluster_state:ok" in i and "cluster_slots_ok:16384" in i for i in infos):
+            links = [self.cli(p, "info", "replication") for p in self.alive()]
+            if all(
+                "cluster_state:ok" in i and "cluster_slots_ok:16384" in i for i in infos
+            ) and all("master_link_status:down" not in r for r in links):
                 return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"cluster not ok: {infos}")
