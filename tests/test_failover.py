@@ -22,6 +22,7 @@ from tests.conftest import eventually, running
 from tests.servers import OwnRedis
 
 Q = handlers.QUEUE
+_REFUSED: tuple[type[BaseException], ...] = (PublishError, *REDIS_ERRORS)
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ async def produce(
         try:
             await pub.publish_many(Q, [handlers.Work(sleep_s=0.01)] * 10, ids)
             confirmed += ids
-        except (PublishError, *REDIS_ERRORS):  # not confirmed: may run or be lost
+        except _REFUSED:  # not confirmed: may run or be lost
             refused += ids
             await asyncio.sleep(0.1)
 
