@@ -21,7 +21,9 @@ from otel.tracing import setup_tracing
 from schema.migrate import MigrationMismatch, apply_migrations
 from schema.payloads import PAYLOADS
 from streams import ConfigError, PublishError, list_dead, purge_dead, read_dead, replay_dead
-from streams.dead_letters import count_dead, replay_all
+from streams.dead_letters import DeadLetter, count_dead, replay_all
+from streams.keys import queue_of_part
+from streams.partitions import parts_of
 
 __all__ = ["parse_duration_ms", "render_table", "run"]
 
@@ -175,7 +177,8 @@ async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
 async def _dlq_queues(deps: Deps, args: argparse.Namespace) -> list[str]:
     """Every queue with a dead stream or a payload; refuse unknown queues and malformed ids."""
     r, keys = deps.redis, deps.keys
-    seen = {keys.queue_of(k.decode()) async for k in r.scan_iter(match=keys.dead_pattern())}
+    pattern = keys.dead_pattern()
+    seen = {queue_of_part(keys.queue_of(k.decode())) async for k in r.scan_iter(match=pattern)}
     queues = sorted(set(PAYLOADS) | seen)
     named = getattr(args, "queue", None)
     if named is not None and named not in queues:
@@ -193,7 +196,13 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
     if args.dlq == "list":
         rows = []
         for queue in [args.queue] if args.queue else queues:
-            for letter in await list_dead(r, keys, queue, args.count):
+            letters = [
+                letter
+                for part in await parts_of(r, keys, queue)
+                for letter in await list_dead(r, keys, part, args.count)
+            ]  # newest first across the queue's partitions
+            letters.sort(key=lambda x: tuple(map(int, x.dead_id.split("-"))), reverse=True)
+            for letter in letters[: args.count]:
                 f = letter.fields
                 rows.append(
                     {
@@ -211,7 +220,7 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
         return 0
     if args.dlq == "show":
         for queue in [args.queue] if args.queue else queues:
-            found = await read_dead(r, keys, queue, args.dead_id)
+            found = await _find_dead(deps, queue, args.dead_id)
             if found is not None:
                 print(scrub(_json({"dead_id": found.dead_id, "queue": queue, **found.fields})))
                 return 0
@@ -222,26 +231,46 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
     return await _purge(deps, args)
 
 
+async def _find_dead(deps: Deps, queue: str, dead_id: str) -> DeadLetter | None:
+    """A dead letter of the queue by id, in whichever partition holds it."""
+    for part in await parts_of(deps.redis, deps.keys, queue):
+        found = await read_dead(deps.redis, deps.keys, part, dead_id)
+        if found is not None:
+            return found
+    return None
+
+
+async def _count_dead(deps: Deps, queue: str, older: int | None, *, purge: bool = False) -> int:
+    """How many dead letters the queue's partitions hold (older than `older` ms); `purge`:
+    delete them too."""
+    act = purge_dead if purge else count_dead
+    return sum([await act(deps.redis, deps.keys, p, older) for p in await _parts(deps, queue)])
+
+
+async def _parts(deps: Deps, queue: str) -> list[str]:
+    return await parts_of(deps.redis, deps.keys, queue)
+
+
 async def _purge(deps: Deps, args: argparse.Namespace) -> int:
     """Delete dead letters for good: only with --yes or a "y" typed at a terminal."""
-    r, keys, queue = deps.redis, deps.keys, args.queue
+    queue = args.queue
     older = parse_duration_ms(args.older_than) if args.older_than else None
     which = f" older than {args.older_than}" if args.older_than else ""
     if args.dry_run:
-        n = await count_dead(r, keys, queue, older)
+        n = await _count_dead(deps, queue, older)
         print(f"would purge {n} dead letters of {queue}{which}")
         return 0
     if not args.yes:
         if not sys.stdin.isatty():
             raise ConfigError("dlq purge deletes dead letters for good: add --yes (or --dry-run)")
-        n = await count_dead(r, keys, queue, older)
+        n = await _count_dead(deps, queue, older)
         print(f"purge {n} dead letters of {queue}{which}? [y/N] ", end="", file=sys.stderr)
         sys.stderr.flush()
         answer = await asyncio.to_thread(sys.stdin.readline)
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing purged", file=sys.stderr)
             return 1
-    n = await purge_dead(r, keys, queue, older)
+    n = await _count_dead(deps, queue, older, purge=True)
     print(f"purged {n} dead letters of {queue}{which}")
     return 0
 
@@ -252,7 +281,7 @@ async def _replay(deps: Deps, args: argparse.Namespace) -> int:
     if args.all:
         return await _replay_all(deps, args.queue)
     r, keys = deps.redis, deps.keys
-    found = [await read_dead(r, keys, args.queue, i) for i in args.dead_ids]
+    found = [await _find_dead(deps, args.queue, i) for i in args.dead_ids]
     missing = [i for i, f in zip(args.dead_ids, found, strict=True) if f is None]
     if missing:
         raise ConfigError(f"no dead letter {', '.join(missing)} in {args.queue}")
@@ -275,7 +304,10 @@ async def _replay(deps: Deps, args: argparse.Namespace) -> int:
 
 async def _replay_all(deps: Deps, queue: str) -> int:
     """Replay the letters present now, oldest first, each once; cut ones stay."""
-    replayed, kept = await replay_all(deps.redis, deps.pool, deps.keys, queue)
+    replayed, kept = 0, list[str]()
+    for part in await _parts(deps, queue):
+        n, left = await replay_all(deps.redis, deps.pool, deps.keys, part)
+        replayed, kept = replayed + n, kept + left
     print(f"replayed {replayed} dead letters of {queue}")
     if kept:
         ids = ", ".join(kept[:10])

@@ -12,7 +12,9 @@ from consumers.deps import Deps
 from consumers.health import read_report
 from consumers.registry import by_queue
 from schema.payloads import PAYLOADS
+from streams.keys import queue_of_part
 from streams.lookup import find_waiting
+from streams.partitions import parts_of
 
 __all__ = ["health", "job_info", "queue_status"]
 
@@ -29,11 +31,26 @@ def _text(value: Any) -> Any:
 
 
 async def _stream_info(deps: Deps, queue: str) -> dict[str, Any]:
+    """A queue's figures, summed over its partitions (the oldest pending of them all)."""
+    parts = await parts_of(deps.redis, deps.keys, queue, 1)
+    infos = [await _part_info(deps, part) for part in parts]
+    info = infos[0]
+    for other in infos[1:]:
+        for field in ("length", "pending", "lag", "delayed", "dead"):
+            info[field] += other[field]
+        info["consumers"] = max(info["consumers"], other["consumers"])
+        ages = [a for a in (info["oldest_pending_age_s"], other["oldest_pending_age_s"]) if a]
+        info["oldest_pending_age_s"] = max(ages) if ages else None
+    info["partitions"] = len(parts)
+    return info
+
+
+async def _part_info(deps: Deps, queue: str) -> dict[str, Any]:
     r, keys, group = deps.redis, deps.keys, deps.settings.group
     stream = keys.stream(queue)
     info: dict[str, Any] = {
-        "queue": queue,
-        "handled": queue in by_queue(),
+        "queue": queue_of_part(queue),
+        "handled": queue_of_part(queue) in by_queue(),
         "length": int(await r.xlen(stream)),
         "pending": 0,
         "lag": 0,
@@ -86,7 +103,8 @@ async def job_info(deps: Deps, job_id: str, scan_limit: int = 50_000) -> dict[st
     waiting, complete = [], True
     if row is None:  # published by any producer, not yet recorded by a worker
         queues = sorted(set(PAYLOADS) | set(by_queue()))
-        found, complete = await find_waiting(deps.redis, deps.keys, queues, job_id, scan_limit)
+        parts = [p for q in queues for p in await parts_of(deps.redis, deps.keys, q)]
+        found, complete = await find_waiting(deps.redis, deps.keys, parts, job_id, scan_limit)
         waiting = [msgspec.to_builtins(w) for w in found]
     if row is None and not hashed and not waiting and complete:
         return None

@@ -34,6 +34,7 @@ __all__ = [
     "consumer_name",
     "keys_of",
     "make_engine",
+    "partitions_of",
     "run_worker",
     "service_version",
     "start_telemetry",
@@ -113,12 +114,23 @@ async def connect(
             PAYLOADS,
             wait_replicas=settings.publish_wait_replicas,
             wait_timeout_ms=settings.publish_wait_timeout_ms,
+            partitions=partitions_of(settings),
         )
         yield Deps(pool, redis, publisher, settings, keys, parser)
     finally:
         await parser.aclose()
         await pool.close()
         await redis.aclose()
+
+
+def partitions_of(settings: Settings) -> dict[str, int]:
+    """Queue → partitions, from the registered policies and `JOBSTREAM_POLICIES`."""
+    overrides = settings.policy_overrides()
+    out = {q: spec.policy.partitions for q, spec in by_queue().items()}
+    for queue, fields in overrides.items():
+        if "partitions" in fields:
+            out[queue] = int(fields["partitions"])
+    return out
 
 
 def _select(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:

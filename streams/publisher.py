@@ -20,6 +20,7 @@ from schema.envelope import job_id_problem
 from schema.payloads import PAYLOADS
 from streams.errors import PublishError
 from streams.keys import Keys
+from streams.partitions import Chooser
 from streams.redis_client import AnyRedis, wait_replicas
 
 __all__ = ["PayloadLike", "Publisher", "new_job_id"]
@@ -45,12 +46,17 @@ class Publisher:
         record_queued: bool = True,
         wait_replicas: int = 0,
         wait_timeout_ms: int = 1000,
+        partitions: Mapping[str, int] | None = None,
     ) -> None:
         """`wait_replicas` > 0: a publish succeeds only once that many replicas confirmed
         its writes (Redis `WAIT`, at most `wait_timeout_ms`); else it raises PublishError
         (the jobs were written and may run: publishing again is safe, only never lost)."""
         self._redis = redis
         self._wait = (wait_replicas, wait_timeout_ms)
+        # `partitions`: queue → P (policy `partitions`); a queue not named has one.
+        self._partitions = dict(partitions or {})
+        self._chooser = Chooser()
+        self._registered: set[str] = set()
         self._keys = keys or Keys()
         self._payloads = dict(payloads)
         self._record_queued = record_queued
@@ -87,9 +93,13 @@ class Publisher:
         job_id: str | None = None,
         *,
         delay_s: float | None = None,
+        key: str | None = None,
     ) -> str:
-        """Publish one job (after `delay_s` seconds if given); return its job id."""
-        ids = await self.publish_many(queue, [payload], [job_id], delay_s=delay_s)
+        """Publish one job (after `delay_s` seconds if given); return its job id.
+
+        `key` (e.g. a mailbox id) picks the partition of a partitioned queue, so jobs of one
+        key keep their order; without one, partitions take turns."""
+        ids = await self.publish_many(queue, [payload], [job_id], delay_s=delay_s, key=key)
         return ids[0]
 
     async def publish_many(
@@ -99,6 +109,7 @@ class Publisher:
         job_ids: Sequence[str | None] | None = None,
         *,
         delay_s: float | None = None,
+        key: str | None = None,
     ) -> list[str]:
         """Publish a batch in one round trip; validate all first, so a bad one writes nothing."""
         if job_ids is not None and len(job_ids) != len(payloads):
@@ -113,7 +124,7 @@ class Publisher:
                 raise PublishError(f"job id {problem}")
         stream = self._keys.stream(queue)
         if not is_recording_enabled():
-            await self._write(queue, bodies, ids, {}, delay_s)
+            await self._write(queue, bodies, ids, {}, delay_s, key)
             return ids
         attributes: dict[str, str | int] = {
             "messaging.system": "redis",
@@ -128,7 +139,7 @@ class Publisher:
         ):
             context: dict[str, str] = {}
             inject(context)
-            await self._write(queue, bodies, ids, context, delay_s)
+            await self._write(queue, bodies, ids, context, delay_s, key)
         return ids
 
     async def _write(
@@ -138,8 +149,12 @@ class Publisher:
         ids: list[str],
         context: dict[str, str],
         delay_s: float | None,
+        key: str | None,
     ) -> None:
         pipe: Any = self._redis.pipeline(transaction=False)
+        count = self._partitions.get(queue, 1)
+        if count > 1 and queue not in self._registered:  # once: workers then read them all
+            pipe.sadd(self._keys.partitions(queue), *range(count))
         written: list[str] = []
         due_ms = int((time.time() + delay_s) * 1000) if delay_s else None
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -149,19 +164,22 @@ class Publisher:
                 status = {"status": "queued", "queue": queue, "attempt": 1, "updated_at": now}
                 pipe.hset(self._keys.job(job_id), mapping=status)
                 written.append(self._keys.job(job_id))
+            part = self._keys.part(queue, self._chooser.pick(queue, count, key))
             if due_ms is None:
-                pipe.xadd(self._keys.stream(queue), fields)
-                written.append(self._keys.stream(queue))
+                pipe.xadd(self._keys.stream(part), fields)
+                written.append(self._keys.stream(part))
             else:
                 fields["attempt"] = "1"
                 member = msgspec.json.encode({k: _text(v) for k, v in fields.items()})
-                pipe.zadd(self._keys.delayed(queue), {member: due_ms})
-                written.append(self._keys.delayed(queue))
+                pipe.zadd(self._keys.delayed(part), {member: due_ms})
+                written.append(self._keys.delayed(part))
         replicas, timeout_ms = self._wait
         if replicas <= 0:
             await pipe.execute()
+            self._registered.add(queue)
             return
         confirmed, _ = await wait_replicas(self._redis, pipe, written, replicas, timeout_ms)
+        self._registered.add(queue)
         if confirmed < replicas:
             raise PublishError(
                 f"{queue}: {len(ids)} jobs written but confirmed by {confirmed} of "

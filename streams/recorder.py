@@ -28,7 +28,7 @@ from schema.envelope import MAX_TIME_MS, enqueued_at_ms
 from streams.backoff import retry_until_done
 from streams.dead_letters import dead_fields
 from streams.job import Delivery, Outcome, Result
-from streams.keys import Keys
+from streams.keys import Keys, queue_of_part
 from streams.lease import Lease
 from streams.pg_store import ExecRow, JobRow, write_batch
 from streams.redis_client import (
@@ -489,7 +489,7 @@ class Recorder:
         d = r.delivery
         fields = dead_fields(
             d.fields,
-            queue=d.queue,
+            queue=queue_of_part(d.queue),
             job_id=r.job_id,
             entry_id=d.entry_id,
             reason=r.reason or "failed",
@@ -593,8 +593,8 @@ def _order(item: Start | Result) -> tuple[str, bool]:
 def _start_row(item: Start) -> JobRow:
     d = item.delivery
     return JobRow(
-        item.job_id, d.queue, Status.RUNNING, _payload_text(item.payload), None, None,
-        item.attempt, d.entry_id, _created(d), item.started_at, None, None, d.fence,
+        item.job_id, queue_of_part(d.queue), Status.RUNNING, _payload_text(item.payload), None,
+        None, item.attempt, d.entry_id, _created(d), item.started_at, None, None, d.fence,
     )  # fmt: skip
 
 
@@ -602,9 +602,9 @@ def _job_row(r: Result) -> JobRow:
     d = r.delivery
     done = r.finished_at if r.outcome is not Outcome.RETRYING else None
     return JobRow(
-        r.job_id, d.queue, _STATUS[r.outcome], _payload_text(r.payload), r.result_json,
-        _text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None, done,
-        _time(r.retry_at), d.fence,
+        r.job_id, queue_of_part(d.queue), _STATUS[r.outcome], _payload_text(r.payload),
+        r.result_json, _text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None,
+        done, _time(r.retry_at), d.fence,
     )  # fmt: skip
 
 
