@@ -98,7 +98,7 @@ async def _publish(deps: Deps, args: argparse.Namespace) -> int:
     tracing = setup_tracing(service_version(), None)
     try:
         job_id = await deps.publisher.publish(
-            args.queue, args.payload, args.job_id, delay_s=args.delay
+            args.queue, args.payload, args.job_id, delay_s=args.delay, key=args.key
         )
     finally:
         await asyncio.to_thread(tracing.shutdown)
@@ -133,6 +133,7 @@ async def _status(deps: Deps, as_json: bool) -> int:
         r["oldest_pending_s"] = r.pop("oldest_pending_age_s")
     columns = [
         "queue",
+        "partitions",
         "length",
         "pending",
         "lag",

@@ -15,7 +15,7 @@ from consumers.runtime import make_engine
 from streams import Publisher, trim
 from tests import handlers
 from tests.conftest import eventually, running
-from tests.helpers import jobstream
+from tests.helpers import event, jobstream
 from tests.test_engine import all_terminal
 
 Q = handlers.QUEUE
@@ -110,3 +110,13 @@ async def test_status_and_dead_letters_cover_every_partition(deps: Deps, env_for
     purged = await jobstream(env, "dlq", "purge", Q, "--yes")
     assert purged.returncode == 0, purged.stderr
     assert "purged 6 dead letters" in purged.stdout
+
+
+async def test_cli_publishes_by_key_to_the_configured_partitions(deps: Deps, env_for):
+    env = env_for(JOBSTREAM_POLICIES='{"analytics": {"partitions": 3}}')
+    for i in range(4):
+        payload = msgspec.json.encode(event(f"keyed-{i}", mailbox="mb-9")).decode()
+        out = await jobstream(env, "publish", "analytics", payload, "--key", "mb-9")
+        assert out.returncode == 0, out.stderr
+    parts = [deps.keys.stream(deps.keys.part("analytics", n)) for n in range(3)]
+    assert sorted([int(await deps.redis.xlen(s)) for s in parts]) == [0, 0, 4]
