@@ -25,10 +25,10 @@ import msgspec
 from redis.asyncio.cluster import RedisCluster
 
 from bench.common import NOOP, NOOP_QUEUE, Noop, scratch_database
-from consumers.runtime import connect, make_engine
-from consumers.settings import Settings
-from streams import Publisher, trim
-from streams.redis_client import is_cluster
+from jobstream.consumers.worker.runtime import connect, make_engine
+from jobstream.consumers.worker.settings import Settings
+from jobstream.streams import Publisher, trim
+from jobstream.streams.redis_client import is_cluster
 from tests.cluster_servers import OwnCluster
 from tests.servers import free_port
 

@@ -15,11 +15,11 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from streams.errors import PublishError
-from streams.keys import Keys
-from streams.publisher import Publisher
-from streams.redis_client import AnyRedis
-from streams.status import TERMINAL, Status
+from jobstream.streams.errors import PublishError
+from jobstream.streams.keys import Keys
+from jobstream.streams.publisher import Publisher
+from jobstream.streams.redis_client import AnyRedis
+from jobstream.streams.status import TERMINAL, Status
 
 __all__ = ["Client", "JobState"]
 

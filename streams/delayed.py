@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from importlib import resources
 
-from streams.keys import Keys
-from streams.redis_client import AnyRedis
+from jobstream.streams.keys import Keys
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = ["Promoter"]
 
-_PROMOTE_LUA = resources.files("streams.lua").joinpath("promote.lua").read_text(encoding="utf-8")
+_PROMOTE_LUA = (
+    resources.files("jobstream.streams.lua").joinpath("promote.lua").read_text(encoding="utf-8")
+)
 
 
 class Promoter:

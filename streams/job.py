@@ -6,7 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from streams.lease import clock
+from jobstream.streams.lease import clock
 
 __all__ = ["Delivery", "Job", "Outcome", "Result", "fence_of"]
 
@@ -51,7 +51,7 @@ class Delivery:
     fields: dict[bytes, bytes]
     delivery_count: int = 1
     started_mono: float = 0.0
-    read_at: float = field(default_factory=clock)  # on the lease clock (`streams.lease`)
+    read_at: float = field(default_factory=clock)  # on the lease clock (`jobstream.streams.lease`)
 
     @property
     def fence(self) -> str:

@@ -11,8 +11,8 @@ from typing import Any
 
 import msgspec
 
-from streams.keys import Keys
-from streams.redis_client import AnyRedis
+from jobstream.streams.keys import Keys
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = ["Waiting", "find_waiting"]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import itertools
 import zlib
 
-from streams.keys import Keys
-from streams.redis_client import AnyRedis
+from jobstream.streams.keys import Keys
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = ["Chooser", "parts_of", "register"]
 

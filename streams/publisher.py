@@ -15,13 +15,13 @@ from typing import Any
 import msgspec
 from opentelemetry import trace
 
-from otel import inject, is_recording_enabled
-from schema.envelope import job_id_problem
-from schema.payloads import PAYLOADS
-from streams.errors import PublishError
-from streams.keys import Keys
-from streams.partitions import Chooser
-from streams.redis_client import AnyRedis, wait_replicas
+from jobstream.otel import inject, is_recording_enabled
+from jobstream.schema.envelope import job_id_problem
+from jobstream.schema.payloads import PAYLOADS
+from jobstream.streams.errors import PublishError
+from jobstream.streams.keys import Keys
+from jobstream.streams.partitions import Chooser
+from jobstream.streams.redis_client import AnyRedis, wait_replicas
 
 __all__ = ["PayloadLike", "Publisher", "new_job_id"]
 

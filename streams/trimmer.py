@@ -10,13 +10,15 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from streams.keys import Keys
-from streams.redis_client import AnyRedis
+from jobstream.streams.keys import Keys
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = ["DeadLetterCaps", "DeadLetterTrimmer", "safe_min_id", "trim"]
 
 logger = logging.getLogger(__name__)
-_BYTES_LUA = resources.files("streams.lua").joinpath("trim_dead_bytes.lua").read_text("utf-8")
+_BYTES_LUA = (
+    resources.files("jobstream.streams.lua").joinpath("trim_dead_bytes.lua").read_text("utf-8")
+)
 
 
 def _key(entry_id: str) -> tuple[int, int]:

@@ -19,11 +19,11 @@ from typing import Any
 import asyncpg
 import redis.exceptions
 
-from otel import is_recording_enabled
-from schema.envelope import enqueued_at_ms, safe_job_id
-from streams.backoff import retry_until_done
-from streams.delayed import Promoter
-from streams.dispatch import (
+from jobstream.otel import is_recording_enabled
+from jobstream.schema.envelope import enqueued_at_ms, safe_job_id
+from jobstream.streams.backoff import retry_until_done
+from jobstream.streams.delayed import Promoter
+from jobstream.streams.dispatch import (
     Route,
     execute,
     execute_traced,
@@ -31,16 +31,16 @@ from streams.dispatch import (
     prepare,
     trace_invalid,
 )
-from streams.job import Delivery, Job, Outcome, Result
-from streams.keys import Keys, queue_of_part
-from streams.lease import Lease, clock
-from streams.observe import NullObserver, Observer
-from streams.partitions import parts_of, register
-from streams.pg_store import JobRow, fetch_statuses
-from streams.reclaimer import Pending, Reclaimer
-from streams.recorder import Recorder, RecorderConfig, Start
-from streams.redis_client import REDIS_ERRORS, AnyRedis
-from streams.trimmer import DeadLetterCaps, DeadLetterTrimmer, trim
+from jobstream.streams.job import Delivery, Job, Outcome, Result
+from jobstream.streams.keys import Keys, queue_of_part
+from jobstream.streams.lease import Lease, clock
+from jobstream.streams.observe import NullObserver, Observer
+from jobstream.streams.partitions import parts_of, register
+from jobstream.streams.pg_store import JobRow, fetch_statuses
+from jobstream.streams.reclaimer import Pending, Reclaimer
+from jobstream.streams.recorder import Recorder, RecorderConfig, Start
+from jobstream.streams.redis_client import REDIS_ERRORS, AnyRedis
+from jobstream.streams.trimmer import DeadLetterCaps, DeadLetterTrimmer, trim
 
 __all__ = ["Engine", "EngineConfig"]
 
