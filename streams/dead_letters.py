@@ -154,22 +154,6 @@ async def purge_dead(r: AnyRedis, keys: Keys, queue: str, older_than_ms: int | N
     return before - int(await r.xlen(key))
 
 
-# Opened before the letter is published: a worker quick to run the replayed entry must find
-# the row open, as a terminal row refuses every write (and the job would stay `queued`).
-REOPEN_SQL = """
-WITH old AS (
-    SELECT id, status, stream_entry_id FROM jobs
-    WHERE id = $1 AND status IN ('completed', 'failed') FOR UPDATE
-)
-UPDATE jobs j SET status = 'queued', updated_at = now() FROM old WHERE j.id = old.id
-RETURNING old.status, old.stream_entry_id
-"""
-# The letter was gone after all (replayed or purged by someone else): close the row again,
-# unless a worker has written it since.
-UNDO_REOPEN_SQL = """
-UPDATE jobs SET status = $2, updated_at = now()
-WHERE id = $1 AND status = 'queued' AND stream_entry_id IS NOT DISTINCT FROM $3
-"""
 REPLAY_SQL = """
 UPDATE jobs SET status = 'queued', error = NULL, next_attempt_at = NULL, updated_at = now(),
                 stream_entry_id = $2
@@ -211,15 +195,12 @@ async def replay_dead(
     fields["attempt"] = "1"
     job_id = letter.fields.get("job_id") or fields.get("id") or letter.dead_id
     fields["id"] = job_id
-    reopened = await pool.fetchrow(REOPEN_SQL, job_id)
     move = r.register_script(_REPLAY_LUA)
     entry_id = await move(
         keys=[keys.dead(letter.queue), keys.stream(letter.queue)],
         args=[letter.dead_id, *(x for pair in fields.items() for x in pair)],
     )
     if entry_id is None:
-        if reopened is not None:
-            await pool.execute(UNDO_REOPEN_SQL, job_id, reopened[0], reopened[1])
         return None
     entry = _id(entry_id)
     # A worker may already have picked the new entry up: its own record then wins.
