@@ -17,12 +17,12 @@ from importlib import resources
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from jobstream.schema.envelope import created_ms
 from jobstream.streams.errors import PublishError
 from jobstream.streams.job import fence_of
 from jobstream.streams.keys import Keys
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = [
     "MAX_FIELD_BYTES",
@@ -119,7 +119,7 @@ def _decode(queue: str, entry: Any) -> DeadLetter:
 
 
 async def list_dead(
-    r: aioredis.Redis, keys: Keys, queue: str, count: int = 100, before: str | None = None
+    r: AnyRedis, keys: Keys, queue: str, count: int = 100, before: str | None = None
 ) -> list[DeadLetter]:
     """The newest `count` dead letters of a queue (older than the id `before`, if given),
     newest first."""
@@ -130,15 +130,13 @@ async def list_dead(
     return [_decode(queue, e) for e in entries]
 
 
-async def read_dead(r: aioredis.Redis, keys: Keys, queue: str, dead_id: str) -> DeadLetter | None:
+async def read_dead(r: AnyRedis, keys: Keys, queue: str, dead_id: str) -> DeadLetter | None:
     """One dead letter by its id in the dead stream, or None."""
     entries: Any = await r.xrange(keys.dead(queue), min=dead_id, max=dead_id, count=1)
     return _decode(queue, entries[0]) if entries else None
 
 
-async def count_dead(
-    r: aioredis.Redis, keys: Keys, queue: str, older_than_ms: int | None = None
-) -> int:
+async def count_dead(r: AnyRedis, keys: Keys, queue: str, older_than_ms: int | None = None) -> int:
     """How many dead letters `purge_dead` with the same arguments would delete now."""
     key = keys.dead(queue)
     if older_than_ms is None:
@@ -151,9 +149,7 @@ async def count_dead(
     return n
 
 
-async def purge_dead(
-    r: aioredis.Redis, keys: Keys, queue: str, older_than_ms: int | None = None
-) -> int:
+async def purge_dead(r: AnyRedis, keys: Keys, queue: str, older_than_ms: int | None = None) -> int:
     """Delete a queue's dead letters (all, or those older than `older_than_ms`); return how many."""
     key = keys.dead(queue)
     if older_than_ms is None:
@@ -234,7 +230,7 @@ def _id(raw: Any) -> str:
 
 
 async def replay_dead(
-    r: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, letter: DeadLetter
+    r: AnyRedis, pool: asyncpg.Pool, keys: Keys, letter: DeadLetter
 ) -> str | None:
     """Publish a dead letter again with attempt 1, record it `queued`, and drop the letter.
 
@@ -283,7 +279,7 @@ async def replay_dead(
 
 
 async def replay_all(
-    r: aioredis.Redis,
+    r: AnyRedis,
     pool: asyncpg.Pool,
     keys: Keys,
     queue: str,

@@ -10,10 +10,9 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from jobstream.streams.keys import Keys
 from jobstream.streams.observe import Observer
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = ["QueueGauges"]
 
@@ -29,9 +28,7 @@ class QueueGauges:
     replica takes it over within `ttl_ms` plus one report interval.
     """
 
-    def __init__(
-        self, redis: aioredis.Redis, keys: Keys, group: str, holder: str, ttl_ms: int
-    ) -> None:
+    def __init__(self, redis: AnyRedis, keys: Keys, group: str, holder: str, ttl_ms: int) -> None:
         self._redis = redis
         self._keys = keys
         self._group = group.encode()  # compared as bytes: a group name need not be UTF-8

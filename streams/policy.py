@@ -24,6 +24,8 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     """A handler running longer is cancelled and the attempt counts as a timeout."""
     concurrency: int = 32
     """Jobs of this queue in flight at once in one worker."""
+    partitions: int = 1
+    """Streams the queue is split into (`jobs:{<queue>}`, then `jobs:{<queue>#<n>}`)."""
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -32,6 +34,8 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(f"timeout_s must be positive, got {self.timeout_s}")
         if self.concurrency < 1:
             raise ConfigError(f"concurrency must be at least 1, got {self.concurrency}")
+        if not 1 <= self.partitions <= 1024:
+            raise ConfigError(f"partitions must be 1 to 1024, got {self.partitions}")
         if self.backoff_base_s < 0 or self.backoff_cap_s < self.backoff_base_s:
             raise ConfigError("backoff needs 0 <= backoff_base_s <= backoff_cap_s")
 

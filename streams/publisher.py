@@ -13,7 +13,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 import redis.exceptions
 from opentelemetry import trace
 
@@ -24,6 +23,8 @@ from jobstream.streams import semconv as sc
 from jobstream.streams.errors import PublishError
 from jobstream.streams.keys import Keys
 from jobstream.streams.observe import NullObserver, Observer
+from jobstream.streams.queue_partitions import Chooser
+from jobstream.streams.redis_client import AnyRedis, wait_replicas
 
 __all__ = ["PayloadLike", "Publisher", "new_job_id"]
 
@@ -41,14 +42,25 @@ class Publisher:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         keys: Keys | None = None,
         payloads: Mapping[str, type[msgspec.Struct]] = PAYLOADS,
         *,
         record_queued: bool = True,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+        partitions: Mapping[str, int] | None = None,
         observer: Observer | None = None,
     ) -> None:
+        """`wait_replicas` > 0: a publish succeeds only once that many replicas confirmed
+        its writes (Redis `WAIT`, at most `wait_timeout_ms`); else it raises PublishError
+        (the jobs were written and may run: publishing again is safe, only never lost)."""
         self._redis = redis
+        self._wait = (wait_replicas, wait_timeout_ms)
+        # `partitions`: queue → P (policy `partitions`); a queue not named has one.
+        self._partitions = dict(partitions or {})
+        self._chooser = Chooser()
+        self._registered: set[str] = set()
         self._keys = keys or Keys()
         self._payloads = dict(payloads)
         self._record_queued = record_queued
@@ -87,9 +99,13 @@ class Publisher:
         job_id: str | None = None,
         *,
         delay_s: float | None = None,
+        key: str | None = None,
     ) -> str:
-        """Publish one job (after `delay_s` seconds if given); return its job id."""
-        ids = await self._publish(queue, [payload], [job_id], delay_s, batch=False)
+        """Publish one job (after `delay_s` seconds if given); return its job id.
+
+        `key` (e.g. a mailbox id) picks the partition of a partitioned queue, so jobs of one
+        key keep their order; without one, partitions take turns."""
+        ids = await self._publish(queue, [payload], [job_id], delay_s, key, batch=False)
         return ids[0]
 
     async def publish_many(
@@ -99,9 +115,10 @@ class Publisher:
         job_ids: Sequence[str | None] | None = None,
         *,
         delay_s: float | None = None,
+        key: str | None = None,
     ) -> list[str]:
         """Publish a batch in one round trip; validate all first, so a bad one writes nothing."""
-        return await self._publish(queue, payloads, job_ids, delay_s, batch=True)
+        return await self._publish(queue, payloads, job_ids, delay_s, key, batch=True)
 
     async def _publish(
         self,
@@ -109,6 +126,7 @@ class Publisher:
         payloads: Sequence[PayloadLike],
         job_ids: Sequence[str | None] | None,
         delay_s: float | None,
+        key: str | None,
         *,
         batch: bool,
     ) -> list[str]:
@@ -124,7 +142,7 @@ class Publisher:
                 raise PublishError(f"job id {problem}")
         stream = self._keys.stream(queue)
         if not is_recording_enabled():
-            await self._write(queue, bodies, ids, {}, delay_s)
+            await self._write(queue, bodies, ids, {}, delay_s, key)
             return ids
         attributes: dict[str, str | int] = {
             sc.SYSTEM: "redis",
@@ -142,7 +160,7 @@ class Publisher:
         ) as span:
             context: dict[str, str] = {}
             inject(context)
-            entry_ids = await self._write(queue, bodies, ids, context, delay_s)
+            entry_ids = await self._write(queue, bodies, ids, context, delay_s, key)
             if not batch and entry_ids:  # a delayed job has no entry yet
                 span.set_attribute(sc.MESSAGE_ID, entry_ids[0])
         return ids
@@ -154,33 +172,54 @@ class Publisher:
         ids: list[str],
         context: dict[str, str],
         delay_s: float | None,
+        key: str | None,
     ) -> list[str]:
         """Write the entries (or delayed members); return the entry IDs XADD gave them."""
-        pipe = self._redis.pipeline(transaction=False)
+        pipe: Any = self._redis.pipeline(transaction=False)
+        added: list[int] = []  # where each XADD's reply is
+        count = self._partitions.get(queue, 1)
+        if count > 1 and queue not in self._registered:  # once: workers then read them all
+            pipe.sadd(self._keys.partitions(queue), *range(count))
+        written: list[str] = []
         due_ms = int((time.time() + delay_s) * 1000) if delay_s else None
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         for body, job_id in zip(bodies, ids, strict=True):
             fields: dict[str, str | bytes] = {"id": job_id, "payload": body, **context}
             if self._record_queued:  # before the entry exists, so it never hides a later status
                 status = {"status": "queued", "queue": queue, "attempt": 1, "updated_at": now}
-                pipe.hset(self._keys.job(job_id), mapping=status)  # type: ignore[arg-type]
+                pipe.hset(self._keys.job(job_id), mapping=status)
+                written.append(self._keys.job(job_id))
+            part = self._keys.part(queue, self._chooser.pick(queue, count, key))
             if due_ms is None:
-                pipe.xadd(self._keys.stream(queue), fields)  # type: ignore[arg-type]
+                added.append(len(pipe))
+                pipe.xadd(self._keys.stream(part), fields)
+                written.append(self._keys.stream(part))
             else:
                 fields["attempt"] = "1"
                 member = msgspec.json.encode({k: _text(v) for k, v in fields.items()})
-                pipe.zadd(self._keys.delayed(queue), {member: due_ms})
+                pipe.zadd(self._keys.delayed(part), {member: due_ms})
+                written.append(self._keys.delayed(part))
+        replicas, timeout_ms = self._wait
         stream = self._keys.stream(queue)
         try:
-            replies = await pipe.execute()
+            if replicas <= 0:
+                replies = await pipe.execute()
+            else:
+                confirmed, replies = await wait_replicas(
+                    self._redis, pipe, written, replicas, timeout_ms
+                )
         except (redis.exceptions.RedisError, OSError) as exc:  # counted, then raised as it was
             self._observer.messages_sent(queue, stream, len(bodies), type(exc).__qualname__)
             raise
         self._observer.messages_sent(queue, stream, len(bodies), None)
-        if due_ms is not None:
-            return []
-        added = replies[1::2] if self._record_queued else replies  # after each HSET
-        return [_text(r) for r in added]
+        self._registered.add(queue)
+        if replicas > 0 and confirmed < replicas:
+            raise PublishError(
+                f"{queue}: {len(ids)} jobs written but confirmed by {confirmed} of "
+                f"{replicas} replicas within {timeout_ms} ms (JOBSTREAM_PUBLISH_WAIT_REPLICAS): "
+                "they may run, or be lost if the master fails now; publish them again"
+            )
+        return [_text(replies[i]) for i in added]
 
 
 def _text(value: str | bytes) -> str:

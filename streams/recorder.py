@@ -21,16 +21,23 @@ from typing import Any
 import asyncpg
 import hiredis
 import msgspec
-import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 
 from jobstream.schema.envelope import MAX_TIME_MS, created_ms
 from jobstream.streams.backoff import retry_until_done
 from jobstream.streams.dead_letters import dead_fields
 from jobstream.streams.job import Delivery, Outcome, Result
-from jobstream.streams.keys import Keys
+from jobstream.streams.keys import Keys, queue_of_part
 from jobstream.streams.lease import Lease
 from jobstream.streams.pg_store import ExecRow, JobRow, find_created, write_batch
+from jobstream.streams.redis_client import (
+    REDIS_ERRORS,
+    AnyRedis,
+    NotReplicated,
+    load_scripts,
+    send_many,
+)
 from jobstream.streams.status import TERMINAL, Status
 
 __all__ = ["Recorder", "RecorderConfig", "Start"]
@@ -50,7 +57,7 @@ _DATA_ERRORS = (
 )
 _MAX_TIME_S = MAX_TIME_MS / 1000
 _PG_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
-_REDIS_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_REDIS_ERRORS = REDIS_ERRORS
 _MAX_DEAD_FIELDS = 1000  # a dead letter keeps at most this many of an entry's fields
 
 
@@ -87,6 +94,8 @@ class RecorderConfig:
     max_batch: int = 2000
     max_backlog: int = 4000
     redis_timeout_s: float = 30.0
+    wait_replicas: int = 0  # settlement waits for this many replicas (Redis WAIT)
+    wait_timeout_ms: int = 1000
 
 
 def _iso(ts: float | None) -> str:
@@ -116,7 +125,7 @@ class Recorder:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         pool: asyncpg.Pool,
         config: RecorderConfig,
         lease: Lease | None = None,
@@ -129,6 +138,7 @@ class Recorder:
         `on_done(delivery)` is called once an outcome's settlement is over (its entry
         acked, or left to its new holder), never while it waits to be re-sent."""
         self._redis = redis
+        self._cluster = isinstance(redis, RedisCluster)
         self._on_done = on_done
         self._later: dict[int, Result] = {}  # waiting to be re-sent, by id()
         self._pool = pool
@@ -413,19 +423,19 @@ class Recorder:
         Idempotent: re-sent after a lost reply, it finds its entries acked and its hashes
         written, and changes nothing (inv. 10).
         """
-        cmds: list[tuple[Any, ...]] = []
-        if jobs:
-            cmds.append(self._hash_cmd(jobs))
+        cmds = self._hash_cmds(jobs) if jobs else []
+        hashes = len(cmds)
         by_queue: dict[str, list[Result]] = {}
         for r in results:
             by_queue.setdefault(r.delivery.queue, []).append(r)
         cmds += [self._settle_cmd(q, rs) for q, rs in by_queue.items()]
         if not cmds:
             return
-        replies = await self._send_scripts(cmds)
-        if jobs and isinstance(replies[0], Exception):  # inv. 2: a view; fails no job
-            logger.warning("job hash write failed: %s", replies[0])
-        settled = replies[1:] if jobs else replies
+        replies = await self._send_scripts(cmds, wait=self._cfg.wait_replicas > 0)
+        failed = [x for x in replies[:hashes] if isinstance(x, Exception)]
+        if failed:  # inv. 2: a view; fails no job
+            logger.warning("job hash write failed (%d of %d): %s", len(failed), hashes, failed[0])
+        settled = replies[hashes:]
         retry: list[Result] = []
         for rs, reply in zip(by_queue.values(), settled, strict=True):
             retry += self._unsettled(rs, reply)
@@ -461,17 +471,26 @@ class Recorder:
                 self._owned(r, int(code))  # counted and logged as stale
         return retry
 
-    def _hash_cmd(self, jobs: list[JobRow]) -> tuple[Any, ...]:
+    def _hash_cmds(self, jobs: list[JobRow]) -> list[tuple[Any, ...]]:
+        """One script call for all job hashes on one server; on a cluster, where the hashes
+        are spread over every slot, one call per job (a script touches one slot only)."""
         now = _iso(time.time())
         keys: list[str] = []
         args: list[Any] = []
+        cmds: list[tuple[Any, ...]] = []
         for row in jobs:
             fields = self._hash_fields(row, now)
-            keys.append(self._cfg.keys.job(row.id))
             terminal = row.status in TERMINAL
-            args += (row.fence, 1 if row.status == Status.RUNNING else 2,
-                     self._cfg.hash_ttl_s if terminal else 0, len(fields), *fields)  # fmt: skip
-        return ("EVALSHA", _SETHASH[1], len(keys), *keys, *args)
+            one = (row.fence, 1 if row.status == Status.RUNNING else 2,
+                   self._cfg.hash_ttl_s if terminal else 0, len(fields), *fields)  # fmt: skip
+            if self._cluster:
+                cmds.append(("EVALSHA", _SETHASH[1], 1, self._cfg.keys.job(row.id), *one))
+            else:
+                keys.append(self._cfg.keys.job(row.id))
+                args += one
+        if keys:
+            cmds.append(("EVALSHA", _SETHASH[1], len(keys), *keys, *args))
+        return cmds
 
     def _settle_cmd(self, queue: str, results: list[Result]) -> tuple[Any, ...]:
         keys = self._cfg.keys
@@ -493,7 +512,7 @@ class Recorder:
         d = r.delivery
         fields = dead_fields(
             d.fields,
-            queue=d.queue,
+            queue=queue_of_part(d.queue),
             job_id=r.job_id,
             entry_id=d.entry_id,
             reason=r.reason or "failed",
@@ -507,17 +526,51 @@ class Recorder:
             items = [*items[: _MAX_DEAD_FIELDS - 8], *items[-7:], ("dropped_fields", dropped)]
         return msgspec.json.encode([_str(x) for kv in items for x in kv])
 
-    async def _send_scripts(self, cmds: list[tuple[Any, ...]]) -> list[object]:
+    async def _send_scripts(
+        self, cmds: list[tuple[Any, ...]], *, wait: bool = False
+    ) -> list[object]:
         """Send EVALSHA commands in one round trip, loading the scripts when Redis lacks
-        them (after a restart or SCRIPT FLUSH) and sending again: they are idempotent."""
-        replies = await self._send(cmds)
+        them (after a restart, a failover or SCRIPT FLUSH) and sending again: they are
+        idempotent. `wait`: see `_send`."""
+        replies = await self._send(cmds, wait)
         if any(isinstance(x, redis.exceptions.NoScriptError) for x in replies):
-            await self._send([("SCRIPT", "LOAD", body) for body, _ in (_SETTLE, _SETHASH, _OWNED)])
-            replies = await self._send(cmds)
+            await load_scripts(self._redis, [body for body, _ in (_SETTLE, _SETHASH, _OWNED)])
+            replies = await self._send(cmds, wait)
         return replies
 
-    async def _send(self, cmds: list[tuple[Any, ...]]) -> list[object]:
-        """Send commands in one round trip; packed by hiredis, which is much cheaper per job."""
+    async def _send(self, cmds: list[tuple[Any, ...]], wait: bool = False) -> list[object]:
+        """Send commands in one round trip (per node, on a cluster); on one server packed
+        by hiredis, which is much cheaper per job.
+
+        `wait`: then wait for `wait_replicas` replicas. Once fewer confirmed, the writes are
+        sent again after a second (all idempotent): across a failover they land on the
+        new master if the old one died before passing them on. Not more often: a replica
+        that is down must not stop settlement.
+        """
+        n = self._cfg.wait_replicas if wait else 0
+        try:
+            return await self._send_once(cmds, n)
+        except NotReplicated as exc:
+            logger.warning("settlement not confirmed by replicas (%s); sending it again", exc)
+            await asyncio.sleep(1.0)
+            return await self._send_once(cmds, 0)
+
+    async def _send_once(self, cmds: list[tuple[Any, ...]], replicas: int) -> list[object]:
+        wait = (replicas, self._cfg.wait_timeout_ms)
+        if isinstance(self._redis, RedisCluster):
+            keys = [str(c[3]) for c in cmds if c[0] == "EVALSHA" and int(c[2]) > 0]
+            async with asyncio.timeout(self._cfg.redis_timeout_s):
+                return await send_many(self._redis, cmds, keys, wait)
+        if replicas > 0:
+            replies = await self._send_raw([*cmds, ("WAIT", *wait)])
+            confirmed = replies.pop()
+            if not isinstance(confirmed, int) or confirmed < replicas:
+                raise NotReplicated(f"{confirmed} of {replicas} replicas confirmed the writes")
+            return replies
+        return await self._send_raw(cmds)
+
+    async def _send_raw(self, cmds: list[tuple[Any, ...]]) -> list[object]:
+        assert not isinstance(self._redis, RedisCluster)  # a cluster goes through send_many
         pool = self._redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
@@ -564,8 +617,8 @@ def _order(item: Start | Result) -> tuple[str, bool]:
 def _start_row(item: Start) -> JobRow:
     d = item.delivery
     return JobRow(
-        item.job_id, d.queue, Status.RUNNING, _payload_text(item.payload), None, None,
-        item.attempt, d.entry_id, _created(d), item.started_at, None, None, d.fence,
+        item.job_id, queue_of_part(d.queue), Status.RUNNING, _payload_text(item.payload), None,
+        None, item.attempt, d.entry_id, _created(d), item.started_at, None, None, d.fence,
         item.trace_id,
     )  # fmt: skip
 
@@ -574,9 +627,9 @@ def _job_row(r: Result) -> JobRow:
     d = r.delivery
     done = r.finished_at if r.outcome is not Outcome.RETRYING else None
     return JobRow(
-        r.job_id, d.queue, _STATUS[r.outcome], _payload_text(r.payload), r.result_json,
-        _text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None, done,
-        _time(r.retry_at), d.fence, r.trace_id,
+        r.job_id, queue_of_part(d.queue), _STATUS[r.outcome], _payload_text(r.payload),
+        r.result_json, _text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None,
+        done, _time(r.retry_at), d.fence, r.trace_id,
     )  # fmt: skip
 
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from jobstream.otel import is_recording_enabled, trace_id_of
@@ -40,21 +39,27 @@ from jobstream.streams.dispatch import (
 from jobstream.streams.gauges import QueueGauges
 from jobstream.streams.heartbeat import heartbeat_value
 from jobstream.streams.job import Delivery, Job, Outcome, Result
-from jobstream.streams.keys import Keys
+from jobstream.streams.keys import Keys, queue_of_part
 from jobstream.streams.lease import Lease, clock
 from jobstream.streams.observe import NullObserver, Observer
 from jobstream.streams.partitions import PartitionPolicy, PrunePlan, maintain
 from jobstream.streams.pg_store import JobRow, fetch_statuses
+from jobstream.streams.queue_partitions import parts_of, register
 from jobstream.streams.reclaimer import Pending, Reclaimer
 from jobstream.streams.recorder import Recorder, RecorderConfig, Start
+from jobstream.streams.redis_client import REDIS_ERRORS, AnyRedis
 from jobstream.streams.trimmer import DeadLetterCaps, DeadLetterTrimmer, trim
 
 __all__ = ["Engine", "EngineConfig"]
 
 logger = logging.getLogger(__name__)
 job_log = logging.getLogger("streams.jobs")
-_CONN_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-_STORE_ERRORS = (*_CONN_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
+_CONN_ERRORS = REDIS_ERRORS
+_STORE_ERRORS: tuple[type[BaseException], ...] = (
+    *_CONN_ERRORS,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 _TERMINAL = frozenset({"completed", "failed"})  # failed: dead-lettered when it was recorded
 
 
@@ -80,6 +85,8 @@ class EngineConfig:
     burst: bool = False
     partitions: PartitionPolicy | None = field(default_factory=PartitionPolicy)
     """Time partitions of the job tables, made ahead and pruned daily; None: left alone."""
+    wait_replicas: int = 0  # settlement waits for this many replicas to confirm
+    wait_timeout_ms: int = 1000
 
 
 class _Lane:
@@ -89,8 +96,11 @@ class _Lane:
     the recorder batches the outcomes of many more jobs than the concurrency.
     """
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, name: str | None = None, concurrency: int = 0) -> None:
         self.route = route
+        # The partition this lane reads, named as a queue (`q`, `q#1`, ...): its Redis keys.
+        self.name = name or route.queue
+        self.concurrency = concurrency or route.policy.concurrency
         self.tasks: set[asyncio.Task[None]] = set()  # running or settling
         self.running: dict[str, Delivery] = {}  # holding a slot
         # inv. 10: every entry this process holds, from its read or claim until its ack
@@ -108,7 +118,7 @@ class _Lane:
 
     @property
     def room(self) -> int:
-        return self.route.policy.concurrency - len(self.running)
+        return self.concurrency - len(self.running)
 
     def spawn(self, coro: Coroutine[Any, Any, None], d: Delivery) -> None:
         if d.entry_id in self.running:  # cannot happen while every path takes `held` first
@@ -142,7 +152,7 @@ class Engine:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         pool: asyncpg.Pool,
         routes: Sequence[Route],
         config: EngineConfig,
@@ -150,13 +160,23 @@ class Engine:
     ) -> None:
         self.redis, self.pool, self.cfg = redis, pool, config
         self.observer: Observer = observer or NullObserver()
-        self.lanes = {r.queue: _Lane(r) for r in routes}
+        self.routes = {r.queue: r for r in routes}
+        self.lanes: dict[str, _Lane] = {}
+        for r in routes:
+            for n in range(r.policy.partitions):
+                self._add_lane(r, n)
         self.lease = Lease(config.alive_ttl_ms / 1000)
         self.recorder = Recorder(
             redis,
             pool,
             RecorderConfig(
-                config.group, config.consumer, config.keys, config.hash_ttl_s, config.dead_maxlen
+                config.group,
+                config.consumer,
+                config.keys,
+                config.hash_ttl_s,
+                config.dead_maxlen,
+                wait_replicas=config.wait_replicas,
+                wait_timeout_ms=config.wait_timeout_ms,
             ),
             self.lease,
             self._superseded,
@@ -194,13 +214,23 @@ class Engine:
                 sc.CLIENT_ID: config.consumer,
                 **server,
             }
-            for q in self.lanes
+            for q in self.routes
         }
         self.observer.serving({q: config.keys.stream(q) for q in self.lanes}, config.group)
         self._down: set[str] = set()
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._refused: set[str] = set()
         self.prunes: list[PrunePlan] = []  # the retention runs this replica applied
+
+    def _add_lane(self, route: Route, n: int) -> _Lane:
+        """A lane for partition `n` of the route's queue; a queue's partitions share its
+        concurrency (each gets an equal share, at least 1)."""
+        name = self.cfg.keys.part(route.queue, n)
+        lane = self.lanes.get(name)
+        if lane is None:
+            share = -(-route.policy.concurrency // route.policy.partitions)
+            lane = self.lanes[name] = _Lane(route, name, max(1, share))
+        return lane
 
     # ---- lifecycle -------------------------------------------------------------------
     async def run(self) -> None:
@@ -223,15 +253,15 @@ class Engine:
         self.recorder.start()
         named = {f"read {q}": self._read_loop(lane) for q, lane in self.lanes.items()}
         named |= {
+            "stream partitions": self._every(self.cfg.reclaim_interval_s, self._stream_partitions),
             "reclaim": self._every(self.cfg.reclaim_interval_s, self._reclaim, per_queue=True),
             "promote": self._every(self.cfg.promote_interval_s, self._promote, per_queue=True),
             "trim": self._every(self.cfg.trim_interval_s, self._trim, per_queue=True),
         }
         if self.cfg.partitions is not None:
             every = self.cfg.partitions.check_interval_s
-            named["partitions"] = self._every(every, self._partitions)
+            named["table partitions"] = self._every(every, self._table_partitions)
         self._loops = {name: asyncio.create_task(coro, name=name) for name, coro in named.items()}
-        loops = list(self._loops.values())
         # The heartbeat outlives `stopping`: a draining worker still holds its entries, and
         # another replica must not take them (or delete its consumer) before it exits.
         beat = asyncio.create_task(
@@ -242,6 +272,7 @@ class Engine:
         try:
             await self.stopping.wait()
         finally:
+            loops = [t for name, t in self._loops.items() if name != "heartbeat"]
             try:
                 # Loops are not cancelled mid-command: each sees `stopping` within one
                 # block_ms or interval, so no entry is read and then abandoned.
@@ -284,21 +315,43 @@ class Engine:
             lane.free.set()
 
     async def _setup(self) -> None:
+        for route in self.routes.values():
+            await register(self.redis, self.cfg.keys, route.queue, route.policy.partitions)
+            for part in await parts_of(self.redis, self.cfg.keys, route.queue):
+                self._add_lane(route, int(part.partition("#")[2] or 0))
         for queue in self.lanes:
-            try:
-                await self.redis.xgroup_create(
-                    self.cfg.keys.stream(queue), self.cfg.group, id="0", mkstream=True
-                )
-            except redis.exceptions.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-            # Listed in the group from the start, even before anything is delivered to it.
-            await self.redis.xgroup_createconsumer(
-                self.cfg.keys.stream(queue), self.cfg.group, self.cfg.consumer
-            )
+            await self._join(queue)
         await self._heartbeat()
         for lane in self.lanes.values():  # a restarted worker resumes its own first
             await self._resume_own(lane)
+
+    async def _join(self, queue: str) -> None:
+        """Create the group of a lane's stream (an existing one is fine) and join it."""
+        try:
+            await self.redis.xgroup_create(
+                self.cfg.keys.stream(queue), self.cfg.group, id="0", mkstream=True
+            )
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        # Listed in the group from the start, even before anything is delivered to it.
+        await self.redis.xgroup_createconsumer(
+            self.cfg.keys.stream(queue), self.cfg.group, self.cfg.consumer
+        )
+
+    async def _stream_partitions(self) -> None:
+        """Read partitions used since start-up too (a publisher with a higher `partitions`,
+        or one that used to have it): entries are never left in a partition nobody reads."""
+        for route in self.routes.values():
+            for part in await parts_of(self.redis, self.cfg.keys, route.queue):
+                if part in self.lanes or self.stopping.is_set():
+                    continue
+                await self._join(part)
+                lane = self._add_lane(route, int(part.partition("#")[2]))
+                logger.info("reading partition %s too", part)
+                await self._resume_own(lane)
+                name = f"read {part}"
+                self._loops[name] = asyncio.create_task(self._read_loop(lane), name=name)
 
     async def _drain(self) -> None:
         tasks = [t for lane in self.lanes.values() for t in lane.tasks]
@@ -341,8 +394,9 @@ class Engine:
         `until` (default: `stopping`) is set. Nothing stops the loop but `until`."""
         until = until or self.stopping
         name = fn.__name__.strip("_")
-        calls = [(f"{name} {q}", (q,)) for q in self.lanes] if per_queue else [(name, ())]
         while not until.is_set():
+            # Lanes may be added as partitions appear: list them on every round.
+            calls = [(f"{name} {q}", (q,)) for q in list(self.lanes)] if per_queue else [(name, ())]
             for what, args in calls:
                 try:
                     await self._retrying(what, functools.partial(fn, *args))
@@ -360,7 +414,7 @@ class Engine:
 
     # ---- reading and dispatch ---------------------------------------------------------
     async def _read_loop(self, lane: _Lane) -> None:
-        stream = self.cfg.keys.stream(lane.route.queue)
+        stream = self.cfg.keys.stream(lane.name)
         while True:
             await lane.free.wait()
             await self.recorder.has_room.wait()  # backpressure: bounded settlement backlog
@@ -406,7 +460,7 @@ class Engine:
 
     def _run_read(self, lane: _Lane, entries: list[Any]) -> None:
         """Take and start new entries just read (never delivered before, so never held)."""
-        held, queue, now = lane.held, lane.route.queue, time.perf_counter()
+        held, queue, now = lane.held, lane.name, time.perf_counter()
         for eid, fields in entries:
             entry_id = eid.decode()
             if entry_id in held:
@@ -431,7 +485,7 @@ class Engine:
         after = "-"
         while True:
             batch = await self.reclaimer.pending(
-                lane.route.queue, self.cfg.consumer, after=after, idle_ms=idle_ms
+                lane.name, self.cfg.consumer, after=after, idle_ms=idle_ms
             )
             await self._take_over(lane, batch)
             if len(batch) < self.reclaimer.batch:
@@ -441,7 +495,7 @@ class Engine:
     async def _take_over(self, lane: _Lane, batch: list[Pending]) -> None:
         """Claim pending entries of one consumer that this process does not hold, and run
         them. They are held from before the claim, so no other path can take them too."""
-        held, now, queue = lane.held, time.perf_counter(), lane.route.queue
+        held, now, queue = lane.held, time.perf_counter(), lane.name
         mine = []
         for p in batch:
             if p.entry_id in held or (queue, p.entry_id) in self._suspects:
@@ -456,7 +510,7 @@ class Engine:
             held[p.entry_id] = now
         got: list[Delivery] = []
         try:
-            got = await self.reclaimer.claim(lane.route.queue, mine[0].owner, mine)
+            got = await self.reclaimer.claim(lane.name, mine[0].owner, mine)
         finally:
             taken = {d.entry_id for d in got}
             for p in mine:
@@ -646,16 +700,15 @@ class Engine:
         # inv. 1: once handed over, the recorder commits then acks it, even while stopping.
         self.recorder.settle(res)
         self.processed += 1
+        queue = queue_of_part(res.delivery.queue)
         if not res.executed:  # invalid or already done: counted, with no handler run
-            self.observer.job_started(res.delivery.queue)
+            self.observer.job_started(queue)
         error_type = None  # the conventions' error.type: the exception, else why it never ran
         if res.exception is not None:
             error_type = type(res.exception).__qualname__
         elif res.outcome is Outcome.FAILED:
             error_type = "TooManyDeliveries" if res.reason == "deliveries" else "InvalidEntry"
-        self.observer.job_finished(
-            res.delivery.queue, res.outcome.value, res.duration_ms / 1000, error_type
-        )
+        self.observer.job_finished(queue, res.outcome.value, res.duration_ms / 1000, error_type)
 
     def _superseded(self, d: Delivery, count: int) -> bool:
         """Whether this process runs delivery `count` (or later) of `d`'s entry, not `d`."""
@@ -672,7 +725,7 @@ class Engine:
             at=time.time(),
             pid=os.getpid(),
             host=socket.gethostname(),
-            queues=sorted(self.lanes),
+            queues=sorted(self.routes),
             in_flight=sum(len(lane.running) for lane in lanes),
         )
 
@@ -718,7 +771,7 @@ class Engine:
     async def _promote(self, queue: str) -> None:
         await self.promoter.promote(queue)
 
-    async def _partitions(self) -> None:
+    async def _table_partitions(self) -> None:
         if self.cfg.partitions is not None:
             plan = await maintain(self.pool, self.cfg.partitions, self.cfg.consumer)
             self.prunes += [plan] if plan is not None else []

@@ -44,7 +44,8 @@ from jobstream.streams import (
     read_dead,
     replay_dead,
 )
-from jobstream.streams.dead_letters import count_dead, replay_all
+from jobstream.streams.dead_letters import DeadLetter, count_dead, replay_all
+from jobstream.streams.queue_partitions import parts_of
 
 __all__ = ["parse_duration_ms", "run"]
 
@@ -139,7 +140,7 @@ async def _publish(deps: Deps, args: argparse.Namespace) -> int:
     tracing = setup_tracing(service_version(), None)
     try:
         job_id = await deps.publisher.publish(
-            args.queue, args.payload, args.job_id, delay_s=args.delay
+            args.queue, args.payload, args.job_id, delay_s=args.delay, key=args.key
         )
     finally:
         await asyncio.to_thread(tracing.shutdown)
@@ -195,6 +196,7 @@ async def _status_text(deps: Deps, as_json: Callable[[Any], str] | None) -> str:
         r["oldest_pending_s"] = r.pop("oldest_pending_age_s")
     columns = [
         "queue",
+        "partitions",
         "length",
         "pending",
         "lag",
@@ -269,7 +271,13 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
     if args.dlq == "list":
         rows, letters = [], []
         for queue in [args.queue] if args.queue else queues:
-            for letter in await list_dead(r, keys, queue, args.count):
+            mine = [
+                letter
+                for part in await _parts(deps, queue)
+                for letter in await list_dead(r, keys, part, args.count)
+            ]  # newest first across the queue's partitions
+            mine.sort(key=lambda x: tuple(map(int, x.dead_id.split("-"))), reverse=True)
+            for letter in mine[: args.count]:
                 letters.append(letter)
                 f = letter.fields
                 rows.append(
@@ -293,7 +301,7 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
         return 0
     if args.dlq == "show":
         for queue in [args.queue] if args.queue else queues:
-            found = await read_dead(r, keys, queue, args.dead_id)
+            found = await _find_dead(deps, queue, args.dead_id)
             if found is not None:
                 print(
                     scrub(render_json({"dead_id": found.dead_id, "queue": queue, **found.fields}))
@@ -306,26 +314,47 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
     return await _purge(deps, args)
 
 
+async def _parts(deps: Deps, queue: str) -> list[str]:
+    """The queue's partitions, named as queues (`q`, `q#1`, ...)."""
+    return await parts_of(deps.redis, deps.keys, queue)
+
+
+async def _find_dead(deps: Deps, queue: str, dead_id: str) -> DeadLetter | None:
+    """A dead letter of the queue by id, in whichever partition holds it."""
+    for part in await _parts(deps, queue):
+        found = await read_dead(deps.redis, deps.keys, part, dead_id)
+        if found is not None:
+            return found
+    return None
+
+
+async def _count_dead(deps: Deps, queue: str, older: int | None, *, purge: bool = False) -> int:
+    """How many dead letters the queue's partitions hold (older than `older` ms); `purge`:
+    delete them too."""
+    act = purge_dead if purge else count_dead
+    return sum([await act(deps.redis, deps.keys, p, older) for p in await _parts(deps, queue)])
+
+
 async def _purge(deps: Deps, args: argparse.Namespace) -> int:
     """Delete dead letters for good: only with --yes or a "y" typed at a terminal."""
-    r, keys, queue = deps.redis, deps.keys, args.queue
+    queue = args.queue
     older = parse_duration_ms(args.older_than) if args.older_than else None
     which = f" older than {args.older_than}" if args.older_than else ""
     if args.dry_run:
-        n = await count_dead(r, keys, queue, older)
+        n = await _count_dead(deps, queue, older)
         print(f"would purge {n} dead letters of {queue}{which}")
         return 0
     if not args.yes:
         if not sys.stdin.isatty():
             raise ConfigError("dlq purge deletes dead letters for good: add --yes (or --dry-run)")
-        n = await count_dead(r, keys, queue, older)
+        n = await _count_dead(deps, queue, older)
         print(f"purge {n} dead letters of {queue}{which}? [y/N] ", end="", file=sys.stderr)
         sys.stderr.flush()
         answer = await asyncio.to_thread(sys.stdin.readline)
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing purged", file=sys.stderr)
             return 1
-    n = await purge_dead(r, keys, queue, older)
+    n = await _count_dead(deps, queue, older, purge=True)
     print(f"purged {n} dead letters of {queue}{which}")
     return 0
 
@@ -336,7 +365,7 @@ async def _replay(deps: Deps, args: argparse.Namespace) -> int:
     if args.all:
         return await _replay_all(deps, args.queue)
     r, keys = deps.redis, deps.keys
-    found = [await read_dead(r, keys, args.queue, i) for i in args.dead_ids]
+    found = [await _find_dead(deps, args.queue, i) for i in args.dead_ids]
     missing = [i for i, f in zip(args.dead_ids, found, strict=True) if f is None]
     if missing:
         raise ConfigError(f"no dead letter {', '.join(missing)} in {args.queue}")
@@ -359,10 +388,16 @@ async def _replay(deps: Deps, args: argparse.Namespace) -> int:
 
 async def _replay_all(deps: Deps, queue: str) -> int:
     """Replay the letters present now, oldest first, each once; cut ones stay."""
-    progress = Progress(
-        f"replaying dead letters of {queue}", await count_dead(deps.redis, deps.keys, queue)
-    )
-    replayed, kept = await replay_all(deps.redis, deps.pool, deps.keys, queue, progress.update)
+    progress = Progress(f"replaying dead letters of {queue}", await _count_dead(deps, queue, None))
+    replayed, kept = 0, list[str]()
+    for part in await _parts(deps, queue):
+        done = replayed
+
+        def update(n: int, done: int = done) -> None:
+            progress.update(done + n)
+
+        n, left = await replay_all(deps.redis, deps.pool, deps.keys, part, update)
+        replayed, kept = replayed + n, kept + left
     progress.finish()
     print(f"replayed {replayed} dead letters of {queue}")
     if kept:

@@ -124,6 +124,7 @@ def _add_commands(sub: Any) -> None:
     pub.add_argument("payload", help="the payload as a JSON object")
     pub.add_argument("--id", dest="job_id", help="job id (default: generated)")
     pub.add_argument("--delay", type=float, help="run it after this many seconds")
+    pub.add_argument("--key", help="partition key (e.g. a mailbox id): its jobs keep their order")
 
     st = sub.add_parser("status", help="per-queue stream and job counts")
     st.add_argument("--json", action="store_true", help="one JSON document")

@@ -16,7 +16,10 @@ from jobstream.otel.redact import remember_secrets, secrets_of_url
 from jobstream.schema.envelope import enqueued_at_ms
 from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams.heartbeat import Heartbeat, read_heartbeat
+from jobstream.streams.keys import queue_of_part
 from jobstream.streams.lookup import find_waiting
+from jobstream.streams.queue_partitions import parts_of
+from jobstream.streams.redis_client import is_cluster
 
 __all__ = [
     "dead_queues",
@@ -52,7 +55,7 @@ async def dead_queues(deps: Deps) -> list[str]:
     """Every queue with a payload or a dead-letter stream, sorted."""
     r, keys = deps.redis, deps.keys
     found = r.scan_iter(match=keys.dead_pattern(), count=1000, _type="stream")
-    seen = {keys.queue_of(k.decode()) async for k in found}
+    seen = {queue_of_part(keys.queue_of(k.decode())) async for k in found}
     return sorted(set(PAYLOADS) | seen)
 
 
@@ -67,7 +70,9 @@ async def live_consumers(deps: Deps) -> dict[str, Heartbeat]:
     beats: dict[str, Heartbeat] = {}
     for i in range(0, len(names), 500):
         chunk = names[i : i + 500]
-        for name, raw in zip(chunk, await deps.redis.mget(chunk), strict=True):
+        r: Any = deps.redis  # on a cluster the keys are in many slots: one MGET per slot
+        values = await (r.mget_nonatomic(chunk) if is_cluster(r) else r.mget(chunk))
+        for name, raw in zip(chunk, values, strict=True):
             beat = read_heartbeat(raw)
             if beat is not None:
                 beats[name[len(prefix) :]] = beat
@@ -116,11 +121,28 @@ def _queues() -> list[str]:
 
 
 async def _stream_info(deps: Deps, queue: str, live: set[str]) -> dict[str, Any]:
+    """A queue's figures, summed over its partitions (the oldest pending of them all)."""
+    parts = await parts_of(deps.redis, deps.keys, queue)
+    infos = [await _part_info(deps, part, live) for part in parts]
+    info = infos[0]
+    for other in infos[1:]:
+        for field in ("length", "pending", "lag", "delayed", "dead"):
+            info[field] += other[field]
+        for field in ("consumers", "stale_consumers"):
+            info[field] = max(info[field], other[field])
+        ages = [a for a in (info["oldest_pending_age_s"], other["oldest_pending_age_s"]) if a]
+        info["oldest_pending_age_s"] = max(ages) if ages else None
+    info["partitions"] = len(parts)
+    return info
+
+
+async def _part_info(deps: Deps, queue: str, live: set[str]) -> dict[str, Any]:
+    """One partition's figures (`queue` names the partition: `q` or `q#n`)."""
     r, keys, group = deps.redis, deps.keys, deps.settings.group
     stream = keys.stream(queue)
     info: dict[str, Any] = {
-        "queue": queue,
-        "handled": queue in by_queue(),
+        "queue": queue_of_part(queue),
+        "handled": queue_of_part(queue) in by_queue(),
         "length": int(await r.xlen(stream)),
         "pending": 0,
         "lag": 0,
@@ -176,8 +198,8 @@ async def job_info(deps: Deps, job_id: str, scan_limit: int = 50_000) -> dict[st
     execs = [] if row is None else await deps.pool.fetch(EXECUTIONS_SQL, job_id, row["created_at"])
     waiting, complete = [], True
     if row is None:  # published by any producer, not yet recorded by a worker
-        queues = _queues()
-        found, complete = await find_waiting(deps.redis, deps.keys, queues, job_id, scan_limit)
+        parts = [p for q in _queues() for p in await parts_of(deps.redis, deps.keys, q)]
+        found, complete = await find_waiting(deps.redis, deps.keys, parts, job_id, scan_limit)
         waiting = [msgspec.to_builtins(w) for w in found]
     if row is None and not hashed and not waiting and complete:
         return None

@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.handler import HandlerSpec
@@ -39,6 +38,7 @@ from jobstream.streams import (
     Policy,
     Publisher,
 )
+from jobstream.streams.redis_client import connect_redis
 
 __all__ = [
     "check_selection",
@@ -47,6 +47,7 @@ __all__ = [
     "keys_of",
     "make_engine",
     "partition_policy",
+    "partitions_of",
     "run_worker",
     "select_handlers",
     "service_version",
@@ -116,12 +117,9 @@ async def connect(
     remember_secrets(settings.secrets())
     if settings.tls_ca_file is not None:
         client_context(settings, "smtp")  # a missing or bad CA file fails now, named
-    redis = aioredis.Redis.from_url(
+    redis = connect_redis(
         settings.redis_url,
-        decode_responses=False,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        max_connections=None,
+        cluster=settings.redis_cluster,
         client_name=_printable(client_name),
         **redis_tls_options(settings),
     )
@@ -129,12 +127,30 @@ async def connect(
     keys = keys_of(settings)
     parser = ParsePool(settings.parse_processes or default_processes())
     try:
-        publisher = Publisher(redis, keys, PAYLOADS, observer=observer)
+        publisher = Publisher(
+            redis,
+            keys,
+            PAYLOADS,
+            observer=observer,
+            wait_replicas=settings.publish_wait_replicas,
+            wait_timeout_ms=settings.publish_wait_timeout_ms,
+            partitions=partitions_of(settings),
+        )
         yield Deps(pool, redis, publisher, settings, keys, parser)
     finally:
         await parser.aclose()
         await pool.close()
         await redis.aclose()
+
+
+def partitions_of(settings: Settings) -> dict[str, int]:
+    """Queue → stream partitions, from the registered policies and `JOBSTREAM_POLICIES`."""
+    overrides = settings.policy_overrides()
+    out = {q: spec.policy.partitions for q, spec in by_queue().items()}
+    for queue, fields in overrides.items():
+        if "partitions" in fields:
+            out[queue] = int(fields["partitions"])
+    return out
 
 
 def select_handlers(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
@@ -201,6 +217,8 @@ def make_engine(
         dead_max_bytes=s.dead_letter_max_bytes,
         burst=burst,
         partitions=partition_policy(s),
+        wait_replicas=s.publish_wait_replicas,
+        wait_timeout_ms=s.publish_wait_timeout_ms,
     )
     return Engine(deps.redis, deps.pool, routes, config, observer)
 

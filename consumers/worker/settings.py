@@ -41,12 +41,18 @@ class _PolicyOverride(msgspec.Struct, forbid_unknown_fields=True):
     backoff_cap_s: float | None = None
     timeout_s: float | None = None
     concurrency: int | None = None
+    partitions: int | None = None
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     """Engine and platform settings (environment variable: `JOBSTREAM_<FIELD>`)."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    """`REDIS_URL` names one node of a Redis Cluster; the client finds the others."""
+    publish_wait_replicas: int = 0
+    """A publish succeeds only once this many replicas have its writes (Redis `WAIT`)."""
+    publish_wait_timeout_ms: int = 1000
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     smtp_url: str | None = None
     stream_prefix: str = "jobs:"
@@ -134,6 +140,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "DATABASE_URL (postgresql:// or postgres://)": self.database_url.startswith(
                 ("postgresql://", "postgres://")
             ),
+            "REDIS_URL (a cluster takes redis:// or rediss://, database 0)": not self.redis_cluster
+            or (
+                self.redis_url.startswith(("redis://", "rediss://"))
+                and urllib.parse.urlsplit(self.redis_url).path in ("", "/", "/0")
+            ),
+            "JOBSTREAM_PUBLISH_WAIT_REPLICAS": self.publish_wait_replicas >= 0,
+            "JOBSTREAM_PUBLISH_WAIT_TIMEOUT_MS (1 or more)": self.publish_wait_timeout_ms >= 1,
             "JOBSTREAM_BLOCK_MS (1 to 60000)": 1 <= self.block_ms <= 60_000,
             "JOBSTREAM_METRICS_PORT (1 to 65535)": self.metrics_port is None
             or 1 <= self.metrics_port <= 65535,

@@ -30,6 +30,8 @@ from tests.helpers import (
 )
 
 Q = handlers.QUEUE
+# Every test runs on one Redis and on a Redis Cluster of 3 masters with replicas.
+pytestmark = pytest.mark.cluster_too
 
 
 def publisher(deps: Deps) -> Publisher:

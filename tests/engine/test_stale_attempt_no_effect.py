@@ -204,7 +204,7 @@ async def test_job_hash_moves_forward_only(deps: Deps):
     key = deps.keys.job("job-1")
 
     async def write(fence: str, status: str, error: str | None = None) -> None:
-        await rec._send_scripts([rec._hash_cmd([_row(fence, status, error=error)])])
+        await rec._send_scripts(rec._hash_cmds([_row(fence, status, error=error)]))
 
     await write("0" * 49 + "2", "running")
     await write("0" * 49 + "1", "retrying", "stale")
@@ -285,7 +285,7 @@ async def test_a_skipped_redelivery_repairs_a_hash_left_running(deps: Deps):
     )  # fmt: skip  (created: the entry's time, as the recorder writes it)
     await write_batch(deps.pool, "dead-holder", [row], [])
     rec = await _recorder(deps, "dead-holder")
-    await rec._send_scripts([rec._hash_cmd([_row(d1, "running")])])
+    await rec._send_scripts(rec._hash_cmds([_row(d1, "running")]))
     await deps.redis.rename(deps.keys.job("job-1"), deps.keys.job("done-1"))
     async with running(make_engine(deps, None, None, extra=handlers.SPECS)):
 
