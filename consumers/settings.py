@@ -41,6 +41,8 @@ class _PolicyOverride(msgspec.Struct, forbid_unknown_fields=True):
     backoff_cap_s: float | None = None
     timeout_s: float | None = None
     concurrency: int | None = None
+    batch_size: int | None = None
+    batch_wait_s: float | None = None
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):

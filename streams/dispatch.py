@@ -11,7 +11,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,16 @@ from streams.errors import PermanentError, RetryableError
 from streams.job import Delivery, Job, Outcome, Result
 from streams.policy import Policy, backoff_s
 
-__all__ = ["Handler", "Route", "classify", "invalid_result", "prepare", "retry_fields"]
+__all__ = [
+    "BatchHandler",
+    "Handler",
+    "Route",
+    "classify",
+    "conclude",
+    "invalid_result",
+    "prepare",
+    "retry_fields",
+]
 
 logger = logging.getLogger("streams.jobs")
 _tracer = trace.get_tracer("jobstream.worker")
@@ -43,6 +52,9 @@ _MAX_ERROR = 4000  # an exception's text is the decoder's; a job's error stays r
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # one line in logs, PostgreSQL takes no NUL
 
 Handler = Callable[[Any, Job], Awaitable[Any]]
+BatchHandler = Callable[[Sequence[tuple[Any, Job]]], Awaitable[Sequence[Any]]]
+"""Runs many jobs of a queue at once: one outcome per job, in order, each the job's result
+or the exception that fails it (`RetryableError`, `PermanentError`, anything else)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +65,9 @@ class Route:
     decode: Callable[[bytes], Any]
     handle: Handler
     policy: Policy
+    handle_batch: BatchHandler | None = None
+    """Set for a queue whose handler takes batches (`streams.batch`); `handle` then runs
+    one job as a batch of one."""
 
 
 def classify(exc: BaseException, attempt: int, policy: Policy) -> tuple[Outcome, str]:
@@ -160,17 +175,33 @@ async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delive
     """Run the handler once; return the attempt's Result. Only cancellation escapes."""
     started = time.time()
     mono = time.perf_counter()
-    outcome, reason, value, error = Outcome.COMPLETED, "", None, None
+    value: Any = None
     exc: Exception | None = None
     try:
         async with asyncio.timeout(route.policy.timeout_s):
             value = await route.handle(payload, job)
-    except TimeoutError as e:
-        exc = e
-        error = f"TimeoutError: handler exceeded its {route.policy.timeout_s:g}s timeout"
     except Exception as e:  # CancelledError is not an Exception: it propagates
         exc = e
-        error = scrub(f"{type(e).__name__}: {e}")  # libraries' messages may quote URLs
+    return conclude(route, env, job, d, value, exc, started, mono)
+
+
+def conclude(
+    route: Route,
+    env: Envelope,
+    job: Job,
+    d: Delivery,
+    value: Any,
+    exc: Exception | None,
+    started: float,
+    mono: float,
+) -> Result:
+    """The Result of one attempt that returned `value` or raised `exc`: classified, its
+    retry planned, its result encoded (one that is not JSON fails the job for good)."""
+    error: str | None = None
+    if isinstance(exc, TimeoutError):
+        error = f"TimeoutError: handler exceeded its {route.policy.timeout_s:g}s timeout"
+    elif exc is not None:
+        error = scrub(f"{type(exc).__name__}: {exc}")  # libraries' messages may quote URLs
     result_json: str | None = None
     if exc is None and value is not None:
         try:

@@ -21,8 +21,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from otel import is_recording_enabled
-from schema.envelope import enqueued_at_ms, safe_job_id
+from schema.envelope import Envelope, enqueued_at_ms, safe_job_id
 from streams.backoff import retry_until_done
+from streams.batch import Item, execute_batch, execute_batch_traced
 from streams.delayed import Promoter
 from streams.dispatch import (
     Route,
@@ -94,6 +95,11 @@ class _Lane:
         self.reading = False  # between passing the gate and starting what it read
         self.free = asyncio.Event()
         self.free.set()
+        # A batch handler's next batch, filling up (its jobs hold their slots already),
+        # and the timer that runs it when the policy's wait is over before it is full.
+        self.batch: list[Item] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.batch_size = min(route.policy.batch_size, route.policy.concurrency)
 
     @property
     def room(self) -> int:
@@ -112,6 +118,25 @@ class _Lane:
         if self.room <= 0:
             self.free.clear()
         task.add_done_callback(lambda t: self._done(t, d.entry_id))
+
+    def hold(self, d: Delivery) -> None:
+        """`d` takes a slot while it waits in the batch that fills up."""
+        d.started_mono = time.perf_counter()
+        self.running[d.entry_id] = d
+        if self.room <= 0:
+            self.free.clear()
+
+    def spawn_batch(self, coro: Coroutine[Any, Any, None], items: list[Item]) -> None:
+        """Run a batch whose jobs hold their slots (`hold`) until its task is done."""
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.tasks.discard(t)
+            for it in items:
+                self.release(it.delivery.entry_id)
+
+        task.add_done_callback(done)
 
     def release(self, entry_id: str) -> None:
         """The handler is done with its slot (its outcome may still be settling)."""
@@ -265,6 +290,9 @@ class Engine:
             await self._resume_own(lane)
 
     async def _drain(self) -> None:
+        for lane in self.lanes.values():  # a batch filling up runs now, with what it has
+            if lane.batch:
+                self._fire(lane)
         tasks = [t for lane in self.lanes.values() for t in lane.tasks]
         if tasks:
             logger.info("draining %d in-flight jobs (grace %.0fs)", len(tasks), self.cfg.grace_s)
@@ -333,8 +361,7 @@ class Engine:
                 return
             if lane.ready or lane.room <= 0:  # (a suspect may have run alone meanwhile)
                 while lane.ready and lane.room > 0:
-                    d = lane.ready.popleft()
-                    lane.spawn(self._process(lane, d), d)
+                    self._start(lane, lane.ready.popleft())
                 continue
             count = max(1, min(lane.room, self.cfg.read_count))
             reply: Any = []
@@ -376,8 +403,14 @@ class Engine:
             if entry_id in held:
                 continue
             held[entry_id] = now
-            d = Delivery(queue, entry_id, fields)
+            self._start(lane, Delivery(queue, entry_id, fields))
+
+    def _start(self, lane: _Lane, d: Delivery) -> None:
+        """Run `d` now, or put it in its queue's next batch."""
+        if lane.route.handle_batch is None:
             lane.spawn(self._process(lane, d), d)
+        else:
+            self._join(lane, d)
 
     def _let_go(self, d: Delivery) -> None:
         """The recorder is done with `d`: this process no longer holds its entry."""
@@ -436,7 +469,7 @@ class Engine:
 
         Jobs and retries due later are not ready: they stay for the next run.
         """
-        busy = any(lane.tasks or lane.ready for lane in self.lanes.values())
+        busy = any(lane.tasks or lane.ready or lane.batch for lane in self.lanes.values())
         if busy or self._suspects or self.recorder.backlog:
             return False
         now_ms = int(time.time() * 1000)
@@ -534,20 +567,16 @@ class Engine:
             else:
                 lane.ready.append(d)  # the read loop starts it when a slot is free
 
-    async def _process(self, lane: _Lane, d: Delivery) -> None:
-        route = lane.route
-        prepared = prepare(route, d, self.cfg.max_payload_bytes)
-        if isinstance(prepared, Result):
-            lane.release(d.entry_id)
-            if self._traced:
-                trace_invalid(prepared, self._attrs[route.queue])
-            job_log.warning(
-                "job invalid job=%s queue=%s error=%s", prepared.job_id, route.queue, prepared.error
-            )
-            self._settle(prepared)
-            return
-        env, payload = prepared
-        job = Job(
+    def _invalid(self, route: Route, res: Result) -> None:
+        """Settle an entry that cannot run (undecodable, oversized, ...) as failed."""
+        if self._traced:
+            trace_invalid(res, self._attrs[route.queue])
+        job_log.warning("job invalid job=%s queue=%s error=%s", res.job_id, route.queue, res.error)
+        self._settle(res)
+
+    @staticmethod
+    def _job(route: Route, env: Envelope, d: Delivery) -> Job:
+        return Job(
             env.job_id,
             route.queue,
             env.attempt,
@@ -556,6 +585,70 @@ class Engine:
             d.delivery_count,
             env.traceparent,
         )
+
+    def _join(self, lane: _Lane, d: Delivery) -> None:
+        """Add `d` to its queue's next batch; run the batch when full, or when its first
+        job has waited the policy's `batch_wait_s`."""
+        route = lane.route
+        prepared = prepare(route, d, self.cfg.max_payload_bytes)
+        if isinstance(prepared, Result):  # takes no place in a batch
+            self._invalid(route, prepared)
+            return
+        if d.entry_id in lane.running:  # cannot happen while every path takes `held` first
+            logger.error("entry %s of %s is already running: not started twice",
+                         d.entry_id, route.queue)  # fmt: skip
+            return
+        env, payload = prepared
+        lane.hold(d)
+        lane.batch.append(Item(d, env, payload, self._job(route, env, d)))
+        if len(lane.batch) >= lane.batch_size:
+            self._fire(lane)
+        elif lane.timer is None:
+            wait = route.policy.batch_wait_s
+            lane.timer = asyncio.get_running_loop().call_later(wait, self._fire, lane)
+
+    def _fire(self, lane: _Lane) -> None:
+        """Run the batch filling up in `lane` now."""
+        if lane.timer is not None:
+            lane.timer.cancel()
+            lane.timer = None
+        items, lane.batch = lane.batch, []
+        if items:
+            lane.spawn_batch(self._process_batch(lane, items), items)
+
+    async def _process_batch(self, lane: _Lane, items: list[Item]) -> None:
+        route = lane.route
+        now = time.time()
+        for it in items:
+            job = it.job
+            self.recorder.started(Start(it.delivery, job.id, job.attempt, it.env.payload, now))
+            self.observer.job_started(route.queue)
+        if self._traced:
+
+            def around(results: Sequence[Result] | None) -> None:
+                for i, it in enumerate(items):
+                    self._log_job(it.job, None if results is None else results[i])
+
+            results = await execute_batch_traced(route, items, self._attrs[route.queue], around)
+        else:
+            for it in items:
+                self._log_job(it.job, None)
+            results = await execute_batch(route, items)
+            for it, res in zip(items, results, strict=True):
+                self._log_job(it.job, res)
+        for res in results:
+            lane.release(res.delivery.entry_id)
+            self._settle(res)
+
+    async def _process(self, lane: _Lane, d: Delivery) -> None:
+        route = lane.route
+        prepared = prepare(route, d, self.cfg.max_payload_bytes)
+        if isinstance(prepared, Result):
+            lane.release(d.entry_id)
+            self._invalid(route, prepared)
+            return
+        env, payload = prepared
+        job = self._job(route, env, d)
         self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time()))
         self.observer.job_started(route.queue)
         if self._traced:
