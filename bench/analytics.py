@@ -22,7 +22,6 @@ import os
 import pathlib
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -41,6 +40,7 @@ from consumers.settings import Settings
 from schema.payloads import PAYLOADS, AnalyticsEvent
 from streams import Keys, Publisher
 
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 TYPES = ("sent", "delivered", "open", "click", "bounce", "reply")
 DUPLICATES = 0.1
 
@@ -109,7 +109,7 @@ async def worker(db: str, prefix: str, queue: str, concurrency: int | None) -> N
 def run_loop(main: Any) -> None:
     """The worker's event loop, as `jobstream worker` runs it."""
     try:
-        from streams.loop import run
+        from streams.loop import run  # type: ignore[import-not-found,unused-ignore]
     except ImportError:  # an engine without its own loop runner
         asyncio.run(main)
     else:
@@ -149,7 +149,7 @@ async def engine_run(
             out_file = profile / f"{tag}.raw"
             cmd = [spy, "record", "--format", "raw", "--rate", "250", "--nonblocking",
                    "-o", str(out_file), "--", *cmd]  # fmt: skip
-        root = str(pathlib.Path(__file__).resolve().parent.parent)
+        root = str(ROOT)
         env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
         proc = await asyncio.create_subprocess_exec(
             *cmd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -189,9 +189,7 @@ async def check_counts(db: str, published: list[int]) -> None:
                  f"{'match' if got == dict(expected) else 'DIFFER'}")  # fmt: skip
 
 
-async def main(
-    n: int, repeat: int, concurrency: int | None, profile: pathlib.Path | None
-) -> None:
+async def main(n: int, repeat: int, concurrency: int | None, profile: pathlib.Path | None) -> None:
     rates: dict[str, list[float]] = {"analytics": [], "no-op": [], "plain": []}
     async with scratch_database() as db:
         for i in range(repeat):  # interleaved, so no side always meets a cold database
@@ -218,9 +216,10 @@ async def main(
     print(f"ratio no-op engine / plain loop:  {med['no-op'] / med['plain']:.2f}")
     print(f"ratio analytics / no-op engine:   {med['analytics'] / med['no-op']:.2f}")
     if profile is not None:
-        for raw in sorted(profile.glob("*.raw")):
-            print(f"\nprofile {raw.name}:")
-            print(summarize(raw))
+        for raw in sorted(os.listdir(profile)):
+            if raw.endswith(".raw"):
+                print(f"\nprofile {raw}:")
+                print(summarize(profile / raw))
 
 
 def summarize(raw: pathlib.Path, top: int = 20) -> str:

@@ -613,7 +613,10 @@ class Engine:
             lane.timer.cancel()
             lane.timer = None
         items, lane.batch = lane.batch, []
-        if items:
+        if len(items) == 1:  # a batch of one is a job like any other: its span too
+            it = items[0]
+            lane.spawn_batch(self._run_one(lane, it.delivery, it.env, it.payload, it.job), items)
+        elif items:
             lane.spawn_batch(self._process_batch(lane, items), items)
 
     async def _process_batch(self, lane: _Lane, items: list[Item]) -> None:
@@ -648,7 +651,12 @@ class Engine:
             self._invalid(route, prepared)
             return
         env, payload = prepared
-        job = self._job(route, env, d)
+        await self._run_one(lane, d, env, payload, self._job(route, env, d))
+
+    async def _run_one(
+        self, lane: _Lane, d: Delivery, env: Envelope, payload: Any, job: Job
+    ) -> None:
+        route = lane.route
         self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time()))
         self.observer.job_started(route.queue)
         if self._traced:
