@@ -189,6 +189,24 @@ async def check_counts(db: str, published: list[int]) -> None:
                  f"{'match' if got == dict(expected) else 'DIFFER'}")  # fmt: skip
 
 
+async def hot_updates(db: str) -> str:
+    """How many updates of `jobs` PostgreSQL made in place (HOT: no index touched)."""
+    await asyncio.sleep(1.0)  # the workers' statistics reach the views when they exit
+    conn = await asyncpg.connect(db)
+    try:
+        row = await conn.fetchrow(
+            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'jobs'"
+        )
+    finally:
+        await conn.close()
+    upd, hot = int(row["n_tup_upd"]), int(row["n_tup_hot_upd"])
+    share = f"{100 * hot / upd:.0f} %" if upd else "-"
+    return (
+        f"jobs rows updated: {upd:,}, of them HOT (in place, no index touched): {hot:,} "
+        + f"({share})"
+    )
+
+
 async def main(n: int, repeat: int, concurrency: int | None, profile: pathlib.Path | None) -> None:
     rates: dict[str, list[float]] = {"analytics": [], "no-op": [], "plain": []}
     async with scratch_database() as db:
@@ -206,6 +224,7 @@ async def main(n: int, repeat: int, concurrency: int | None, profile: pathlib.Pa
             finally:
                 await drop_keys(prefix)
             rates["plain"].append(done / seconds)
+        hot = await hot_updates(db)
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"N={n}, median of {repeat} interleaved runs each, one worker process")
     for name, label in (("plain", "plain redis-py loop (same writes)"),
@@ -215,6 +234,7 @@ async def main(n: int, repeat: int, concurrency: int | None, profile: pathlib.Pa
         print(f"{label:<36} {med[name]:>9,.0f} jobs/s   (runs: {runs})")
     print(f"ratio no-op engine / plain loop:  {med['no-op'] / med['plain']:.2f}")
     print(f"ratio analytics / no-op engine:   {med['analytics'] / med['no-op']:.2f}")
+    print(hot)
     if profile is not None:
         for raw in sorted(os.listdir(profile)):
             if raw.endswith(".raw"):

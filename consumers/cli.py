@@ -4,7 +4,6 @@ demo, mailbox, webhook and warmup."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -19,6 +18,7 @@ from consumers.logs import escape_controls, setup_logging
 from consumers.settings import Settings
 from otel.redact import remember_secrets, scrub
 from streams import JobstreamError
+from streams.loop import run
 
 __all__ = ["build_parser", "main"]
 
@@ -125,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = (args.log_level or settings.log_level).upper()
     setup_logging(level, getattr(args, "log_format", "text"))
     try:
-        return asyncio.run(commands.run(args, settings))
+        return run(commands.run(args, settings), settings.event_loop)
     except JobstreamError as exc:
         _error(str(exc))
         return 2

@@ -28,6 +28,7 @@ from otel.redact import remember_secrets
 from otel.tracing import TracingHandle, setup_tracing
 from schema.payloads import PAYLOADS
 from streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
+from streams.loop import loop_name
 
 __all__ = [
     "connect",
@@ -217,11 +218,12 @@ async def _run(engine: Engine, settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, engine.stop)
     logger.info(
-        "worker %s started: queues=%s redis=%s database=%s",
+        "worker %s started: queues=%s redis=%s database=%s loop=%s",
         engine.cfg.consumer,
         ",".join(engine.lanes),
         redact_url(settings.redis_url),
         redact_url(settings.database_url),
+        loop_name(),
     )
     reporter = None
     if settings.health_file:

@@ -74,6 +74,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     dead_letter_max_bytes: int = 256 * 1024 * 1024
     trim_interval_s: float = 10.0
     pg_pool_size: int = 20
+    event_loop: str = "auto"
+    """`auto` (uvloop where installed), `uvloop` or `asyncio`."""
     log_level: str = "INFO"
     policies: str = ""
     """JSON overriding queues' policies, e.g. `{"webhook": {"max_attempts": 12}}`."""
@@ -118,6 +120,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
                 ("postgresql://", "postgres://")
             ),
             "JOBSTREAM_BLOCK_MS (1 to 60000)": 1 <= self.block_ms <= 60_000,
+            "JOBSTREAM_EVENT_LOOP (auto, uvloop or asyncio)": self.event_loop
+            in ("auto", "uvloop", "asyncio"),
             "JOBSTREAM_LOG_LEVEL (DEBUG, INFO, WARNING or ERROR)": self.log_level.upper()
             in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
             "SMTP_URL": self.smtp_url is None or self.smtp_url.startswith(("smtp://", "smtps://")),

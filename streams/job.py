@@ -52,6 +52,7 @@ class Delivery:
     delivery_count: int = 1
     started_mono: float = 0.0
     read_at: float = field(default_factory=clock)  # on the lease clock (`streams.lease`)
+    payload_stored: bool = False  # a row with this delivery's payload reached PostgreSQL
 
     @property
     def fence(self) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 __all__ = ["ExecRow", "JobRow", "fetch_statuses", "write_batch"]
 
@@ -103,7 +104,7 @@ class ExecRow:
 
 
 async def write_batch(
-    conn: asyncpg.Pool | asyncpg.Connection,
+    conn: asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy,
     worker_id: str,
     jobs: Sequence[JobRow],
     executions: Sequence[ExecRow],
