@@ -14,8 +14,7 @@ from tests.helpers import run as run_command
 
 # The CLI with uvloop made unimportable, as on a platform without it.
 WITHOUT_UVLOOP = (
-    "import sys; sys.modules['uvloop'] = None; "
-    "from consumers.cli import main; sys.exit(main())"
+    "import sys; sys.modules['uvloop'] = None; from consumers.cli import main; sys.exit(main())"
 )
 
 
