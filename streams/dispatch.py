@@ -171,15 +171,32 @@ def prepare(route: Route, d: Delivery, max_payload_bytes: int) -> tuple[Envelope
         return invalid_result(d, f"{what}: {type(exc).__name__}: {exc}")
 
 
-async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delivery) -> Result:
-    """Run the handler once; return the attempt's Result. Only cancellation escapes."""
+async def execute(
+    route: Route, env: Envelope, payload: Any, job: Job, d: Delivery, *, watched: bool = False
+) -> Result:
+    """Run the handler once; return the attempt's Result. Only cancellation escapes.
+
+    The handler runs under the policy's timeout: its own `asyncio.timeout`, or, when
+    `watched`, the engine's watchdog, which cancels the task running `d` once its time is
+    up after setting `d.timed_out` (no timer per job; see `Engine._watch`).
+    """
     started = time.time()
     mono = time.perf_counter()
     value: Any = None
     exc: Exception | None = None
     try:
-        async with asyncio.timeout(route.policy.timeout_s):
+        if watched:
             value = await route.handle(payload, job)
+        else:
+            async with asyncio.timeout(route.policy.timeout_s):
+                value = await route.handle(payload, job)
+    except asyncio.CancelledError:
+        if not d.timed_out:  # the worker's own cancellation (shutdown): it propagates
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # the watchdog's request, answered here
+        exc = TimeoutError()
     except Exception as e:  # CancelledError is not an Exception: it propagates
         exc = e
     return conclude(route, env, job, d, value, exc, started, mono)
@@ -251,6 +268,8 @@ async def execute_traced(
     d: Delivery,
     attrs: dict[str, Any],
     around: Callable[[Result | None], None],
+    *,
+    watched: bool = False,
 ) -> Result:
     """`execute` inside a CONSUMER span that is a child of, and links to, the producer's.
 
@@ -264,7 +283,7 @@ async def execute_traced(
         token = otel_context.attach(unsampled)
         try:
             around(None)
-            res = await execute(route, env, payload, job, d)
+            res = await execute(route, env, payload, job, d, watched=watched)
             around(res)
             return res
         finally:
@@ -285,7 +304,7 @@ async def execute_traced(
         set_status_on_exception=False,
     ) as span:
         around(None)
-        res = await execute(route, env, payload, job, d)
+        res = await execute(route, env, payload, job, d, watched=watched)
         if res.exception is not None:
             span.record_exception(res.exception, exception_attributes(res.exception))
             span.set_attribute("error.type", type(res.exception).__qualname__)

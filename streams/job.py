@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +54,8 @@ class Delivery:
     started_mono: float = 0.0
     read_at: float = field(default_factory=clock)  # on the lease clock (`streams.lease`)
     payload_stored: bool = False  # a row with this delivery's payload reached PostgreSQL
+    task: asyncio.Task[None] | None = None  # the task running it alone, for the watchdog
+    timed_out: bool = False  # the watchdog cancelled its task: its time was up
 
     @property
     def fence(self) -> str:

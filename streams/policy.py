@@ -21,7 +21,8 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
     backoff_cap_s: float = 300.0
     """Upper bound of any one backoff."""
     timeout_s: float = 60.0
-    """A handler running longer is cancelled and the attempt counts as a timeout."""
+    """A handler running longer is cancelled and the attempt counts as a timeout (within a
+    tenth of the shortest timeout the worker serves, at most 1 s late)."""
     concurrency: int = 32
     """Jobs of this queue in flight at once in one worker (a batch counts all its jobs)."""
     batch_size: int = 100

@@ -141,7 +141,7 @@ class Recorder:
         self._cfg = config
         self._lease = lease
         self._superseded = superseded or (lambda d, n: False)
-        self.stale = 0  # outcomes dropped because their entry had been taken over
+        self.stale = 0  # deliveries whose records were dropped: their entry was taken over
         self._pending: list[Start | Result] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -377,9 +377,11 @@ class Recorder:
             if isinstance(reply, Exception):  # cannot tell: keep them, settlement re-checks
                 logger.warning("ownership check failed: %s", reply)
                 continue
+            told: set[int] = set()  # a delivery's `running` and outcome: one line
             for item, code in zip(items, reply, strict=True):  # type: ignore[call-overload]
-                if not self._owned(item, int(code)):
+                if not self._owned(item, int(code), quiet=id(item.delivery) in told):
                     gone.add(id(item))
+                    told.add(id(item.delivery))
         if not gone:
             return batch
         self._release(item for item in batch if id(item) in gone)
@@ -392,14 +394,17 @@ class Recorder:
                 if isinstance(item, Result):
                     self._on_done(item.delivery)
 
-    def _owned(self, item: Start | Result, code: int) -> bool:
-        """Whether a record still speaks for its entry, given the ownership `code`."""
+    def _owned(self, item: Start | Result, code: int, *, quiet: bool = False) -> bool:
+        """Whether a record still speaks for its entry, given the ownership `code`
+        (`quiet`: another record of the same delivery was counted and logged already)."""
         d = item.delivery
         if code == 1:
             return True
         if code < 0 and not self._superseded(d, -code):
             d.delivery_count = -code  # ours, delivered again by Redis, run by no one else
             return True
+        if quiet:
+            return False
         self.stale += 1
         logger.warning(
             "stale attempt ignored job=%s queue=%s entry=%s: %s",

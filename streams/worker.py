@@ -113,6 +113,7 @@ class _Lane:
             return
         d.started_mono = time.perf_counter()
         task = asyncio.ensure_future(coro)
+        d.task = task  # timed by the watchdog (`Engine._watch`)
         self.tasks.add(task)
         self.running[d.entry_id] = d
         if self.room <= 0:
@@ -130,6 +131,8 @@ class _Lane:
         """Run a batch whose jobs hold their slots (`hold`) until its task is done."""
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
+        if len(items) == 1:  # run alone (`Engine._run_one`): timed by the watchdog
+            items[0].delivery.task = task
 
         def done(t: asyncio.Task[None]) -> None:
             self.tasks.discard(t)
@@ -229,6 +232,9 @@ class Engine:
             name="heartbeat",
         )
         self._loops["heartbeat"] = beat
+        # Like the heartbeat, the watchdog outlives `stopping`: draining jobs keep their timeouts.
+        watch = asyncio.create_task(self._watch(), name="watch")
+        self._loops["watch"] = watch
         try:
             await self.stopping.wait()
         finally:
@@ -246,6 +252,7 @@ class Engine:
                     await asyncio.wait([beat], timeout=self.cfg.block_ms / 1000 + 10)
                     beat.cancel()
                 await asyncio.gather(beat, return_exceptions=True)
+                await asyncio.gather(watch, return_exceptions=True)
                 with contextlib.suppress(*_CONN_ERRORS):
                     await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
 
@@ -616,6 +623,7 @@ class Engine:
         if len(items) == 1:  # a batch of one is a job like any other: its span too
             it = items[0]
             lane.spawn_batch(self._run_one(lane, it.delivery, it.env, it.payload, it.job), items)
+            it.delivery.started_mono = time.perf_counter()  # timed from here, not its wait
         elif items:
             lane.spawn_batch(self._process_batch(lane, items), items)
 
@@ -665,11 +673,11 @@ class Engine:
                 self._log_job(job, res)
 
             res = await execute_traced(
-                route, env, payload, job, d, self._attrs[route.queue], around
+                route, env, payload, job, d, self._attrs[route.queue], around, watched=True
             )
         else:
             self._log_job(job, None)
-            res = await execute(route, env, payload, job, d)
+            res = await execute(route, env, payload, job, d, watched=True)
             self._log_job(job, res)
         lane.release(d.entry_id)
         self._settle(res)
@@ -707,6 +715,27 @@ class Engine:
         return other is not None and other is not d and other.delivery_count >= count
 
     # ---- maintenance loops ------------------------------------------------------------
+    async def _watch(self) -> None:
+        """Every handler runs under its policy's `timeout_s`: cancel the task of a job run
+        alone whose time is up (a batch has its own `asyncio.timeout`).
+
+        One check a tenth of the shortest timeout (between 10 ms and 1 s) for all running
+        jobs, instead of a timer armed and disarmed for every job: a timeout fires at most
+        that much late.
+        """
+        shortest = min(lane.route.policy.timeout_s for lane in self.lanes.values())
+        period = min(max(shortest / 10, 0.01), 1.0)
+        while not self._exited.is_set():
+            now = time.perf_counter()
+            for lane in self.lanes.values():
+                limit = lane.route.policy.timeout_s
+                for d in lane.running.values():
+                    if d.task is not None and not d.timed_out and now - d.started_mono >= limit:
+                        d.timed_out = True
+                        d.task.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), period)
+
     async def _heartbeat(self) -> None:
         sent_at = clock()  # the key's TTL starts when Redis runs the SET, after this
         await self.redis.set(
