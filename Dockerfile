@@ -16,6 +16,7 @@ COPY schema ./schema
 COPY streams ./streams
 COPY consumers ./consumers
 COPY otel ./otel
+COPY jobstream ./jobstream
 RUN pip install --no-deps --no-build-isolation . \
     && pip check \
     && useradd --system --uid 10001 --no-create-home jobstream

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from consumers.dsn import ParsedBounce, parse_bounce
-from consumers.inbound import ParsedMessage, parse_message
+from jobstream.consumers.mail.dsn import ParsedBounce, parse_bounce
+from jobstream.consumers.mail.inbound import ParsedMessage, parse_message
 
 SCALES = (1, 2, 4, 8)
 

@@ -35,10 +35,10 @@ import redis.asyncio as aioredis
 
 from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, drop_keys, scratch_database
 from bench.throughput import plain_loop
-from consumers.runtime import connect, make_engine
-from consumers.settings import Settings
-from schema.payloads import PAYLOADS, AnalyticsEvent
-from streams import Keys, Publisher
+from jobstream.consumers.worker.runtime import connect, make_engine
+from jobstream.consumers.worker.settings import Settings
+from jobstream.schema.payloads import PAYLOADS, AnalyticsEvent
+from jobstream.streams import Keys, Publisher
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TYPES = ("sent", "delivered", "open", "click", "bounce", "reply")
@@ -109,7 +109,7 @@ async def worker(db: str, prefix: str, queue: str, concurrency: int | None) -> N
 def run_loop(main: Any) -> None:
     """The worker's event loop, as `jobstream worker` runs it."""
     try:
-        from streams.loop import run  # type: ignore[import-not-found,unused-ignore]
+        from jobstream.streams.loop import run  # type: ignore[import-not-found,unused-ignore]
     except ImportError:  # an engine without its own loop runner
         asyncio.run(main)
     else:

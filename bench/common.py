@@ -11,10 +11,10 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from consumers.deps import Deps
-from consumers.handler import HandlerSpec, handler
-from schema.migrate import apply_migrations
-from streams import Job, Policy
+from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.handler import HandlerSpec, handler
+from jobstream.schema.migrate import apply_migrations
+from jobstream.streams import Job, Policy
 
 ADMIN_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -26,13 +26,13 @@ import asyncpg
 import msgspec
 
 from bench.common import drop_keys
-from consumers.deps import Deps
-from consumers.handler import HandlerSpec, handler
-from consumers.runtime import connect, make_engine
-from consumers.settings import Settings
-from schema.migrate import apply_migrations
-from schema.payloads import ProcessEmail
-from streams import Job, Policy, Publisher
+from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.handler import HandlerSpec, handler
+from jobstream.consumers.worker.runtime import connect, make_engine
+from jobstream.consumers.worker.settings import Settings
+from jobstream.schema.migrate import apply_migrations
+from jobstream.schema.payloads import ProcessEmail
+from jobstream.streams import Job, Policy, Publisher
 
 ADMIN_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -20,9 +20,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, drop_keys, scratch_database
-from consumers.runtime import connect, make_engine
-from consumers.settings import Settings
-from streams import Keys, Publisher
+from jobstream.consumers.worker.runtime import connect, make_engine
+from jobstream.consumers.worker.settings import Settings
+from jobstream.streams import Keys, Publisher
 
 
 def rss_mb(pid: int) -> float:

@@ -26,10 +26,10 @@ import msgspec
 import redis.asyncio as aioredis
 
 from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, drop_keys, scratch_database
-from consumers.runtime import connect, make_engine
-from consumers.settings import Settings
-from otel.tracing import setup_tracing
-from streams import Keys, Publisher
+from jobstream.consumers.worker.runtime import connect, make_engine
+from jobstream.consumers.worker.settings import Settings
+from jobstream.otel.tracing import setup_tracing
+from jobstream.streams import Keys, Publisher
 
 PLAIN_UPSERT_SQL = """
 INSERT INTO jobs AS j (id, queue, status, payload, result, attempts, stream_entry_id,

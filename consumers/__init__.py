@@ -1,0 +1,1 @@
+"""The application: the platform's queues on the engine, in one folder per concern."""

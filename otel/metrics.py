@@ -16,8 +16,8 @@ from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
-from otel.redact import redact_url
-from otel.tracing import make_resource, otlp_endpoint, otlp_protocol, sdk_disabled
+from jobstream.otel.redact import redact_url
+from jobstream.otel.tracing import make_resource, otlp_endpoint, otlp_protocol, sdk_disabled
 
 __all__ = ["DURATION_BUCKETS_S", "MetricsHandle", "OtelObserver", "setup_metrics"]
 
@@ -31,7 +31,7 @@ _Attrs = dict[str, str]
 
 
 class OtelObserver:
-    """The engine's Observer (see `streams.observe`) recording into OpenTelemetry instruments.
+    """The engine's Observer (`jobstream.streams.observe`) recording into OpenTelemetry instruments.
 
     The hot path only bumps plain counters and records one histogram point with an attribute
     dict bound once per (queue, outcome); the counters and gauges are read at collection.

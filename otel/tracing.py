@@ -19,9 +19,9 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
 from opentelemetry.util.types import AttributeValue
 
-from otel.propagation import is_recording_enabled
-from otel.redact import exception_attributes, redact_url, scrub
-from otel.sampling import PresetIdGenerator
+from jobstream.otel.propagation import is_recording_enabled
+from jobstream.otel.redact import exception_attributes, redact_url, scrub
+from jobstream.otel.sampling import PresetIdGenerator
 
 __all__ = ["TracingHandle", "make_resource", "otlp_protocol", "setup_tracing", "span"]
 

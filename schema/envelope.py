@@ -169,7 +169,7 @@ def decode_envelope(entry_id: str, fields: dict[bytes, bytes]) -> Envelope:
     """Decode an entry's fields; raise EnvelopeError naming what is wrong.
 
     The job id defaults to the entry ID; unknown fields are kept in `extra`. Raises nothing
-    else, for any field map (tests/test_every_entry.py holds it to that).
+    else, for any field map (tests/engine/test_every_entry_one_row.py holds it to that).
     """
     payload = fields.get(b"payload")
     raw_id = fields.get(b"id")

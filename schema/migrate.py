@@ -41,7 +41,7 @@ class Migration:
 def load_migrations() -> list[Migration]:
     """Read the packaged migration files, ordered by version."""
     found = []
-    for item in resources.files("schema.migrations").iterdir():
+    for item in resources.files("jobstream.schema.migrations").iterdir():
         match = _NAME.match(item.name)
         if match:
             found.append(Migration(int(match[1]), match[2], item.read_text(encoding="utf-8")))

@@ -32,7 +32,7 @@ Id = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
 _ADDRESS_PATTERN = r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$"
 Address = Annotated[str, msgspec.Meta(min_length=3, max_length=320, pattern=_ADDRESS_PATTERN)]
 """An email address (`local@domain`, at most 320 characters as RFC 5321 allows, no control
-character). Handlers bring it to its normal form (`consumers/addresses.py`) before use."""
+character). Handlers bring it to its normal form (`consumers/mail/addresses.py`) before use."""
 Recipients = Annotated[list[Address], msgspec.Meta(max_length=100)]
 Base64 = Annotated[str, msgspec.Meta(min_length=1, max_length=64 * 1024 * 1024)]
 """Base64 text; the handler enforces the configured decoded-size limit."""

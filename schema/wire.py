@@ -15,9 +15,9 @@ from typing import Any
 
 import msgspec
 
-from schema import payloads
-from schema.envelope import EntryFields
-from schema.payloads import PAYLOADS, RESERVED_HEADER_PREFIXES, RESERVED_HEADERS
+from jobstream.schema import payloads
+from jobstream.schema.envelope import EntryFields
+from jobstream.schema.payloads import PAYLOADS, RESERVED_HEADER_PREFIXES, RESERVED_HEADERS
 
 __all__ = [
     "DIALECT",
@@ -188,7 +188,7 @@ def generated(registry: Mapping[str, type[msgspec.Struct]] = PAYLOADS) -> dict[s
 
 def shipped(name: str) -> str | None:
     """The content of a schema file as installed with the package, or None."""
-    path = resources.files("schema").joinpath("jsonschema", name)
+    path = resources.files("jobstream.schema").joinpath("jsonschema", name)
     return path.read_text(encoding="utf-8") if path.is_file() else None
 
 

@@ -3,10 +3,10 @@
 It knows nothing of email; `consumers` gives it routes.
 """
 
-from streams.client import Client, JobState
-from streams.dead_letters import DeadLetter, list_dead, purge_dead, read_dead, replay_dead
-from streams.dispatch import Route
-from streams.errors import (
+from jobstream.streams.client import Client, JobState
+from jobstream.streams.dead_letters import DeadLetter, list_dead, purge_dead, read_dead, replay_dead
+from jobstream.streams.dispatch import Route
+from jobstream.streams.errors import (
     ConfigError,
     JobError,
     JobstreamError,
@@ -14,14 +14,14 @@ from streams.errors import (
     PublishError,
     RetryableError,
 )
-from streams.job import Job
-from streams.keys import Keys, check_queue_name
-from streams.observe import NullObserver, Observer
-from streams.policy import Policy, backoff_s
-from streams.publisher import Publisher, new_job_id
-from streams.status import TERMINAL, Status
-from streams.trimmer import trim
-from streams.worker import Engine, EngineConfig
+from jobstream.streams.job import Job
+from jobstream.streams.keys import Keys, check_queue_name
+from jobstream.streams.observe import NullObserver, Observer
+from jobstream.streams.policy import Policy, backoff_s
+from jobstream.streams.publisher import Publisher, new_job_id
+from jobstream.streams.status import TERMINAL, Status
+from jobstream.streams.trimmer import trim
+from jobstream.streams.worker import Engine, EngineConfig
 
 __all__ = [
     "TERMINAL",

@@ -17,12 +17,12 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from otel import extract, presample
-from otel.redact import exception_attributes, scrub
-from schema.envelope import Envelope
-from streams.dispatch import BatchHandler, Handler, Route, conclude, execute
-from streams.errors import PermanentError
-from streams.job import Delivery, Job, Outcome, Result
+from jobstream.otel import extract, presample
+from jobstream.otel.redact import exception_attributes, scrub
+from jobstream.schema.envelope import Envelope
+from jobstream.streams.dispatch import BatchHandler, Handler, Route, conclude, execute
+from jobstream.streams.errors import PermanentError
+from jobstream.streams.job import Delivery, Job, Outcome, Result
 
 __all__ = ["BatchError", "Item", "execute_batch", "execute_batch_traced", "single"]
 

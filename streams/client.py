@@ -16,10 +16,10 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
-from streams.errors import PublishError
-from streams.keys import Keys
-from streams.publisher import Publisher
-from streams.status import TERMINAL, Status
+from jobstream.streams.errors import PublishError
+from jobstream.streams.keys import Keys
+from jobstream.streams.publisher import Publisher
+from jobstream.streams.status import TERMINAL, Status
 
 __all__ = ["Client", "JobState"]
 

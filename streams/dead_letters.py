@@ -19,8 +19,8 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
-from streams.errors import PublishError
-from streams.keys import Keys
+from jobstream.streams.errors import PublishError
+from jobstream.streams.keys import Keys
 
 __all__ = [
     "MAX_FIELD_BYTES",
@@ -165,7 +165,9 @@ UPDATE jobs SET status = 'queued', error = NULL, next_attempt_at = NULL, updated
                 stream_entry_id = $2
 WHERE id = $1 AND stream_entry_id IS DISTINCT FROM $2
 """
-_REPLAY_LUA = resources.files("streams.lua").joinpath("replay.lua").read_text(encoding="utf-8")
+_REPLAY_LUA = (
+    resources.files("jobstream.streams.lua").joinpath("replay.lua").read_text(encoding="utf-8")
+)
 # The hash says `queued` unless a worker already recorded the replayed attempt.
 _QUEUED_LUA = """
 local status = redis.call('HGET', KEYS[1], 'status')

@@ -7,11 +7,13 @@ from importlib import resources
 
 import redis.asyncio as aioredis
 
-from streams.keys import Keys
+from jobstream.streams.keys import Keys
 
 __all__ = ["Promoter"]
 
-_PROMOTE_LUA = resources.files("streams.lua").joinpath("promote.lua").read_text(encoding="utf-8")
+_PROMOTE_LUA = (
+    resources.files("jobstream.streams.lua").joinpath("promote.lua").read_text(encoding="utf-8")
+)
 
 
 class Promoter:

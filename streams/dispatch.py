@@ -20,9 +20,9 @@ import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from otel import extract, presample
-from otel.redact import exception_attributes, scrub
-from schema.envelope import (
+from jobstream.otel import extract, presample
+from jobstream.otel.redact import exception_attributes, scrub
+from jobstream.schema.envelope import (
     Envelope,
     EnvelopeError,
     decode_envelope,
@@ -30,9 +30,9 @@ from schema.envelope import (
     safe_job_id,
     trace_context,
 )
-from streams.errors import PermanentError, RetryableError
-from streams.job import Delivery, Job, Outcome, Result
-from streams.policy import Policy, backoff_s
+from jobstream.streams.errors import PermanentError, RetryableError
+from jobstream.streams.job import Delivery, Job, Outcome, Result
+from jobstream.streams.policy import Policy, backoff_s
 
 __all__ = [
     "BatchHandler",

@@ -7,7 +7,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
-from streams.lease import clock
+from jobstream.streams.lease import clock
 
 __all__ = ["Delivery", "Job", "Outcome", "Result", "fence_of"]
 
@@ -52,7 +52,7 @@ class Delivery:
     fields: dict[bytes, bytes]
     delivery_count: int = 1
     started_mono: float = 0.0
-    read_at: float = field(default_factory=clock)  # on the lease clock (`streams.lease`)
+    read_at: float = field(default_factory=clock)  # on the lease clock (`jobstream.streams.lease`)
     payload_stored: bool = False  # a row with this delivery's payload reached PostgreSQL
     task: asyncio.Task[None] | None = None  # the task running it alone, for the watchdog
     timed_out: bool = False  # the watchdog cancelled its task: its time was up

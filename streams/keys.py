@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from streams.errors import ConfigError
+from jobstream.streams.errors import ConfigError
 
 __all__ = ["Keys", "check_queue_name"]
 

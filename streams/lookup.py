@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 import redis.asyncio as aioredis
 
-from streams.keys import Keys
+from jobstream.streams.keys import Keys
 
 __all__ = ["Waiting", "find_waiting"]
 

@@ -10,7 +10,7 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from streams.errors import ConfigError
+from jobstream.streams.errors import ConfigError
 
 __all__ = ["loop_factory", "loop_name", "run"]
 

@@ -6,7 +6,7 @@ import random
 
 import msgspec
 
-from streams.errors import ConfigError
+from jobstream.streams.errors import ConfigError
 
 __all__ = ["Policy", "backoff_s"]
 

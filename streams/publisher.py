@@ -16,11 +16,11 @@ import msgspec
 import redis.asyncio as aioredis
 from opentelemetry import trace
 
-from otel import inject, is_recording_enabled
-from schema.envelope import job_id_problem
-from schema.payloads import PAYLOADS
-from streams.errors import PublishError
-from streams.keys import Keys
+from jobstream.otel import inject, is_recording_enabled
+from jobstream.schema.envelope import job_id_problem
+from jobstream.schema.payloads import PAYLOADS
+from jobstream.streams.errors import PublishError
+from jobstream.streams.keys import Keys
 
 __all__ = ["PayloadLike", "Publisher", "new_job_id"]
 

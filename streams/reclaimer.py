@@ -14,13 +14,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from streams.job import Delivery
-from streams.keys import Keys
+from jobstream.streams.job import Delivery
+from jobstream.streams.keys import Keys
 
 __all__ = ["Pending", "Reclaimer"]
 
 logger = logging.getLogger(__name__)
-_LUA = resources.files("streams.lua")
+_LUA = resources.files("jobstream.streams.lua")
 _DELCONSUMER_LUA = _LUA.joinpath("delconsumer.lua").read_text("utf-8")
 _CLAIM_LUA = _LUA.joinpath("claim.lua").read_text("utf-8")
 

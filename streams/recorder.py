@@ -24,14 +24,14 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from asyncpg.pool import PoolConnectionProxy
 
-from schema.envelope import MAX_TIME_MS, enqueued_at_ms
-from streams.backoff import retry_until_done
-from streams.dead_letters import dead_fields
-from streams.job import Delivery, Outcome, Result
-from streams.keys import Keys
-from streams.lease import Lease
-from streams.pg_store import ExecRow, JobRow, write_batch
-from streams.status import TERMINAL, Status
+from jobstream.schema.envelope import MAX_TIME_MS, enqueued_at_ms
+from jobstream.streams.backoff import retry_until_done
+from jobstream.streams.dead_letters import dead_fields
+from jobstream.streams.job import Delivery, Outcome, Result
+from jobstream.streams.keys import Keys
+from jobstream.streams.lease import Lease
+from jobstream.streams.pg_store import ExecRow, JobRow, write_batch
+from jobstream.streams.status import TERMINAL, Status
 
 __all__ = ["Recorder", "RecorderConfig", "Start"]
 
@@ -56,7 +56,7 @@ _MAX_DEAD_FIELDS = 1000  # a dead letter keeps at most this many of an entry's f
 
 def _script(name: str) -> tuple[bytes, bytes]:
     """A Lua script of `streams/lua` and its SHA-1, for EVALSHA."""
-    body = resources.files("streams.lua").joinpath(name).read_bytes()
+    body = resources.files("jobstream.streams.lua").joinpath(name).read_bytes()
     return body, hashlib.sha1(body, usedforsecurity=False).hexdigest().encode()
 
 

@@ -12,12 +12,14 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from streams.keys import Keys
+from jobstream.streams.keys import Keys
 
 __all__ = ["DeadLetterCaps", "DeadLetterTrimmer", "safe_min_id", "trim"]
 
 logger = logging.getLogger(__name__)
-_BYTES_LUA = resources.files("streams.lua").joinpath("trim_dead_bytes.lua").read_text("utf-8")
+_BYTES_LUA = (
+    resources.files("jobstream.streams.lua").joinpath("trim_dead_bytes.lua").read_text("utf-8")
+)
 
 
 def _key(entry_id: str) -> tuple[int, int]:

@@ -20,12 +20,12 @@ import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from otel import is_recording_enabled
-from schema.envelope import Envelope, enqueued_at_ms, safe_job_id
-from streams.backoff import retry_until_done
-from streams.batch import Item, execute_batch, execute_batch_traced
-from streams.delayed import Promoter
-from streams.dispatch import (
+from jobstream.otel import is_recording_enabled
+from jobstream.schema.envelope import Envelope, enqueued_at_ms, safe_job_id
+from jobstream.streams.backoff import retry_until_done
+from jobstream.streams.batch import Item, execute_batch, execute_batch_traced
+from jobstream.streams.delayed import Promoter
+from jobstream.streams.dispatch import (
     Route,
     execute,
     execute_traced,
@@ -33,14 +33,14 @@ from streams.dispatch import (
     prepare,
     trace_invalid,
 )
-from streams.job import Delivery, Job, Outcome, Result
-from streams.keys import Keys
-from streams.lease import Lease, clock
-from streams.observe import NullObserver, Observer
-from streams.pg_store import JobRow, fetch_statuses
-from streams.reclaimer import Pending, Reclaimer
-from streams.recorder import Recorder, RecorderConfig, Start
-from streams.trimmer import DeadLetterCaps, DeadLetterTrimmer, trim
+from jobstream.streams.job import Delivery, Job, Outcome, Result
+from jobstream.streams.keys import Keys
+from jobstream.streams.lease import Lease, clock
+from jobstream.streams.observe import NullObserver, Observer
+from jobstream.streams.pg_store import JobRow, fetch_statuses
+from jobstream.streams.reclaimer import Pending, Reclaimer
+from jobstream.streams.recorder import Recorder, RecorderConfig, Start
+from jobstream.streams.trimmer import DeadLetterCaps, DeadLetterTrimmer, trim
 
 __all__ = ["Engine", "EngineConfig"]
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import msgspec
 
-from consumers.deps import Deps
-from consumers.handler import HandlerSpec, batch_handler
-from streams import Job, PermanentError, Policy, RetryableError
+from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.handler import HandlerSpec, batch_handler
+from jobstream.streams import Job, PermanentError, Policy, RetryableError
 
 QUEUE = "test-batch"
 

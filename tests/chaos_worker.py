@@ -7,8 +7,8 @@ import asyncio
 import logging
 import sys
 
-from consumers.runtime import run_worker
-from consumers.settings import Settings
+from jobstream.consumers.worker.runtime import run_worker
+from jobstream.consumers.worker.settings import Settings
 from tests import handlers
 
 REAL_QUEUES = ("analytics", "email-sending")

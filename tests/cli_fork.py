@@ -15,7 +15,7 @@ import sys
 import tempfile
 import traceback
 
-from consumers.cli import main
+from jobstream.consumers.cli.main import main
 
 LIMIT_S = 30
 

@@ -3,28 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import os
 import pathlib
 import tempfile
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable
 
 import asyncpg
 import msgspec
 import pytest
 
-from consumers.deps import Deps
-from consumers.runtime import connect
-from consumers.settings import Settings
-from schema.migrate import apply_migrations, load_migrations
+from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.runtime import connect
+from jobstream.consumers.worker.settings import Settings
+from jobstream.schema.migrate import apply_migrations, load_migrations
+from tests.helpers import ADMIN_URL, REDIS_URL
 from tests.servers import OwnPostgres, OwnRedis
-
-ADMIN_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def _db_url(name: str) -> str:
@@ -106,31 +101,6 @@ async def deps(settings: Settings, prefix: str) -> AsyncIterator[Deps]:
         keys = [k async for k in d.redis.scan_iter(match=f"{prefix}*", count=1000)]
         for i in range(0, len(keys), 500):
             await d.redis.delete(*keys[i : i + 500])
-
-
-async def eventually(
-    predicate: Callable[[], Awaitable[Any]], timeout_s: float = 15.0, interval_s: float = 0.05
-) -> Any:
-    """Poll `predicate` until it returns something truthy; fail with its last value."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = await predicate()
-        if last:
-            return last
-        await asyncio.sleep(interval_s)
-    raise AssertionError(f"condition not met within {timeout_s}s (last value: {last!r})")
-
-
-@contextlib.asynccontextmanager
-async def running(engine: Any) -> AsyncIterator[Any]:
-    """Run an engine in the background for the block, then stop and drain it."""
-    task = asyncio.create_task(engine.run())
-    try:
-        yield engine
-    finally:
-        engine.stop()
-        await asyncio.wait_for(task, 30)
 
 
 @pytest.fixture

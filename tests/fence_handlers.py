@@ -10,9 +10,9 @@ import asyncio
 import sys
 from typing import Any
 
-from consumers.deps import Deps
-from consumers.handler import HandlerSpec, handler
-from streams import Job, Policy
+from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.handler import HandlerSpec, handler
+from jobstream.streams import Job, Policy
 from tests.handlers import Work, executions_key
 
 ONCE = "test-fence-once"  # one attempt: a timeout would dead-letter the job
@@ -38,8 +38,8 @@ def main() -> None:
     """`python -m tests.fence_handlers`: a worker serving the fencing test queues."""
     import logging
 
-    from consumers.runtime import run_worker
-    from consumers.settings import Settings
+    from jobstream.consumers.worker.runtime import run_worker
+    from jobstream.consumers.worker.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     code = asyncio.run(run_worker(Settings.from_env(), None, None, extra=SPECS))

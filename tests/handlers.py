@@ -10,9 +10,9 @@ from typing import Any
 
 import msgspec
 
-from consumers.deps import Deps
-from consumers.handler import HandlerSpec, handler
-from streams import Job, PermanentError, Policy, RetryableError
+from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.handler import HandlerSpec, handler
+from jobstream.streams import Job, PermanentError, Policy, RetryableError
 
 QUEUE = "test-work"
 
@@ -63,8 +63,8 @@ def main() -> None:
     """`python -m tests.handlers [--concurrency N] [--burst]`: a worker serving the test queue."""
     import logging
 
-    from consumers.runtime import run_worker
-    from consumers.settings import Settings
+    from jobstream.consumers.worker.runtime import run_worker
+    from jobstream.consumers.worker.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     burst = "--burst" in sys.argv

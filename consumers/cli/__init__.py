@@ -1,0 +1,1 @@
+"""The `jobstream` command line: the entry point, one module per command family, one renderer."""

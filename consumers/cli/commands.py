@@ -1,0 +1,279 @@
+"""What each `jobstream` subcommand does, and how it prints."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+
+import asyncpg
+
+from jobstream.consumers.cli import commands_mail, ops
+from jobstream.consumers.cli.render import render_json, render_table
+from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.runtime import connect, run_worker, service_version
+from jobstream.consumers.worker.settings import Settings
+from jobstream.consumers.worker.tls import database_dsn
+from jobstream.otel.redact import remember_secrets, scrub, secrets_of_url
+from jobstream.otel.tracing import setup_tracing
+from jobstream.schema.migrate import MigrationMismatch, apply_migrations
+from jobstream.schema.payloads import PAYLOADS
+from jobstream.streams import (
+    ConfigError,
+    PublishError,
+    list_dead,
+    purge_dead,
+    read_dead,
+    replay_dead,
+)
+from jobstream.streams.dead_letters import count_dead, replay_all
+
+__all__ = ["parse_duration_ms", "run"]
+
+_UNITS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_duration_ms(text: str) -> int:
+    """`30s`, `15m`, `12h`, `7d` → milliseconds; ConfigError otherwise."""
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not match:
+        raise ConfigError(f"invalid duration {text!r}: use a number and s, m, h or d (e.g. 7d)")
+    return int(match[1]) * _UNITS[match[2]]
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Run the parsed command; return the process exit code."""
+    if args.command == "worker":
+        return await run_worker(
+            settings,
+            args.queues,
+            args.concurrency,
+            burst=args.burst,
+            metrics_port=args.metrics_port,
+        )
+    if args.command == "migrate":
+        return await _migrate(settings)
+    if args.command == "demo":
+        from jobstream.consumers.demo.main import run_demo
+
+        return await run_demo(settings, args.events)
+    async with connect(settings, wait=False) as deps:
+        mail = await commands_mail.run(args, deps)
+        if mail is not None:
+            return mail
+        if args.command == "publish":
+            return await _publish(deps, args)
+        if args.command == "status":
+            return await _status(deps, args.json)
+        if args.command == "job":
+            return await _job(deps, args.job_id, args.json)
+        if args.command == "dlq":
+            return await _dlq(deps, args)
+        if args.command == "health":
+            problem = await ops.health(deps, args.consumer)
+            print(problem or "ok")
+            return 1 if problem else 0
+    raise ConfigError(f"unknown command {args.command}")
+
+
+async def _remember_relays(deps: Deps) -> None:
+    """Remember every mailbox relay's password, so that what is printed is scrubbed of it
+    (errors recorded by older versions may carry one)."""
+    for row in await deps.pool.fetch("SELECT smtp_url FROM mailboxes WHERE smtp_url <> ''"):
+        remember_secrets(secrets_of_url(row["smtp_url"]))
+
+
+async def _publish(deps: Deps, args: argparse.Namespace) -> int:
+    # With OTEL_* configured, the PRODUCER span starts the job's trace and travels with it.
+    tracing = setup_tracing(service_version(), None)
+    try:
+        job_id = await deps.publisher.publish(
+            args.queue, args.payload, args.job_id, delay_s=args.delay
+        )
+    finally:
+        await asyncio.to_thread(tracing.shutdown)
+    print(job_id)
+    return 0
+
+
+async def _migrate(settings: Settings) -> int:
+    try:
+        conn = await asyncpg.connect(database_dsn(settings))
+    except asyncpg.ClientConfigurationError as exc:  # e.g. sslmode=verify-full, no root cert
+        raise ConfigError(f"invalid configuration: DATABASE_URL: {exc.args[0]}") from None
+    try:
+        applied = await apply_migrations(conn)
+    except MigrationMismatch as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        await conn.close()
+    names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
+    print(f"migrations applied: {names}" if applied else "migrations: up to date")
+    return 0
+
+
+async def _status(deps: Deps, as_json: bool) -> int:
+    rows = await ops.queue_status(deps)
+    if as_json:
+        print(render_json(rows))
+        return 0
+    for r in rows:
+        jobs = r["jobs"]
+        r["jobs"] = " ".join(f"{k}={v}" for k, v in sorted(jobs.items())) or "-"
+        r["oldest_pending_s"] = r.pop("oldest_pending_age_s")
+    columns = [
+        "queue",
+        "length",
+        "pending",
+        "lag",
+        "consumers",
+        "oldest_pending_s",
+        "delayed",
+        "dead",
+        "jobs",
+    ]
+    print(render_table(rows, columns))
+    return 0
+
+
+async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
+    await _remember_relays(deps)
+    info = await ops.job_info(deps, job_id)
+    if info is None or not (info["job"] or info["hash"] or info["waiting"]):
+        part = "" if info is None else " (a long stream was searched only in part)"
+        print(f"jobstream: no job {job_id!r} in PostgreSQL, Redis or the queues{part}",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if as_json:
+        print(scrub(render_json(info)))
+        return 0
+    job = info["job"] or {}
+    lines = [f"{key:>16}: {value}" for key, value in job.items()]
+    if info["job"] is None:
+        lines.append("not run by a worker yet (no row in PostgreSQL)")
+    if info["waiting"]:
+        lines.append("waiting:")
+        columns = ["queue", "where", "entry_id", "due_at", "attempt", "traceparent"]
+        lines.append(render_table(info["waiting"], columns))
+    lines.append("executions:")
+    columns = ["attempt", "outcome", "duration_ms", "worker_id", "started_at", "error"]
+    lines.append(render_table(info["executions"], columns))
+    lines.append("hash:")
+    lines += [f"{key:>16}: {value}" for key, value in sorted(info["hash"].items())]
+    print(scrub("\n".join(lines)))
+    return 0
+
+
+async def _dlq_queues(deps: Deps, args: argparse.Namespace) -> list[str]:
+    """Every queue with a dead stream or a payload; refuse unknown queues and malformed ids."""
+    r, keys = deps.redis, deps.keys
+    seen = {keys.queue_of(k.decode()) async for k in r.scan_iter(match=keys.dead_pattern())}
+    queues = sorted(set(PAYLOADS) | seen)
+    named = getattr(args, "queue", None)
+    if named is not None and named not in queues:
+        raise ConfigError(f"unknown queue {named!r} (known: {', '.join(queues)})")
+    for dead_id in [getattr(args, "dead_id", None), *getattr(args, "dead_ids", [])]:
+        if dead_id is not None and not re.fullmatch(r"\d+-\d+", dead_id):
+            raise ConfigError(f"invalid dead-letter id {dead_id!r}: ids look like 1764496800000-0")
+    return queues
+
+
+async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
+    await _remember_relays(deps)
+    r, keys = deps.redis, deps.keys
+    queues = await _dlq_queues(deps, args)
+    if args.dlq == "list":
+        rows = []
+        for queue in [args.queue] if args.queue else queues:
+            for letter in await list_dead(r, keys, queue, args.count):
+                f = letter.fields
+                rows.append(
+                    {
+                        "dead_id": letter.dead_id,
+                        "queue": queue,
+                        "job_id": f.get("job_id"),
+                        "reason": f.get("reason"),
+                        "attempts": f.get("attempts"),
+                        "failed_at": f.get("failed_at"),
+                        "error": (f.get("error") or "")[:80],
+                    }
+                )
+        columns = ["dead_id", "queue", "job_id", "reason", "attempts", "failed_at", "error"]
+        print(scrub(render_table(rows, columns)))
+        return 0
+    if args.dlq == "show":
+        for queue in [args.queue] if args.queue else queues:
+            found = await read_dead(r, keys, queue, args.dead_id)
+            if found is not None:
+                print(
+                    scrub(render_json({"dead_id": found.dead_id, "queue": queue, **found.fields}))
+                )
+                return 0
+        print(f"jobstream: no dead letter {args.dead_id}", file=sys.stderr)
+        return 1
+    if args.dlq == "replay":
+        return await _replay(deps, args)
+    return await _purge(deps, args)
+
+
+async def _purge(deps: Deps, args: argparse.Namespace) -> int:
+    """Delete dead letters for good: only with --yes or a "y" typed at a terminal."""
+    r, keys, queue = deps.redis, deps.keys, args.queue
+    older = parse_duration_ms(args.older_than) if args.older_than else None
+    which = f" older than {args.older_than}" if args.older_than else ""
+    if args.dry_run:
+        n = await count_dead(r, keys, queue, older)
+        print(f"would purge {n} dead letters of {queue}{which}")
+        return 0
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("dlq purge deletes dead letters for good: add --yes (or --dry-run)")
+        n = await count_dead(r, keys, queue, older)
+        print(f"purge {n} dead letters of {queue}{which}? [y/N] ", end="", file=sys.stderr)
+        sys.stderr.flush()
+        answer = await asyncio.to_thread(sys.stdin.readline)
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing purged", file=sys.stderr)
+            return 1
+    n = await purge_dead(r, keys, queue, older)
+    print(f"purged {n} dead letters of {queue}{which}")
+    return 0
+
+
+async def _replay(deps: Deps, args: argparse.Namespace) -> int:
+    if not args.all and not args.dead_ids:
+        raise ConfigError("dlq replay needs dead-letter IDs or --all")
+    if args.all:
+        return await _replay_all(deps, args.queue)
+    r, keys = deps.redis, deps.keys
+    found = [await read_dead(r, keys, args.queue, i) for i in args.dead_ids]
+    missing = [i for i, f in zip(args.dead_ids, found, strict=True) if f is None]
+    if missing:
+        raise ConfigError(f"no dead letter {', '.join(missing)} in {args.queue}")
+    cut = [f"{f.dead_id} ({f.cut})" for f in found if f is not None and f.cut is not None]
+    if cut:  # checked before any is replayed: all or nothing
+        raise PublishError(f"not replayed, the letters no longer hold the whole entry: "
+                           f"{'; '.join(cut)}")  # fmt: skip
+    gone = []
+    for one in found:
+        if one is not None:
+            entry = await replay_dead(r, deps.pool, keys, one)
+            if entry is None:
+                gone.append(one.dead_id)
+            else:
+                print(f"replayed {one.dead_id} as {entry} (job {one.fields.get('job_id')})")
+    if gone:
+        raise ConfigError(f"dead letter {', '.join(gone)} was replayed or purged meanwhile")
+    return 0
+
+
+async def _replay_all(deps: Deps, queue: str) -> int:
+    """Replay the letters present now, oldest first, each once; cut ones stay."""
+    replayed, kept = await replay_all(deps.redis, deps.pool, deps.keys, queue)
+    print(f"replayed {replayed} dead letters of {queue}")
+    if kept:
+        ids = ", ".join(kept[:10])
+        raise PublishError(f"{len(kept)} dead letters of {queue} hold a truncated payload or "
+                           f"field and were not replayed: {ids}")  # fmt: skip
+    return 0

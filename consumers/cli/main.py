@@ -1,0 +1,148 @@
+"""The `jobstream` command line: worker, migrate, publish, status, job, dlq, health, schema,
+demo, mailbox, webhook and warmup."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import asyncpg
+import redis.exceptions
+
+from jobstream.consumers.cli import commands, commands_mail, commands_schema
+from jobstream.consumers.worker.settings import Settings
+from jobstream.otel.logs import escape_controls, setup_logging
+from jobstream.otel.redact import remember_secrets, scrub
+from jobstream.streams import JobstreamError
+from jobstream.streams.loop import run
+
+__all__ = ["build_parser", "main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (usage is one `--help` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        text = escape_controls(f"{self.prog}: {message} (see {self.prog} --help)")
+        self.exit(2, f"{text}\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text) if text.isdigit() else 0
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 1 to 65535, not {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="jobstream", description=__doc__)
+    p.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="DEBUG, INFO, WARNING or ERROR (default: INFO)",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    w = sub.add_parser("worker", help="run a worker replica until SIGTERM/SIGINT")
+    w.add_argument("--queues", nargs="+", metavar="Q", help="queues to serve (default: all)")
+    w.add_argument("--concurrency", type=_positive, help="jobs in flight per queue")
+    w.add_argument("--burst", action="store_true", help="drain the queues, then exit")
+    w.add_argument("--metrics-port", type=_port, metavar="PORT", help="serve /metrics on this port")
+    w.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="json: one object a line"
+    )
+
+    sub.add_parser("migrate", help="apply the SQL migrations (idempotent)")
+
+    pub = sub.add_parser("publish", help="validate and publish one job")
+    pub.add_argument("queue")
+    pub.add_argument("payload", help="the payload as a JSON object")
+    pub.add_argument("--id", dest="job_id", help="job id (default: generated)")
+    pub.add_argument("--delay", type=float, help="run it after this many seconds")
+
+    st = sub.add_parser("status", help="per-queue stream and job counts")
+    st.add_argument("--json", action="store_true")
+
+    job = sub.add_parser("job", help="one job: its row, executions and hash")
+    job.add_argument("job_id")
+    job.add_argument("--json", action="store_true")
+
+    dlq = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="dlq", required=True)
+    dl = dlq.add_parser("list", help="newest dead letters")
+    dl.add_argument("queue", nargs="?")
+    dl.add_argument("--count", type=_positive, default=20)
+    ds = dlq.add_parser("show", help="one dead letter, all fields")
+    ds.add_argument("dead_id")
+    ds.add_argument("--queue")
+    dr = dlq.add_parser("replay", help="publish dead letters again with attempt 1")
+    dr.add_argument("queue")
+    dr.add_argument("dead_ids", nargs="*", metavar="ID")
+    dr.add_argument("--all", action="store_true")
+    dp = dlq.add_parser("purge", help="delete dead letters")
+    dp.add_argument("queue")
+    dp.add_argument("--older-than", help="only those older than this: 30s, 15m, 12h, 7d")
+    dp.add_argument("--yes", action="store_true", help="really delete (else asked at a terminal)")
+    dp.add_argument("--dry-run", action="store_true", help="only say how many would go")
+
+    h = sub.add_parser("health", help="exit 0 when Redis, PostgreSQL (and the worker) are alive")
+    h.add_argument("--consumer", help="also require this worker's heartbeat")
+
+    commands_schema.add_parser(sub)
+
+    d = sub.add_parser("demo", help="start two workers and push real jobs through every queue")
+    d.add_argument("--events", type=_positive, default=3000)
+    commands_mail.add_parsers(sub)
+    return p
+
+
+def _error(text: str) -> None:
+    """One line on stderr: scrubbed of secrets, control characters escaped."""
+    print(f"jobstream: {escape_controls(scrub(text))}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "schema":  # needs no configuration and no server
+        return commands_schema.main(args)
+    try:
+        settings = Settings.from_env()
+    except JobstreamError as exc:
+        _error(str(exc))
+        return 2
+    remember_secrets(settings.secrets())
+    level = (args.log_level or settings.log_level).upper()
+    setup_logging(level, getattr(args, "log_format", "text"))
+    try:
+        return run(commands.run(args, settings), settings.event_loop)
+    except JobstreamError as exc:
+        _error(str(exc))
+        return 2
+    except (OSError, redis.exceptions.RedisError, asyncpg.PostgresError) as exc:
+        # A server that is down or refuses us: one line, never a traceback.
+        if isinstance(exc, BrokenPipeError):  # output piped into `head` and the like
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        _error(f"{type(exc).__name__}: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # the CLI's boundary: an operator gets one line, not a traceback
+        logging.getLogger(__name__).debug("unexpected error", exc_info=True)
+        _error(f"unexpected {type(exc).__name__}: {exc} (--log-level DEBUG shows where)")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

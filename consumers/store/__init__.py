@@ -1,0 +1,1 @@
+"""Tables and counters queues share: mailboxes, suppressions, send limits, webhook endpoints."""

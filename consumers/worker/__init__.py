@@ -1,0 +1,1 @@
+"""The worker runtime: settings, deps, handler registry, events, health, TLS, the parse pool."""

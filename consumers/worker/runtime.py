@@ -1,0 +1,255 @@
+"""The worker process: connect, build the routes, run the engine, stop cleanly on signals."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import logging
+import os
+import secrets
+import signal
+import socket
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.handler import HandlerSpec
+from jobstream.consumers.worker.health import write_reports
+from jobstream.consumers.worker.parsepool import ParsePool, default_processes
+from jobstream.consumers.worker.registry import by_queue
+from jobstream.consumers.worker.settings import Settings, redact_url
+from jobstream.consumers.worker.tls import client_context, database_dsn, redis_tls_options
+from jobstream.otel.metrics import MetricsHandle, setup_metrics
+from jobstream.otel.redact import remember_secrets
+from jobstream.otel.tracing import TracingHandle, setup_tracing
+from jobstream.schema.payloads import PAYLOADS
+from jobstream.streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
+from jobstream.streams.loop import loop_name
+
+__all__ = [
+    "connect",
+    "consumer_name",
+    "keys_of",
+    "make_engine",
+    "run_worker",
+    "service_version",
+    "start_telemetry",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def consumer_name(settings: Settings) -> str:
+    """`<hostname>-<pid>-<random>`, unless configured (a stable name resumes its own entries)."""
+    if settings.consumer_name:
+        return settings.consumer_name
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def keys_of(settings: Settings) -> Keys:
+    return Keys(settings.stream_prefix, settings.job_prefix)
+
+
+async def _pool(settings: Settings, wait: bool, name: str | None = None) -> asyncpg.Pool:
+    """The PostgreSQL pool; a worker (`wait`) waits for the server, a command does not."""
+    delay, logged = 0.2, False
+    server_settings = {"application_name": name[:63]} if name else None
+    while True:
+        try:
+            return await asyncpg.create_pool(
+                database_dsn(settings), min_size=1, max_size=settings.pg_pool_size, timeout=10,
+                server_settings=server_settings,
+            )  # fmt: skip
+        except asyncpg.ClientConfigurationError as exc:  # e.g. no root certificate: no waiting
+            raise ConfigError(f"invalid configuration: DATABASE_URL: {exc.args[0]}") from None
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            where = redact_url(settings.database_url)
+            if not wait:
+                raise ConfigError(f"PostgreSQL at {where} unavailable: {exc}") from None
+            if not logged:
+                logger.error("PostgreSQL at %s unavailable (%s); waiting for it with backoff "
+                             "up to 5s", where, type(exc).__name__)  # fmt: skip
+                logged = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _printable(name: str | None) -> str | None:
+    """A name Redis accepts for a connection: printable ASCII without spaces."""
+    return None if name is None else "".join(c if "!" <= c <= "~" else "_" for c in name)
+
+
+@asynccontextmanager
+async def connect(
+    settings: Settings, *, wait: bool = True, client_name: str | None = None
+) -> AsyncIterator[Deps]:
+    """Open Redis, PostgreSQL and the parse pool for the lifetime of the block.
+
+    `wait=False` (one-off commands) fails at once when PostgreSQL does not answer. The
+    pool starts its processes only when something is parsed; they stop with the block.
+    `client_name` names the Redis connections (`CLIENT LIST`) and PostgreSQL sessions
+    (`pg_stat_activity.application_name`): a worker passes its consumer name.
+    The URLs' passwords are remembered, so no log line, span or error shows them.
+    """
+    remember_secrets(settings.secrets())
+    if settings.tls_ca_file is not None:
+        client_context(settings, "smtp")  # a missing or bad CA file fails now, named
+    redis = aioredis.Redis.from_url(
+        settings.redis_url,
+        decode_responses=False,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        max_connections=None,
+        client_name=_printable(client_name),
+        **redis_tls_options(settings),
+    )
+    pool = await _pool(settings, wait, client_name)
+    keys = keys_of(settings)
+    parser = ParsePool(settings.parse_processes or default_processes())
+    try:
+        yield Deps(pool, redis, Publisher(redis, keys, PAYLOADS), settings, keys, parser)
+    finally:
+        await parser.aclose()
+        await pool.close()
+        await redis.aclose()
+
+
+def _select(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
+    known = by_queue()
+    if not queues:
+        return list(known.values())
+    unknown = [q for q in queues if q not in known]
+    if unknown:
+        raise ConfigError(
+            f"no handler for queue {', '.join(unknown)} (handled: {', '.join(sorted(known))})"
+        )
+    return [known[q] for q in queues]
+
+
+def make_engine(
+    deps: Deps,
+    queues: Sequence[str] | None = None,
+    concurrency: int | None = None,
+    *,
+    burst: bool = False,
+    extra: Sequence[HandlerSpec[Any]] = (),
+    observer: Observer | None = None,
+    consumer: str | None = None,
+) -> Engine:
+    """The engine for the selected queues (all handled ones by default)."""
+    s = deps.settings
+    specs = [*_select(queues), *extra] if queues or not extra else list(extra)
+    limit = concurrency or s.concurrency
+    overrides = s.policy_overrides()
+    unknown = set(overrides) - {spec.queue for spec in specs}
+    if unknown:
+        raise ConfigError(f"JOBSTREAM_POLICIES names queues not served: {', '.join(unknown)}")
+    routes = []
+    for spec in specs:
+        # Registration first, then configuration, then the command line.
+        fields = {**_fields(spec.policy), **overrides.get(spec.queue, {})}
+        if limit is not None:
+            fields["concurrency"] = limit
+        routes.append(spec.route(deps, Policy(**fields)))
+    config = EngineConfig(
+        consumer=consumer or consumer_name(s),
+        keys=deps.keys,
+        group=s.group,
+        block_ms=s.block_ms,
+        max_deliveries=s.max_deliveries,
+        max_payload_bytes=s.max_payload_bytes,
+        alive_ttl_ms=s.alive_ttl_ms,
+        reclaim_interval_s=s.reclaim_interval_s,
+        reclaim_ceiling_ms=s.reclaim_ceiling_ms,
+        trim_interval_s=s.trim_interval_s,
+        grace_s=s.shutdown_grace_s,
+        hash_ttl_s=s.hash_ttl_s,
+        dead_maxlen=s.dead_maxlen,
+        dead_max_age_s=s.dead_letter_max_age_s,
+        dead_max_bytes=s.dead_letter_max_bytes,
+        burst=burst,
+    )
+    return Engine(deps.redis, deps.pool, routes, config, observer)
+
+
+def _fields(policy: Policy) -> dict[str, Any]:
+    return {f: getattr(policy, f) for f in policy.__struct_fields__}
+
+
+async def run_worker(
+    settings: Settings,
+    queues: Sequence[str] | None = None,
+    concurrency: int | None = None,
+    *,
+    burst: bool = False,
+    extra: Sequence[HandlerSpec[Any]] = (),
+    metrics_port: int | None = None,
+) -> int:
+    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code."""
+    _select(queues)  # fail on an unknown queue before connecting anywhere
+    consumer = consumer_name(settings)
+    tracing, metrics = start_telemetry(consumer, prometheus=metrics_port is not None)
+    try:
+        async with connect(settings, client_name=consumer) as deps:
+            engine = make_engine(
+                deps,
+                queues,
+                concurrency,
+                burst=burst,
+                extra=extra,
+                observer=metrics.observer,
+                consumer=consumer,
+            )
+            if metrics_port is not None:
+                await metrics.serve(metrics_port)
+            await _run(engine, settings)
+    finally:
+        await metrics.aclose()
+        await asyncio.to_thread(tracing.shutdown)
+    return 0
+
+
+async def _run(engine: Engine, settings: Settings) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, engine.stop)
+    logger.info(
+        "worker %s started: queues=%s redis=%s database=%s loop=%s",
+        engine.cfg.consumer,
+        ",".join(engine.lanes),
+        redact_url(settings.redis_url),
+        redact_url(settings.database_url),
+        loop_name(),
+    )
+    reporter = None
+    if settings.health_file:
+        every = settings.alive_ttl_ms / 3000
+        reporter = asyncio.create_task(write_reports(engine, settings.health_file, every))
+    try:
+        await engine.run()
+    finally:
+        if reporter is not None:
+            reporter.cancel()
+            await asyncio.gather(reporter, return_exceptions=True)
+    logger.info("worker %s stopped after %d jobs", engine.cfg.consumer, engine.processed)
+
+
+def service_version() -> str:
+    """The installed distribution's version (`service.version` of spans and metrics)."""
+    try:
+        return importlib.metadata.version("jobstream")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def start_telemetry(
+    consumer: str | None, *, prometheus: bool = False
+) -> tuple[TracingHandle, MetricsHandle]:
+    """Tracing and metrics from the `OTEL_*` variables; both no-ops when nothing is configured."""
+    version = service_version()
+    tracing = setup_tracing(version, consumer)
+    return tracing, setup_metrics(version, consumer, prometheus=prometheus)
