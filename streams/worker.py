@@ -723,7 +723,7 @@ class Engine:
         jobs, instead of a timer armed and disarmed for every job: a timeout fires at most
         that much late.
         """
-        shortest = min(lane.route.policy.timeout_s for lane in self.lanes.values())
+        shortest = min((lane.route.policy.timeout_s for lane in self.lanes.values()), default=10.0)
         period = min(max(shortest / 10, 0.01), 1.0)
         while not self._exited.is_set():
             now = time.perf_counter()
