@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 if __package__ in (None, ""):  # run as `python bench/analytics.py`
@@ -74,13 +75,24 @@ class _Clock:
         if not self.first:
             self.first = time.perf_counter()
 
-    def job_finished(self, queue: str, outcome: str, duration_s: float) -> None:
+    def serving(self, streams: Mapping[str, str], group: str) -> None:
+        return None
+
+    def job_finished(
+        self, queue: str, outcome: str, duration_s: float, error_type: str | None = None
+    ) -> None:
         return None
 
     def queue_stats(self, queue: str, pending: int, lag: int, dead: int) -> None:
         return None
 
+    def queue_stats_withdrawn(self, queue: str) -> None:
+        return None
+
     def dead_letters_dropped(self, queue: str, cap: str, count: int) -> None:
+        return None
+
+    def messages_sent(self, queue: str, stream: str, count: int, error_type: str | None) -> None:
         return None
 
 

@@ -32,7 +32,7 @@ from jobstream.consumers.worker.runtime import connect, make_engine
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.migrate import apply_migrations
 from jobstream.schema.payloads import ProcessEmail
-from jobstream.streams import Job, Policy, Publisher
+from jobstream.streams import Job, NullObserver, Policy, Publisher
 
 ADMIN_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -94,7 +94,7 @@ async def noop(payload: Noop, job: Job, deps: Deps) -> None:
     return None
 
 
-class _Clock:
+class _Clock(NullObserver):
     """Observer noting when the first job started and the N-th finished."""
 
     def __init__(self, n: int) -> None:
@@ -104,17 +104,13 @@ class _Clock:
         if not self.first:
             self.first = time.perf_counter()
 
-    def job_finished(self, queue: str, outcome: str, duration_s: float) -> None:
+    def job_finished(
+        self, queue: str, outcome: str, duration_s: float, error_type: str | None = None
+    ) -> None:
         self.done += 1
         self.failed += outcome != "completed"
         if self.done >= self.n:
             self.last = time.perf_counter()
-
-    def queue_stats(self, queue: str, pending: int, lag: int, dead: int) -> None:
-        return None
-
-    def dead_letters_dropped(self, queue: str, cap: str, count: int) -> None:
-        return None
 
 
 def message(kind: str, n: int, rng: random.Random) -> bytes:

@@ -29,7 +29,7 @@ from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, drop_keys, scratch_d
 from jobstream.consumers.worker.runtime import connect, make_engine
 from jobstream.consumers.worker.settings import Settings
 from jobstream.otel.tracing import setup_tracing
-from jobstream.streams import Keys, Publisher
+from jobstream.streams import Keys, NullObserver, Publisher
 
 PLAIN_UPSERT_SQL = """
 INSERT INTO jobs AS j (id, queue, status, payload, result, attempts, stream_entry_id,
@@ -48,7 +48,7 @@ async def publish(redis: aioredis.Redis, keys: Keys, n: int) -> float:
     return time.perf_counter() - started
 
 
-class _Clock:
+class _Clock(NullObserver):
     """Observer that notes when the N-th job settled."""
 
     def __init__(self, n: int) -> None:
@@ -58,16 +58,12 @@ class _Clock:
         if not self.first:
             self.first = time.perf_counter()
 
-    def job_finished(self, queue: str, outcome: str, duration_s: float) -> None:
+    def job_finished(
+        self, queue: str, outcome: str, duration_s: float, error_type: str | None = None
+    ) -> None:
         self.done += 1
         if self.done >= self.n:
             self.last = time.perf_counter()
-
-    def queue_stats(self, queue: str, pending: int, lag: int, dead: int) -> None:
-        return None
-
-    def dead_letters_dropped(self, queue: str, cap: str, count: int) -> None:
-        return None
 
 
 async def worker(db: str, prefix: str, n: int, concurrency: int) -> None:

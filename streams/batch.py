@@ -20,6 +20,7 @@ from opentelemetry import trace
 from jobstream.otel import extract, presample
 from jobstream.otel.redact import exception_attributes, scrub
 from jobstream.schema.envelope import Envelope
+from jobstream.streams import semconv as sc
 from jobstream.streams.dispatch import BatchHandler, Handler, Route, conclude, execute
 from jobstream.streams.errors import PermanentError
 from jobstream.streams.job import Delivery, Job, Outcome, Result
@@ -115,10 +116,10 @@ def _link(attrs: dict[str, Any], it: Item) -> trace.Link | None:
 def _job_attributes(it: Item) -> dict[str, Any]:
     d = it.delivery
     return {
-        "messaging.message.id": d.entry_id,
-        "messaging.message.conversation_id": it.job.id,
-        "messaging.redis.message.delivery_count": d.delivery_count,
-        "jobstream.job.attempt": it.job.attempt,
+        sc.MESSAGE_ID: d.entry_id,
+        sc.CONVERSATION_ID: it.job.id,
+        sc.DELIVERY_COUNT: d.delivery_count,
+        sc.JOB_ATTEMPT: it.job.attempt,
     }
 
 
@@ -137,7 +138,7 @@ async def execute_batch_traced(
     next, and marks the span as an error. `around(None)` runs first and `around(results)`
     last, both inside the span, so the jobs' log lines carry its trace id.
     """
-    name = f"process {attrs['messaging.destination.name']}"
+    name = f"process {attrs[sc.DESTINATION]}"
     unsampled = presample(None, name)
     if unsampled is not None:  # not sampled: no span, no links to build
         token = otel_context.attach(unsampled)
@@ -149,7 +150,7 @@ async def execute_batch_traced(
         finally:
             otel_context.detach(token)
     links = [link for it in items if (link := _link(attrs, it)) is not None]
-    attributes = {**attrs, "messaging.batch.message_count": len(items)}
+    attributes = {**attrs, sc.BATCH_MESSAGE_COUNT: len(items)}
     with _tracer.start_as_current_span(
         name,
         context=_ROOT,
@@ -164,7 +165,7 @@ async def execute_batch_traced(
         def fell_back(exc: Exception) -> None:
             span.add_event(
                 "batch failed, jobs run one by one",
-                {"error.type": type(exc).__qualname__, "exception.message": scrub(str(exc))},
+                {sc.ERROR_TYPE: type(exc).__qualname__, "exception.message": scrub(str(exc))},
             )
 
         results = await execute_batch(route, items, fell_back)
@@ -176,7 +177,7 @@ async def execute_batch_traced(
             event = {
                 **_job_attributes(it),
                 **exception_attributes(res.exception),
-                "error.type": failed[-1],
+                sc.ERROR_TYPE: failed[-1],
             }
             if res.outcome is Outcome.RETRYING:
                 at = res.retry_at or 0.0
@@ -184,7 +185,7 @@ async def execute_batch_traced(
             else:
                 span.add_event("dead-lettered", {**event, "jobstream.reason": res.reason or ""})
         if failed:  # "errors only" finds the batch; its events say which jobs
-            span.set_attribute("error.type", failed[0])
+            span.set_attribute(sc.ERROR_TYPE, failed[0])
             span.set_status(trace.StatusCode.ERROR, f"{len(failed)} of {len(items)} jobs failed")
         around(results)
         return results

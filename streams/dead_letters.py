@@ -118,10 +118,14 @@ def _decode(queue: str, entry: Any) -> DeadLetter:
 
 
 async def list_dead(
-    r: aioredis.Redis, keys: Keys, queue: str, count: int = 100
+    r: aioredis.Redis, keys: Keys, queue: str, count: int = 100, before: str | None = None
 ) -> list[DeadLetter]:
-    """The newest `count` dead letters of a queue, newest first."""
-    entries: Any = await r.xrevrange(keys.dead(queue), count=count)
+    """The newest `count` dead letters of a queue (older than the id `before`, if given),
+    newest first."""
+    if before is not None and not before.strip("0-"):
+        return []  # nothing is older than 0-0 (and Redis refuses the range)
+    newest = "+" if before is None else f"({before}"
+    entries: Any = await r.xrevrange(keys.dead(queue), max=newest, count=count)
     return [_decode(queue, e) for e in entries]
 
 

@@ -20,7 +20,7 @@ import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from jobstream.otel import extract, presample
+from jobstream.otel import extract, presample, trace_id_of
 from jobstream.otel.redact import exception_attributes, scrub
 from jobstream.schema.envelope import (
     Envelope,
@@ -30,6 +30,7 @@ from jobstream.schema.envelope import (
     safe_job_id,
     trace_context,
 )
+from jobstream.streams import semconv as sc
 from jobstream.streams.errors import PermanentError, RetryableError
 from jobstream.streams.job import Delivery, Job, Outcome, Result
 from jobstream.streams.policy import Policy, backoff_s
@@ -254,9 +255,9 @@ def _attributes(attrs: dict[str, Any], d: Delivery, job_id: str) -> dict[str, An
     """The queue's constant span attributes plus this delivery's own."""
     return {
         **attrs,
-        "messaging.message.id": d.entry_id,
-        "messaging.message.conversation_id": job_id,
-        "messaging.redis.message.delivery_count": d.delivery_count,
+        sc.MESSAGE_ID: d.entry_id,
+        sc.CONVERSATION_ID: job_id,
+        sc.DELIVERY_COUNT: d.delivery_count,
     }
 
 
@@ -277,7 +278,7 @@ async def execute_traced(
     job's start and end log lines carry its trace id.
     """
     parent = extract(env.traceparent, env.tracestate)
-    name = f"process {attrs['messaging.destination.name']}"
+    name = f"process {attrs[sc.DESTINATION]}"
     unsampled = presample(parent, name)
     if unsampled is not None:  # no span to build: run under the unsampled context only
         token = otel_context.attach(unsampled)
@@ -293,7 +294,7 @@ async def execute_traced(
         ctx = trace.get_current_span(parent).get_span_context()
         if ctx.is_valid:
             links.append(trace.Link(ctx))
-    attributes = {**_attributes(attrs, d, job.id), "jobstream.job.attempt": job.attempt}
+    attributes = {**_attributes(attrs, d, job.id), sc.JOB_ATTEMPT: job.attempt}
     with _tracer.start_as_current_span(
         name,
         context=parent or _ROOT,  # no traceparent: a new trace, whatever runs the engine
@@ -307,7 +308,7 @@ async def execute_traced(
         res = await execute(route, env, payload, job, d, watched=watched)
         if res.exception is not None:
             span.record_exception(res.exception, exception_attributes(res.exception))
-            span.set_attribute("error.type", type(res.exception).__qualname__)
+            span.set_attribute(sc.ERROR_TYPE, type(res.exception).__qualname__)
             span.set_status(trace.StatusCode.ERROR, res.error)
             if res.outcome is Outcome.RETRYING:
                 span.add_event("retry scheduled", {"jobstream.retry_at": res.retry_at or 0.0})
@@ -322,10 +323,11 @@ def trace_invalid(res: Result, attrs: dict[str, Any]) -> None:
     d = res.delivery
     parent = extract(*trace_context(d.fields))
     with _tracer.start_as_current_span(
-        f"process {attrs['messaging.destination.name']}",
+        f"process {attrs[sc.DESTINATION]}",
         context=parent or _ROOT,
         kind=trace.SpanKind.CONSUMER,
-        attributes={**_attributes(attrs, d, res.job_id), "error.type": "InvalidEntry"},
+        attributes={**_attributes(attrs, d, res.job_id), sc.ERROR_TYPE: "InvalidEntry"},
     ) as span:
         span.set_status(trace.StatusCode.ERROR, res.error)
         span.add_event("dead-lettered", {"jobstream.reason": res.reason or "invalid"})
+        res.trace_id = trace_id_of(sampled_only=True) or trace_id_of(trace_context(d.fields)[0])

@@ -96,3 +96,4 @@ class Result:
     executed: bool = True  # False: the handler never ran (invalid entry, skipped)
     exception: BaseException | None = None
     view: Any = None  # SKIPPED: the terminal row PostgreSQL has, to repair the hash from
+    trace_id: str | None = None  # 32 hex digits: the trace this attempt ran in, if any

@@ -35,6 +35,10 @@ class Keys:
     def dead(self, queue: str) -> str:
         return f"{self.prefix}{{{queue}}}:dead"
 
+    def gauge_lease(self, queue: str) -> str:
+        """Which replica exports the queue's gauges (pending, lag, dead letters) now."""
+        return f"{self.prefix}{{{queue}}}:gauges"
+
     def job(self, job_id: str) -> str:
         return f"{self.job_prefix}{job_id}"
 

@@ -21,16 +21,16 @@ WRITE_BATCH_SQL = """
 WITH up AS (
     INSERT INTO jobs AS j (id, queue, status, payload, result, error, attempts, worker_id,
                            stream_entry_id, created_at, started_at, completed_at, updated_at,
-                           next_attempt_at, fence)
+                           next_attempt_at, fence, trace_id)
     SELECT u.id, u.queue, u.status, u.payload::jsonb, u.result::jsonb, u.error, u.attempt,
            $13, u.entry_id, to_timestamp(u.created_at), to_timestamp(u.started_at),
            to_timestamp(u.completed_at), now(), to_timestamp(u.next_attempt_at),
-           u.fence::numeric
+           u.fence::numeric, u.trace_id
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                 $7::int[], $8::text[], $9::float8[], $10::float8[], $11::float8[],
-                $12::float8[], $21::text[])
+                $12::float8[], $21::text[], $24::text[])
          AS u(id, queue, status, payload, result, error, attempt, entry_id, created_at,
-              started_at, completed_at, next_attempt_at, fence)
+              started_at, completed_at, next_attempt_at, fence, trace_id)
     ON CONFLICT (id) DO UPDATE SET
         status = EXCLUDED.status,
         payload = COALESCE(EXCLUDED.payload, j.payload),
@@ -43,7 +43,8 @@ WITH up AS (
         completed_at = EXCLUDED.completed_at,
         updated_at = now(),
         next_attempt_at = EXCLUDED.next_attempt_at,
-        fence = EXCLUDED.fence
+        fence = EXCLUDED.fence,
+        trace_id = COALESCE(EXCLUDED.trace_id, j.trace_id)
     WHERE j.status NOT IN ('completed', 'failed')
       AND (j.fence IS NULL OR EXCLUDED.fence > j.fence
            OR (EXCLUDED.fence = j.fence AND j.status = 'running'
@@ -88,6 +89,7 @@ class JobRow:
     completed_at: float | None
     next_attempt_at: float | None
     fence: str
+    trace_id: str | None = None  # 32 hex digits: the trace this attempt ran in
 
 
 @dataclass(slots=True)
@@ -135,6 +137,7 @@ async def write_batch(
         [r.fence for r in jobs],
         [e.entry_id for e in executions],
         [e.delivery for e in executions],
+        [r.trace_id for r in jobs],
     )
 
 

@@ -14,13 +14,16 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
+import redis.exceptions
 from opentelemetry import trace
 
 from jobstream.otel import inject, is_recording_enabled
 from jobstream.schema.envelope import job_id_problem
 from jobstream.schema.payloads import PAYLOADS
+from jobstream.streams import semconv as sc
 from jobstream.streams.errors import PublishError
 from jobstream.streams.keys import Keys
+from jobstream.streams.observe import NullObserver, Observer
 
 __all__ = ["PayloadLike", "Publisher", "new_job_id"]
 
@@ -43,11 +46,14 @@ class Publisher:
         payloads: Mapping[str, type[msgspec.Struct]] = PAYLOADS,
         *,
         record_queued: bool = True,
+        observer: Observer | None = None,
     ) -> None:
         self._redis = redis
         self._keys = keys or Keys()
         self._payloads = dict(payloads)
         self._record_queued = record_queued
+        self._observer: Observer = observer or NullObserver()
+        self._server = sc.server_attributes(redis)
 
     @property
     def queues(self) -> list[str]:
@@ -83,7 +89,7 @@ class Publisher:
         delay_s: float | None = None,
     ) -> str:
         """Publish one job (after `delay_s` seconds if given); return its job id."""
-        ids = await self.publish_many(queue, [payload], [job_id], delay_s=delay_s)
+        ids = await self._publish(queue, [payload], [job_id], delay_s, batch=False)
         return ids[0]
 
     async def publish_many(
@@ -95,6 +101,17 @@ class Publisher:
         delay_s: float | None = None,
     ) -> list[str]:
         """Publish a batch in one round trip; validate all first, so a bad one writes nothing."""
+        return await self._publish(queue, payloads, job_ids, delay_s, batch=True)
+
+    async def _publish(
+        self,
+        queue: str,
+        payloads: Sequence[PayloadLike],
+        job_ids: Sequence[str | None] | None,
+        delay_s: float | None,
+        *,
+        batch: bool,
+    ) -> list[str]:
         if job_ids is not None and len(job_ids) != len(payloads):
             raise PublishError("job_ids and payloads differ in length")
         if delay_s is not None and not (math.isfinite(delay_s) and 0 <= delay_s <= 366 * 86400):
@@ -110,19 +127,24 @@ class Publisher:
             await self._write(queue, bodies, ids, {}, delay_s)
             return ids
         attributes: dict[str, str | int] = {
-            "messaging.system": "redis",
-            "messaging.operation.type": "send",
-            "messaging.destination.name": stream,
-            "messaging.batch.message_count": len(bodies),
+            sc.SYSTEM: "redis",
+            sc.OPERATION_NAME: "send",
+            sc.OPERATION_TYPE: "send",
+            sc.DESTINATION: stream,
+            **self._server,
         }
-        if len(ids) == 1:  # so a job's id finds its producer span too
-            attributes["messaging.message.conversation_id"] = ids[0]
+        if batch:  # the conventions: a count on batch operations only
+            attributes[sc.BATCH_MESSAGE_COUNT] = len(bodies)
+        else:  # so a job's id finds its producer span too
+            attributes[sc.CONVERSATION_ID] = ids[0]
         with _tracer.start_as_current_span(
             f"send {stream}", kind=trace.SpanKind.PRODUCER, attributes=attributes
-        ):
+        ) as span:
             context: dict[str, str] = {}
             inject(context)
-            await self._write(queue, bodies, ids, context, delay_s)
+            entry_ids = await self._write(queue, bodies, ids, context, delay_s)
+            if not batch and entry_ids:  # a delayed job has no entry yet
+                span.set_attribute(sc.MESSAGE_ID, entry_ids[0])
         return ids
 
     async def _write(
@@ -132,7 +154,8 @@ class Publisher:
         ids: list[str],
         context: dict[str, str],
         delay_s: float | None,
-    ) -> None:
+    ) -> list[str]:
+        """Write the entries (or delayed members); return the entry IDs XADD gave them."""
         pipe = self._redis.pipeline(transaction=False)
         due_ms = int((time.time() + delay_s) * 1000) if delay_s else None
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -147,7 +170,17 @@ class Publisher:
                 fields["attempt"] = "1"
                 member = msgspec.json.encode({k: _text(v) for k, v in fields.items()})
                 pipe.zadd(self._keys.delayed(queue), {member: due_ms})
-        await pipe.execute()
+        stream = self._keys.stream(queue)
+        try:
+            replies = await pipe.execute()
+        except (redis.exceptions.RedisError, OSError) as exc:  # counted, then raised as it was
+            self._observer.messages_sent(queue, stream, len(bodies), type(exc).__qualname__)
+            raise
+        self._observer.messages_sent(queue, stream, len(bodies), None)
+        if due_ms is not None:
+            return []
+        added = replies[1::2] if self._record_queued else replies  # after each HSET
+        return [_text(r) for r in added]
 
 
 def _text(value: str | bytes) -> str:

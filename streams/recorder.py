@@ -74,6 +74,7 @@ class Start:
     attempt: int
     payload: bytes
     started_at: float
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -583,6 +584,7 @@ def _start_row(item: Start) -> JobRow:
     return JobRow(
         item.job_id, d.queue, Status.RUNNING, _payload_text(item.payload), None, None,
         item.attempt, d.entry_id, _created(d), item.started_at, None, None, d.fence,
+        item.trace_id,
     )  # fmt: skip
 
 
@@ -595,7 +597,7 @@ def _job_row(r: Result) -> JobRow:
     return JobRow(
         r.job_id, d.queue, _STATUS[r.outcome], payload, r.result_json,
         _text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None, done,
-        _time(r.retry_at), d.fence,
+        _time(r.retry_at), d.fence, r.trace_id,
     )  # fmt: skip
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import os
@@ -22,8 +23,10 @@ import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from jobstream.otel import is_recording_enabled
-from jobstream.schema.envelope import Envelope, enqueued_at_ms, safe_job_id
+from jobstream.otel import is_recording_enabled, trace_id_of
+from jobstream.otel.suppress import instrumented_context, suppressed
+from jobstream.schema.envelope import Envelope, enqueued_at_ms, safe_job_id, trace_context
+from jobstream.streams import semconv as sc
 from jobstream.streams.backoff import retry_until_done
 from jobstream.streams.batch import Item, execute_batch, execute_batch_traced
 from jobstream.streams.delayed import Promoter
@@ -35,6 +38,7 @@ from jobstream.streams.dispatch import (
     prepare,
     trace_invalid,
 )
+from jobstream.streams.gauges import QueueGauges
 from jobstream.streams.heartbeat import heartbeat_value
 from jobstream.streams.job import Delivery, Job, Outcome, Result
 from jobstream.streams.keys import Keys
@@ -103,6 +107,7 @@ class _Lane:
         self.batch: list[Item] = []
         self.timer: asyncio.TimerHandle | None = None
         self.batch_size = min(route.policy.batch_size, route.policy.concurrency)
+        self.context: contextvars.Context | None = None  # where jobs run (instrumentation on)
 
     @property
     def room(self) -> int:
@@ -115,7 +120,10 @@ class _Lane:
                          d.entry_id, self.route.queue)  # fmt: skip
             return
         d.started_mono = time.perf_counter()
-        task = asyncio.ensure_future(coro)
+        if self.context is None:
+            task = asyncio.ensure_future(coro)
+        else:
+            task = asyncio.get_running_loop().create_task(coro, context=self.context.copy())
         d.task = task  # timed by the watchdog (`Engine._watch`)
         self.tasks.add(task)
         self.running[d.entry_id] = d
@@ -132,7 +140,10 @@ class _Lane:
 
     def spawn_batch(self, coro: Coroutine[Any, Any, None], items: list[Item]) -> None:
         """Run a batch whose jobs hold their slots (`hold`) until its task is done."""
-        task = asyncio.ensure_future(coro)
+        if self.context is None:
+            task = asyncio.ensure_future(coro)
+        else:
+            task = asyncio.get_running_loop().create_task(coro, context=self.context.copy())
         self.tasks.add(task)
         if len(items) == 1:  # run alone (`Engine._run_one`): timed by the watchdog
             items[0].delivery.task = task
@@ -185,6 +196,8 @@ class Engine:
         self.promoter = Promoter(redis, config.keys)
         caps = DeadLetterCaps(config.dead_max_age_s, config.dead_max_bytes, config.dead_maxlen)
         self.dead_trimmer = DeadLetterTrimmer(redis, config.keys, caps)
+        gauge_ttl_ms = int(config.trim_interval_s * 2500)  # survives one missed report
+        self.gauges = QueueGauges(redis, config.keys, config.group, config.consumer, gauge_ttl_ms)
         self.stopping = asyncio.Event()
         self._exited = asyncio.Event()  # drained: the heartbeat may stop
         # Entries whose earlier deliveries may have crashed their worker, not claimed yet:
@@ -198,23 +211,38 @@ class Engine:
         self.heartbeat_at = 0.0
         self.processed = 0
         self._traced = is_recording_enabled()
+        server = sc.server_attributes(redis)
         self._attrs = {
             q: {
-                "messaging.system": "redis",
-                "messaging.operation.type": "process",
-                "messaging.destination.name": config.keys.stream(q),
-                "messaging.consumer.group.name": config.group,
-                "messaging.client.id": config.consumer,
+                sc.SYSTEM: "redis",
+                sc.OPERATION_NAME: "process",
+                sc.OPERATION_TYPE: "process",
+                sc.DESTINATION: config.keys.stream(q),
+                sc.CONSUMER_GROUP: config.group,
+                sc.CLIENT_ID: config.consumer,
+                **server,
             }
             for q in self.lanes
         }
+        self.observer.serving({q: config.keys.stream(q) for q in self.lanes}, config.group)
         self._down: set[str] = set()
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._refused: set[str] = set()
 
     # ---- lifecycle -------------------------------------------------------------------
     async def run(self) -> None:
-        """Run until `stop()` (or, in burst mode, until the queues are drained), then drain."""
+        """Run until `stop()` (or, in burst mode, until the queues are drained), then drain.
+
+        The engine's own commands run with auto-instrumentation suppressed (no root span
+        per poll); each job turns it on again for its handler.
+        """
+        jobs = instrumented_context()  # the handler's SQL and Redis calls nest under its span
+        for lane in self.lanes.values():
+            lane.context = jobs
+        with suppressed():
+            await self._run()
+
+    async def _run(self) -> None:
         await self._retrying("start", self._setup)
         if self.stopping.is_set():  # stopped before it could even start: nothing to drain
             logger.warning("stopped before the worker could start")
@@ -258,6 +286,7 @@ class Engine:
                 await asyncio.gather(watch, return_exceptions=True)
                 with contextlib.suppress(*_CONN_ERRORS):
                     await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
+                    await self.gauges.release()
 
     def health(self) -> str | None:
         """None while every loop runs and the heartbeat is fresh; otherwise what is wrong."""
@@ -581,6 +610,8 @@ class Engine:
         """Settle an entry that cannot run (undecodable, oversized, ...) as failed."""
         if self._traced:
             trace_invalid(res, self._attrs[route.queue])
+        else:
+            res.trace_id = trace_id_of(trace_context(res.delivery.fields)[0])
         job_log.warning("job invalid job=%s queue=%s error=%s", res.job_id, route.queue, res.error)
         self._settle(res)
 
@@ -633,13 +664,19 @@ class Engine:
     async def _process_batch(self, lane: _Lane, items: list[Item]) -> None:
         route = lane.route
         now = time.time()
-        for it in items:
+        # Each job's own producer trace, unless the batch's span is sampled: then that one.
+        trace_ids = [trace_id_of(it.env.traceparent) for it in items]
+        for it, trace_id in zip(items, trace_ids, strict=True):
             job = it.job
-            self.recorder.started(Start(it.delivery, job.id, job.attempt, it.env.payload, now))
+            self.recorder.started(
+                Start(it.delivery, job.id, job.attempt, it.env.payload, now, trace_id)
+            )
             self.observer.job_started(route.queue)
         if self._traced:
 
             def around(results: Sequence[Result] | None) -> None:
+                if results is None and (batch := trace_id_of(sampled_only=True)):
+                    trace_ids[:] = [batch] * len(items)
                 for i, it in enumerate(items):
                     self._log_job(it.job, None if results is None else results[i])
 
@@ -650,7 +687,8 @@ class Engine:
             results = await execute_batch(route, items)
             for it, res in zip(items, results, strict=True):
                 self._log_job(it.job, res)
-        for res in results:
+        for res, trace_id in zip(results, trace_ids, strict=True):
+            res.trace_id = trace_id
             lane.release(res.delivery.entry_id)
             self._settle(res)
 
@@ -668,11 +706,15 @@ class Engine:
         self, lane: _Lane, d: Delivery, env: Envelope, payload: Any, job: Job
     ) -> None:
         route = lane.route
-        self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time()))
+        trace_id = trace_id_of(env.traceparent)  # the producer's trace, if it sent one
+        self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time(), trace_id))
         self.observer.job_started(route.queue)
         if self._traced:
 
             def around(res: Result | None) -> None:
+                nonlocal trace_id
+                if res is None:  # inside the job's span: its trace, when sampled
+                    trace_id = trace_id_of(sampled_only=True) or trace_id
                 self._log_job(job, res)
 
             res = await execute_traced(
@@ -682,6 +724,7 @@ class Engine:
             self._log_job(job, None)
             res = await execute(route, env, payload, job, d, watched=True)
             self._log_job(job, res)
+        res.trace_id = trace_id
         lane.release(d.entry_id)
         self._settle(res)
 
@@ -715,7 +758,14 @@ class Engine:
         self.processed += 1
         if not res.executed:  # invalid or already done: counted, with no handler run
             self.observer.job_started(res.delivery.queue)
-        self.observer.job_finished(res.delivery.queue, res.outcome.value, res.duration_ms / 1000)
+        error_type = None  # the conventions' error.type: the exception, else why it never ran
+        if res.exception is not None:
+            error_type = type(res.exception).__qualname__
+        elif res.outcome is Outcome.FAILED:
+            error_type = "TooManyDeliveries" if res.reason == "deliveries" else "InvalidEntry"
+        self.observer.job_finished(
+            res.delivery.queue, res.outcome.value, res.duration_ms / 1000, error_type
+        )
 
     def _superseded(self, d: Delivery, count: int) -> bool:
         """Whether this process runs delivery `count` (or later) of `d`'s entry, not `d`."""
@@ -803,10 +853,4 @@ class Engine:
         await trim(self.redis, self.cfg.keys, queue)
         for cap, n in (await self.dead_trimmer.trim(queue)).items():
             self.observer.dead_letters_dropped(queue, cap, n)
-        stream = self.cfg.keys.stream(queue)
-        groups: Any = await self.redis.xinfo_groups(stream)
-        ours = self.cfg.group.encode()
-        for g in groups:
-            if g["name"] == ours:  # compared as bytes: a group name need not be UTF-8
-                dead = int(await self.redis.xlen(self.cfg.keys.dead(queue)))
-                self.observer.queue_stats(queue, int(g["pending"]), int(g.get("lag") or 0), dead)
+        await self.gauges.report(queue, self.observer)

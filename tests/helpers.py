@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -58,11 +59,11 @@ def event(event_id: str, type_: str = "open", mailbox: str = "mb-1", **kw: Any) 
 
 
 async def run(
-    *args: str, env: dict[str, str] | None = None, limit_s: float = 90
+    *args: str, env: dict[str, str] | None = None, limit_s: float = 90, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a command without blocking the event loop; return its exit code and output."""
     proc = await asyncio.create_subprocess_exec(
-        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *args, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), limit_s)

@@ -25,10 +25,9 @@ from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import connect, run_worker, service_version
 from jobstream.consumers.worker.settings import Settings
 from jobstream.consumers.worker.tls import database_dsn
-from jobstream.otel.redact import remember_secrets, scrub, secrets_of_url
+from jobstream.otel.redact import scrub
 from jobstream.otel.tracing import setup_tracing
 from jobstream.schema.migrate import MigrationMismatch, apply_migrations
-from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams import (
     ConfigError,
     PublishError,
@@ -61,13 +60,12 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
             args.concurrency,
             burst=args.burst,
             metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     if args.command == "migrate":
         return await _migrate(settings)
-    if args.command == "demo":
-        from jobstream.consumers.demo.main import run_demo
-
-        return await run_demo(settings, args.events)
+    if args.command in ("dashboard", "demo"):
+        return await _serve(args, settings)
     async with connect(settings, wait=False) as deps:
         mail = await commands_mail.run(args, deps)
         if mail is not None:
@@ -76,6 +74,17 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         if command is not None:
             return await command(deps, args)
     raise ConfigError(f"unknown command {args.command}")
+
+
+async def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Commands that run until stopped, imported only when asked for."""
+    if args.command == "dashboard":
+        from jobstream.consumers.dashboard import run_dashboard
+
+        return await run_dashboard(settings, args.host, args.port)
+    from jobstream.consumers.demo.main import run_demo
+
+    return await run_demo(settings, args.events)
 
 
 async def _health(deps: Deps, args: argparse.Namespace) -> int:
@@ -92,13 +101,6 @@ _WITH_DEPS: dict[str, Callable[[Deps, argparse.Namespace], Awaitable[int]]] = {
     "dlq": lambda deps, a: _dlq(deps, a),
     "health": lambda deps, a: _health(deps, a),
 }
-
-
-async def _remember_relays(deps: Deps) -> None:
-    """Remember every mailbox relay's password, so that what is printed is scrubbed of it
-    (errors recorded by older versions may carry one)."""
-    for row in await deps.pool.fetch("SELECT smtp_url FROM mailboxes WHERE smtp_url <> ''"):
-        remember_secrets(secrets_of_url(row["smtp_url"]))
 
 
 async def _publish(deps: Deps, args: argparse.Namespace) -> int:
@@ -187,7 +189,7 @@ async def _workers(deps: Deps, as_json: bool) -> int:
 
 
 async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
-    await _remember_relays(deps)
+    await ops.remember_relays(deps)
     info = await ops.job_info(deps, job_id)
     if info is None or not (info["job"] or info["hash"] or info["waiting"]):
         part = "" if info is None else " (a long stream was searched only in part)"
@@ -216,9 +218,7 @@ async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
 
 async def _dlq_queues(deps: Deps, args: argparse.Namespace) -> list[str]:
     """Every queue with a dead stream or a payload; refuse unknown queues and malformed ids."""
-    r, keys = deps.redis, deps.keys
-    seen = {keys.queue_of(k.decode()) async for k in r.scan_iter(match=keys.dead_pattern())}
-    queues = sorted(set(PAYLOADS) | seen)
+    queues = await ops.dead_queues(deps)
     named = getattr(args, "queue", None)
     if named is not None and named not in queues:
         raise ConfigError(f"unknown queue {named!r} (known: {', '.join(queues)})")
@@ -229,7 +229,7 @@ async def _dlq_queues(deps: Deps, args: argparse.Namespace) -> list[str]:
 
 
 async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
-    await _remember_relays(deps)
+    await ops.remember_relays(deps)
     r, keys = deps.redis, deps.keys
     queues = await _dlq_queues(deps, args)
     if args.dlq == "list":

@@ -1,5 +1,5 @@
 """The `jobstream` command line: worker, migrate, publish, status, workers, job, dlq, health,
-schema, demo, mailbox, webhook and warmup."""
+schema, dashboard, demo, mailbox, webhook and warmup."""
 
 from __future__ import annotations
 
@@ -104,6 +104,9 @@ def _add_commands(sub: Any) -> None:
     w.add_argument("--burst", action="store_true", help="drain the queues, then exit")
     w.add_argument("--metrics-port", type=_port, metavar="PORT", help="serve /metrics on this port")
     w.add_argument(
+        "--metrics-host", metavar="HOST", help="address /metrics listens on (default: 127.0.0.1)"
+    )
+    w.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one object a line"
     )
 
@@ -155,6 +158,10 @@ def _add_commands(sub: Any) -> None:
     h.add_argument("--consumer", help="also require this worker's heartbeat")
 
     commands_schema.add_parser(sub)
+
+    web = sub.add_parser("dashboard", help="serve the web dashboard (token required)")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    web.add_argument("--port", type=_port, default=8080, help="port (default: 8080)")
 
     d = sub.add_parser("demo", help="start two workers and push real jobs through every queue")
     d.add_argument("--events", type=_positive, default=3000)

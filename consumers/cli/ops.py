@@ -11,18 +11,43 @@ import redis.exceptions
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.health import read_report
 from jobstream.consumers.worker.registry import by_queue
+from jobstream.otel.redact import remember_secrets, secrets_of_url
 from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams.heartbeat import Heartbeat, read_heartbeat
 from jobstream.streams.lookup import find_waiting
 
-__all__ = ["health", "job_info", "live_consumers", "queue_status", "workers"]
+__all__ = [
+    "dead_queues",
+    "health",
+    "job_info",
+    "live_consumers",
+    "queue_status",
+    "remember_relays",
+    "workers",
+]
 
 COUNTS_SQL = "SELECT queue, status, count(*) AS n FROM jobs GROUP BY queue, status"
 JOB_SQL = "SELECT * FROM jobs WHERE id = $1"
+RELAYS_SQL = "SELECT smtp_url FROM mailboxes WHERE smtp_url <> ''"
 EXECUTIONS_SQL = (
     "SELECT attempt, outcome, error, duration_ms, worker_id, started_at, finished_at "
     "FROM job_executions WHERE job_id = $1 ORDER BY started_at, id"
 )
+
+
+async def remember_relays(deps: Deps) -> None:
+    """Remember every mailbox relay's password, so that what is shown is scrubbed of it
+    (errors recorded by older versions may carry one)."""
+    for row in await deps.pool.fetch(RELAYS_SQL):
+        remember_secrets(secrets_of_url(row["smtp_url"]))
+
+
+async def dead_queues(deps: Deps) -> list[str]:
+    """Every queue with a payload or a dead-letter stream, sorted."""
+    r, keys = deps.redis, deps.keys
+    found = r.scan_iter(match=keys.dead_pattern(), count=1000, _type="stream")
+    seen = {keys.queue_of(k.decode()) async for k in found}
+    return sorted(set(PAYLOADS) | seen)
 
 
 def _text(value: Any) -> Any:

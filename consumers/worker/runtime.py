@@ -23,8 +23,9 @@ from jobstream.consumers.worker.parsepool import ParsePool, default_processes
 from jobstream.consumers.worker.registry import by_queue
 from jobstream.consumers.worker.settings import Settings, redact_url
 from jobstream.consumers.worker.tls import client_context, database_dsn, redis_tls_options
-from jobstream.otel.metrics import MetricsHandle, setup_metrics
+from jobstream.otel.metrics import MetricsError, MetricsHandle, setup_metrics
 from jobstream.otel.redact import remember_secrets
+from jobstream.otel.suppress import suppressed
 from jobstream.otel.tracing import TracingHandle, setup_tracing
 from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
@@ -85,7 +86,11 @@ def _printable(name: str | None) -> str | None:
 
 @asynccontextmanager
 async def connect(
-    settings: Settings, *, wait: bool = True, client_name: str | None = None
+    settings: Settings,
+    *,
+    wait: bool = True,
+    client_name: str | None = None,
+    observer: Observer | None = None,
 ) -> AsyncIterator[Deps]:
     """Open Redis, PostgreSQL and the parse pool for the lifetime of the block.
 
@@ -94,6 +99,7 @@ async def connect(
     `client_name` names the Redis connections (`CLIENT LIST`) and PostgreSQL sessions
     (`pg_stat_activity.application_name`): a worker passes its consumer name.
     The URLs' passwords are remembered, so no log line, span or error shows them.
+    `observer` counts what the publisher sends (a worker passes its metrics).
     """
     remember_secrets(settings.secrets())
     if settings.tls_ca_file is not None:
@@ -111,7 +117,8 @@ async def connect(
     keys = keys_of(settings)
     parser = ParsePool(settings.parse_processes or default_processes())
     try:
-        yield Deps(pool, redis, Publisher(redis, keys, PAYLOADS), settings, keys, parser)
+        publisher = Publisher(redis, keys, PAYLOADS, observer=observer)
+        yield Deps(pool, redis, publisher, settings, keys, parser)
     finally:
         await parser.aclose()
         await pool.close()
@@ -188,25 +195,36 @@ async def run_worker(
     burst: bool = False,
     extra: Sequence[HandlerSpec[Any]] = (),
     metrics_port: int | None = None,
+    metrics_host: str | None = None,
 ) -> int:
-    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code."""
+    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code.
+
+    `metrics_port` serves `/metrics` on `metrics_host` (defaults: the settings'); a port
+    that cannot be bound fails here, before anything connects. The worker's own commands
+    run with auto-instrumentation suppressed: only jobs make spans.
+    """
     _select(queues)  # fail on an unknown queue before connecting anywhere
     consumer = consumer_name(settings)
-    tracing, metrics = start_telemetry(consumer, prometheus=metrics_port is not None)
+    port = metrics_port if metrics_port is not None else settings.metrics_port
+    tracing, metrics = start_telemetry(consumer, prometheus=port is not None)
     try:
-        async with connect(settings, client_name=consumer) as deps:
-            engine = make_engine(
-                deps,
-                queues,
-                concurrency,
-                burst=burst,
-                extra=extra,
-                observer=metrics.observer,
-                consumer=consumer,
-            )
-            if metrics_port is not None:
-                await metrics.serve(metrics_port)
-            await _run(engine, settings)
+        if port is not None:
+            try:
+                metrics.serve(port, metrics_host or settings.metrics_host)
+            except MetricsError as exc:
+                raise ConfigError(str(exc)) from None
+        with suppressed():
+            async with connect(settings, client_name=consumer, observer=metrics.observer) as deps:
+                engine = make_engine(
+                    deps,
+                    queues,
+                    concurrency,
+                    burst=burst,
+                    extra=extra,
+                    observer=metrics.observer,
+                    consumer=consumer,
+                )
+                await _run(engine, settings)
     finally:
         await metrics.aclose()
         await asyncio.to_thread(tracing.shutdown)

@@ -79,6 +79,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     log_level: str = "INFO"
     policies: str = ""
     """JSON overriding queues' policies, e.g. `{"webhook": {"max_attempts": 12}}`."""
+    metrics_port: int | None = None
+    """Serve `/metrics` for Prometheus on this port (`jobstream worker --metrics-port`)."""
+    metrics_host: str = "127.0.0.1"
+    """The address `/metrics` listens on: loopback unless set (`0.0.0.0`: every interface)."""
     health_file: str | None = None
     """Where a worker reports its health for `jobstream health` (e.g. in a container)."""
     tls_ca_file: str | None = None
@@ -96,6 +100,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     webhook_connect_timeout_s: float = 5.0
     webhook_timeout_s: float = 15.0
     webhook_max_response_bytes: int = 64 * 1024
+    # The dashboard (consumers/dashboard/).
+    dashboard_token: str | None = None
+    """The operator's token for `jobstream dashboard` (or `dashboard_token_file`)."""
+    dashboard_token_file: str | None = None
+    trace_url: str | None = None
+    """A trace's page, `{trace_id}` standing for its id: `http://localhost:16686/trace/{trace_id}`."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -122,6 +132,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "JOBSTREAM_BLOCK_MS (1 to 60000)": 1 <= self.block_ms <= 60_000,
             "JOBSTREAM_EVENT_LOOP (auto, uvloop or asyncio)": self.event_loop
             in ("auto", "uvloop", "asyncio"),
+            "JOBSTREAM_METRICS_PORT (1 to 65535)": self.metrics_port is None
+            or 1 <= self.metrics_port <= 65535,
+            "JOBSTREAM_METRICS_HOST": bool(self.metrics_host.strip()),
             "JOBSTREAM_LOG_LEVEL (DEBUG, INFO, WARNING or ERROR)": self.log_level.upper()
             in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
             "SMTP_URL": self.smtp_url is None or self.smtp_url.startswith(("smtp://", "smtps://")),
@@ -132,6 +145,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "JOBSTREAM_WEBHOOK_TIMEOUT_S": 0
             < self.webhook_connect_timeout_s
             <= self.webhook_timeout_s,
+            "JOBSTREAM_TRACE_URL (http(s)://... with {trace_id})": self.trace_url is None
+            or (
+                self.trace_url.startswith(("http://", "https://"))
+                and "{trace_id}" in self.trace_url
+            ),
         }
         for name, url in (
             ("REDIS_URL", self.redis_url),
@@ -174,11 +192,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
 
     def secrets(self) -> list[str]:
         """The passwords and secret query parameters of the configured URLs."""
-        return [v for f in _SECRET for v in secrets_of_url(getattr(self, f))]
+        found = [v for f in _SECRET for v in secrets_of_url(getattr(self, f))]
+        return found + ([self.dashboard_token] if self.dashboard_token else [])
 
     def __repr__(self) -> str:
         shown = {
             f: (redact_url(getattr(self, f)) if f in _SECRET else getattr(self, f))
             for f in self.__struct_fields__
         }
+        if self.dashboard_token is not None:
+            shown["dashboard_token"] = "***"
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"

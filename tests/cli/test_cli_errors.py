@@ -51,6 +51,9 @@ CASES: list[tuple[str, list[str], dict[str, str]]] = [
     ("schema", ["schema", "no-such-queue"], {}),
     ("schema", ["schema", "--write"], {}),
     ("health", ["health"], BAD_DATABASE),
+    ("dashboard", ["dashboard", "--port", "0"], {}),
+    ("dashboard", ["dashboard", "--host", "0.0.0.0"], {}),  # no token: refused
+    ("dashboard", ["dashboard"], {"JOBSTREAM_DASHBOARD_TOKEN": "short"}),
     ("demo", ["demo", "--events", "-5"], {}),
     ("mailbox add", ["mailbox", "add", "x@example.com", "--smtp-url", "smtp://u:p@h:99999"], {}),
     ("mailbox add", ["mailbox", "add", "no-at-sign"], {}),

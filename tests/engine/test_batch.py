@@ -21,6 +21,7 @@ from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import make_engine
 from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams import Publisher
+from jobstream.streams import semconv as sc
 from tests import batch_handlers as bh
 from tests.helpers import all_terminal, event, eventually, in_memory_spans, running
 
@@ -158,13 +159,9 @@ async def test_a_batch_is_one_span_linked_to_each_jobs_producer(deps: Deps):
     span = process[0]
     attrs = dict(span.attributes or {})
     assert attrs == {
-        "messaging.system": "redis",
-        "messaging.operation.type": "process",
-        "messaging.destination.name": stream,
-        "messaging.consumer.group.name": "workers",
-        "messaging.client.id": eng.cfg.consumer,
-        "messaging.batch.message_count": 5,
-        "error.type": "PermanentError",
+        **eng._attrs[Q],  # the queue's own, as every job's span has them
+        sc.BATCH_MESSAGE_COUNT: 5,
+        sc.ERROR_TYPE: "PermanentError",
     }
     sends = {s.context.span_id: s for s in finished if s.name == f"send {stream}"}
     assert len(span.links) == 5
@@ -173,9 +170,9 @@ async def test_a_batch_is_one_span_linked_to_each_jobs_producer(deps: Deps):
         la = dict(link.attributes or {})
         assert link.context.trace_id == request.get_span_context().trace_id
         assert link.context.span_id in sends  # each job's own producer span
-        assert la["jobstream.job.attempt"] == 1
-        assert la["messaging.redis.message.delivery_count"] == 1
-        linked[la["messaging.message.conversation_id"]] = la["messaging.message.id"]
+        assert la[sc.JOB_ATTEMPT] == 1
+        assert la[sc.DELIVERY_COUNT] == 1
+        linked[la[sc.CONVERSATION_ID]] = la[sc.MESSAGE_ID]
     entries = await deps.pool.fetch("SELECT id, stream_entry_id FROM jobs")
     assert linked == {r["id"]: r["stream_entry_id"] for r in entries}
     assert span.status.status_code is StatusCode.ERROR

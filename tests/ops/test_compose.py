@@ -228,6 +228,9 @@ def test_prometheus_scrapes_every_worker_replica(compose: dict[str, Any]):
     command = services["worker"]["command"]
     port = int(command[command.index("--metrics-port") + 1])
     assert str(port) in [str(p) for p in services["worker"]["expose"]]
+    # Loopback is the default: Prometheus, in its own container, needs every interface.
+    assert services["worker"]["environment"]["JOBSTREAM_METRICS_HOST"] == "0.0.0.0"
+    assert Settings().metrics_host == "127.0.0.1"
     [job] = [j for j in config["scrape_configs"] if j["job_name"] == "jobstream-worker"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
     # One DNS A record a replica: every replica is a target, however many there are.
