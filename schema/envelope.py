@@ -17,6 +17,7 @@ __all__ = [
     "EntryFields",
     "Envelope",
     "EnvelopeError",
+    "created_ms",
     "decode_envelope",
     "enqueued_at_ms",
     "job_id_problem",
@@ -91,6 +92,18 @@ class EntryFields(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         ]
         | msgspec.UnsetType
     ) = msgspec.UNSET
+    created_ms: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern="^(0|[1-9][0-9]{0,14})$",
+                description="The job's creation time in ms since the epoch; default: the "
+                "entry ID's time. Retries and replays carry it from the job's first entry: "
+                "it names the job's time partition in PostgreSQL.",
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
 
 
 class EnvelopeError(ValueError):
@@ -120,6 +133,19 @@ def enqueued_at_ms(entry_id: str) -> int:
     if not (ms.isascii() and ms.isdigit()):
         return 0
     return MAX_TIME_MS if len(ms) > 15 else min(int(ms), MAX_TIME_MS)
+
+
+def created_ms(entry_id: str, fields: dict[bytes, bytes]) -> int:
+    """The job's creation time (ms since the epoch): the entry's `created_ms`, which
+    retries and replays carry from the job's first entry, else the entry ID's time.
+
+    A `created_ms` that is not a decimal number of at most 15 digits counts as absent;
+    like the entry ID's time, it is clamped to `MAX_TIME_MS`.
+    """
+    raw = fields.get(b"created_ms")
+    if raw is not None and 0 < len(raw) <= 15 and raw.isdigit():
+        return min(int(raw), MAX_TIME_MS)
+    return enqueued_at_ms(entry_id)
 
 
 def _text(raw: bytes, name: str) -> str:

@@ -17,6 +17,14 @@ from jobstream.streams.errors import (
 from jobstream.streams.job import Job
 from jobstream.streams.keys import Keys, check_queue_name
 from jobstream.streams.observe import NullObserver, Observer
+from jobstream.streams.partitions import (
+    Partition,
+    PartitionPolicy,
+    PrunePlan,
+    ensure_partitions,
+    list_partitions,
+    prune,
+)
 from jobstream.streams.policy import Policy, backoff_s
 from jobstream.streams.publisher import Publisher, new_job_id
 from jobstream.streams.status import TERMINAL, Status
@@ -37,8 +45,11 @@ __all__ = [
     "Keys",
     "NullObserver",
     "Observer",
+    "Partition",
+    "PartitionPolicy",
     "PermanentError",
     "Policy",
+    "PrunePlan",
     "PublishError",
     "Publisher",
     "RetryableError",
@@ -46,8 +57,11 @@ __all__ = [
     "Status",
     "backoff_s",
     "check_queue_name",
+    "ensure_partitions",
     "list_dead",
+    "list_partitions",
     "new_job_id",
+    "prune",
     "purge_dead",
     "read_dead",
     "replay_dead",

@@ -68,18 +68,27 @@ class ProgressBuffer:
             self.due = True
             self._wake()
 
-    def take(self, script_sha: bytes) -> tuple[Any, ...] | None:
-        """The EVALSHA command writing every waiting value (None when none waits)."""
+    def take(self, script_sha: bytes, *, per_job: bool = False) -> list[tuple[Any, ...]]:
+        """The EVALSHA commands writing every waiting value (none when none waits): one
+        for all, or with `per_job` one per job (on a cluster a script touches one slot,
+        and the job hashes are spread over every slot)."""
         self.due = False
         if not self._latest:
-            return None
+            return []
         latest, self._latest = self._latest, {}
         keys: list[str] = []
         args: list[Any] = []
+        cmds: list[tuple[Any, ...]] = []
         for job_id, (fence, fraction, note, at) in latest.items():
-            keys.append(self._keys.job(job_id))
-            args += (fence, f"{fraction:.4g}", note, _iso(at))
-        return ("EVALSHA", script_sha, len(keys), *keys, *args)
+            one = (fence, f"{fraction:.4g}", note, _iso(at))
+            if per_job:
+                cmds.append(("EVALSHA", script_sha, 1, self._keys.job(job_id), *one))
+            else:
+                keys.append(self._keys.job(job_id))
+                args += one
+        if keys:
+            cmds.append(("EVALSHA", script_sha, len(keys), *keys, *args))
+        return cmds
 
 
 class Reporter:

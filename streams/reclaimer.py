@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from jobstream.streams.job import Delivery
 from jobstream.streams.keys import Keys
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = ["Pending", "Reclaimer"]
 
@@ -36,7 +35,7 @@ class Pending:
 
 @dataclass
 class Reclaimer:
-    redis: aioredis.Redis
+    redis: AnyRedis
     keys: Keys
     group: str
     consumer: str

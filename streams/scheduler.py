@@ -18,10 +18,10 @@ from importlib import resources
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from jobstream.streams.keys import Keys
 from jobstream.streams.publisher import mark_queued
+from jobstream.streams.redis_client import AnyRedis
 from jobstream.streams.schedules import Schedule, due_occurrences, list_schedules, occurrence_id
 
 __all__ = ["Scheduler"]
@@ -47,7 +47,7 @@ class Scheduler:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         pool: asyncpg.Pool,
         keys: Keys,
         *,

@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.handler import HandlerSpec
@@ -22,20 +21,37 @@ from jobstream.consumers.worker.health import write_reports
 from jobstream.consumers.worker.parsepool import ParsePool, default_processes
 from jobstream.consumers.worker.registry import by_queue
 from jobstream.consumers.worker.settings import Settings, redact_url
+from jobstream.consumers.worker.supervisor import EXIT_UNDRAINED
 from jobstream.consumers.worker.tls import client_context, database_dsn, redis_tls_options
-from jobstream.otel.metrics import MetricsHandle, setup_metrics
+from jobstream.otel.metrics import MetricsError, MetricsHandle, setup_metrics
 from jobstream.otel.redact import remember_secrets
+from jobstream.otel.suppress import suppressed
 from jobstream.otel.tracing import TracingHandle, setup_tracing
 from jobstream.schema.payloads import PAYLOADS
-from jobstream.streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
+from jobstream.streams import (
+    ConfigError,
+    Engine,
+    EngineConfig,
+    Keys,
+    Observer,
+    PartitionPolicy,
+    Policy,
+    Publisher,
+)
+from jobstream.streams.loop import loop_name
+from jobstream.streams.redis_client import connect_redis
 from jobstream.streams.scheduler import Scheduler
 
 __all__ = [
+    "check_selection",
     "connect",
     "consumer_name",
     "keys_of",
     "make_engine",
+    "partition_policy",
+    "partitions_of",
     "run_worker",
+    "select_handlers",
     "service_version",
     "start_telemetry",
 ]
@@ -85,7 +101,11 @@ def _printable(name: str | None) -> str | None:
 
 @asynccontextmanager
 async def connect(
-    settings: Settings, *, wait: bool = True, client_name: str | None = None
+    settings: Settings,
+    *,
+    wait: bool = True,
+    client_name: str | None = None,
+    observer: Observer | None = None,
 ) -> AsyncIterator[Deps]:
     """Open Redis, PostgreSQL and the parse pool for the lifetime of the block.
 
@@ -94,16 +114,14 @@ async def connect(
     `client_name` names the Redis connections (`CLIENT LIST`) and PostgreSQL sessions
     (`pg_stat_activity.application_name`): a worker passes its consumer name.
     The URLs' passwords are remembered, so no log line, span or error shows them.
+    `observer` counts what the publisher sends (a worker passes its metrics).
     """
     remember_secrets(settings.secrets())
     if settings.tls_ca_file is not None:
         client_context(settings, "smtp")  # a missing or bad CA file fails now, named
-    redis = aioredis.Redis.from_url(
+    redis = connect_redis(
         settings.redis_url,
-        decode_responses=False,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        max_connections=None,
+        cluster=settings.redis_cluster,
         client_name=_printable(client_name),
         **redis_tls_options(settings),
     )
@@ -111,8 +129,16 @@ async def connect(
     keys = keys_of(settings)
     parser = ParsePool(settings.parse_processes or default_processes())
     try:
-        levels = {q: spec.policy for q, spec in by_queue().items()}  # queues' priority levels
-        publisher = Publisher(redis, keys, PAYLOADS, priorities=levels)
+        publisher = Publisher(
+            redis,
+            keys,
+            PAYLOADS,
+            observer=observer,
+            wait_replicas=settings.publish_wait_replicas,
+            wait_timeout_ms=settings.publish_wait_timeout_ms,
+            partitions=partitions_of(settings),
+            priorities={q: spec.policy for q, spec in by_queue().items()},
+        )
         yield Deps(pool, redis, publisher, settings, keys, parser)
     finally:
         await parser.aclose()
@@ -120,7 +146,18 @@ async def connect(
         await redis.aclose()
 
 
-def _select(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
+def partitions_of(settings: Settings) -> dict[str, int]:
+    """Queue → stream partitions, from the registered policies and `JOBSTREAM_POLICIES`."""
+    overrides = settings.policy_overrides()
+    out = {q: spec.policy.partitions for q, spec in by_queue().items()}
+    for queue, fields in overrides.items():
+        if "partitions" in fields:
+            out[queue] = int(fields["partitions"])
+    return out
+
+
+def select_handlers(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
+    """The handlers of `queues` (all by default); ConfigError naming any unknown queue."""
     known = by_queue()
     if not queues:
         return list(known.values())
@@ -130,6 +167,14 @@ def _select(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
             f"no handler for queue {', '.join(unknown)} (handled: {', '.join(sorted(known))})"
         )
     return [known[q] for q in queues]
+
+
+def check_selection(settings: Settings, queues: Sequence[str] | None) -> None:
+    """ConfigError for an unknown queue, or for JOBSTREAM_POLICIES naming a queue not served."""
+    served = {spec.queue for spec in select_handlers(queues)}
+    unknown = set(settings.policy_overrides()) - served
+    if unknown:
+        raise ConfigError(f"JOBSTREAM_POLICIES names queues not served: {', '.join(unknown)}")
 
 
 def make_engine(
@@ -144,7 +189,7 @@ def make_engine(
 ) -> Engine:
     """The engine for the selected queues (all handled ones by default)."""
     s = deps.settings
-    specs = [*_select(queues), *extra] if queues or not extra else list(extra)
+    specs = [*select_handlers(queues), *extra] if queues or not extra else list(extra)
     limit = concurrency or s.concurrency
     overrides = s.policy_overrides()
     unknown = set(overrides) - {spec.queue for spec in specs}
@@ -175,8 +220,21 @@ def make_engine(
         dead_max_bytes=s.dead_letter_max_bytes,
         burst=burst,
         progress_interval_s=s.progress_interval_s,
+        partitions=partition_policy(s),
+        wait_replicas=s.publish_wait_replicas,
+        wait_timeout_ms=s.publish_wait_timeout_ms,
     )
     return Engine(deps.redis, deps.pool, routes, config, observer)
+
+
+def partition_policy(s: Settings) -> PartitionPolicy:
+    """The job tables' partitioning and retention, from the settings."""
+    return PartitionPolicy(
+        width_s=s.partition_width_s,
+        retention_s=s.retention_s,
+        ahead=s.partitions_ahead,
+        prune_interval_s=s.prune_interval_s,
+    )
 
 
 def _fields(policy: Policy) -> dict[str, Any]:
@@ -191,29 +249,44 @@ async def run_worker(
     burst: bool = False,
     extra: Sequence[HandlerSpec[Any]] = (),
     metrics_port: int | None = None,
+    metrics_host: str | None = None,
+    supervised: bool = False,
 ) -> int:
-    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code."""
-    _select(queues)  # fail on an unknown queue before connecting anywhere
+    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code.
+
+    `metrics_port` serves `/metrics` on `metrics_host` (defaults: the settings'); a port
+    that cannot be bound fails here, before anything connects. The worker's own commands
+    run with auto-instrumentation suppressed: only jobs make spans. `supervised` (a process
+    of `--processes N`): exit with EXIT_UNDRAINED when the grace period left entries
+    pending, so that the supervisor can say so in its own exit code.
+    """
+    select_handlers(queues)  # fail on an unknown queue before connecting anywhere
     consumer = consumer_name(settings)
-    tracing, metrics = start_telemetry(consumer, prometheus=metrics_port is not None)
+    port = metrics_port if metrics_port is not None else settings.metrics_port
+    tracing, metrics = start_telemetry(consumer, prometheus=port is not None)
     try:
-        async with connect(settings, client_name=consumer) as deps:
-            engine = make_engine(
-                deps,
-                queues,
-                concurrency,
-                burst=burst,
-                extra=extra,
-                observer=metrics.observer,
-                consumer=consumer,
-            )
-            if metrics_port is not None:
-                await metrics.serve(metrics_port)
-            await _run(engine, settings)
+        if port is not None:
+            try:
+                metrics.serve(port, metrics_host or settings.metrics_host)
+            except MetricsError as exc:
+                raise ConfigError(str(exc)) from None
+        with suppressed():
+            async with connect(settings, client_name=consumer, observer=metrics.observer) as deps:
+                engine = make_engine(
+                    deps,
+                    queues,
+                    concurrency,
+                    burst=burst,
+                    extra=extra,
+                    observer=metrics.observer,
+                    consumer=consumer,
+                )
+                await _run(engine, settings)
+                left = sum(len(lane.held) for lane in engine.lanes.values())
     finally:
         await metrics.aclose()
         await asyncio.to_thread(tracing.shutdown)
-    return 0
+    return EXIT_UNDRAINED if supervised and left else 0
 
 
 async def _run(engine: Engine, settings: Settings) -> None:
@@ -221,11 +294,12 @@ async def _run(engine: Engine, settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, engine.stop)
     logger.info(
-        "worker %s started: queues=%s redis=%s database=%s",
+        "worker %s started: queues=%s redis=%s database=%s loop=%s",
         engine.cfg.consumer,
         ",".join(engine.lanes),
         redact_url(settings.redis_url),
         redact_url(settings.database_url),
+        loop_name(),
     )
     scheduler = None
     if settings.scheduler and not engine.cfg.burst:  # every replica: no leader to lose
@@ -236,7 +310,8 @@ async def _run(engine: Engine, settings: Settings) -> None:
             interval_s=settings.schedule_interval_s,
             grace_s=settings.schedule_grace_s,
         )
-        scheduler = asyncio.create_task(sched.run(engine.stopping), name="scheduler")
+        with suppressed():  # its polling makes no spans (the task keeps this context)
+            scheduler = asyncio.create_task(sched.run(engine.stopping), name="scheduler")
     reporter = None
     if settings.health_file:
         every = settings.alive_ttl_ms / 3000

@@ -41,12 +41,20 @@ class _PolicyOverride(msgspec.Struct, forbid_unknown_fields=True):
     backoff_cap_s: float | None = None
     timeout_s: float | None = None
     concurrency: int | None = None
+    partitions: int | None = None
+    batch_size: int | None = None
+    batch_wait_s: float | None = None
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     """Engine and platform settings (environment variable: `JOBSTREAM_<FIELD>`)."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    """`REDIS_URL` names one node of a Redis Cluster; the client finds the others."""
+    publish_wait_replicas: int = 0
+    """A publish succeeds only once this many replicas have its writes (Redis `WAIT`)."""
+    publish_wait_timeout_ms: int = 1000
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     smtp_url: str | None = None
     stream_prefix: str = "jobs:"
@@ -80,9 +88,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     schedule_grace_s: float = 60.0
     """An occurrence older than this when found is missed: its catch-up policy decides."""
     pg_pool_size: int = 20
+    # Time partitions of `jobs` and `job_executions` (streams/partitions.py).
+    retention_s: float = 30 * 86400
+    partition_width_s: int = 86400
+    partitions_ahead: int = 3
+    prune_interval_s: float = 86400
+    event_loop: str = "auto"
+    """`auto` (uvloop where installed), `uvloop` or `asyncio`."""
     log_level: str = "INFO"
     policies: str = ""
     """JSON overriding queues' policies, e.g. `{"webhook": {"max_attempts": 12}}`."""
+    metrics_port: int | None = None
+    """Serve `/metrics` for Prometheus on this port (`jobstream worker --metrics-port`)."""
+    metrics_host: str = "127.0.0.1"
+    """The address `/metrics` listens on: loopback unless set (`0.0.0.0`: every interface)."""
     health_file: str | None = None
     """Where a worker reports its health for `jobstream health` (e.g. in a container)."""
     tls_ca_file: str | None = None
@@ -100,6 +119,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     webhook_connect_timeout_s: float = 5.0
     webhook_timeout_s: float = 15.0
     webhook_max_response_bytes: int = 64 * 1024
+    # The dashboard (consumers/dashboard/).
+    dashboard_token: str | None = None
+    """The operator's token for `jobstream dashboard` (or `dashboard_token_file`)."""
+    dashboard_token_file: str | None = None
+    trace_url: str | None = None
+    """A trace's page, `{trace_id}` standing for its id: `http://localhost:16686/trace/{trace_id}`."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -113,6 +138,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "JOBSTREAM_PROGRESS_INTERVAL_S": 0 < self.progress_interval_s <= 3600,
             "JOBSTREAM_SCHEDULE_INTERVAL_S": 0 < self.schedule_interval_s <= 60,
             "JOBSTREAM_SCHEDULE_GRACE_S": self.schedule_grace_s >= 0,
+            "JOBSTREAM_RETENTION_S": self.retention_s > 0,
+            "JOBSTREAM_PARTITION_WIDTH_S": self.partition_width_s >= 1,
+            "JOBSTREAM_PARTITIONS_AHEAD": self.partitions_ahead >= 1,
+            "JOBSTREAM_PRUNE_INTERVAL_S": self.prune_interval_s > 0,
             "JOBSTREAM_DEAD_MAXLEN": self.dead_maxlen >= 0,
             "JOBSTREAM_DEAD_LETTER_MAX_AGE_S": self.dead_letter_max_age_s > 0,
             "JOBSTREAM_DEAD_LETTER_MAX_BYTES": self.dead_letter_max_bytes >= 0,
@@ -126,7 +155,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "DATABASE_URL (postgresql:// or postgres://)": self.database_url.startswith(
                 ("postgresql://", "postgres://")
             ),
+            "REDIS_URL (a cluster takes redis:// or rediss://, database 0)": not self.redis_cluster
+            or (
+                self.redis_url.startswith(("redis://", "rediss://"))
+                and urllib.parse.urlsplit(self.redis_url).path in ("", "/", "/0")
+            ),
+            "JOBSTREAM_PUBLISH_WAIT_REPLICAS": self.publish_wait_replicas >= 0,
+            "JOBSTREAM_PUBLISH_WAIT_TIMEOUT_MS (1 or more)": self.publish_wait_timeout_ms >= 1,
             "JOBSTREAM_BLOCK_MS (1 to 60000)": 1 <= self.block_ms <= 60_000,
+            "JOBSTREAM_EVENT_LOOP (auto, uvloop or asyncio)": self.event_loop
+            in ("auto", "uvloop", "asyncio"),
+            "JOBSTREAM_METRICS_PORT (1 to 65535)": self.metrics_port is None
+            or 1 <= self.metrics_port <= 65535,
+            "JOBSTREAM_METRICS_HOST": bool(self.metrics_host.strip()),
             "JOBSTREAM_LOG_LEVEL (DEBUG, INFO, WARNING or ERROR)": self.log_level.upper()
             in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
             "SMTP_URL": self.smtp_url is None or self.smtp_url.startswith(("smtp://", "smtps://")),
@@ -137,6 +178,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "JOBSTREAM_WEBHOOK_TIMEOUT_S": 0
             < self.webhook_connect_timeout_s
             <= self.webhook_timeout_s,
+            "JOBSTREAM_TRACE_URL (http(s)://... with {trace_id})": self.trace_url is None
+            or (
+                self.trace_url.startswith(("http://", "https://"))
+                and "{trace_id}" in self.trace_url
+            ),
         }
         for name, url in (
             ("REDIS_URL", self.redis_url),
@@ -179,11 +225,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
 
     def secrets(self) -> list[str]:
         """The passwords and secret query parameters of the configured URLs."""
-        return [v for f in _SECRET for v in secrets_of_url(getattr(self, f))]
+        found = [v for f in _SECRET for v in secrets_of_url(getattr(self, f))]
+        return found + ([self.dashboard_token] if self.dashboard_token else [])
 
     def __repr__(self) -> str:
         shown = {
             f: (redact_url(getattr(self, f)) if f in _SECRET else getattr(self, f))
             for f in self.__struct_fields__
         }
+        if self.dashboard_token is not None:
+            shown["dashboard_token"] = "***"
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"

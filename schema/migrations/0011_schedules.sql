@@ -1,5 +1,7 @@
 -- `cancelled` joins the status vocabulary: terminal, like `completed` and `failed`.
--- The CHECK is found by what it checks, whatever name it was given.
+-- The CHECK is found by what it checks, whatever name it was given. Applied before 0012,
+-- the CHECK is copied into the partitioned `jobs` (LIKE ... INCLUDING CONSTRAINTS); after
+-- it, the partitioned parent's CHECK is replaced, which every partition inherits.
 DO $$
 DECLARE c record;
 BEGIN

@@ -1,18 +1,18 @@
--- Cancel a job of one queue, atomically (one slot): tell every worker, take it out of the
--- delayed set, and delete its stream entries that no consumer was given yet.
--- KEYS[1] = jobs:{q}:cancels, then per priority level (one for a queue without levels) its
--- delayed set and its stream: KEYS[2] = jobs:{q}:delayed, KEYS[3] = jobs:{q}, ...
--- ARGV[1] = group  ARGV[2] = job id  ARGV[3] = cancels kept (MAXLEN ~)  ARGV[4] = now (ms)
--- ARGV[5] = n, then n pairs (level number from 1, delayed member); then pairs (level
--- number, entry id).
+-- Take a cancelled job out of the streams of one slot: out of their delayed sets, and
+-- delete its stream entries that no consumer was given yet. The request itself was
+-- appended to the queue's stream of cancellations before (`cancel_job`): a script touches
+-- one slot, and a partitioned queue's partitions are each their own slot.
+-- KEYS, per priority level or partition of this slot: its delayed set, then its stream
+-- (KEYS[1] = jobs:{q}:delayed, KEYS[2] = jobs:{q}, ...).
+-- ARGV[1] = group  ARGV[2] = job id  ARGV[3] = n, then n pairs (name number from 1,
+-- delayed member); then pairs (name number, entry id).
 -- Returns {removed, consumer holding an entry or false, entries already acked}.
--- An entry delivered to a consumer is left to it: the request in KEYS[1] makes its worker
--- cancel the handler cooperatively (or not start it).
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', 'id', ARGV[2], 'at', ARGV[4])
+-- An entry delivered to a consumer is left to it: the request makes its worker cancel the
+-- handler cooperatively (or not start it).
 local removed, holder, done = 0, false, 0
-local n = tonumber(ARGV[5])
-for i = 6, 5 + 2 * n, 2 do
-    removed = removed + redis.call('ZREM', KEYS[2 * tonumber(ARGV[i])], ARGV[i + 1])
+local n = tonumber(ARGV[3])
+for i = 4, 3 + 2 * n, 2 do
+    removed = removed + redis.call('ZREM', KEYS[2 * tonumber(ARGV[i]) - 1], ARGV[i + 1])
 end
 
 local function parse(id)
@@ -27,8 +27,8 @@ local function after(a, b) -- entry id a is newer than b
 end
 
 local delivered = {}
-for i = 6 + 2 * n, #ARGV, 2 do
-    local stream = KEYS[1 + 2 * tonumber(ARGV[i])]
+for i = 4 + 2 * n, #ARGV, 2 do
+    local stream = KEYS[2 * tonumber(ARGV[i])]
     local id = ARGV[i + 1]
     local ok, held = pcall(redis.call, 'XPENDING', stream, ARGV[1], id, id, 1)
     if not ok then

@@ -101,7 +101,8 @@ async def test_cancel_of_a_queued_job_records_it_cancelled_and_it_never_runs(
     assert (await hash_of(deps, doomed))["status"] == "cancelled"
     status = await jobstream(env_for(), "status", "--json")
     counts = {r["queue"]: r["jobs"] for r in json.loads(status.stdout)}
-    assert counts[Q] == {"cancelled": 1, "completed": 1}
+    # Its own creation time makes the second entry a row of its own, cancelled too.
+    assert counts[Q] == {"cancelled": 2, "completed": 1}
     again = await jobstream(env_for(), "job", "cancel", doomed)
     assert again.returncode == 3
     assert again.stdout.strip() == "job doomed is already cancelled: nothing to cancel"
@@ -134,6 +135,22 @@ async def test_cancel_of_a_delayed_job_and_of_a_waiting_retry(deps: Deps):
     assert await status_of(deps, later) == "cancelled"
     assert await status_of(deps, flaky) == "cancelled"
     assert await deps.redis.zcard(deps.keys.delayed(Q)) == 0
+
+
+async def test_cancel_of_a_job_waiting_in_another_partition_runs_per_slot(deps: Deps):
+    # Partition 1 is a slot of its own: the request goes to the queue's cancellations, the
+    # entry is deleted by a script in partition 1's slot; the workers of both skip it.
+    pub = Publisher(deps.redis, deps.keys, {**PAYLOADS, **handlers.PAYLOADS}, partitions={Q: 2})
+    ids = [await pub.publish(Q, handlers.Work(), f"part-{i}") for i in range(2)]
+    part1 = deps.keys.stream(deps.keys.part(Q, 1))
+    assert await deps.redis.xlen(part1) == 1
+    for job_id in ids:
+        answer = await cancel_job(deps.redis, deps.pool, deps.keys, job_id)
+        assert answer.outcome is Cancelled.CANCELLED
+        assert await status_of(deps, job_id) == "cancelled"
+    assert await deps.redis.xlen(part1) == 0
+    assert await deps.redis.xlen(deps.keys.stream(Q)) == 0
+    assert await deps.redis.xlen(deps.keys.cancels(Q)) == 2
 
 
 async def test_cancel_of_a_running_job_cancels_its_handler_without_retry(

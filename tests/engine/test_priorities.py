@@ -18,7 +18,7 @@ from jobstream.consumers.worker.runtime import make_engine
 from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams import ConfigError, Job, PermanentError, Policy, Publisher, PublishError
 from jobstream.streams.cancel import Cancelled, cancel_job
-from jobstream.streams.keys import level_queue
+from jobstream.streams.keys import Keys, base_queue, check_queue_name, level_queue
 from jobstream.streams.levels import WeightedOrder, level_names
 from tests.helpers import eventually, running
 
@@ -88,6 +88,10 @@ async def test_each_level_is_a_stream_of_the_queue_slot_and_the_default_keeps_th
         Policy(priorities=("high", "dead"))
     with pytest.raises(ConfigError, match="one whole number of at least 1 per level"):
         Policy(priorities=("a", "b"), priority_weights=(1,))
+    with pytest.raises(ConfigError, match="priorities or partitions > 1, not both"):
+        Policy(priorities=("high", "low"), partitions=2)
+    assert Policy(priorities=("high", "low"), partitions=1).levels()[0] == ("high", 2)
+    assert Policy(partitions=4).partitions == 4
     async with running(engine(deps)):
 
         async def done() -> bool:
@@ -99,6 +103,21 @@ async def test_each_level_is_a_stream_of_the_queue_slot_and_the_default_keeps_th
     assert [r["queue"] for r in queues] == [PQ]  # the queue, whatever the level
     result = await deps.pool.fetchval("SELECT result::text FROM jobs WHERE id = 'h1'")
     assert msgspec.json.decode(result) == {"queue": PQ}
+
+
+def test_key_helpers_strip_a_level_and_a_partition_alike():
+    keys = Keys()
+    for name in ("q\x1fhigh", "q#3", "q"):
+        assert base_queue(name) == "q"
+        assert keys.cancels(name) == "jobs:{q}:cancels"
+        assert keys.unique(name, "j") == "jobs:{q}:unique:j"
+        assert keys.schedule(name, "s") == "jobs:{q}:schedule:s"
+    assert keys.stream("q#3") == "jobs:{q#3}"  # a partition keeps its own slot's keys
+    assert keys.dead("q#3") == "jobs:{q#3}:dead"
+    assert keys.stream("q\x1fhigh") == "jobs:{q}:high"  # a level stays in the queue's slot
+    assert keys.dead("q\x1fhigh") == "jobs:{q}:dead"
+    with pytest.raises(ConfigError):
+        check_queue_name("q#1")
 
 
 def test_weighted_order_spreads_slots_by_weight():
