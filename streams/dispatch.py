@@ -11,7 +11,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,16 @@ from jobstream.streams.errors import PermanentError, RetryableError
 from jobstream.streams.job import Delivery, Job, Outcome, Result
 from jobstream.streams.policy import Policy, backoff_s
 
-__all__ = ["Handler", "Route", "classify", "invalid_result", "prepare", "retry_fields"]
+__all__ = [
+    "BatchHandler",
+    "Handler",
+    "Route",
+    "classify",
+    "conclude",
+    "invalid_result",
+    "prepare",
+    "retry_fields",
+]
 
 logger = logging.getLogger("streams.jobs")
 _tracer = trace.get_tracer("jobstream.worker")
@@ -45,6 +54,9 @@ _MAX_ERROR = 4000  # an exception's text is the decoder's; a job's error stays r
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # one line in logs, PostgreSQL takes no NUL
 
 Handler = Callable[[Any, Job], Awaitable[Any]]
+BatchHandler = Callable[[Sequence[tuple[Any, Job]]], Awaitable[Sequence[Any]]]
+"""Runs many jobs of a queue at once: one outcome per job, in order, each the job's result
+or the exception that fails it (`RetryableError`, `PermanentError`, anything else)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +67,9 @@ class Route:
     decode: Callable[[bytes], Any]
     handle: Handler
     policy: Policy
+    handle_batch: BatchHandler | None = None
+    """Set for a queue whose handler takes batches (`streams.batch`); `handle` then runs
+    one job as a batch of one."""
 
 
 def classify(exc: BaseException, attempt: int, policy: Policy) -> tuple[Outcome, str]:
@@ -162,21 +177,54 @@ def prepare(route: Route, d: Delivery, max_payload_bytes: int) -> tuple[Envelope
         return invalid_result(d, f"{what}: {type(exc).__name__}: {exc}")
 
 
-async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delivery) -> Result:
-    """Run the handler once; return the attempt's Result. Only cancellation escapes."""
+async def execute(
+    route: Route, env: Envelope, payload: Any, job: Job, d: Delivery, *, watched: bool = False
+) -> Result:
+    """Run the handler once; return the attempt's Result. Only cancellation escapes.
+
+    The handler runs under the policy's timeout: its own `asyncio.timeout`, or, when
+    `watched`, the engine's watchdog, which cancels the task running `d` once its time is
+    up after setting `d.timed_out` (no timer per job; see `Engine._watch`).
+    """
     started = time.time()
     mono = time.perf_counter()
-    outcome, reason, value, error = Outcome.COMPLETED, "", None, None
+    value: Any = None
     exc: Exception | None = None
     try:
-        async with asyncio.timeout(route.policy.timeout_s):
+        if watched:
             value = await route.handle(payload, job)
-    except TimeoutError as e:
-        exc = e
-        error = f"TimeoutError: handler exceeded its {route.policy.timeout_s:g}s timeout"
+        else:
+            async with asyncio.timeout(route.policy.timeout_s):
+                value = await route.handle(payload, job)
+    except asyncio.CancelledError:
+        if not d.timed_out:  # the worker's own cancellation (shutdown): it propagates
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # the watchdog's request, answered here
+        exc = TimeoutError()
     except Exception as e:  # CancelledError is not an Exception: it propagates
         exc = e
-        error = scrub(f"{type(e).__name__}: {e}")  # libraries' messages may quote URLs
+    return conclude(route, env, job, d, value, exc, started, mono)
+
+
+def conclude(
+    route: Route,
+    env: Envelope,
+    job: Job,
+    d: Delivery,
+    value: Any,
+    exc: Exception | None,
+    started: float,
+    mono: float,
+) -> Result:
+    """The Result of one attempt that returned `value` or raised `exc`: classified, its
+    retry planned, its result encoded (one that is not JSON fails the job for good)."""
+    error: str | None = None
+    if isinstance(exc, TimeoutError):
+        error = f"TimeoutError: handler exceeded its {route.policy.timeout_s:g}s timeout"
+    elif exc is not None:
+        error = scrub(f"{type(exc).__name__}: {exc}")  # libraries' messages may quote URLs
     result_json: str | None = None
     if exc is None and value is not None:
         try:
@@ -226,6 +274,8 @@ async def execute_traced(
     d: Delivery,
     attrs: dict[str, Any],
     around: Callable[[Result | None], None],
+    *,
+    watched: bool = False,
 ) -> Result:
     """`execute` inside a CONSUMER span that is a child of, and links to, the producer's.
 
@@ -239,7 +289,7 @@ async def execute_traced(
         token = otel_context.attach(unsampled)
         try:
             around(None)
-            res = await execute(route, env, payload, job, d)
+            res = await execute(route, env, payload, job, d, watched=watched)
             around(res)
             return res
         finally:
@@ -260,7 +310,7 @@ async def execute_traced(
         set_status_on_exception=False,
     ) as span:
         around(None)
-        res = await execute(route, env, payload, job, d)
+        res = await execute(route, env, payload, job, d, watched=watched)
         if res.exception is not None:
             span.record_exception(res.exception, exception_attributes(res.exception))
             span.set_attribute(sc.ERROR_TYPE, type(res.exception).__qualname__)

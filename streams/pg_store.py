@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 __all__ = ["ExecRow", "JobRow", "fetch_statuses", "find_created", "write_batch"]
 
@@ -123,7 +124,7 @@ class ExecRow:
 
 
 async def write_batch(
-    conn: asyncpg.Pool | asyncpg.Connection,
+    conn: asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy,
     worker_id: str,
     jobs: Sequence[JobRow],
     executions: Sequence[ExecRow],
@@ -147,7 +148,7 @@ _REROUTES = 3
 
 
 async def _write(
-    conn: asyncpg.Pool | asyncpg.Connection,
+    conn: asyncpg.Pool | asyncpg.Connection | PoolConnectionProxy,
     worker_id: str,
     jobs: Sequence[JobRow],
     executions: Sequence[ExecRow],

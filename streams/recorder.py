@@ -8,7 +8,6 @@ has committed (inv. 1). A failing hash write is logged and never fails a job (in
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import logging
 import math
@@ -22,6 +21,7 @@ import asyncpg
 import hiredis
 import msgspec
 import redis.exceptions
+from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio.cluster import RedisCluster
 
 from jobstream.schema.envelope import MAX_TIME_MS, created_ms
@@ -98,10 +98,17 @@ class RecorderConfig:
     wait_timeout_ms: int = 1000
 
 
+_SECOND: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def _iso(ts: float | None) -> str:
+    """`2026-11-30T10:00:00.123Z`; the seconds' part is formatted once per second."""
     if ts is None:
         return ""
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    second = math.floor(ts)
+    if second != _SECOND[0]:
+        _SECOND[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_SECOND[1]}.{min(int((ts - second) * 1000), 999):03d}Z"
 
 
 def _text(value: str | None) -> str | None:
@@ -145,7 +152,7 @@ class Recorder:
         self._cfg = config
         self._lease = lease
         self._superseded = superseded or (lambda d, n: False)
-        self.stale = 0  # outcomes dropped because their entry had been taken over
+        self.stale = 0  # deliveries whose records were dropped: their entry was taken over
         self._pending: list[Start | Result] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -156,6 +163,7 @@ class Recorder:
         self._progress_at = time.time()
         self.has_room = asyncio.Event()  # cleared while the backlog is over max_backlog
         self.has_room.set()
+        self._conn: PoolConnectionProxy | None = None
 
     def start(self) -> None:
         if self._task is None:
@@ -217,14 +225,34 @@ class Recorder:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
-                try:
-                    await self._flush_some()
-                except Exception:  # the loop must outlive any one batch (settle never raises)
-                    logger.exception("flush failed; its records are retried in 1s")
-                    self._pending[:0] = self._batch  # back in front, in order
-                    self._batch, self._flushing = [], 0
-                    await asyncio.sleep(1.0)
+            try:
+                while self._pending:
+                    try:
+                        await self._flush_some()
+                    except Exception:  # the flush loop outlives any one batch (settle never raises)
+                        logger.exception("flush failed; its records are retried in 1s")
+                        self._pending[:0] = self._batch  # back in front, in order
+                        self._batch, self._flushing = [], 0
+                        await asyncio.sleep(1.0)
+            finally:
+                await self._put_back()
+
+    async def _connection(self) -> PoolConnectionProxy:
+        """The connection this flush loop writes through, held while it has work: the
+        pool would reset it (one more round trip) each time it came back."""
+        if self._conn is None or self._conn.is_closed():
+            await self._put_back()
+            self._conn = await self._pool.acquire()
+        return self._conn
+
+    async def _put_back(self) -> None:
+        """Return the held connection to the pool (reset once, for whoever takes it next)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await self._pool.release(conn)
+            except _PG_ERRORS as exc:  # a broken connection: the pool replaces it
+                logger.debug("releasing the recorder's connection failed: %s", exc)
 
     async def _flush_some(self) -> None:
         batch = self._pending[: self._cfg.max_batch]
@@ -239,6 +267,8 @@ class Recorder:
             await self._find_created(untold, jobs, execs)
         if jobs or execs:
             fallen = await self._write_pg(jobs, execs)
+            for item in batch:  # the payload is sent once per delivery, not per status
+                item.delivery.payload_stored = True
             if fallen:
                 jobs, results = _after_fallback(jobs, results, fallen)
         views = [_view_row(r) for r in results if r.view is not None]
@@ -300,11 +330,17 @@ class Recorder:
 
         async def write() -> None:
             nonlocal fallen
+            conn = await self._connection()
             try:
-                await write_batch(self._pool, self._cfg.worker_id, jobs, execs)
-            except _DATA_ERRORS as exc:
-                logger.warning("batch refused by PostgreSQL (%s); writing jobs one by one", exc)
-                fallen = await self._write_pg_singly(jobs, execs)
+                try:
+                    await write_batch(conn, self._cfg.worker_id, jobs, execs)
+                except _DATA_ERRORS as exc:
+                    logger.warning("batch refused by PostgreSQL (%s); writing jobs one by one",
+                                   exc)  # fmt: skip
+                    fallen = await self._write_pg_singly(conn, jobs, execs)
+            except _PG_ERRORS:  # the connection may be broken: take another next time
+                await self._put_back()
+                raise
 
         # inv. 7: wait for PostgreSQL, acking nothing meanwhile.
         await retry_until_done(
@@ -313,7 +349,7 @@ class Recorder:
         return fallen
 
     async def _write_pg_singly(
-        self, jobs: list[JobRow], execs: list[ExecRow]
+        self, conn: PoolConnectionProxy, jobs: list[JobRow], execs: list[ExecRow]
     ) -> dict[str, str | None]:
         """One bad row must not block the others: write each alone, degrading what it keeps.
 
@@ -326,7 +362,7 @@ class Recorder:
         for row in jobs:
             mine = [e for e in execs if e.job_id == row.id]
             try:
-                await write_batch(self._pool, self._cfg.worker_id, [row], mine)
+                await write_batch(conn, self._cfg.worker_id, [row], mine)
                 continue
             except _DATA_ERRORS as exc:
                 row.payload = None
@@ -334,7 +370,7 @@ class Recorder:
                 why = _first_line(exc)
                 row.error = f"{row.error or ''} (payload or result not storable: {why})".strip()
             try:
-                await write_batch(self._pool, self._cfg.worker_id, [row], mine)
+                await write_batch(conn, self._cfg.worker_id, [row], mine)
                 continue
             except _DATA_ERRORS as exc:
                 if row.status == Status.RUNNING:  # acks nothing; the outcome's row will tell
@@ -342,7 +378,7 @@ class Recorder:
                     continue
                 _minimal(row, exc)
             try:
-                await write_batch(self._pool, self._cfg.worker_id, [row], [])
+                await write_batch(conn, self._cfg.worker_id, [row], [])
                 logger.error("job %s recorded failed in minimal form: %s", row.id, row.error)
                 fallen[row.id] = row.error
             except _DATA_ERRORS as exc:  # beyond storing: say so loudly, never ack it
@@ -374,9 +410,11 @@ class Recorder:
             if isinstance(reply, Exception):  # cannot tell: keep them, settlement re-checks
                 logger.warning("ownership check failed: %s", reply)
                 continue
+            told: set[int] = set()  # a delivery's `running` and outcome: one line
             for item, code in zip(items, reply, strict=True):  # type: ignore[call-overload]
-                if not self._owned(item, int(code)):
+                if not self._owned(item, int(code), quiet=id(item.delivery) in told):
                     gone.add(id(item))
+                    told.add(id(item.delivery))
         if not gone:
             return batch
         self._release(item for item in batch if id(item) in gone)
@@ -389,14 +427,17 @@ class Recorder:
                 if isinstance(item, Result):
                     self._on_done(item.delivery)
 
-    def _owned(self, item: Start | Result, code: int) -> bool:
-        """Whether a record still speaks for its entry, given the ownership `code`."""
+    def _owned(self, item: Start | Result, code: int, *, quiet: bool = False) -> bool:
+        """Whether a record still speaks for its entry, given the ownership `code`
+        (`quiet`: another record of the same delivery was counted and logged already)."""
         d = item.delivery
         if code == 1:
             return True
         if code < 0 and not self._superseded(d, -code):
             d.delivery_count = -code  # ours, delivered again by Redis, run by no one else
             return True
+        if quiet:
+            return False
         self.stale += 1
         logger.warning(
             "stale attempt ignored job=%s queue=%s entry=%s: %s",
@@ -626,10 +667,13 @@ def _start_row(item: Start) -> JobRow:
 def _job_row(r: Result) -> JobRow:
     d = r.delivery
     done = r.finished_at if r.outcome is not Outcome.RETRYING else None
+    # Once PostgreSQL has the payload (from the `running` row), the outcome's row leaves
+    # it out: the upsert keeps the stored one, and the payload crosses the wire once.
+    payload = None if d.payload_stored else _payload_text(r.payload)
     return JobRow(
-        r.job_id, queue_of_part(d.queue), _STATUS[r.outcome], _payload_text(r.payload),
-        r.result_json, _text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None,
-        done, _time(r.retry_at), d.fence, r.trace_id,
+        r.job_id, queue_of_part(d.queue), _STATUS[r.outcome], payload, r.result_json,
+        _text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None, done,
+        _time(r.retry_at), d.fence, r.trace_id,
     )  # fmt: skip
 
 

@@ -24,9 +24,16 @@ import redis.exceptions
 
 from jobstream.otel import is_recording_enabled, trace_id_of
 from jobstream.otel.suppress import instrumented_context, suppressed
-from jobstream.schema.envelope import created_ms, enqueued_at_ms, safe_job_id, trace_context
+from jobstream.schema.envelope import (
+    Envelope,
+    created_ms,
+    enqueued_at_ms,
+    safe_job_id,
+    trace_context,
+)
 from jobstream.streams import semconv as sc
 from jobstream.streams.backoff import retry_until_done
+from jobstream.streams.batch import Item, execute_batch, execute_batch_traced
 from jobstream.streams.delayed import Promoter
 from jobstream.streams.dispatch import (
     Route,
@@ -114,6 +121,11 @@ class _Lane:
         self.reading = False  # between passing the gate and starting what it read
         self.free = asyncio.Event()
         self.free.set()
+        # A batch handler's next batch, filling up (its jobs hold their slots already),
+        # and the timer that runs it when the policy's wait is over before it is full.
+        self.batch: list[Item] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.batch_size = min(route.policy.batch_size, route.policy.concurrency)
         self.context: contextvars.Context | None = None  # where jobs run (instrumentation on)
 
     @property
@@ -131,11 +143,36 @@ class _Lane:
             task = asyncio.ensure_future(coro)
         else:
             task = asyncio.get_running_loop().create_task(coro, context=self.context.copy())
+        d.task = task  # timed by the watchdog (`Engine._watch`)
         self.tasks.add(task)
         self.running[d.entry_id] = d
         if self.room <= 0:
             self.free.clear()
         task.add_done_callback(lambda t: self._done(t, d.entry_id))
+
+    def hold(self, d: Delivery) -> None:
+        """`d` takes a slot while it waits in the batch that fills up."""
+        d.started_mono = time.perf_counter()
+        self.running[d.entry_id] = d
+        if self.room <= 0:
+            self.free.clear()
+
+    def spawn_batch(self, coro: Coroutine[Any, Any, None], items: list[Item]) -> None:
+        """Run a batch whose jobs hold their slots (`hold`) until its task is done."""
+        if self.context is None:
+            task = asyncio.ensure_future(coro)
+        else:
+            task = asyncio.get_running_loop().create_task(coro, context=self.context.copy())
+        self.tasks.add(task)
+        if len(items) == 1:  # run alone (`Engine._run_one`): timed by the watchdog
+            items[0].delivery.task = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.tasks.discard(t)
+            for it in items:
+                self.release(it.delivery.entry_id)
+
+        task.add_done_callback(done)
 
     def release(self, entry_id: str) -> None:
         """The handler is done with its slot (its outcome may still be settling)."""
@@ -269,6 +306,9 @@ class Engine:
             name="heartbeat",
         )
         self._loops["heartbeat"] = beat
+        # Like the heartbeat, the watchdog outlives `stopping`: draining jobs keep their timeouts.
+        watch = asyncio.create_task(self._watch(), name="watch")
+        self._loops["watch"] = watch
         try:
             await self.stopping.wait()
         finally:
@@ -287,6 +327,7 @@ class Engine:
                     await asyncio.wait([beat], timeout=self.cfg.block_ms / 1000 + 10)
                     beat.cancel()
                 await asyncio.gather(beat, return_exceptions=True)
+                await asyncio.gather(watch, return_exceptions=True)
                 with contextlib.suppress(*_CONN_ERRORS):
                     await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
                     await self.gauges.release()
@@ -354,6 +395,9 @@ class Engine:
                 self._loops[name] = asyncio.create_task(self._read_loop(lane), name=name)
 
     async def _drain(self) -> None:
+        for lane in self.lanes.values():  # a batch filling up runs now, with what it has
+            if lane.batch:
+                self._fire(lane)
         tasks = [t for lane in self.lanes.values() for t in lane.tasks]
         if tasks:
             logger.info("draining %d in-flight jobs (grace %.0fs)", len(tasks), self.cfg.grace_s)
@@ -423,8 +467,7 @@ class Engine:
                 return
             if lane.ready or lane.room <= 0:  # (a suspect may have run alone meanwhile)
                 while lane.ready and lane.room > 0:
-                    d = lane.ready.popleft()
-                    lane.spawn(self._process(lane, d), d)
+                    self._start(lane, lane.ready.popleft())
                 continue
             count = max(1, min(lane.room, self.cfg.read_count))
             reply: Any = []
@@ -466,8 +509,14 @@ class Engine:
             if entry_id in held:
                 continue
             held[entry_id] = now
-            d = Delivery(queue, entry_id, fields)
+            self._start(lane, Delivery(queue, entry_id, fields))
+
+    def _start(self, lane: _Lane, d: Delivery) -> None:
+        """Run `d` now, or put it in its queue's next batch."""
+        if lane.route.handle_batch is None:
             lane.spawn(self._process(lane, d), d)
+        else:
+            self._add_to_batch(lane, d)
 
     def _let_go(self, d: Delivery) -> None:
         """The recorder is done with `d`: this process no longer holds its entry."""
@@ -526,7 +575,7 @@ class Engine:
 
         Jobs and retries due later are not ready: they stay for the next run.
         """
-        busy = any(lane.tasks or lane.ready for lane in self.lanes.values())
+        busy = any(lane.tasks or lane.ready or lane.batch for lane in self.lanes.values())
         if busy or self._suspects or self.recorder.backlog:
             return False
         now_ms = int(time.time() * 1000)
@@ -626,22 +675,18 @@ class Engine:
             else:
                 lane.ready.append(d)  # the read loop starts it when a slot is free
 
-    async def _process(self, lane: _Lane, d: Delivery) -> None:
-        route = lane.route
-        prepared = prepare(route, d, self.cfg.max_payload_bytes)
-        if isinstance(prepared, Result):
-            lane.release(d.entry_id)
-            if self._traced:
-                trace_invalid(prepared, self._attrs[route.queue])
-            else:
-                prepared.trace_id = trace_id_of(trace_context(d.fields)[0])
-            job_log.warning(
-                "job invalid job=%s queue=%s error=%s", prepared.job_id, route.queue, prepared.error
-            )
-            self._settle(prepared)
-            return
-        env, payload = prepared
-        job = Job(
+    def _invalid(self, route: Route, res: Result) -> None:
+        """Settle an entry that cannot run (undecodable, oversized, ...) as failed."""
+        if self._traced:
+            trace_invalid(res, self._attrs[route.queue])
+        else:
+            res.trace_id = trace_id_of(trace_context(res.delivery.fields)[0])
+        job_log.warning("job invalid job=%s queue=%s error=%s", res.job_id, route.queue, res.error)
+        self._settle(res)
+
+    @staticmethod
+    def _job(route: Route, env: Envelope, d: Delivery) -> Job:
+        return Job(
             env.job_id,
             route.queue,
             env.attempt,
@@ -650,6 +695,86 @@ class Engine:
             d.delivery_count,
             env.traceparent,
         )
+
+    def _add_to_batch(self, lane: _Lane, d: Delivery) -> None:
+        """Add `d` to its queue's next batch; run the batch when full, or when its first
+        job has waited the policy's `batch_wait_s`."""
+        route = lane.route
+        prepared = prepare(route, d, self.cfg.max_payload_bytes)
+        if isinstance(prepared, Result):  # takes no place in a batch
+            self._invalid(route, prepared)
+            return
+        if d.entry_id in lane.running:  # cannot happen while every path takes `held` first
+            logger.error("entry %s of %s is already running: not started twice",
+                         d.entry_id, route.queue)  # fmt: skip
+            return
+        env, payload = prepared
+        lane.hold(d)
+        lane.batch.append(Item(d, env, payload, self._job(route, env, d)))
+        if len(lane.batch) >= lane.batch_size:
+            self._fire(lane)
+        elif lane.timer is None:
+            wait = route.policy.batch_wait_s
+            lane.timer = asyncio.get_running_loop().call_later(wait, self._fire, lane)
+
+    def _fire(self, lane: _Lane) -> None:
+        """Run the batch filling up in `lane` now."""
+        if lane.timer is not None:
+            lane.timer.cancel()
+            lane.timer = None
+        items, lane.batch = lane.batch, []
+        if len(items) == 1:  # a batch of one is a job like any other: its span too
+            it = items[0]
+            lane.spawn_batch(self._run_one(lane, it.delivery, it.env, it.payload, it.job), items)
+            it.delivery.started_mono = time.perf_counter()  # timed from here, not its wait
+        elif items:
+            lane.spawn_batch(self._process_batch(lane, items), items)
+
+    async def _process_batch(self, lane: _Lane, items: list[Item]) -> None:
+        route = lane.route
+        now = time.time()
+        # Each job's own producer trace, unless the batch's span is sampled: then that one.
+        trace_ids = [trace_id_of(it.env.traceparent) for it in items]
+        for it, trace_id in zip(items, trace_ids, strict=True):
+            job = it.job
+            self.recorder.started(
+                Start(it.delivery, job.id, job.attempt, it.env.payload, now, trace_id)
+            )
+            self.observer.job_started(route.queue)
+        if self._traced:
+
+            def around(results: Sequence[Result] | None) -> None:
+                if results is None and (batch := trace_id_of(sampled_only=True)):
+                    trace_ids[:] = [batch] * len(items)
+                for i, it in enumerate(items):
+                    self._log_job(it.job, None if results is None else results[i])
+
+            results = await execute_batch_traced(route, items, self._attrs[route.queue], around)
+        else:
+            for it in items:
+                self._log_job(it.job, None)
+            results = await execute_batch(route, items)
+            for it, res in zip(items, results, strict=True):
+                self._log_job(it.job, res)
+        for res, trace_id in zip(results, trace_ids, strict=True):
+            res.trace_id = trace_id
+            lane.release(res.delivery.entry_id)
+            self._settle(res)
+
+    async def _process(self, lane: _Lane, d: Delivery) -> None:
+        route = lane.route
+        prepared = prepare(route, d, self.cfg.max_payload_bytes)
+        if isinstance(prepared, Result):
+            lane.release(d.entry_id)
+            self._invalid(route, prepared)
+            return
+        env, payload = prepared
+        await self._run_one(lane, d, env, payload, self._job(route, env, d))
+
+    async def _run_one(
+        self, lane: _Lane, d: Delivery, env: Envelope, payload: Any, job: Job
+    ) -> None:
+        route = lane.route
         trace_id = trace_id_of(env.traceparent)  # the producer's trace, if it sent one
         self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time(), trace_id))
         self.observer.job_started(route.queue)
@@ -662,11 +787,11 @@ class Engine:
                 self._log_job(job, res)
 
             res = await execute_traced(
-                route, env, payload, job, d, self._attrs[route.queue], around
+                route, env, payload, job, d, self._attrs[route.queue], around, watched=True
             )
         else:
             self._log_job(job, None)
-            res = await execute(route, env, payload, job, d)
+            res = await execute(route, env, payload, job, d, watched=True)
             self._log_job(job, res)
         res.trace_id = trace_id
         lane.release(d.entry_id)
@@ -717,6 +842,27 @@ class Engine:
         return other is not None and other is not d and other.delivery_count >= count
 
     # ---- maintenance loops ------------------------------------------------------------
+    async def _watch(self) -> None:
+        """Every handler runs under its policy's `timeout_s`: cancel the task of a job run
+        alone whose time is up (a batch has its own `asyncio.timeout`).
+
+        One check a tenth of the shortest timeout (between 10 ms and 1 s) for all running
+        jobs, instead of a timer armed and disarmed for every job: a timeout fires at most
+        that much late.
+        """
+        shortest = min((lane.route.policy.timeout_s for lane in self.lanes.values()), default=10.0)
+        period = min(max(shortest / 10, 0.01), 1.0)
+        while not self._exited.is_set():
+            now = time.perf_counter()
+            for lane in self.lanes.values():
+                limit = lane.route.policy.timeout_s
+                for d in lane.running.values():
+                    if d.task is not None and not d.timed_out and now - d.started_mono >= limit:
+                        d.timed_out = True
+                        d.task.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), period)
+
     def _beat(self) -> bytes:
         """The heartbeat's value: when, which process, and how much it runs now (read by
         `jobstream workers`; other readers only ask whether the key exists)."""

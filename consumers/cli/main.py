@@ -4,7 +4,6 @@ schema, prune, dashboard, demo, mailbox, webhook and warmup."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.metadata
 import logging
 import os
@@ -20,6 +19,7 @@ from jobstream.consumers.worker.settings import Settings
 from jobstream.otel.logs import escape_controls, setup_logging
 from jobstream.otel.redact import remember_secrets, scrub
 from jobstream.streams import JobstreamError
+from jobstream.streams.loop import run
 
 __all__ = ["build_parser", "main"]
 
@@ -195,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = (args.log_level or settings.log_level).upper()
     setup_logging(level, getattr(args, "log_format", "text"))
     try:
-        return asyncio.run(commands.run(args, settings))
+        return run(commands.run(args, settings), settings.event_loop)
     except JobstreamError as exc:
         _error(str(exc))
         return 2

@@ -10,7 +10,7 @@ from jobstream.consumers.worker.handler import HandlerSpec
 __all__ = ["HANDLERS", "by_queue"]
 
 HANDLERS: tuple[HandlerSpec[Any], ...] = (
-    analytics.record_event,
+    analytics.record_events,
     processing.process_email,
     bounce.process_bounce,
     sending.send_email,

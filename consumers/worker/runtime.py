@@ -38,6 +38,7 @@ from jobstream.streams import (
     Policy,
     Publisher,
 )
+from jobstream.streams.loop import loop_name
 from jobstream.streams.redis_client import connect_redis
 
 __all__ = [
@@ -290,11 +291,12 @@ async def _run(engine: Engine, settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, engine.stop)
     logger.info(
-        "worker %s started: queues=%s redis=%s database=%s",
+        "worker %s started: queues=%s redis=%s database=%s loop=%s",
         engine.cfg.consumer,
         ",".join(engine.lanes),
         redact_url(settings.redis_url),
         redact_url(settings.database_url),
+        loop_name(),
     )
     reporter = None
     if settings.health_file:

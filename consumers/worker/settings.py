@@ -42,6 +42,8 @@ class _PolicyOverride(msgspec.Struct, forbid_unknown_fields=True):
     timeout_s: float | None = None
     concurrency: int | None = None
     partitions: int | None = None
+    batch_size: int | None = None
+    batch_wait_s: float | None = None
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
@@ -83,6 +85,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     partition_width_s: int = 86400
     partitions_ahead: int = 3
     prune_interval_s: float = 86400
+    event_loop: str = "auto"
+    """`auto` (uvloop where installed), `uvloop` or `asyncio`."""
     log_level: str = "INFO"
     policies: str = ""
     """JSON overriding queues' policies, e.g. `{"webhook": {"max_attempts": 12}}`."""
@@ -148,6 +152,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "JOBSTREAM_PUBLISH_WAIT_REPLICAS": self.publish_wait_replicas >= 0,
             "JOBSTREAM_PUBLISH_WAIT_TIMEOUT_MS (1 or more)": self.publish_wait_timeout_ms >= 1,
             "JOBSTREAM_BLOCK_MS (1 to 60000)": 1 <= self.block_ms <= 60_000,
+            "JOBSTREAM_EVENT_LOOP (auto, uvloop or asyncio)": self.event_loop
+            in ("auto", "uvloop", "asyncio"),
             "JOBSTREAM_METRICS_PORT (1 to 65535)": self.metrics_port is None
             or 1 <= self.metrics_port <= 65535,
             "JOBSTREAM_METRICS_HOST": bool(self.metrics_host.strip()),
