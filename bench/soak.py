@@ -43,7 +43,7 @@ async def worker(db: str, prefix: str) -> None:
         log_level="WARNING",
     )
     async with connect(settings) as deps:
-        engine = make_engine(deps, None, 64, extra=[NOOP])
+        engine = make_engine(deps, None, 64, handlers=[NOOP])
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, engine.stop)
         await engine.run()
 

@@ -82,7 +82,7 @@ async def worker(db: str, prefix: str, n: int, concurrency: int) -> None:
     clock = _Clock(n)
     tracing = setup_tracing("bench", "bench-worker")  # only when OTEL_* says so
     async with connect(settings) as deps:
-        engine = make_engine(deps, None, concurrency, burst=True, extra=[NOOP])
+        engine = make_engine(deps, None, concurrency, burst=True, handlers=[NOOP])
         engine.observer = clock
         started = time.perf_counter()
         await engine.run()

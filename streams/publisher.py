@@ -18,7 +18,6 @@ from opentelemetry import trace
 
 from jobstream.otel import inject, is_recording_enabled
 from jobstream.schema.envelope import job_id_problem
-from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams.errors import PublishError
 from jobstream.streams.keys import Keys
 
@@ -34,13 +33,16 @@ def new_job_id() -> str:
 
 
 class Publisher:
-    """Publishes jobs to the queues it knows (`payloads`: queue → payload struct)."""
+    """Publishes jobs to the queues it knows (`payloads`: queue → payload struct).
+
+    The engine knows no queue of its own: the application says which ones exist.
+    """
 
     def __init__(
         self,
         redis: aioredis.Redis,
-        keys: Keys | None = None,
-        payloads: Mapping[str, type[msgspec.Struct]] = PAYLOADS,
+        keys: Keys | None,
+        payloads: Mapping[str, type[msgspec.Struct]],
         *,
         record_queued: bool = True,
     ) -> None:
@@ -52,6 +54,12 @@ class Publisher:
     @property
     def queues(self) -> list[str]:
         return sorted(self._payloads)
+
+    def serving(self, payloads: Mapping[str, type[msgspec.Struct]]) -> Publisher:
+        """A publisher like this one (same connection, keys, recording) for `payloads`."""
+        if dict(payloads) == self._payloads:
+            return self
+        return Publisher(self._redis, self._keys, payloads, record_queued=self._record_queued)
 
     def encode(self, queue: str, payload: PayloadLike) -> bytes:
         """Validate a payload against its queue's struct; return its JSON or raise PublishError."""

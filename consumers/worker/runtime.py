@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.metadata
 import logging
 import os
@@ -20,13 +21,12 @@ from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.handler import HandlerSpec
 from jobstream.consumers.worker.health import write_reports
 from jobstream.consumers.worker.parsepool import ParsePool, default_processes
-from jobstream.consumers.worker.registry import by_queue
+from jobstream.consumers.worker.registry import HANDLERS, payloads_of, select
 from jobstream.consumers.worker.settings import Settings, redact_url
 from jobstream.consumers.worker.tls import client_context, database_dsn, redis_tls_options
 from jobstream.otel.metrics import MetricsHandle, setup_metrics
 from jobstream.otel.redact import remember_secrets
 from jobstream.otel.tracing import TracingHandle, setup_tracing
-from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
 
 __all__ = [
@@ -84,7 +84,11 @@ def _printable(name: str | None) -> str | None:
 
 @asynccontextmanager
 async def connect(
-    settings: Settings, *, wait: bool = True, client_name: str | None = None
+    settings: Settings,
+    *,
+    wait: bool = True,
+    client_name: str | None = None,
+    handlers: Sequence[HandlerSpec[Any]] = HANDLERS,
 ) -> AsyncIterator[Deps]:
     """Open Redis, PostgreSQL and the parse pool for the lifetime of the block.
 
@@ -92,6 +96,7 @@ async def connect(
     pool starts its processes only when something is parsed; they stop with the block.
     `client_name` names the Redis connections (`CLIENT LIST`) and PostgreSQL sessions
     (`pg_stat_activity.application_name`): a worker passes its consumer name.
+    The publisher knows the queues of `handlers` (the built-in ones by default).
     The URLs' passwords are remembered, so no log line, span or error shows them.
     """
     remember_secrets(settings.secrets())
@@ -110,23 +115,12 @@ async def connect(
     keys = keys_of(settings)
     parser = ParsePool(settings.parse_processes or default_processes())
     try:
-        yield Deps(pool, redis, Publisher(redis, keys, PAYLOADS), settings, keys, parser)
+        publisher = Publisher(redis, keys, payloads_of(handlers))
+        yield Deps(pool, redis, publisher, settings, keys, parser)
     finally:
         await parser.aclose()
         await pool.close()
         await redis.aclose()
-
-
-def _select(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
-    known = by_queue()
-    if not queues:
-        return list(known.values())
-    unknown = [q for q in queues if q not in known]
-    if unknown:
-        raise ConfigError(
-            f"no handler for queue {', '.join(unknown)} (handled: {', '.join(sorted(known))})"
-        )
-    return [known[q] for q in queues]
 
 
 def make_engine(
@@ -134,14 +128,20 @@ def make_engine(
     queues: Sequence[str] | None = None,
     concurrency: int | None = None,
     *,
+    handlers: Sequence[HandlerSpec[Any]] = HANDLERS,
     burst: bool = False,
-    extra: Sequence[HandlerSpec[Any]] = (),
     observer: Observer | None = None,
     consumer: str | None = None,
 ) -> Engine:
-    """The engine for the selected queues (all handled ones by default)."""
+    """The engine serving `queues` (all by default) among `handlers` (the built-in queues
+    by default: pass the complete set to add or replace one).
+
+    ConfigError names a queue selected but not in `handlers`, or handled twice. The
+    handlers publish through a publisher that knows exactly the queues of `handlers`.
+    """
     s = deps.settings
-    specs = [*_select(queues), *extra] if queues or not extra else list(extra)
+    specs = select(handlers, queues)
+    deps = dataclasses.replace(deps, publisher=deps.publisher.serving(payloads_of(handlers)))
     limit = concurrency or s.concurrency
     overrides = s.policy_overrides()
     unknown = set(overrides) - {spec.queue for spec in specs}
@@ -184,22 +184,23 @@ async def run_worker(
     queues: Sequence[str] | None = None,
     concurrency: int | None = None,
     *,
+    handlers: Sequence[HandlerSpec[Any]] = HANDLERS,
     burst: bool = False,
-    extra: Sequence[HandlerSpec[Any]] = (),
     metrics_port: int | None = None,
 ) -> int:
-    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code."""
-    _select(queues)  # fail on an unknown queue before connecting anywhere
+    """Run a worker serving `queues` (all by default) among `handlers` (see `make_engine`)
+    until SIGTERM/SIGINT (or drained, in burst mode); return the exit code."""
+    select(handlers, queues)  # fail on an unknown queue before connecting anywhere
     consumer = consumer_name(settings)
     tracing, metrics = start_telemetry(consumer, prometheus=metrics_port is not None)
     try:
-        async with connect(settings, client_name=consumer) as deps:
+        async with connect(settings, client_name=consumer, handlers=handlers) as deps:
             engine = make_engine(
                 deps,
                 queues,
                 concurrency,
+                handlers=handlers,
                 burst=burst,
-                extra=extra,
                 observer=metrics.observer,
                 consumer=consumer,
             )

@@ -41,7 +41,7 @@ async def later(p: Later, job: Job, deps: Deps) -> None:
 
 
 def burst_engine(deps: Deps) -> Any:
-    return make_engine(deps, None, None, burst=True, extra=(*handlers.SPECS, later))
+    return make_engine(deps, None, None, burst=True, handlers=(*handlers.SPECS, later))
 
 
 async def run_burst(deps: Deps) -> None:
@@ -251,7 +251,7 @@ async def test_nasty_entries_fail_at_once_on_every_path(deps: Deps, path: str):
             deps, settings=msgspec.structs.replace(deps.settings, max_deliveries=1)
         )
         bad, good = bad + good, []
-    eng = make_engine(deps, None, None, extra=handlers.SPECS, consumer="me")
+    eng = make_engine(deps, None, None, handlers=handlers.SPECS, consumer="me")
 
     async def pending_count() -> int:
         return int((await deps.redis.xpending(stream, "workers"))["pending"])

@@ -52,7 +52,7 @@ async def test_a_paused_replica_changes_nothing_on_waking(deps: Deps, env_for):
 
         await eventually(all_started, timeout_s=30)
         paused.send_signal(signal.SIGSTOP)
-        taker = make_engine(deps, None, None, extra=fence_handlers.SPECS)
+        taker = make_engine(deps, None, None, handlers=fence_handlers.SPECS)
         async with running(taker):
 
             async def all_completed() -> bool:
@@ -272,7 +272,7 @@ async def test_a_skipped_redelivery_repairs_a_hash_left_running(deps: Deps):
     rec = await _recorder(deps, "dead-holder")
     await rec._send_scripts([rec._hash_cmd([_row(d1, "running")])])
     await deps.redis.rename(deps.keys.job("job-1"), deps.keys.job("done-1"))
-    async with running(make_engine(deps, None, None, extra=handlers.SPECS)):
+    async with running(make_engine(deps, None, None, handlers=handlers.SPECS)):
 
         async def repaired() -> bool:
             return await deps.redis.hget(deps.keys.job("done-1"), "status") == b"completed"
