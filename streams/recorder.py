@@ -81,8 +81,8 @@ class RecorderConfig:
     group: str
     worker_id: str
     keys: Keys
-    hash_ttl_s: int = 7 * 24 * 3600
-    dead_maxlen: int = 100_000
+    hash_ttl_s: int  # the engine's defaults live in EngineConfig
+    dead_maxlen: int
     max_batch: int = 2000
     max_backlog: int = 4000
     redis_timeout_s: float = 30.0

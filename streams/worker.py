@@ -142,7 +142,11 @@ class Engine:
             redis,
             pool,
             RecorderConfig(
-                config.group, config.consumer, config.keys, config.hash_ttl_s, config.dead_maxlen
+                group=config.group,
+                worker_id=config.consumer,
+                keys=config.keys,
+                hash_ttl_s=config.hash_ttl_s,
+                dead_maxlen=config.dead_maxlen,
             ),
             self.lease,
             self._superseded,

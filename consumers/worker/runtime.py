@@ -27,7 +27,7 @@ from jobstream.consumers.worker.tls import client_context, database_dsn, redis_t
 from jobstream.otel.metrics import MetricsHandle, setup_metrics
 from jobstream.otel.redact import remember_secrets
 from jobstream.otel.tracing import TracingHandle, setup_tracing
-from jobstream.streams import ConfigError, Engine, EngineConfig, Keys, Observer, Policy, Publisher
+from jobstream.streams import ConfigError, Engine, Keys, Observer, Policy, Publisher
 
 __all__ = [
     "connect",
@@ -154,24 +154,7 @@ def make_engine(
         if limit is not None:
             fields["concurrency"] = limit
         routes.append(spec.route(deps, Policy(**fields)))
-    config = EngineConfig(
-        consumer=consumer or consumer_name(s),
-        keys=deps.keys,
-        group=s.group,
-        block_ms=s.block_ms,
-        max_deliveries=s.max_deliveries,
-        max_payload_bytes=s.max_payload_bytes,
-        alive_ttl_ms=s.alive_ttl_ms,
-        reclaim_interval_s=s.reclaim_interval_s,
-        reclaim_ceiling_ms=s.reclaim_ceiling_ms,
-        trim_interval_s=s.trim_interval_s,
-        grace_s=s.shutdown_grace_s,
-        hash_ttl_s=s.hash_ttl_s,
-        dead_maxlen=s.dead_maxlen,
-        dead_max_age_s=s.dead_letter_max_age_s,
-        dead_max_bytes=s.dead_letter_max_bytes,
-        burst=burst,
-    )
+    config = s.engine_config(consumer=consumer or consumer_name(s), keys=deps.keys, burst=burst)
     return Engine(deps.redis, deps.pool, routes, config, observer)
 
 

@@ -5,19 +5,33 @@ No other module reads `os.environ`. `OTEL_*` is left to the OpenTelemetry SDK.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import urllib.parse
 from collections.abc import Mapping
+from typing import Annotated
 
 import msgspec
 
 from jobstream.otel.redact import redact_url, secrets_of_url
-from jobstream.streams import ConfigError
+from jobstream.streams import ConfigError, EngineConfig, Keys
 
 __all__ = ["Settings", "redact_url"]
 
 _PLAIN = {"redis_url", "database_url", "smtp_url"}  # names fixed by the contract
 _SECRET = ("redis_url", "database_url", "smtp_url")  # may carry passwords
+_ENGINE = EngineConfig(consumer="")  # the engine's defaults live there, once
+# Settings that the engine calls by another name; every other engine field shares its name.
+_ENGINE_NAME = {
+    "shutdown_grace_s": "grace_s",
+    "dead_letter_max_age_s": "dead_max_age_s",
+    "dead_letter_max_bytes": "dead_max_bytes",
+}
+
+# Single-field bounds, checked by msgspec, so an error names the variable at fault.
+AtLeast0 = Annotated[int, msgspec.Meta(ge=0)]
+AtLeast1 = Annotated[int, msgspec.Meta(ge=1)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
 
 
 def _env_name(field: str) -> str:
@@ -51,27 +65,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     smtp_url: str | None = None
     stream_prefix: str = "jobs:"
     job_prefix: str = "job:"
-    group: str = "workers"
+    group: str = _ENGINE.group
     consumer_name: str | None = None
-    concurrency: int | None = None
-    max_deliveries: int = 5
-    max_payload_bytes: int = 16 * 1024 * 1024
+    concurrency: AtLeast1 | None = None
+    max_deliveries: AtLeast1 = _ENGINE.max_deliveries
+    max_payload_bytes: int = _ENGINE.max_payload_bytes
     # Inbound mail and bounces (consumers/queues/processing.py, bounce.py).
-    max_inbound_bytes: int = 10 * 1024 * 1024
-    soft_bounce_limit: int = 3
-    soft_bounce_window_days: int = 7
-    parse_processes: int | None = None  # parser processes; default: the CPUs available
-    alive_ttl_ms: int = 10_000
-    reclaim_interval_s: float = 5.0
-    reclaim_ceiling_ms: int = 3_600_000
-    block_ms: int = 1000
-    shutdown_grace_s: float = 30.0
-    hash_ttl_s: int = 7 * 24 * 3600
-    dead_maxlen: int = 100_000
-    dead_letter_max_age_s: float = 30 * 86400
-    dead_letter_max_bytes: int = 256 * 1024 * 1024
-    trim_interval_s: float = 10.0
-    pg_pool_size: int = 20
+    max_inbound_bytes: AtLeast1 = 10 * 1024 * 1024
+    soft_bounce_limit: AtLeast1 = 3
+    soft_bounce_window_days: AtLeast1 = 7
+    parse_processes: AtLeast1 | None = None  # parser processes; default: the CPUs available
+    alive_ttl_ms: Annotated[int, msgspec.Meta(ge=100)] = _ENGINE.alive_ttl_ms
+    reclaim_interval_s: Positive = _ENGINE.reclaim_interval_s
+    reclaim_ceiling_ms: Annotated[int, msgspec.Meta(ge=1000)] = _ENGINE.reclaim_ceiling_ms
+    block_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = _ENGINE.block_ms
+    shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0)] = _ENGINE.grace_s
+    hash_ttl_s: int = _ENGINE.hash_ttl_s
+    dead_maxlen: AtLeast0 = _ENGINE.dead_maxlen
+    dead_letter_max_age_s: Positive = _ENGINE.dead_max_age_s
+    dead_letter_max_bytes: AtLeast0 = _ENGINE.dead_max_bytes
+    trim_interval_s: float = _ENGINE.trim_interval_s
+    pg_pool_size: Annotated[int, msgspec.Meta(ge=2)] = 20
     log_level: str = "INFO"
     policies: str = ""
     """JSON overriding queues' policies, e.g. `{"webhook": {"max_attempts": 12}}`."""
@@ -82,50 +96,34 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     # Outbound mail, warmup and webhooks (consumers/queues/sending.py, warmup.py, webhook.py).
     smtp_timeout_s: float = 30.0
     unsubscribe_url: str = "https://unsubscribe.invalid/one-click"
-    warmup_start_per_day: int = 5
+    warmup_start_per_day: AtLeast0 = 5
     warmup_step_per_day: int = 2
-    warmup_max_per_day: int = 40
+    warmup_max_per_day: AtLeast0 = 40
     warmup_spread_s: float | None = None  # spread a day's warmup over this; default: rest of day
-    warmup_max_bounce_rate: float = 0.05
+    warmup_max_bounce_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05
     warmup_min_sample: int = 20
     webhook_allow_private: bool = False
-    webhook_connect_timeout_s: float = 5.0
-    webhook_timeout_s: float = 15.0
+    webhook_connect_timeout_s: Positive = 5.0
+    webhook_timeout_s: Positive = 15.0
     webhook_max_response_bytes: int = 64 * 1024
 
     def __post_init__(self) -> None:
-        checks = {
-            "JOBSTREAM_MAX_DELIVERIES": self.max_deliveries >= 1,
-            "JOBSTREAM_CONCURRENCY": self.concurrency is None or self.concurrency >= 1,
-            "JOBSTREAM_ALIVE_TTL_MS": self.alive_ttl_ms >= 100,
-            "JOBSTREAM_RECLAIM_INTERVAL_S": self.reclaim_interval_s > 0,
-            "JOBSTREAM_RECLAIM_CEILING_MS": self.reclaim_ceiling_ms >= 1000,
-            "JOBSTREAM_SHUTDOWN_GRACE_S": self.shutdown_grace_s >= 0,
-            "JOBSTREAM_PG_POOL_SIZE": self.pg_pool_size >= 2,
-            "JOBSTREAM_DEAD_MAXLEN": self.dead_maxlen >= 0,
-            "JOBSTREAM_DEAD_LETTER_MAX_AGE_S": self.dead_letter_max_age_s > 0,
-            "JOBSTREAM_DEAD_LETTER_MAX_BYTES": self.dead_letter_max_bytes >= 0,
-            "JOBSTREAM_MAX_INBOUND_BYTES": self.max_inbound_bytes >= 1,
-            "JOBSTREAM_SOFT_BOUNCE_LIMIT": self.soft_bounce_limit >= 1,
-            "JOBSTREAM_SOFT_BOUNCE_WINDOW_DAYS": self.soft_bounce_window_days >= 1,
-            "JOBSTREAM_PARSE_PROCESSES": self.parse_processes is None or self.parse_processes >= 1,
+        checks = {  # the checks msgspec.Meta cannot express: formats and pairs of fields
             "REDIS_URL (redis://, rediss:// or unix://)": self.redis_url.startswith(
                 ("redis://", "rediss://", "unix://")
             ),
             "DATABASE_URL (postgresql:// or postgres://)": self.database_url.startswith(
                 ("postgresql://", "postgres://")
             ),
-            "JOBSTREAM_BLOCK_MS (1 to 60000)": 1 <= self.block_ms <= 60_000,
             "JOBSTREAM_LOG_LEVEL (DEBUG, INFO, WARNING or ERROR)": self.log_level.upper()
             in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
             "SMTP_URL": self.smtp_url is None or self.smtp_url.startswith(("smtp://", "smtps://")),
-            "JOBSTREAM_WARMUP_MAX_PER_DAY": 0
-            <= self.warmup_start_per_day
-            <= self.warmup_max_per_day,
-            "JOBSTREAM_WARMUP_MAX_BOUNCE_RATE": 0 <= self.warmup_max_bounce_rate <= 1,
-            "JOBSTREAM_WEBHOOK_TIMEOUT_S": 0
-            < self.webhook_connect_timeout_s
-            <= self.webhook_timeout_s,
+            "JOBSTREAM_WARMUP_START_PER_DAY (at most JOBSTREAM_WARMUP_MAX_PER_DAY)": (
+                self.warmup_start_per_day <= self.warmup_max_per_day
+            ),
+            "JOBSTREAM_WEBHOOK_CONNECT_TIMEOUT_S (at most JOBSTREAM_WEBHOOK_TIMEOUT_S)": (
+                self.webhook_connect_timeout_s <= self.webhook_timeout_s
+            ),
         }
         for name, url in (
             ("REDIS_URL", self.redis_url),
@@ -137,6 +135,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             if not ok:
                 raise ConfigError(f"invalid configuration: {name} is out of range or malformed")
         self.policy_overrides()
+
+    def engine_config(self, *, consumer: str, keys: Keys, burst: bool = False) -> EngineConfig:
+        """The engine's configuration: every engine field these settings hold, by keyword."""
+        fields = {_ENGINE_NAME.get(f, f): getattr(self, f) for f in _ENGINE_FIELDS}
+        return EngineConfig(consumer=consumer, keys=keys, burst=burst, **fields)
 
     def policy_overrides(self) -> dict[str, dict[str, float]]:
         """Queue → policy fields to override, from `JOBSTREAM_POLICIES`."""
@@ -176,3 +179,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             for f in self.__struct_fields__
         }
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+_ENGINE_FIELDS = tuple(
+    f for f in Settings.__struct_fields__
+    if _ENGINE_NAME.get(f, f) in {e.name for e in dataclasses.fields(EngineConfig)}
+)  # fmt: skip

@@ -113,7 +113,16 @@ def _result(entry_id: str, delivery: int, outcome: Outcome, attempt: int = 1) ->
 async def _recorder(deps: Deps, consumer: str) -> Recorder:
     lease = Lease(10)
     return Recorder(
-        deps.redis, deps.pool, RecorderConfig(deps.settings.group, consumer, deps.keys), lease
+        deps.redis,
+        deps.pool,
+        RecorderConfig(
+            group=deps.settings.group,
+            worker_id=consumer,
+            keys=deps.keys,
+            hash_ttl_s=deps.settings.hash_ttl_s,
+            dead_maxlen=deps.settings.dead_maxlen,
+        ),
+        lease,
     )
 
 
