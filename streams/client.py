@@ -16,6 +16,7 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
+from jobstream.schema.text import as_text
 from jobstream.streams.errors import PublishError
 from jobstream.streams.keys import Keys
 from jobstream.streams.publisher import Publisher
@@ -116,7 +117,7 @@ class Client:
         """The job's state now, or None when neither store knows it."""
         raw: Any = await self._redis.hgetall(self._keys.job(job_id))
         if raw:
-            view = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+            view = {as_text(k): as_text(v) for k, v in raw.items()}
             return JobState(
                 id=job_id,
                 queue=view.get("queue", ""),

@@ -8,7 +8,6 @@ No value is kept beyond `MAX_FIELD_BYTES`: a larger payload keeps its prefix wit
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import time
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from jobstream.schema.text import as_text
+from jobstream.schema.times import utc_iso
 from jobstream.streams.errors import PublishError
 from jobstream.streams.keys import Keys
 
@@ -68,13 +69,12 @@ def dead_fields(
 ) -> dict[Any, Any]:
     """The dead letter of an entry: its original fields (bounded) plus why and when it failed."""
     out = _bounded(fields)
-    stamp = dt.datetime.fromtimestamp(failed_at, dt.UTC).isoformat(timespec="milliseconds")
     out.update(
         {
             "reason": reason,
             "error": error[:4000],
             "attempts": str(attempts),
-            "failed_at": stamp.replace("+00:00", "Z"),
+            "failed_at": utc_iso(failed_at),
             "queue": queue,
             "job_id": job_id,
             "entry_id": entry_id,
@@ -112,7 +112,7 @@ def _decode(queue: str, entry: Any) -> DeadLetter:
     return DeadLetter(
         dead_id.decode(),
         queue,
-        {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()},
+        {as_text(k): as_text(v) for k, v in fields.items()},
     )
 
 
@@ -141,7 +141,7 @@ async def count_dead(
     n, start = 0, "-"
     while entries := await r.xrange(key, min=start, max=cutoff, count=1000):
         n += len(entries)
-        start = "(" + _id(entries[-1][0])
+        start = "(" + as_text(entries[-1][0])
     return n
 
 
@@ -172,13 +172,10 @@ _REPLAY_LUA = (
 _QUEUED_LUA = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == false or status == 'failed' then
-    redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', '1', 'error', '')
+    redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', '1', 'error', '',
+               'updated_at', ARGV[1])
 end
 """
-
-
-def _id(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 async def replay_dead(
@@ -208,10 +205,10 @@ async def replay_dead(
     )
     if entry_id is None:
         return None
-    entry = _id(entry_id)
+    entry = as_text(entry_id)
     # A worker may already have picked the new entry up: its own record then wins.
     await pool.execute(REPLAY_SQL, job_id, entry)
-    await r.register_script(_QUEUED_LUA)(keys=[keys.job(job_id)])
+    await r.register_script(_QUEUED_LUA)(keys=[keys.job(job_id)], args=[utc_iso(time.time())])
     return entry
 
 
@@ -233,7 +230,7 @@ async def replay_all(
     newest: Any = await r.xrevrange(key, count=1)
     if not newest:
         return 0, []
-    last, start, n, kept = _id(newest[0][0]), "-", 0, []
+    last, start, n, kept = as_text(newest[0][0]), "-", 0, []
     while entries := await r.xrange(key, min=start, max=last, count=500):
         for entry in entries:
             letter = _decode(queue, entry)
@@ -241,7 +238,7 @@ async def replay_all(
                 kept.append(letter.dead_id)
             elif await replay_dead(r, pool, keys, letter) is not None:
                 n += 1
-        start = "(" + _id(entries[-1][0])
+        start = "(" + as_text(entries[-1][0])
         if progress is not None:
             progress(n)
     return n, kept

@@ -30,6 +30,7 @@ from jobstream.schema.envelope import (
     safe_job_id,
     trace_context,
 )
+from jobstream.schema.text import as_text
 from jobstream.streams.errors import PermanentError, RetryableError
 from jobstream.streams.job import Delivery, Job, Outcome, Result
 from jobstream.streams.policy import Policy, backoff_s
@@ -86,7 +87,7 @@ def retry_fields(d: Delivery, job_id: str, attempt: int) -> dict[str, str]:
                 dropped += 1
                 continue
             extra += 1
-        out[k.decode(errors="replace")] = v.decode(errors="replace")
+        out[as_text(k)] = as_text(v)
     out["id"] = job_id
     out["attempt"] = str(attempt + 1)
     if dropped:

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobstream.schema.times import entry_parts
 from jobstream.streams.lease import clock
 
 __all__ = ["Delivery", "Job", "Outcome", "Result", "fence_of"]
@@ -17,11 +18,11 @@ def fence_of(entry_id: str, delivery_count: int) -> str:
     Fixed-width digits, so text order is numeric order in Lua, and PostgreSQL reads it
     as a number. A retry or a replay is a newer entry; a reclaim a newer delivery.
     """
-    ms, _, seq = entry_id.partition("-")
     try:
-        return f"{int(ms):020d}{int(seq or 0):020d}{delivery_count:010d}"
+        ms, seq = entry_parts(entry_id)
     except ValueError:  # not an entry ID: orders before any real one
         return "0" * 50
+    return f"{ms:020d}{seq:020d}{delivery_count:010d}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,8 @@ from opentelemetry import trace
 
 from jobstream.otel import inject, is_recording_enabled
 from jobstream.schema.envelope import job_id_problem
+from jobstream.schema.text import as_text
+from jobstream.schema.times import utc_iso
 from jobstream.streams.errors import PublishError
 from jobstream.streams.keys import Keys
 
@@ -143,7 +145,7 @@ class Publisher:
     ) -> None:
         pipe = self._redis.pipeline(transaction=False)
         due_ms = int((time.time() + delay_s) * 1000) if delay_s else None
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = utc_iso(time.time())
         for body, job_id in zip(bodies, ids, strict=True):
             fields: dict[str, str | bytes] = {"id": job_id, "payload": body, **context}
             if self._record_queued:  # before the entry exists, so it never hides a later status
@@ -153,10 +155,6 @@ class Publisher:
                 pipe.xadd(self._keys.stream(queue), fields)  # type: ignore[arg-type]
             else:
                 fields["attempt"] = "1"
-                member = msgspec.json.encode({k: _text(v) for k, v in fields.items()})
+                member = msgspec.json.encode({k: as_text(v) for k, v in fields.items()})
                 pipe.zadd(self._keys.delayed(queue), {member: due_ms})
         await pipe.execute()
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value

@@ -8,7 +8,6 @@ has committed (inv. 1). A failing hash write is logged and never fails a job (in
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import logging
 import math
@@ -25,6 +24,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from jobstream.schema.envelope import MAX_TIME_MS, enqueued_at_ms
+from jobstream.schema.text import as_text, clean_text
+from jobstream.schema.times import utc_iso
 from jobstream.streams.backoff import retry_until_done
 from jobstream.streams.dead_letters import dead_fields
 from jobstream.streams.job import Delivery, Outcome, Result
@@ -91,12 +92,7 @@ class RecorderConfig:
 def _iso(ts: float | None) -> str:
     if ts is None:
         return ""
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
-
-
-def _text(value: str | None) -> str | None:
-    """Text PostgreSQL accepts: no NUL characters."""
-    return value.replace("\x00", "\ufffd") if value and "\x00" in value else value
+    return utc_iso(ts)
 
 
 def _payload_text(payload: bytes | None) -> str | None:
@@ -482,7 +478,7 @@ class Recorder:
         if len(items) > _MAX_DEAD_FIELDS:  # the added fields come last: keep them
             dropped = len(items) - _MAX_DEAD_FIELDS
             items = [*items[: _MAX_DEAD_FIELDS - 8], *items[-7:], ("dropped_fields", dropped)]
-        return msgspec.json.encode([_str(x) for kv in items for x in kv])
+        return msgspec.json.encode([as_text(x) for kv in items for x in kv])
 
     async def _send_scripts(self, cmds: list[tuple[Any, ...]]) -> list[object]:
         """Send EVALSHA commands in one round trip, loading the scripts when Redis lacks
@@ -528,10 +524,6 @@ class Recorder:
         return out
 
 
-def _str(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def _order(item: Start | Result) -> tuple[str, bool]:
     """How far a record moves its job: delivery first, then an outcome over `running`."""
     return item.delivery.fence, isinstance(item, Result)
@@ -550,7 +542,7 @@ def _job_row(r: Result) -> JobRow:
     done = r.finished_at if r.outcome is not Outcome.RETRYING else None
     return JobRow(
         r.job_id, d.queue, _STATUS[r.outcome], _payload_text(r.payload), r.result_json,
-        _text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None, done,
+        clean_text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None, done,
         _time(r.retry_at), d.fence,
     )  # fmt: skip
 
@@ -568,7 +560,7 @@ def _view_row(r: Result) -> JobRow:
 def _exec_row(r: Result) -> ExecRow:
     d = r.delivery
     return ExecRow(
-        r.job_id, r.attempt, r.outcome.value, _text(r.error), r.duration_ms, r.started_at,
+        r.job_id, r.attempt, r.outcome.value, clean_text(r.error), r.duration_ms, r.started_at,
         r.finished_at, d.entry_id, d.delivery_count,
     )  # fmt: skip
 
@@ -594,7 +586,7 @@ def _minimal(row: JobRow, exc: Exception) -> None:
     """Reduce a row PostgreSQL refuses to what always stores: id, queue, `failed`, why."""
     why = f"job could not be recorded ({_first_line(exc)}); its outcome was {row.status}: "
     why += row.error or ""
-    row.status, row.error = Status.FAILED, _text(why[:4000])
+    row.status, row.error = Status.FAILED, clean_text(why[:4000])
     row.payload = row.result = None
     row.started_at = row.next_attempt_at = None
     row.completed_at = time.time()

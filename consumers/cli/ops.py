@@ -12,6 +12,8 @@ from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.health import read_report
 from jobstream.consumers.worker.registry import by_queue
 from jobstream.schema.payloads import PAYLOADS
+from jobstream.schema.text import as_text
+from jobstream.schema.times import entry_ms
 from jobstream.streams.lookup import find_waiting
 
 __all__ = ["health", "job_info", "queue_status"]
@@ -22,10 +24,6 @@ EXECUTIONS_SQL = (
     "SELECT attempt, outcome, error, duration_ms, worker_id, started_at, finished_at "
     "FROM job_executions WHERE job_id = $1 ORDER BY started_at, id"
 )
-
-
-def _text(value: Any) -> Any:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
 
 
 async def _stream_info(deps: Deps, queue: str) -> dict[str, Any]:
@@ -47,7 +45,7 @@ async def _stream_info(deps: Deps, queue: str) -> dict[str, Any]:
     except redis.exceptions.ResponseError:  # no such stream yet
         return info
     for g in groups:
-        if _text(g["name"]) != group:
+        if as_text(g["name"]) != group:
             continue
         info.update(
             pending=int(g["pending"]), lag=int(g.get("lag") or 0), consumers=int(g["consumers"])
@@ -55,7 +53,7 @@ async def _stream_info(deps: Deps, queue: str) -> dict[str, Any]:
         if info["pending"]:
             oldest = await r.xpending_range(stream, group, min="-", max="+", count=1)
             if oldest:
-                ms = int(_text(oldest[0]["message_id"]).partition("-")[0])
+                ms = entry_ms(as_text(oldest[0]["message_id"]))
                 info["oldest_pending_age_s"] = round(time.time() - ms / 1000, 1)
     return info
 
@@ -93,7 +91,7 @@ async def job_info(deps: Deps, job_id: str, scan_limit: int = 50_000) -> dict[st
     return {
         "job": dict(row) if row is not None else None,
         "executions": [dict(e) for e in execs],
-        "hash": {_text(k): _text(v) for k, v in hashed.items()},
+        "hash": {as_text(k): as_text(v) for k, v in hashed.items()},
         "waiting": waiting,
         "complete": complete,
     }
