@@ -92,6 +92,7 @@ class OtelObserver:
     def job_finished(self, queue: str, outcome: str, duration_s: float) -> None:
         key = (queue, outcome)
         self._processed[key] = self._processed.get(key, 0) + 1
+        # otel imports nothing of ours: the outcomes are the text of streams.status.Outcome
         if outcome == "skipped":  # acked as already completed: it never ran
             return
         attrs = self._bound.get(key)

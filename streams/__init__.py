@@ -14,12 +14,12 @@ from jobstream.streams.errors import (
     PublishError,
     RetryableError,
 )
-from jobstream.streams.job import Job
+from jobstream.streams.job import Job, Result
 from jobstream.streams.keys import Keys, check_queue_name
 from jobstream.streams.observe import NullObserver, Observer
 from jobstream.streams.policy import Policy, backoff_s
 from jobstream.streams.publisher import Publisher, new_job_id
-from jobstream.streams.status import TERMINAL, Status
+from jobstream.streams.status import TERMINAL, Outcome, Reason, Status
 from jobstream.streams.trimmer import trim
 from jobstream.streams.worker import Engine, EngineConfig
 
@@ -37,10 +37,13 @@ __all__ = [
     "Keys",
     "NullObserver",
     "Observer",
+    "Outcome",
     "PermanentError",
     "Policy",
     "PublishError",
     "Publisher",
+    "Reason",
+    "Result",
     "RetryableError",
     "Route",
     "Status",

@@ -22,6 +22,7 @@ from jobstream.schema.text import as_text
 from jobstream.schema.times import utc_iso
 from jobstream.streams.errors import PublishError
 from jobstream.streams.keys import Keys
+from jobstream.streams.status import Status
 
 __all__ = ["PayloadLike", "Publisher", "new_job_id"]
 
@@ -149,7 +150,12 @@ class Publisher:
         for body, job_id in zip(bodies, ids, strict=True):
             fields: dict[str, str | bytes] = {"id": job_id, "payload": body, **context}
             if self._record_queued:  # before the entry exists, so it never hides a later status
-                status = {"status": "queued", "queue": queue, "attempt": 1, "updated_at": now}
+                status = {
+                    "status": Status.QUEUED.value,
+                    "queue": queue,
+                    "attempt": 1,
+                    "updated_at": now,
+                }
                 pipe.hset(self._keys.job(job_id), mapping=status)  # type: ignore[arg-type]
             if due_ms is None:
                 pipe.xadd(self._keys.stream(queue), fields)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ has committed (inv. 1). A failing hash write is logged and never fails a job (in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
@@ -28,11 +29,11 @@ from jobstream.schema.text import as_text, clean_text
 from jobstream.schema.times import utc_iso
 from jobstream.streams.backoff import retry_until_done
 from jobstream.streams.dead_letters import dead_fields
-from jobstream.streams.job import Delivery, Outcome, Result
+from jobstream.streams.job import Delivery, Result
 from jobstream.streams.keys import Keys
 from jobstream.streams.lease import Lease
 from jobstream.streams.pg_store import ExecRow, JobRow, write_batch
-from jobstream.streams.status import TERMINAL, Status
+from jobstream.streams.status import TERMINAL, Outcome, Reason, Status
 
 __all__ = ["Recorder", "RecorderConfig", "Start"]
 
@@ -125,7 +126,8 @@ class Recorder:
         acked, or left to its new holder), never while it waits to be re-sent."""
         self._redis = redis
         self._on_done = on_done
-        self._later: dict[int, Result] = {}  # waiting to be re-sent, by id()
+        # Waiting to be re-sent, by id() of what was handed over: (that, what is re-sent).
+        self._later: dict[int, tuple[Result, Result]] = {}
         self._pool = pool
         self._cfg = config
         self._lease = lease
@@ -176,7 +178,7 @@ class Recorder:
 
     def entry_ids(self) -> set[str]:
         """Entries whose records are waiting, being written or to be re-sent (not acked)."""
-        items = (*self._batch, *self._pending, *self._later.values())
+        items = (*self._batch, *self._pending, *(resend for _, resend in self._later.values()))
         return {item.delivery.entry_id for item in items}
 
     def started(self, start: Start) -> None:
@@ -404,16 +406,18 @@ class Recorder:
             retry += self._unsettled(rs, reply)
         if retry:  # inv. 1: kept unacked; PostgreSQL already has them, so no second row
             for r in retry:
-                r.executed = False
                 self._settle_later(r)
 
     def _settle_later(self, r: Result) -> None:
-        """Settle `r` again in 1 s; its entry stays held by this process meanwhile."""
-        self._later[id(r)] = r
+        """Settle `r` again in 1 s; its entry stays held by this process meanwhile.
+
+        `r` stays referenced until then, so no other Result takes its id().
+        """
+        self._later[id(r)] = (r, dataclasses.replace(r, executed=False))
 
         def again() -> None:
-            self._later.pop(id(r), None)
-            self.settle(r)
+            _, resend = self._later.pop(id(r))
+            self.settle(resend)
 
         asyncio.get_running_loop().call_later(1.0, again)
 
@@ -469,7 +473,7 @@ class Recorder:
             queue=d.queue,
             job_id=r.job_id,
             entry_id=d.entry_id,
-            reason=r.reason or "failed",
+            reason=r.reason or Reason.PERMANENT,  # every failed Result has its reason
             error=r.error or "",
             attempts=r.attempt,
             failed_at=r.finished_at or time.time(),
@@ -607,6 +611,8 @@ def _after_fallback(
         if error is None:
             continue
         if r.outcome in (Outcome.COMPLETED, Outcome.RETRYING):
-            r.outcome, r.reason, r.error, r.retry_at = Outcome.FAILED, "unrecordable", error, None
+            r = dataclasses.replace(
+                r, outcome=Outcome.FAILED, reason=Reason.UNRECORDABLE, error=error, retry_at=None
+            )
         kept.append(r)
     return [row for row in jobs if fallen.get(row.id, "") is not None], kept

@@ -32,13 +32,14 @@ from jobstream.streams.dispatch import (
     prepare,
     trace_invalid,
 )
-from jobstream.streams.job import Delivery, Job, Outcome, Result
+from jobstream.streams.job import Delivery, Job, Result
 from jobstream.streams.keys import Keys
 from jobstream.streams.lease import Lease, clock
 from jobstream.streams.observe import NullObserver, Observer
 from jobstream.streams.pg_store import JobRow, fetch_statuses
 from jobstream.streams.reclaimer import Pending, Reclaimer
 from jobstream.streams.recorder import Recorder, RecorderConfig, Start
+from jobstream.streams.status import TERMINAL, Reason
 from jobstream.streams.trimmer import DeadLetterCaps, DeadLetterTrimmer, trim
 
 __all__ = ["Engine", "EngineConfig"]
@@ -47,7 +48,6 @@ logger = logging.getLogger(__name__)
 job_log = logging.getLogger("streams.jobs")
 _CONN_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 _STORE_ERRORS = (*_CONN_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
-_TERMINAL = frozenset({"completed", "failed"})  # failed: dead-lettered when it was recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -518,20 +518,17 @@ class Engine:
             return
         for job_id, d in zip(ids, batch, strict=True):
             row = statuses.get(job_id)
-            if row is not None and row.status in _TERMINAL:  # over: its outcome is recorded
-                now = time.time()
-                skip = Result(
-                    d, job_id, 0, Outcome.SKIPPED, started_at=now, finished_at=now, executed=False
-                )
-                skip.view = row  # a crash between commit and hash may have left it `running`
-                self._settle(skip)
+            # Over: its outcome is recorded (failed: dead-lettered when it was recorded).
+            if row is not None and row.status in TERMINAL:
+                # a crash between commit and hash may have left the hash `running`
+                self._settle(Result.skipped(d, job_id, row, time.time()))
             elif d.delivery_count > self.cfg.max_deliveries:
                 res = invalid_result(
                     d,
                     f"delivered {d.delivery_count} times, more than max_deliveries "
                     f"{self.cfg.max_deliveries}: the job keeps crashing its worker",
+                    reason=Reason.DELIVERIES,
                 )
-                res.reason = "deliveries"
                 self._settle(res)
             elif alone:
                 lane.spawn(self._process(lane, d), d)

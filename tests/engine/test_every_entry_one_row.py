@@ -21,7 +21,8 @@ from jobstream.schema.payloads import AnalyticsEvent
 from jobstream.streams import Job, Policy, Publisher, PublishError, RetryableError, Route
 from jobstream.streams.dead_letters import dead_fields
 from jobstream.streams.dispatch import invalid_result, prepare, retry_fields, trace_invalid
-from jobstream.streams.job import Delivery, Outcome, Result
+from jobstream.streams.job import Delivery, Result
+from jobstream.streams.status import Outcome
 from tests import handlers
 from tests.helpers import eventually, running
 

@@ -14,10 +14,11 @@ import pytest
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import make_engine
 from jobstream.streams import Publisher
-from jobstream.streams.job import Delivery, Outcome, Result
+from jobstream.streams.job import Delivery, Job, Result
 from jobstream.streams.lease import Lease
 from jobstream.streams.pg_store import ExecRow, JobRow, write_batch
 from jobstream.streams.recorder import Recorder, RecorderConfig
+from jobstream.streams.status import Outcome, Reason
 from tests import fence_handlers
 from tests.handlers import Work, executions_key
 from tests.helpers import eventually, running
@@ -101,12 +102,21 @@ async def test_a_paused_replica_changes_nothing_on_waking(deps: Deps, env_for):
 
 def _result(entry_id: str, delivery: int, outcome: Outcome, attempt: int = 1) -> Result:
     d = Delivery("q", entry_id, {b"id": b"job-1", b"payload": b"{}"}, delivery)
+    job = Job("job-1", "q", attempt, entry_id, 0, delivery)
     now = time.time()
-    return Result(
-        d, "job-1", attempt, outcome, payload=b"{}", error=None if outcome == "completed"
-        else "boom", started_at=now, finished_at=now, duration_ms=3,
-        retry_at=now + 60 if outcome is Outcome.RETRYING else None,
-        retry_fields={"id": "job-1", "payload": "{}", "attempt": str(attempt + 1)},
+    if outcome is Outcome.COMPLETED:
+        return Result.completed(
+            d, job, payload=b"{}", result_json=None, started_at=now, finished_at=now, duration_ms=3
+        )
+    if outcome is Outcome.RETRYING:
+        return Result.retry(
+            d, job, payload=b"{}", error="boom", exception=RuntimeError("boom"),
+            started_at=now, finished_at=now, duration_ms=3, retry_at=now + 60,
+            retry_fields={"id": "job-1", "payload": "{}", "attempt": str(attempt + 1)},
+        )  # fmt: skip
+    return Result.failed(
+        d, "job-1", attempt, reason=Reason.EXHAUSTED, error="boom", payload=b"{}",
+        started_at=now, finished_at=now, duration_ms=3,
     )  # fmt: skip
 
 
