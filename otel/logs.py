@@ -20,6 +20,7 @@ from opentelemetry import trace
 from jobstream.otel.redact import scrub
 
 __all__ = [
+    "JOB_FIELDS",
     "JsonFormatter",
     "LogFormat",
     "TextFormatter",
@@ -89,8 +90,13 @@ class TextFormatter(logging.Formatter):
         return escape_controls(line)
 
 
+# Fields a record may carry as `extra=` (the worker's job lines do), written as JSON fields.
+JOB_FIELDS = ("job", "queue", "attempt", "outcome", "duration_ms", "error")
+
+
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, trace_id, span_id[, exception]."""
+    """One JSON object per line: time, level, logger, message, trace_id, span_id, the job's
+    fields when the record carries them (`JOB_FIELDS`)[, exception]."""
 
     def format(self, record: logging.LogRecord) -> str:
         when = dt.datetime.fromtimestamp(record.created, dt.UTC)
@@ -102,6 +108,10 @@ class JsonFormatter(logging.Formatter):
             "trace_id": getattr(record, "trace_id", "") or None,
             "span_id": getattr(record, "span_id", "") or None,
         }
+        for name in JOB_FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                out[name] = scrub(value) if isinstance(value, str) else value
         if record.exc_info:
             out["exception"] = scrub(self.formatException(record.exc_info))
         elif record.exc_text:

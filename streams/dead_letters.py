@@ -21,6 +21,7 @@ import redis.asyncio as aioredis
 from jobstream.schema.text import as_text
 from jobstream.schema.times import utc_iso
 from jobstream.streams.errors import PublishError
+from jobstream.streams.job import fence_of
 from jobstream.streams.keys import Keys
 
 __all__ = [
@@ -160,21 +161,61 @@ async def purge_dead(
     return before - int(await r.xlen(key))
 
 
+# Before the entry is published, the row says `queued` under the replay's fence (its time,
+# delivery 0), below every delivery of the new entry: so its worker's writes, which may come
+# before this function returns, always win. The old values come back for an undo.
 REPLAY_SQL = """
-UPDATE jobs SET status = 'queued', error = NULL, next_attempt_at = NULL, updated_at = now(),
-                stream_entry_id = $2
-WHERE id = $1 AND stream_entry_id IS DISTINCT FROM $2
+WITH old AS (
+    SELECT id, status, error, next_attempt_at, fence FROM jobs WHERE id = $1 FOR UPDATE
+)
+UPDATE jobs AS j
+SET status = 'queued', error = NULL, next_attempt_at = NULL, updated_at = now(),
+    fence = $2::text::numeric
+FROM old
+WHERE j.id = old.id AND (old.fence IS NULL OR old.fence < $2::text::numeric)
+RETURNING old.status, old.error, old.next_attempt_at, old.fence::text AS fence
+"""
+# Then the row learns the new entry, unless its worker has written since.
+REPLAYED_SQL = """
+UPDATE jobs SET stream_entry_id = $3 WHERE id = $1 AND fence = $2::text::numeric
+"""
+# Or, when the letter was gone after all, the row gets back what it said.
+UNDO_SQL = """
+UPDATE jobs SET status = $3, error = $4, next_attempt_at = $5, fence = $6::text::numeric,
+                updated_at = now()
+WHERE id = $1 AND fence = $2::text::numeric
 """
 _REPLAY_LUA = (
     resources.files("jobstream.streams.lua").joinpath("replay.lua").read_text(encoding="utf-8")
 )
-# The hash says `queued` unless a worker already recorded the replayed attempt.
+# The hash says `queued`, fenced like every other hash write (sethash.lua): written before
+# the entry is published, with the fence of the replay's time and delivery 0, so every
+# write of the worker that runs the new entry is newer and is never undone by this one.
 _QUEUED_LUA = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if status == false or status == 'failed' then
-    redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', '1', 'error', '',
-               'updated_at', ARGV[1])
+local cur = redis.call('HMGET', KEYS[1], 'fence', 'rank', 'status', 'attempt', 'error')
+if cur[1] and cur[1] >= ARGV[1] then
+    return false
 end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', '1', 'error', '', 'fence', ARGV[1],
+           'rank', '0', 'updated_at', ARGV[2])
+return cur
+"""
+# The letter was gone after all (replayed or purged meanwhile): put back what the hash said,
+# unless something newer was written since.
+_UNDO_LUA = """
+if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then
+    return 0
+end
+local names = {'fence', 'rank', 'status', 'attempt', 'error'}
+for i = 1, 5 do
+    local value = ARGV[i + 1]
+    if value == '' then
+        redis.call('HDEL', KEYS[1], names[i])
+    else
+        redis.call('HSET', KEYS[1], names[i], value)
+    end
+end
+return 1
 """
 
 
@@ -198,17 +239,26 @@ async def replay_dead(
     fields["attempt"] = "1"
     job_id = letter.fields.get("job_id") or fields.get("id") or letter.dead_id
     fields["id"] = job_id
+    seconds, micros = await r.time()  # the new entry's ID is at least this (Redis's clock)
+    fence = fence_of(f"{seconds * 1000 + micros // 1000}-0", 0)
+    hashed = keys.job(job_id)
+    row = await pool.fetchrow(REPLAY_SQL, job_id, fence)
+    now = utc_iso(seconds + micros / 1e6)
+    before = await r.register_script(_QUEUED_LUA)(keys=[hashed], args=[fence, now])
     move = r.register_script(_REPLAY_LUA)
     entry_id = await move(
         keys=[keys.dead(letter.queue), keys.stream(letter.queue)],
         args=[letter.dead_id, *(x for pair in fields.items() for x in pair)],
     )
     if entry_id is None:
+        if before is not None:
+            undo = [as_text(v) if v is not None else "" for v in before]
+            await r.register_script(_UNDO_LUA)(keys=[hashed], args=[fence, *undo])
+        if row is not None:
+            await pool.execute(UNDO_SQL, job_id, fence, *row.values())
         return None
     entry = as_text(entry_id)
-    # A worker may already have picked the new entry up: its own record then wins.
-    await pool.execute(REPLAY_SQL, job_id, entry)
-    await r.register_script(_QUEUED_LUA)(keys=[keys.job(job_id)], args=[utc_iso(time.time())])
+    await pool.execute(REPLAYED_SQL, job_id, fence, entry)
     return entry
 
 

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
+import socket
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -32,6 +34,7 @@ from jobstream.streams.dispatch import (
     prepare,
     trace_invalid,
 )
+from jobstream.streams.heartbeat import heartbeat_value
 from jobstream.streams.job import Delivery, Job, Result
 from jobstream.streams.keys import Keys
 from jobstream.streams.lease import Lease, clock
@@ -579,9 +582,14 @@ class Engine:
         """One line when a job starts and one when it ends (inside its span, if traced)."""
         if not job_log.isEnabledFor(logging.INFO):
             return
+        fields = {"job": job.id, "queue": job.queue, "attempt": job.attempt}
         if res is None:
-            job_log.info("job started job=%s queue=%s attempt=%d", job.id, job.queue, job.attempt)
+            job_log.info("job started job=%s queue=%s attempt=%d", job.id, job.queue, job.attempt,
+                         extra=fields)  # fmt: skip
             return
+        fields.update(outcome=res.outcome.value, duration_ms=res.duration_ms)
+        if res.error:
+            fields["error"] = res.error
         job_log.info(
             "job %s job=%s queue=%s attempt=%d duration_ms=%d%s",
             res.outcome.value,
@@ -590,6 +598,7 @@ class Engine:
             job.attempt,
             res.duration_ms,
             f" error={res.error}" if res.error else "",
+            extra=fields,
         )
 
     def _settle(self, res: Result) -> None:
@@ -607,10 +616,22 @@ class Engine:
         return other is not None and other is not d and other.delivery_count >= count
 
     # ---- maintenance loops ------------------------------------------------------------
+    def _beat(self) -> bytes:
+        """The heartbeat's value: when, which process, and how much it runs now (read by
+        `jobstream workers`; other readers only ask whether the key exists)."""
+        lanes = self.lanes.values()
+        return heartbeat_value(
+            at=time.time(),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            queues=sorted(self.lanes),
+            in_flight=sum(len(lane.running) for lane in lanes),
+        )
+
     async def _heartbeat(self) -> None:
         sent_at = clock()  # the key's TTL starts when Redis runs the SET, after this
         await self.redis.set(
-            self.cfg.keys.alive(self.cfg.consumer), str(time.time()), px=self.cfg.alive_ttl_ms
+            self.cfg.keys.alive(self.cfg.consumer), self._beat(), px=self.cfg.alive_ttl_ms
         )
         self.lease.renewed(sent_at)
         self.heartbeat_at = time.time()

@@ -8,6 +8,7 @@ tracer they see, so the same provider is installed again each time.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -306,3 +307,13 @@ def work_publisher(deps: Deps) -> Publisher:
 def with_settings(deps: Deps, **settings: Any) -> Deps:
     """The same connections under changed settings (another consumer name, say)."""
     return dataclasses.replace(deps, settings=msgspec.structs.replace(deps.settings, **settings))
+
+
+def leaf_commands(parser: argparse.ArgumentParser, path: str = "") -> dict[str, Any]:
+    """Every leaf command of a parser by its words (`worker`, `dlq list`, `mailbox add` ...)."""
+    out: dict[str, Any] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                out |= leaf_commands(child, f"{path}{name} ") or {f"{path}{name}": child}
+    return out

@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import re
+import signal
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import asyncpg
 
 from jobstream.consumers.cli import commands_mail, ops
-from jobstream.consumers.cli.render import render_json, render_table
+from jobstream.consumers.cli.render import (
+    Progress,
+    render_json,
+    render_json_line,
+    render_rows,
+    render_table,
+)
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import connect, run_worker, service_version
 from jobstream.consumers.worker.settings import Settings
@@ -62,19 +72,26 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         mail = await commands_mail.run(args, deps)
         if mail is not None:
             return mail
-        if args.command == "publish":
-            return await _publish(deps, args)
-        if args.command == "status":
-            return await _status(deps, args.json)
-        if args.command == "job":
-            return await _job(deps, args.job_id, args.json)
-        if args.command == "dlq":
-            return await _dlq(deps, args)
-        if args.command == "health":
-            problem = await ops.health(deps, args.consumer)
-            print(problem or "ok")
-            return 1 if problem else 0
+        command = _WITH_DEPS.get(args.command)
+        if command is not None:
+            return await command(deps, args)
     raise ConfigError(f"unknown command {args.command}")
+
+
+async def _health(deps: Deps, args: argparse.Namespace) -> int:
+    problem = await ops.health(deps, args.consumer)
+    print(problem or "ok")
+    return 1 if problem else 0
+
+
+_WITH_DEPS: dict[str, Callable[[Deps, argparse.Namespace], Awaitable[int]]] = {
+    "publish": lambda deps, a: _publish(deps, a),
+    "status": lambda deps, a: _status(deps, a.json, a.watch),
+    "workers": lambda deps, a: _workers(deps, a.json),
+    "job": lambda deps, a: _job(deps, a.job_id, a.json),
+    "dlq": lambda deps, a: _dlq(deps, a),
+    "health": lambda deps, a: _health(deps, a),
+}
 
 
 async def _remember_relays(deps: Deps) -> None:
@@ -113,11 +130,29 @@ async def _migrate(settings: Settings) -> int:
     return 0
 
 
-async def _status(deps: Deps, as_json: bool) -> int:
-    rows = await ops.queue_status(deps)
-    if as_json:
-        print(render_json(rows))
+async def _status(deps: Deps, as_json: bool, watch_s: float | None) -> int:
+    if watch_s is None:
+        print(await _status_text(deps, render_json if as_json else None))
         return 0
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() and not as_json else ""
+    task = asyncio.current_task()
+    if task is not None:  # SIGTERM ends the watch like Ctrl-C: exit 0
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        while True:  # until interrupted: Ctrl-C or SIGTERM ends it with exit 0
+            text = await _status_text(deps, render_json_line if as_json else None)
+            stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+            print(text if as_json else f"{clear}{stamp}  (every {watch_s:g}s)\n{text}\n",
+                  flush=True)  # fmt: skip
+            await asyncio.sleep(watch_s)
+    except asyncio.CancelledError:
+        return 0
+
+
+async def _status_text(deps: Deps, as_json: Callable[[Any], str] | None) -> str:
+    rows = await ops.queue_status(deps)
+    if as_json is not None:
+        return as_json(rows)
     for r in rows:
         jobs = r["jobs"]
         r["jobs"] = " ".join(f"{k}={v}" for k, v in sorted(jobs.items())) or "-"
@@ -128,12 +163,26 @@ async def _status(deps: Deps, as_json: bool) -> int:
         "pending",
         "lag",
         "consumers",
+        "stale_consumers",
         "oldest_pending_s",
         "delayed",
         "dead",
         "jobs",
     ]
-    print(render_table(rows, columns))
+    return render_table(rows, columns)
+
+
+async def _workers(deps: Deps, as_json: bool) -> int:
+    rows = await ops.workers(deps)
+    if as_json:
+        print(render_json(rows))
+        return 0
+    for r in rows:
+        r["state"] = "live" if r.pop("live") else "stale"
+        r["queues"] = ",".join(r["queues"]) or "-"
+    columns = ["consumer", "state", "heartbeat_age_s", "in_flight", "pending", "idle_s",
+               "queues", "host", "pid"]  # fmt: skip
+    print(render_rows([{c: r.get(c) for c in columns} for r in rows]))
     return 0
 
 
@@ -184,9 +233,10 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
     r, keys = deps.redis, deps.keys
     queues = await _dlq_queues(deps, args)
     if args.dlq == "list":
-        rows = []
+        rows, letters = [], []
         for queue in [args.queue] if args.queue else queues:
             for letter in await list_dead(r, keys, queue, args.count):
+                letters.append(letter)
                 f = letter.fields
                 rows.append(
                     {
@@ -199,6 +249,11 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
                         "error": (f.get("error") or "")[:80],
                     }
                 )
+        if args.json:
+            for row, letter in zip(rows, letters, strict=True):
+                row["error"] = letter.fields.get("error")
+            print(scrub(render_json(rows)))
+            return 0
         columns = ["dead_id", "queue", "job_id", "reason", "attempts", "failed_at", "error"]
         print(scrub(render_table(rows, columns)))
         return 0
@@ -270,7 +325,11 @@ async def _replay(deps: Deps, args: argparse.Namespace) -> int:
 
 async def _replay_all(deps: Deps, queue: str) -> int:
     """Replay the letters present now, oldest first, each once; cut ones stay."""
-    replayed, kept = await replay_all(deps.redis, deps.pool, deps.keys, queue)
+    progress = Progress(
+        f"replaying dead letters of {queue}", await count_dead(deps.redis, deps.keys, queue)
+    )
+    replayed, kept = await replay_all(deps.redis, deps.pool, deps.keys, queue, progress.update)
+    progress.finish()
     print(f"replayed {replayed} dead letters of {queue}")
     if kept:
         ids = ", ".join(kept[:10])

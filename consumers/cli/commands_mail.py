@@ -7,7 +7,7 @@ import datetime as dt
 import sys
 from typing import Any
 
-from jobstream.consumers.cli.render import render_rows
+from jobstream.consumers.cli.render import Progress, render_json, render_rows
 from jobstream.consumers.store import mailboxes, webhooks
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.settings import redact_url
@@ -37,7 +37,9 @@ def add_parsers(sub: Any) -> None:
     add.add_argument("--daily-limit", type=int, default=500, help="0: no limit")
     add.add_argument("--per-minute-limit", type=int, default=20, help="0: no limit")
     add.add_argument("--warmup", action="store_true", help="warm it up, starting today")
-    mb.add_parser("list", help="all mailboxes (relay passwords hidden)")
+    mb.add_parser("list", help="all mailboxes (relay passwords hidden)").add_argument(
+        "--json", action="store_true", help="one JSON document"
+    )
     for name, text in (("pause", "stop sending from it"), ("resume", "send from it again")):
         mb.add_parser(name, help=text).add_argument("mailbox_id")
     wu = mb.add_parser("warmup", help="turn a mailbox's warmup on or off")
@@ -50,7 +52,9 @@ def add_parsers(sub: Any) -> None:
     wa = wh.add_parser("add", help="register an endpoint; prints its secret once")
     wa.add_argument("url")
     wa.add_argument("--events", nargs="+", metavar="TYPE", help="event types (default: all)")
-    wh.add_parser("list", help="all endpoints (secrets never shown)")
+    wh.add_parser("list", help="all endpoints (secrets never shown)").add_argument(
+        "--json", action="store_true", help="one JSON document"
+    )
     wh.add_parser("disable", help="stop deliveries to an endpoint").add_argument("endpoint_id")
 
     warm = sub.add_parser("warmup", help="warmup scheduling").add_subparsers(
@@ -67,20 +71,32 @@ async def run(args: argparse.Namespace, deps: Deps) -> int | None:
     if args.command == "webhook":
         return await _webhook(args, deps)
     if args.command == "warmup":
-        ids = await schedule_warmup(deps, args.day)
+        ids = await schedule_warmup(deps, args.day, progress=True)
         print(f"published {len(ids)} warmup jobs")
         return 0
     return None
 
 
-async def schedule_warmup(deps: Deps, day: dt.date | None = None) -> list[str]:
-    """Publish one `warmup` job per enabled mailbox for `day`; the job ids are per mailbox
-    and day, so a cron entry that fires twice plans nothing twice."""
+async def schedule_warmup(
+    deps: Deps, day: dt.date | None = None, *, progress: bool = False, chunk: int = 500
+) -> list[str]:
+    """Publish one `warmup` job per enabled mailbox for `day`, `chunk` per round trip
+    (`progress`: say how far on stderr); the job ids are per mailbox and day, so a cron
+    entry that fires twice plans nothing twice."""
     when = day or dt.datetime.now(dt.UTC).date()
     ids = [r["id"] for r in await deps.pool.fetch(ENABLED_SQL)]
-    jobs = [RunWarmup(mailbox_id=i, day=when) for i in ids]
-    job_ids = [f"warmup-day:{i[:150]}:{when.isoformat()}" for i in ids]
-    return await deps.publisher.publish_many("warmup", jobs, job_ids) if jobs else []
+    shown = Progress("publishing warmup jobs", len(ids)) if progress else None
+    published: list[str] = []
+    for i in range(0, len(ids), chunk):
+        part = ids[i : i + chunk]
+        jobs = [RunWarmup(mailbox_id=m, day=when) for m in part]
+        job_ids = [f"warmup-day:{m[:150]}:{when.isoformat()}" for m in part]
+        published += await deps.publisher.publish_many("warmup", jobs, job_ids)
+        if shown is not None:
+            shown.update(len(published))
+    if shown is not None:
+        shown.finish()
+    return published
 
 
 async def _mailbox(args: argparse.Namespace, deps: Deps) -> int:
@@ -102,7 +118,8 @@ async def _mailbox(args: argparse.Namespace, deps: Deps) -> int:
         print(render_rows([box.public()]))
         return 0
     if args.mailbox == "list":
-        print(render_rows([b.public() for b in await mailboxes.list_mailboxes(pool)]))
+        boxes = [b.public() for b in await mailboxes.list_mailboxes(pool)]
+        print(render_json(boxes) if args.json else render_rows(boxes))
         return 0
     if args.mailbox == "warmup":
         found = await mailboxes.set_warmup(pool, args.mailbox_id, args.state == "on")
@@ -126,8 +143,9 @@ async def _webhook(args: argparse.Namespace, deps: Deps) -> int:
         rows = await webhooks.list_endpoints(deps.pool)
         for r in rows:
             r["url"] = redact_url(r["url"])
-            r["event_types"] = ",".join(r["event_types"])
-        print(render_rows(rows))
+            if not args.json:
+                r["event_types"] = ",".join(r["event_types"])
+        print(render_json(rows) if args.json else render_rows(rows))
         return 0
     if not await webhooks.disable_endpoint(deps.pool, args.endpoint_id, "disabled by an operator"):
         raise ConfigError(f"no active webhook endpoint {args.endpoint_id}")

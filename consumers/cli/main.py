@@ -1,15 +1,16 @@
-"""The `jobstream` command line: worker, migrate, publish, status, job, dlq, health, schema,
-demo, mailbox, webhook and warmup."""
+"""The `jobstream` command line: worker, migrate, publish, status, workers, job, dlq, health,
+schema, demo, mailbox, webhook and warmup."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import asyncpg
 import redis.exceptions
@@ -38,6 +39,18 @@ def _positive(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds from 0.1 to 3600, not {text!r}"
+        )
+    return value
+
+
 def _port(text: str) -> int:
     value = int(text) if text.isdigit() else 0
     if not 1 <= value <= 65535:
@@ -45,15 +58,45 @@ def _port(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="jobstream", description=__doc__)
-    p.add_argument(
+def _version() -> str:
+    try:
+        return importlib.metadata.version("jobstream")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown"
+
+
+def _log_level(parser: argparse.ArgumentParser, default: Any) -> None:
+    parser.add_argument(
         "--log-level",
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="DEBUG, INFO, WARNING or ERROR (default: INFO)",
+        default=default,
+        help="DEBUG, INFO, WARNING or ERROR (default: JOBSTREAM_LOG_LEVEL, else INFO)",
     )
+
+
+def _every_command(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """The parser's subcommand parsers, at every depth."""
+    found = []
+    for action in parser._actions:  # argparse has no public walk over its subparsers
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_every_command(child)]
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="jobstream", description=__doc__)
+    p.add_argument("--version", action="version", version=f"jobstream {_version()}")
+    _log_level(p, None)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_commands(sub)
+    for child in _every_command(p):  # `jobstream status --log-level DEBUG` works too
+        _log_level(child, argparse.SUPPRESS)
+    return p
+
+
+def _add_commands(sub: Any) -> None:
 
     w = sub.add_parser("worker", help="run a worker replica until SIGTERM/SIGINT")
     w.add_argument("--queues", nargs="+", metavar="Q", help="queues to serve (default: all)")
@@ -73,7 +116,18 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--delay", type=float, help="run it after this many seconds")
 
     st = sub.add_parser("status", help="per-queue stream and job counts")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="one JSON document")
+    st.add_argument(
+        "--watch",
+        type=_seconds,
+        nargs="?",
+        const=2.0,
+        metavar="SECONDS",
+        help="print it again every SECONDS (default 2) until interrupted",
+    )
+
+    wk = sub.add_parser("workers", help="consumers: live or stale, heartbeat age, jobs held")
+    wk.add_argument("--json", action="store_true", help="one JSON document")
 
     job = sub.add_parser("job", help="one job: its row, executions and hash")
     job.add_argument("job_id")
@@ -82,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     dlq = sub.add_parser("dlq", help="dead letters").add_subparsers(dest="dlq", required=True)
     dl = dlq.add_parser("list", help="newest dead letters")
     dl.add_argument("queue", nargs="?")
-    dl.add_argument("--count", type=_positive, default=20)
+    dl.add_argument("--count", type=_positive, default=20, help="per queue (default 20)")
+    dl.add_argument("--json", action="store_true", help="one JSON document, errors whole")
     ds = dlq.add_parser("show", help="one dead letter, all fields")
     ds.add_argument("dead_id")
     ds.add_argument("--queue")
@@ -104,7 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="start two workers and push real jobs through every queue")
     d.add_argument("--events", type=_positive, default=3000)
     commands_mail.add_parsers(sub)
-    return p
 
 
 def _error(text: str) -> None:

@@ -14,9 +14,10 @@ from jobstream.consumers.worker.registry import by_queue
 from jobstream.schema.payloads import PAYLOADS
 from jobstream.schema.text import as_text
 from jobstream.schema.times import entry_ms
+from jobstream.streams.heartbeat import Heartbeat, read_heartbeat
 from jobstream.streams.lookup import find_waiting
 
-__all__ = ["health", "job_info", "queue_status"]
+__all__ = ["health", "job_info", "live_consumers", "queue_status", "workers"]
 
 COUNTS_SQL = "SELECT queue, status, count(*) AS n FROM jobs GROUP BY queue, status"
 JOB_SQL = "SELECT * FROM jobs WHERE id = $1"
@@ -26,7 +27,62 @@ EXECUTIONS_SQL = (
 )
 
 
-async def _stream_info(deps: Deps, queue: str) -> dict[str, Any]:
+async def live_consumers(deps: Deps) -> dict[str, Heartbeat]:
+    """Every consumer whose heartbeat key exists now (its expiry is what proves it alive)."""
+    prefix = deps.keys.alive("")
+    names = [as_text(k) async for k in deps.redis.scan_iter(match=f"{prefix}*", count=500)]
+    beats: dict[str, Heartbeat] = {}
+    for i in range(0, len(names), 500):
+        chunk = names[i : i + 500]
+        for name, raw in zip(chunk, await deps.redis.mget(chunk), strict=True):
+            beat = read_heartbeat(raw)
+            if beat is not None:
+                beats[name[len(prefix) :]] = beat
+    return beats
+
+
+async def _group_consumers(deps: Deps, queue: str) -> list[dict[str, Any]]:
+    """XINFO CONSUMERS of the queue's group; empty when the stream or group is missing."""
+    try:
+        found = await deps.redis.xinfo_consumers(deps.keys.stream(queue), deps.settings.group)
+    except redis.exceptions.ResponseError:  # no such stream or group yet
+        return []
+    return [{k: as_text(v) for k, v in c.items()} for c in found]
+
+
+async def workers(deps: Deps) -> list[dict[str, Any]]:
+    """One row per consumer known to a queue's group or by its heartbeat: whether it is live,
+    its heartbeat age, the jobs it runs now and the entries it holds pending."""
+    now = time.time()
+    beats = await live_consumers(deps)
+    rows: dict[str, dict[str, Any]] = {}
+    for queue in _queues():
+        for c in await _group_consumers(deps, queue):
+            row = rows.setdefault(c["name"], {"consumer": c["name"], "pending": 0, "queues": []})
+            row["pending"] += int(c["pending"])
+            row["queues"].append(queue)
+            idle = int(c["idle"]) / 1000
+            row["idle_s"] = round(min(idle, row.get("idle_s", idle)), 1)
+    for name in beats:
+        rows.setdefault(name, {"consumer": name, "pending": 0, "queues": [], "idle_s": None})
+    out = []
+    for name, row in sorted(rows.items()):
+        beat = beats.get(name)
+        row["live"] = beat is not None
+        row["heartbeat_age_s"] = round(max(0.0, now - beat.at), 1) if beat else None
+        row["in_flight"] = beat.in_flight if beat else 0
+        row["pid"] = beat.pid if beat and beat.pid else None
+        row["host"] = beat.host if beat and beat.host else None
+        row["queues"] = sorted(set(row["queues"]) | set(beat.queues if beat else []))
+        out.append(row)
+    return out
+
+
+def _queues() -> list[str]:
+    return sorted(set(PAYLOADS) | set(by_queue()))
+
+
+async def _stream_info(deps: Deps, queue: str, live: set[str]) -> dict[str, Any]:
     r, keys, group = deps.redis, deps.keys, deps.settings.group
     stream = keys.stream(queue)
     info: dict[str, Any] = {
@@ -36,6 +92,7 @@ async def _stream_info(deps: Deps, queue: str) -> dict[str, Any]:
         "pending": 0,
         "lag": 0,
         "consumers": 0,
+        "stale_consumers": 0,
         "oldest_pending_age_s": None,
         "delayed": int(await r.zcard(keys.delayed(queue))),
         "dead": int(await r.xlen(keys.dead(queue))),
@@ -47,9 +104,10 @@ async def _stream_info(deps: Deps, queue: str) -> dict[str, Any]:
     for g in groups:
         if as_text(g["name"]) != group:
             continue
-        info.update(
-            pending=int(g["pending"]), lag=int(g.get("lag") or 0), consumers=int(g["consumers"])
-        )
+        info.update(pending=int(g["pending"]), lag=int(g.get("lag") or 0))
+        if int(g["consumers"]):  # a consumer is live while its heartbeat key exists
+            names = {c["name"] for c in await _group_consumers(deps, queue)}
+            info.update(consumers=len(names & live), stale_consumers=len(names - live))
         if info["pending"]:
             oldest = await r.xpending_range(stream, group, min="-", max="+", count=1)
             if oldest:
@@ -59,13 +117,15 @@ async def _stream_info(deps: Deps, queue: str) -> dict[str, Any]:
 
 
 async def queue_status(deps: Deps) -> list[dict[str, Any]]:
-    """Per queue: stream length, pending, lag, consumers, oldest pending age, counts by status."""
+    """Per queue: stream length, pending, lag, live and stale consumers, oldest pending age,
+    counts by status."""
     counts: dict[str, dict[str, int]] = {}
     for row in await deps.pool.fetch(COUNTS_SQL):
         counts.setdefault(row["queue"], {})[row["status"]] = row["n"]
+    live = set(await live_consumers(deps))
     out = []
-    for queue in sorted(set(PAYLOADS) | set(by_queue()) | set(counts)):
-        info = await _stream_info(deps, queue)
+    for queue in sorted(set(_queues()) | set(counts)):
+        info = await _stream_info(deps, queue, live)
         info["jobs"] = counts.get(queue, {})
         out.append(info)
     return out
@@ -83,7 +143,7 @@ async def job_info(deps: Deps, job_id: str, scan_limit: int = 50_000) -> dict[st
     hashed = await deps.redis.hgetall(deps.keys.job(job_id))
     waiting, complete = [], True
     if row is None:  # published by any producer, not yet recorded by a worker
-        queues = sorted(set(PAYLOADS) | set(by_queue()))
+        queues = _queues()
         found, complete = await find_waiting(deps.redis, deps.keys, queues, job_id, scan_limit)
         waiting = [msgspec.to_builtins(w) for w in found]
     if row is None and not hashed and not waiting and complete:
@@ -114,9 +174,9 @@ async def health(deps: Deps, consumer: str | None = None, max_age_s: float = 30.
             return problem or "no health report"
         consumer = report.consumer
     if consumer is not None:
-        beat = await deps.redis.get(deps.keys.alive(consumer))
+        beat = read_heartbeat(await deps.redis.get(deps.keys.alive(consumer)))
         if beat is None:
             return f"worker {consumer} has no live heartbeat"
-        if time.time() - float(beat) > max_age_s:
+        if time.time() - beat.at > max_age_s:
             return f"worker {consumer} heartbeat is stale"
     return None

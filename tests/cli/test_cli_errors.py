@@ -3,7 +3,6 @@ traceback. Run as a user runs them: subprocesses."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import sys
@@ -13,7 +12,7 @@ import pytest
 
 from jobstream.consumers.cli.main import build_parser
 from jobstream.consumers.worker.deps import Deps
-from tests.helpers import jobstream
+from tests.helpers import jobstream, leaf_commands
 from tests.servers import free_port
 
 EVENT = '{"event_id":"e-1","type":"open","mailbox_id":"mb-1","occurred_at":"2026-11-30T10:00:00Z"}'
@@ -35,6 +34,9 @@ CASES: list[tuple[str, list[str], dict[str, str]]] = [
     ("publish", ["publish", "analytics", EVENT, "--delay", "nan"], {}),
     ("publish", ["publish", "analytics", EVENT, "--id", "x" * 201], {}),
     ("status", ["status"], BAD_REDIS),
+    ("status", ["status", "--watch", "0"], {}),
+    ("status", ["status", "--log-level", "loud"], {}),
+    ("workers", ["workers"], BAD_REDIS),
     ("status", ["status"], {"DATABASE_URL": "postgresql://postgres@127.0.0.1:{closed}/x"}),
     ("job", ["job"], {}),
     ("job", ["job", "no-such-job"], {}),
@@ -67,18 +69,8 @@ CASES: list[tuple[str, list[str], dict[str, str]]] = [
 ]
 
 
-def _commands(parser: argparse.ArgumentParser, prefix: str = "") -> set[str]:
-    """Every leaf command of the parser: `worker`, `dlq list`, `mailbox add` ..."""
-    out: set[str] = set()
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, sub in action.choices.items():
-                out |= _commands(sub, f"{prefix}{name} ") or {f"{prefix}{name}"}
-    return out
-
-
 def test_the_cases_cover_every_command():
-    assert {path for path, _, _ in CASES} - {"-"} == _commands(build_parser())
+    assert {path for path, _, _ in CASES} - {"-"} == set(leaf_commands(build_parser()))
 
 
 async def test_every_command_fails_in_one_line_without_a_traceback(

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from jobstream.consumers.worker.deps import Deps
-from jobstream.streams import Publisher, list_dead, replay_dead
+from jobstream.streams import Publisher, list_dead, purge_dead, replay_dead
 from tests import handlers
 from tests.helpers import all_terminal, engine, eventually, executions, jobstream, running
 
@@ -138,3 +138,31 @@ async def test_purge_asks_at_a_terminal(deps: Deps, env_for):
         assert proc.returncode == code, err.decode()
         assert f"purge {left or 2} dead letters of {Q}? [y/N]" in err.decode()
         assert await deps.redis.xlen(deps.keys.dead(Q)) == left
+
+
+async def test_a_replay_never_leaves_the_hash_behind_its_worker(deps: Deps):
+    """The hash is set `queued` before the entry exists, fenced below any delivery of it:
+    the worker that fails the replayed job again always has the last word in both stores."""
+    (job_id,) = await _dead_letters(deps, 1)
+    (letter,) = await list_dead(deps.redis, deps.keys, Q)
+    async with running(engine(deps)):  # may run the new entry before replay_dead returns
+        assert await replay_dead(deps.redis, deps.pool, deps.keys, letter) is not None
+        await eventually(lambda: dead_count(deps, 1))
+        await eventually(lambda: all_terminal(deps, [job_id]))
+    hashed = await deps.redis.hgetall(deps.keys.job(job_id))
+    row = await deps.pool.fetchrow("SELECT status, stream_entry_id FROM jobs WHERE id = $1", job_id)
+    assert (hashed[b"status"], row["status"]) == (b"failed", "failed")
+    entries: Any = await deps.redis.xrevrange(deps.keys.stream(Q), count=1)
+    assert row["stream_entry_id"] == entries[0][0].decode()
+    assert hashed[b"fence"].decode().startswith(f"{int(row['stream_entry_id'].split('-')[0]):020d}")
+
+
+async def test_a_letter_purged_meanwhile_leaves_the_hash_as_it_was(deps: Deps):
+    (job_id,) = await _dead_letters(deps, 1)
+    (letter,) = await list_dead(deps.redis, deps.keys, Q)
+    before = await deps.redis.hgetall(deps.keys.job(job_id))
+    assert await purge_dead(deps.redis, deps.keys, Q) == 1
+    assert await replay_dead(deps.redis, deps.pool, deps.keys, letter) is None
+    assert await deps.redis.hgetall(deps.keys.job(job_id)) == before
+    status = await deps.pool.fetchval("SELECT status FROM jobs WHERE id = $1", job_id)
+    assert status == "failed"
