@@ -192,7 +192,8 @@ _REPLAY_LUA = (
 # the entry is published, with the fence of the replay's time and delivery 0, so every
 # write of the worker that runs the new entry is newer and is never undone by this one.
 _QUEUED_LUA = """
-local cur = redis.call('HMGET', KEYS[1], 'fence', 'rank', 'status', 'attempt', 'error')
+local cur = redis.call('HMGET', KEYS[1], 'fence', 'rank', 'status', 'attempt', 'error',
+                      'updated_at')
 if cur[1] and cur[1] >= ARGV[1] then
     return false
 end
@@ -206,8 +207,8 @@ _UNDO_LUA = """
 if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then
     return 0
 end
-local names = {'fence', 'rank', 'status', 'attempt', 'error'}
-for i = 1, 5 do
+local names = {'fence', 'rank', 'status', 'attempt', 'error', 'updated_at'}
+for i = 1, 6 do
     local value = ARGV[i + 1]
     if value == '' then
         redis.call('HDEL', KEYS[1], names[i])
