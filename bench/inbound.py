@@ -6,12 +6,18 @@ Publishes N inbound messages (a realistic mix: plain text, multipart with an att
 a delivery-status bounce), drains them with one in-process worker engine, then does the
 same with no-op jobs (at least 10,000, for a stable figure), and prints both rates from
 one run. A scratch database and a unique key prefix are created and removed afterwards.
+Exits non-zero when a side drained fewer jobs than were published.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/inbound.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
-import asyncio
 import base64
 import contextlib
 import os
@@ -25,7 +31,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from bench.common import drop_keys
+from bench.common import check_servers, drop_keys, load_note, require_drained, run_main
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.handler import HandlerSpec, handler
 from jobstream.consumers.worker.registry import HANDLERS
@@ -33,7 +39,7 @@ from jobstream.consumers.worker.runtime import connect, make_engine
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.migrate import apply_migrations
 from jobstream.schema.payloads import ProcessEmail
-from jobstream.streams import Job, Policy, Publisher
+from jobstream.streams import Job, NullObserver, Policy, Publisher
 
 ADMIN_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -95,7 +101,7 @@ async def noop(payload: Noop, job: Job, deps: Deps) -> None:
     return None
 
 
-class _Clock:
+class _Clock(NullObserver):
     """Observer noting when the first job started and the N-th finished."""
 
     def __init__(self, n: int) -> None:
@@ -105,17 +111,13 @@ class _Clock:
         if not self.first:
             self.first = time.perf_counter()
 
-    def job_finished(self, queue: str, outcome: str, duration_s: float) -> None:
+    def job_finished(
+        self, queue: str, outcome: str, duration_s: float, error_type: str | None = None
+    ) -> None:
         self.done += 1
         self.failed += outcome != "completed"
         if self.done >= self.n:
             self.last = time.perf_counter()
-
-    def queue_stats(self, queue: str, pending: int, lag: int, dead: int) -> None:
-        return None
-
-    def dead_letters_dropped(self, queue: str, cap: str, count: int) -> None:
-        return None
 
 
 def message(kind: str, n: int, rng: random.Random) -> bytes:
@@ -187,6 +189,7 @@ def rate(clock: _Clock) -> float:
 
 
 async def main(n: int, noop_n: int) -> None:
+    await check_servers()
     payloads, total_bytes = workload(n)
     prefix = f"bin{uuid.uuid4().hex[:8]}:"
     async with scratch_database() as db:
@@ -208,9 +211,12 @@ async def main(n: int, noop_n: int) -> None:
                 baseline = await drain(deps, noop_n, None, [noop])
         finally:
             await drop_keys(prefix)
+    require_drained(QUEUE, n, inbound.done)
+    require_drained("no-op queue", noop_n, baseline.done)
     mix = ", ".join(f"{int(w * 100)}% {k}" for k, w in MIX)
     seconds = inbound.last - inbound.first
-    print(f"N={n} messages ({mix}), {total_bytes / n / 1024:.1f} KiB average, 1 worker")
+    print(f"N={n} messages ({mix}), {total_bytes / n / 1024:.1f} KiB average, 1 worker; "
+          f"{load_note()}")  # fmt: skip
     print(
         f"email:processing: {rate(inbound):>8,.0f} messages/s "
         f"({inbound.done} in {seconds:.2f}s, {total_bytes / seconds / 2**20:.1f} MiB/s, "
@@ -228,4 +234,4 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=2000, help="inbound messages")
     parser.add_argument("--noop-n", type=int, default=None, help="no-op jobs (max(n, 10000))")
     args = parser.parse_args()
-    asyncio.run(main(args.n, args.noop_n or max(args.n, 10_000)))
+    run_main(lambda: main(args.n, args.noop_n or max(args.n, 10_000)))

@@ -4,25 +4,46 @@
 
 Publishes steadily (never more than --max-lag ahead of the worker), samples the stream
 length and the worker's resident memory as it goes, and prints the samples and a verdict.
+Exits non-zero when the worker dies or completes fewer jobs than were published.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/soak.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import asyncio
-import os
 import signal
-import sys
 import time
 import uuid
 from typing import Any
 
+import asyncpg
 import redis.asyncio as aioredis
 
-from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, drop_keys, scratch_database
+from bench.common import (
+    NOOP,
+    NOOP_QUEUE,
+    REDIS_URL,
+    BenchError,
+    Noop,
+    bench_settings,
+    check_servers,
+    drop_keys,
+    load_note,
+    require_drained,
+    run_main,
+    scratch_database,
+    worker_env,
+)
 from jobstream.consumers.worker.runtime import connect, make_engine
-from jobstream.consumers.worker.settings import Settings
 from jobstream.streams import Keys, Publisher
+
+SCRIPT = Path(__file__).resolve()
 
 
 def rss_mb(pid: int) -> float:
@@ -34,18 +55,19 @@ def rss_mb(pid: int) -> float:
 
 
 async def worker(db: str, prefix: str) -> None:
-    settings = Settings(
-        database_url=db,
-        stream_prefix=f"{prefix}jobs:",
-        job_prefix=f"{prefix}job:",
-        trim_interval_s=1.0,
-        hash_ttl_s=30,
-        log_level="WARNING",
-    )
+    settings = bench_settings(db, prefix, block_ms=1000, trim_interval_s=1.0, hash_ttl_s=30)
     async with connect(settings) as deps:
         engine = make_engine(deps, None, 64, handlers=[NOOP])
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, engine.stop)
         await engine.run()
+
+
+async def _completed(db: str) -> int:
+    conn = await asyncpg.connect(db)
+    try:
+        return int(await conn.fetchval("SELECT count(*) FROM jobs WHERE status = 'completed'"))
+    finally:
+        await conn.close()
 
 
 async def lag(r: aioredis.Redis, stream: str) -> int:
@@ -57,15 +79,15 @@ async def lag(r: aioredis.Redis, stream: str) -> int:
 
 
 async def main(n: int, max_lag: int) -> None:
+    await check_servers()
     prefix = f"s{uuid.uuid4().hex[:8]}:"
     keys = Keys(f"{prefix}jobs:", f"{prefix}job:")
     stream = keys.stream(NOOP_QUEUE)
     r = aioredis.Redis.from_url(REDIS_URL)
     async with scratch_database() as db:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bench.soak", "--worker", "--db", db, "--prefix", prefix,
-            env=env,
+            sys.executable, str(SCRIPT), "--worker", "--db", db, "--prefix", prefix,
+            env=worker_env(),
         )  # fmt: skip
         pub = Publisher(r, keys, {NOOP_QUEUE: Noop}, record_queued=False)
         samples: list[tuple[int, int, float]] = []
@@ -73,6 +95,8 @@ async def main(n: int, max_lag: int) -> None:
         try:
             await asyncio.sleep(1.0)
             while published < n:
+                if proc.returncode is not None:
+                    raise BenchError(f"the worker exited with {proc.returncode}")
                 if await lag(r, stream) > max_lag:
                     await asyncio.sleep(0.01)
                     continue
@@ -82,20 +106,22 @@ async def main(n: int, max_lag: int) -> None:
                 if published % 20_000 == 0:
                     samples.append((published, int(await r.xlen(stream)), rss_mb(proc.pid)))
             for _ in range(6000):  # drain: at most 10 minutes
-                if not await lag(r, stream):
+                if not await lag(r, stream) or proc.returncode is not None:
                     break
                 await asyncio.sleep(0.1)
             await asyncio.sleep(2.5)  # one more trim pass
             samples.append((published, int(await r.xlen(stream)), rss_mb(proc.pid)))
             seconds = time.perf_counter() - started
+            done = await _completed(db)
         finally:
-            proc.send_signal(signal.SIGTERM)
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGTERM)
             await proc.wait()
             await r.aclose()
             await drop_keys(prefix)
-    print(
-        f"{n} jobs in {seconds:.1f}s ({n / seconds:,.0f} jobs/s), publisher kept <= {max_lag} ahead"
-    )
+    require_drained("soak", n, done)
+    print(f"{n} jobs in {seconds:.1f}s ({n / seconds:,.0f} jobs/s), publisher kept <= "
+          f"{max_lag} ahead; {load_note()}")  # fmt: skip
     print(f"{'published':>10} {'stream length':>14} {'worker RSS MB':>14}")
     for done, length, rss in samples:
         print(f"{done:>10} {length:>14} {rss:>14.1f}")
@@ -117,6 +143,6 @@ if __name__ == "__main__":
     ap.add_argument("--prefix", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        asyncio.run(worker(a.db, a.prefix))
+        run_main(lambda: worker(a.db, a.prefix))
     else:
-        asyncio.run(main(a.n, a.max_lag))
+        run_main(lambda: main(a.n, a.max_lag))

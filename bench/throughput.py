@@ -1,22 +1,28 @@
 """Throughput: the engine's full path (PostgreSQL + hash + ack) against a plain redis-py loop.
 
-    python -m bench.throughput --n 20000 --concurrency 64
+    python -m bench.throughput --n 20000 --concurrency 64 [--processes 2] [--tracing]
 
 Publishes N no-op jobs, drains them with one worker process, then drains the same N with
 a bare loop doing the same writes (XREADGROUP COUNT 500, one unnest upsert per batch,
 pipelined HSET, one XACK), and prints jobs/s of both and their ratio, from one run.
+With `--processes P` it also drains N jobs with P worker processes started together
+(what `jobstream worker --processes P` runs), interleaved with the one-process runs, and
+prints the ratio. Exits non-zero when any run drained fewer jobs than it published.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/throughput.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
-import asyncio
-import json
 import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 import uuid
 from typing import Any
@@ -25,18 +31,32 @@ import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
-from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, drop_keys, scratch_database
-from jobstream.consumers.worker.runtime import connect, make_engine
-from jobstream.consumers.worker.settings import Settings
+from bench.common import (
+    NOOP,
+    NOOP_QUEUE,
+    REDIS_URL,
+    Noop,
+    bench_settings,
+    burst_worker,
+    check_servers,
+    drop_keys,
+    load_note,
+    require_drained,
+    run_main,
+    run_workers,
+    scratch_database,
+    worker_env,
+)
 from jobstream.otel.tracing import setup_tracing
 from jobstream.streams import Keys, Publisher
 
+SCRIPT = Path(__file__).resolve()
 PLAIN_UPSERT_SQL = """
 INSERT INTO jobs AS j (id, queue, status, payload, result, attempts, stream_entry_id,
                        created_at, started_at, completed_at, updated_at)
 SELECT u.id, $2, 'completed', u.payload::jsonb, NULL, 1, u.entry_id, now(), now(), now(), now()
 FROM unnest($1::text[], $3::text[], $4::text[]) AS u(id, payload, entry_id)
-ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, updated_at = now()
+ON CONFLICT (id, created_at) DO UPDATE SET status = EXCLUDED.status, updated_at = now()
 """
 
 
@@ -48,52 +68,12 @@ async def publish(redis: aioredis.Redis, keys: Keys, n: int) -> float:
     return time.perf_counter() - started
 
 
-class _Clock:
-    """Observer that notes when the N-th job settled."""
-
-    def __init__(self, n: int) -> None:
-        self.n, self.done, self.first, self.last = n, 0, 0.0, 0.0
-
-    def job_started(self, queue: str) -> None:
-        if not self.first:
-            self.first = time.perf_counter()
-
-    def job_finished(self, queue: str, outcome: str, duration_s: float) -> None:
-        self.done += 1
-        if self.done >= self.n:
-            self.last = time.perf_counter()
-
-    def queue_stats(self, queue: str, pending: int, lag: int, dead: int) -> None:
-        return None
-
-    def dead_letters_dropped(self, queue: str, cap: str, count: int) -> None:
-        return None
-
-
-async def worker(db: str, prefix: str, n: int, concurrency: int) -> None:
-    """The engine side, run in its own process: drain N jobs, print JSON figures."""
-    settings = Settings(
-        database_url=db,
-        stream_prefix=f"{prefix}jobs:",
-        job_prefix=f"{prefix}job:",
-        block_ms=20,
-        log_level="WARNING",
-    )
-    clock = _Clock(n)
+async def worker(db: str, prefix: str, concurrency: int) -> None:
+    """The engine side, run in its own process: drain the queue, print JSON figures."""
     tracing = setup_tracing("bench", "bench-worker")  # only when OTEL_* says so
-    async with connect(settings) as deps:
-        engine = make_engine(deps, None, concurrency, burst=True, handlers=[NOOP])
-        engine.observer = clock
-        started = time.perf_counter()
-        await engine.run()
-        drained = time.perf_counter()
-        tracing.shutdown(30)  # exporting what was sampled is part of the cost
-        ended = time.perf_counter()
-    # From the first job's start until every outcome is committed and acked (run() returns
-    # after the final flush); the burst-mode idle check adds at most a few ms.
-    first = clock.first or started
-    figures = {"jobs": engine.recorder.settled, "seconds": ended - first, "flush": ended - drained}
-    print(json.dumps(figures))
+    settings = bench_settings(db, prefix)
+    # Exporting what was sampled is part of the cost.
+    await burst_worker(settings, None, [NOOP], concurrency, after=lambda: tracing.shutdown(30))
 
 
 async def plain_loop(db: str, prefix: str, n: int) -> tuple[int, float]:
@@ -106,11 +86,12 @@ async def plain_loop(db: str, prefix: str, n: int) -> tuple[int, float]:
     await publish(redis, keys, n)
     done = 0
     decode = msgspec.json.Decoder(Noop).decode
-    started = time.perf_counter()
-    while done < n:
+    started = idle_since = time.perf_counter()
+    while done < n and time.perf_counter() - idle_since < 30:
         reply: Any = await redis.xreadgroup("workers", "plain", {stream: ">"}, count=500, block=100)
         if not reply:
             continue
+        idle_since = time.perf_counter()
         entries = reply[0][1]
         ids, payloads, eids = [], [], []
         for eid, fields in entries:
@@ -131,20 +112,22 @@ async def plain_loop(db: str, prefix: str, n: int) -> tuple[int, float]:
     return done, seconds
 
 
-async def engine_run(db: str, prefix: str, n: int, concurrency: int, env: dict[str, str]) -> Any:
+async def engine_run(
+    db: str, prefix: str, n: int, concurrency: int, env: dict[str, str], processes: int = 1
+) -> dict[str, float]:
+    """Publish N jobs, drain them with `processes` worker processes started together."""
     redis = aioredis.Redis.from_url(REDIS_URL)
     await publish(redis, Keys(f"{prefix}jobs:", f"{prefix}job:"), n)
     await redis.aclose()
-    cmd = [sys.executable, "-m", "bench.throughput", "--worker", "--db", db, "--prefix", prefix,
-           "--n", str(n), "--concurrency", str(concurrency)]  # fmt: skip
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)  # noqa: ASYNC221
-    # (the benchmark does nothing else meanwhile)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    args = ["--db", db, "--prefix", prefix, "--concurrency", str(concurrency)]
+    got = await run_workers(SCRIPT, args, processes, env)
+    require_drained(f"engine, {processes} process(es)", n, int(got["jobs"]))
+    return got
 
 
 def _sink(port: int) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "bench.otlp_sink", "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    cmd = [sys.executable, str(SCRIPT.with_name("otlp_sink.py")), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=worker_env())
     assert proc.stdout is not None
     proc.stdout.readline()  # "OTLP/HTTP sink on ...": it is listening
     return proc
@@ -202,10 +185,26 @@ async def traced_runs(
     print(f"receiver: {out.strip().splitlines()[-1]}")
 
 
-async def main(n: int, concurrency: int, tracing: bool, repeat: int) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    engine_rates: list[float] = []
-    plain_rates: list[float] = []
+def _runs(values: list[float]) -> str:
+    return ", ".join(f"{v:,.0f}" for v in values)
+
+
+def _cores(runs: list[dict[str, float]]) -> str:
+    """Cores busy while the engine drained (medians): its processes, Redis, the machine."""
+
+    def med(key: str, per: str) -> float:
+        return statistics.median(r[key] / r[per] for r in runs)
+
+    return (f"cores busy: engine {med('cpu', 'seconds'):.2f}, redis-server "
+            f"{med('redis_cpu', 'wall'):.2f}, whole machine {med('busy', 'wall'):.2f} of "
+            f"{os.cpu_count()} (PostgreSQL and other tenants included)")  # fmt: skip
+
+
+async def main(n: int, concurrency: int, tracing: bool, repeat: int, processes: int) -> None:
+    await check_servers()
+    env = worker_env()
+    rates: dict[str, list[float]] = {"engine": [], "plain": [], "many": []}
+    figures: dict[str, list[dict[str, float]]] = {"engine": [], "many": []}
     async with scratch_database() as db:
         # Interleaved repetitions: the tables grow as runs go, so neither side always runs
         # first on a cold database.
@@ -214,18 +213,33 @@ async def main(n: int, concurrency: int, tracing: bool, repeat: int) -> None:
             try:
                 eng = await engine_run(db, prefix, n, concurrency, env)
                 plain_n, plain_s = await plain_loop(db, prefix, n)
+                require_drained("plain loop", n, plain_n)
+                if processes > 1:
+                    many_prefix = f"{prefix}m:"
+                    many = await engine_run(db, many_prefix, n, concurrency, env, processes)
+                    rates["many"].append(many["jobs"] / many["seconds"])
+                    figures["many"].append(many)
             finally:
                 await drop_keys(prefix)
-            engine_rates.append(eng["jobs"] / eng["seconds"])
-            plain_rates.append(plain_n / plain_s)
-        eng_rate = statistics.median(engine_rates)
-        plain_rate = statistics.median(plain_rates)
-        print(f"N={n} concurrency={concurrency}, median of {repeat} interleaved runs each")
+            rates["engine"].append(eng["jobs"] / eng["seconds"])
+            figures["engine"].append(eng)
+            rates["plain"].append(plain_n / plain_s)
+        eng_rate = statistics.median(rates["engine"])
+        plain_rate = statistics.median(rates["plain"])
+        print(f"N={n} concurrency={concurrency}, median of {repeat} interleaved runs each; "
+              f"{load_note()}")  # fmt: skip
         print(f"engine (full path, 1 worker process): {eng_rate:>9,.0f} jobs/s "
-              f"(runs: {', '.join(f'{r:,.0f}' for r in engine_rates)})")  # fmt: skip
+              f"(runs: {_runs(rates['engine'])})")  # fmt: skip
         print(f"plain redis-py loop (same writes):    {plain_rate:>9,.0f} jobs/s "
-              f"(runs: {', '.join(f'{r:,.0f}' for r in plain_rates)})")  # fmt: skip
+              f"(runs: {_runs(rates['plain'])})")  # fmt: skip
         print(f"ratio engine / plain loop: {eng_rate / plain_rate:.2f}")
+        print(f"  1 process, {_cores(figures['engine'])}")
+        if processes > 1:
+            many_rate = statistics.median(rates["many"])
+            print(f"engine, {processes} worker processes:      {many_rate:>9,.0f} jobs/s "
+                  f"(runs: {_runs(rates['many'])})")  # fmt: skip
+            print(f"ratio {processes} processes / 1 process: {many_rate / eng_rate:.2f}")
+            print(f"  {processes} processes, {_cores(figures['many'])}")
         if tracing:
             print()
             await traced_runs(db, n, concurrency, env, repeat)
@@ -235,6 +249,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--processes", type=int, default=1, help="also run this many processes")
     ap.add_argument("--tracing", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved runs per setting")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -242,6 +257,6 @@ if __name__ == "__main__":
     ap.add_argument("--prefix", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        asyncio.run(worker(a.db, a.prefix, a.n, a.concurrency))
+        run_main(lambda: worker(a.db, a.prefix, a.concurrency))
     else:
-        asyncio.run(main(a.n, a.concurrency, a.tracing, a.repeat))
+        run_main(lambda: main(a.n, a.concurrency, a.tracing, a.repeat, a.processes))

@@ -1,25 +1,38 @@
 """Job metrics through the OpenTelemetry metrics SDK: OTLP export from the `OTEL_*` variables
-and a Prometheus text endpoint (`/metrics`).
+and a Prometheus endpoint (`/metrics`) with the process and Python runtime series beside.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricExporter, MetricReader
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 
 from jobstream.otel.redact import redact_url
 from jobstream.otel.tracing import make_resource, otlp_endpoint, otlp_protocol, sdk_disabled
 
-__all__ = ["DURATION_BUCKETS_S", "MetricsHandle", "OtelObserver", "setup_metrics"]
+__all__ = [
+    "DEAD_LETTER_CAPS",
+    "DURATION_BUCKETS_S",
+    "OUTCOMES",
+    "MetricsError",
+    "MetricsHandle",
+    "OtelObserver",
+    "setup_metrics",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -28,45 +41,48 @@ DURATION_BUCKETS_S = (
     120.0, 300.0,
 )  # fmt: skip
 _Attrs = dict[str, str]
+OUTCOMES = ("completed", "retrying", "failed", "skipped")
+DEAD_LETTER_CAPS = ("age", "entries", "bytes")
 
 
 class OtelObserver:
     """The engine's Observer (`jobstream.streams.observe`) recording into OpenTelemetry instruments.
 
     The hot path only bumps plain counters and records one histogram point with an attribute
-    dict bound once per (queue, outcome); the counters and gauges are read at collection.
+    dict bound once per (queue, error type); counters and gauges are read at
+    collection. Every series of a queue served exists from the start, at 0.
     """
 
     def __init__(self, meter: Meter) -> None:
+        self._streams: dict[str, str] = {}
+        self._group = ""
         self._processed: dict[tuple[str, str], int] = {}
+        self._consumed: dict[str, int] = {}
+        self._sent: dict[tuple[str, str, str | None], int] = {}
         self._in_flight: dict[str, int] = {}
         self._stats: dict[str, tuple[int, int, int]] = {}
         self._dropped: dict[tuple[str, str], int] = {}
-        self._bound: dict[tuple[str, str], _Attrs] = {}
+        self._bound: dict[tuple[str, str | None], _Attrs] = {}
         self._duration = meter.create_histogram(
-            "jobstream.job.duration",
+            "messaging.process.duration",
             unit="s",
-            description="Handler run time of one attempt",
+            description="Duration of processing operation (the handler's run of one attempt)",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
         )
-        meter.create_observable_counter(
-            "jobstream.jobs.processed",
-            [self._observe_processed],
-            unit="{job}",
-            description="Attempts finished, by queue and outcome",
-        )
-        meter.create_observable_counter(
-            "jobstream.jobs.retries",
-            [self._observe_retries],
-            unit="{job}",
-            description="Attempts that failed and were scheduled for a retry",
-        )
-        meter.create_observable_counter(
-            "jobstream.dead_letters.dropped",
-            [self._observe_dropped],
-            unit="{entry}",
-            description="Dead letters removed by a cap, by queue and cap (age, entries, bytes)",
-        )
+        _counters = (
+            ("jobstream.jobs.processed", "{job}", self._observe_processed,
+             "Attempts finished, by queue and outcome"),
+            ("jobstream.jobs.retries", "{job}", self._observe_retries,
+             "Attempts that failed and were scheduled for a retry"),
+            ("jobstream.dead_letters.dropped", "{entry}", self._observe_dropped,
+             "Dead letters removed by a cap, by queue and cap (age, entries, bytes)"),
+            ("messaging.client.consumed.messages", "{message}", self._observe_consumed,
+             "Number of messages that were delivered to the application"),
+            ("messaging.client.sent.messages", "{message}", self._observe_sent,
+             "Number of messages producer attempted to send to the broker"),
+        )  # fmt: skip
+        for name, unit, callback, what in _counters:
+            meter.create_observable_counter(name, [callback], unit=unit, description=what)
         meter.create_observable_up_down_counter(
             "jobstream.jobs.in_flight",
             [self._observe_in_flight],
@@ -86,28 +102,64 @@ class OtelObserver:
             )
 
     # ---- Observer --------------------------------------------------------------------
+    def serving(self, streams: Mapping[str, str], group: str) -> None:
+        self._streams.update(streams)
+        self._group = group
+        for queue in streams:
+            for outcome in OUTCOMES:
+                self._processed.setdefault((queue, outcome), 0)
+            for cap in DEAD_LETTER_CAPS:
+                self._dropped.setdefault((queue, cap), 0)
+            self._consumed.setdefault(queue, 0)
+            self._in_flight.setdefault(queue, 0)
+
     def job_started(self, queue: str) -> None:
         self._in_flight[queue] = self._in_flight.get(queue, 0) + 1
+        self._consumed[queue] = self._consumed.get(queue, 0) + 1
 
-    def job_finished(self, queue: str, outcome: str, duration_s: float) -> None:
+    def job_finished(
+        self, queue: str, outcome: str, duration_s: float, error_type: str | None = None
+    ) -> None:
         key = (queue, outcome)
         self._processed[key] = self._processed.get(key, 0) + 1
+        running = self._in_flight.get(queue, 0)
+        if running > 0:  # (never below 0, whatever order a caller reports in)
+            self._in_flight[queue] = running - 1
         # otel imports nothing of ours: the outcomes are the text of streams.status.Outcome
         if outcome == "skipped":  # acked as already completed: it never ran
             return
-        attrs = self._bound.get(key)
+        bound = (queue, error_type)
+        attrs = self._bound.get(bound)
         if attrs is None:
-            attrs = self._bound[key] = {"queue": queue, "outcome": outcome}
+            attrs = self._bound[bound] = self._process_attributes(queue, error_type)
         self._duration.record(duration_s, attrs)
-        running = self._in_flight.get(queue, 0)
-        if running > 0:  # entries rejected before they ran finish without having started
-            self._in_flight[queue] = running - 1
 
     def queue_stats(self, queue: str, pending: int, lag: int, dead: int) -> None:
         self._stats[queue] = (pending, lag, dead)
 
+    def queue_stats_withdrawn(self, queue: str) -> None:
+        self._stats.pop(queue, None)
+
     def dead_letters_dropped(self, queue: str, cap: str, count: int) -> None:
         self._dropped[(queue, cap)] = self._dropped.get((queue, cap), 0) + count
+
+    def messages_sent(self, queue: str, stream: str, count: int, error_type: str | None) -> None:
+        key = (queue, stream, error_type)
+        self._sent[key] = self._sent.get(key, 0) + count
+
+    def _process_attributes(self, queue: str, error_type: str | None) -> _Attrs:
+        """The conventions' attributes, and no more: the SDK's cost of recording a point
+        grows with each attribute, and this is paid once per job."""
+        attrs = {
+            "messaging.system": "redis",
+            "messaging.operation.name": "process",
+            "messaging.destination.name": self._streams.get(queue, queue),
+        }
+        if self._group:
+            attrs["messaging.consumer.group.name"] = self._group
+        if error_type is not None:
+            attrs["error.type"] = error_type
+        return attrs
 
     # ---- collection (runs in the reader's thread: iterate over copies) ----------------
     def _observe_processed(self, _: CallbackOptions) -> Iterable[Observation]:
@@ -122,6 +174,27 @@ class OtelObserver:
     def _observe_dropped(self, _: CallbackOptions) -> Iterable[Observation]:
         for (queue, cap), n in self._dropped.copy().items():
             yield Observation(n, {"queue": queue, "cap": cap})
+
+    def _observe_consumed(self, _: CallbackOptions) -> Iterable[Observation]:
+        for queue, n in self._consumed.copy().items():
+            attrs = {
+                "messaging.system": "redis",
+                "messaging.operation.name": "process",
+                "messaging.destination.name": self._streams.get(queue, queue),
+                "messaging.consumer.group.name": self._group,
+            }
+            yield Observation(n, attrs)
+
+    def _observe_sent(self, _: CallbackOptions) -> Iterable[Observation]:
+        for (_queue, stream, error_type), n in self._sent.copy().items():
+            attrs = {
+                "messaging.system": "redis",
+                "messaging.operation.name": "send",
+                "messaging.destination.name": stream,
+            }
+            if error_type is not None:
+                attrs["error.type"] = error_type
+            yield Observation(n, attrs)
 
     def _observe_in_flight(self, _: CallbackOptions) -> Iterable[Observation]:
         for queue, n in self._in_flight.copy().items():
@@ -163,49 +236,39 @@ class MetricsHandle:
     provider: MeterProvider | None = None
     observer: OtelObserver | None = None
     registry: CollectorRegistry | None = None
-    server: asyncio.Server | None = None
+    server: WSGIServer | None = None
 
-    async def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Serve `/metrics` in the Prometheus text format; return the bound port."""
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve the registry over HTTP on `host:port` (0: any free port); return the port.
+
+        prometheus_client's server: the text format, or OpenMetrics when the scraper's
+        Accept header asks for it, gzipped when its Accept-Encoding allows. A port that
+        cannot be bound raises ConfigError naming it, before any work starts.
+        """
         if self.registry is None:
             raise RuntimeError("metrics were set up without the Prometheus endpoint")
-        self.server = await asyncio.start_server(self._serve_one, host, port)
-        bound = int(self.server.sockets[0].getsockname()[1])
+        try:
+            self.server, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # in use, not ours to bind, or a host that does not resolve
+            reason = exc.strerror or str(exc)
+            raise MetricsError(f"cannot serve metrics on {host}:{port}: {reason}") from None
+        bound = int(self.server.server_port)
         logger.info("metrics on http://%s:%d/metrics", host, bound)
         return bound
 
-    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            method, target, *_ = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            registry = self.registry
-            if method in ("GET", "HEAD") and target.split("?")[0] == "/metrics" and registry:
-                body = await asyncio.to_thread(generate_latest, registry)
-                status, ctype = "200 OK", CONTENT_TYPE_PLAIN_0_0_4
-            else:
-                status, ctype, body = "404 Not Found", "text/plain", b"not found: try /metrics\n"
-            head_out = (
-                f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            writer.write(head_out.encode() + (b"" if method == "HEAD" else body))
-            await writer.drain()
-        except (OSError, ValueError, TimeoutError, asyncio.IncompleteReadError) as exc:
-            logger.debug("metrics request dropped: %s", exc)
-        finally:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
     async def aclose(self, timeout_s: float = 5.0) -> None:
         """Stop serving, export what is left and shut the provider down (idempotent)."""
-        if self.server is not None:
-            self.server.close()
-            await self.server.wait_closed()
-            self.server = None
+        server, self.server = self.server, None
+        if server is not None:
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()
         provider, self.provider = self.provider, None
         if provider is not None:
             await asyncio.to_thread(provider.shutdown, int(timeout_s * 1000))
+
+
+class MetricsError(ValueError):
+    """The metrics endpoint could not start (a startup error, one line)."""
 
 
 def setup_metrics(service_version: str, consumer: str | None, *, prometheus: bool) -> MetricsHandle:
@@ -228,6 +291,10 @@ def setup_metrics(service_version: str, consumer: str | None, *, prometheus: boo
 
         registry = CollectorRegistry(auto_describe=False)
         readers.append(PrometheusMetricReader(scope_info_enabled=False, registry=registry))
+        # The usual process_* and python_* series (memory, CPU, open files, GC, version).
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
     if not readers:
         return MetricsHandle()
     provider = MeterProvider(

@@ -19,6 +19,7 @@ __all__ = [
     "EntryFields",
     "Envelope",
     "EnvelopeError",
+    "created_ms",
     "decode_envelope",
     "enqueued_at_ms",
     "job_id_problem",
@@ -93,6 +94,18 @@ class EntryFields(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fiel
         ]
         | msgspec.UnsetType
     ) = msgspec.UNSET
+    created_ms: (
+        Annotated[
+            str,
+            msgspec.Meta(
+                pattern="^(0|[1-9][0-9]{0,14})$",
+                description="The job's creation time in ms since the epoch; default: the "
+                "entry ID's time. Retries and replays carry it from the job's first entry: "
+                "it names the job's time partition in PostgreSQL.",
+            ),
+        ]
+        | msgspec.UnsetType
+    ) = msgspec.UNSET
 
 
 class EnvelopeError(ValueError):
@@ -122,6 +135,19 @@ def enqueued_at_ms(entry_id: str) -> int:
         return min(entry_ms(entry_id), MAX_TIME_MS)
     except ValueError:
         return 0
+
+
+def created_ms(entry_id: str, fields: dict[bytes, bytes]) -> int:
+    """The job's creation time (ms since the epoch): the entry's `created_ms`, which
+    retries and replays carry from the job's first entry, else the entry ID's time.
+
+    A `created_ms` that is not a decimal number of at most 15 digits counts as absent;
+    like the entry ID's time, it is clamped to `MAX_TIME_MS`.
+    """
+    raw = fields.get(b"created_ms")
+    if raw is not None and 0 < len(raw) <= 15 and raw.isdigit():
+        return min(int(raw), MAX_TIME_MS)
+    return enqueued_at_ms(entry_id)
 
 
 def _utf8(raw: bytes, name: str) -> str:

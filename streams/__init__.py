@@ -17,6 +17,14 @@ from jobstream.streams.errors import (
 from jobstream.streams.job import Job, Result
 from jobstream.streams.keys import Keys, check_queue_name
 from jobstream.streams.observe import NullObserver, Observer
+from jobstream.streams.partitions import (
+    Partition,
+    PartitionPolicy,
+    PrunePlan,
+    ensure_partitions,
+    list_partitions,
+    prune,
+)
 from jobstream.streams.policy import Policy, backoff_s
 from jobstream.streams.publisher import Publisher, new_job_id
 from jobstream.streams.status import TERMINAL, Outcome, Reason, Status
@@ -38,8 +46,11 @@ __all__ = [
     "NullObserver",
     "Observer",
     "Outcome",
+    "Partition",
+    "PartitionPolicy",
     "PermanentError",
     "Policy",
+    "PrunePlan",
     "PublishError",
     "Publisher",
     "Reason",
@@ -49,8 +60,11 @@ __all__ = [
     "Status",
     "backoff_s",
     "check_queue_name",
+    "ensure_partitions",
     "list_dead",
+    "list_partitions",
     "new_job_id",
+    "prune",
     "purge_dead",
     "read_dead",
     "replay_dead",

@@ -14,12 +14,12 @@ from typing import Any
 
 import asyncpg
 import msgspec
-import redis.asyncio as aioredis
 
 from jobstream.schema.text import as_text
 from jobstream.streams.errors import PublishError
 from jobstream.streams.keys import Keys
 from jobstream.streams.publisher import Publisher
+from jobstream.streams.redis_client import AnyRedis
 from jobstream.streams.status import TERMINAL, Status
 
 __all__ = ["Client", "JobState"]
@@ -27,7 +27,7 @@ __all__ = ["Client", "JobState"]
 JOB_SQL = """
 SELECT queue, status, attempts, result::text AS result, error,
        to_char(updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS updated_at
-FROM jobs WHERE id = $1
+FROM jobs WHERE id = $1 ORDER BY created_at DESC LIMIT 1
 """
 
 
@@ -59,16 +59,18 @@ class Client:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         payloads: Mapping[str, type[msgspec.Struct]],
         keys: Keys | None = None,
         *,
         pool: asyncpg.Pool | None = None,
+        partitions: Mapping[str, int] | None = None,
     ) -> None:
+        """`partitions`: queue → partitions, as the workers' policies say (default 1)."""
         self._redis = redis
         self._keys = keys or Keys()
         self._pool = pool
-        self._publisher = Publisher(redis, self._keys, payloads)
+        self._publisher = Publisher(redis, self._keys, payloads, partitions=partitions)
         self._queues: dict[type[msgspec.Struct], list[str]] = {}
         for queue, struct in payloads.items():
             self._queues.setdefault(struct, []).append(queue)
@@ -90,13 +92,15 @@ class Client:
         queue: str | None = None,
         job_id: str | None = None,
         delay_s: float | None = None,
+        key: str | None = None,
     ) -> str:
         """Publish one job (after `delay_s` seconds if given); return its job id.
 
+        `key` picks the partition of a partitioned queue (one key's jobs keep their order).
         Raises PublishError, writing nothing, for an invalid payload or an unknown queue.
         """
         return await self._publisher.publish(
-            queue or self.queue_of(payload), payload, job_id, delay_s=delay_s
+            queue or self.queue_of(payload), payload, job_id, delay_s=delay_s, key=key
         )
 
     async def publish_many(
@@ -106,12 +110,15 @@ class Client:
         queue: str | None = None,
         job_ids: Sequence[str | None] | None = None,
         delay_s: float | None = None,
+        key: str | None = None,
     ) -> list[str]:
         """Publish a batch of one queue in one round trip; all valid, or nothing written."""
         if not payloads:
             return []
         target = queue or self.queue_of(payloads[0])
-        return await self._publisher.publish_many(target, payloads, job_ids, delay_s=delay_s)
+        return await self._publisher.publish_many(
+            target, payloads, job_ids, delay_s=delay_s, key=key
+        )
 
     async def get(self, job_id: str) -> JobState | None:
         """The job's state now, or None when neither store knows it."""

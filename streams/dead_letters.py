@@ -16,13 +16,14 @@ from importlib import resources
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
+from jobstream.schema.envelope import created_ms
 from jobstream.schema.text import as_text
 from jobstream.schema.times import utc_iso
 from jobstream.streams.errors import PublishError
 from jobstream.streams.job import fence_of
 from jobstream.streams.keys import Keys
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = [
     "MAX_FIELD_BYTES",
@@ -118,22 +119,24 @@ def _decode(queue: str, entry: Any) -> DeadLetter:
 
 
 async def list_dead(
-    r: aioredis.Redis, keys: Keys, queue: str, count: int = 100
+    r: AnyRedis, keys: Keys, queue: str, count: int = 100, before: str | None = None
 ) -> list[DeadLetter]:
-    """The newest `count` dead letters of a queue, newest first."""
-    entries: Any = await r.xrevrange(keys.dead(queue), count=count)
+    """The newest `count` dead letters of a queue (older than the id `before`, if given),
+    newest first."""
+    if before is not None and not before.strip("0-"):
+        return []  # nothing is older than 0-0 (and Redis refuses the range)
+    newest = "+" if before is None else f"({before}"
+    entries: Any = await r.xrevrange(keys.dead(queue), max=newest, count=count)
     return [_decode(queue, e) for e in entries]
 
 
-async def read_dead(r: aioredis.Redis, keys: Keys, queue: str, dead_id: str) -> DeadLetter | None:
+async def read_dead(r: AnyRedis, keys: Keys, queue: str, dead_id: str) -> DeadLetter | None:
     """One dead letter by its id in the dead stream, or None."""
     entries: Any = await r.xrange(keys.dead(queue), min=dead_id, max=dead_id, count=1)
     return _decode(queue, entries[0]) if entries else None
 
 
-async def count_dead(
-    r: aioredis.Redis, keys: Keys, queue: str, older_than_ms: int | None = None
-) -> int:
+async def count_dead(r: AnyRedis, keys: Keys, queue: str, older_than_ms: int | None = None) -> int:
     """How many dead letters `purge_dead` with the same arguments would delete now."""
     key = keys.dead(queue)
     if older_than_ms is None:
@@ -146,9 +149,7 @@ async def count_dead(
     return n
 
 
-async def purge_dead(
-    r: aioredis.Redis, keys: Keys, queue: str, older_than_ms: int | None = None
-) -> int:
+async def purge_dead(r: AnyRedis, keys: Keys, queue: str, older_than_ms: int | None = None) -> int:
     """Delete a queue's dead letters (all, or those older than `older_than_ms`); return how many."""
     key = keys.dead(queue)
     if older_than_ms is None:
@@ -166,25 +167,30 @@ async def purge_dead(
 # before this function returns, always win. The old values come back for an undo.
 REPLAY_SQL = """
 WITH old AS (
-    SELECT id, status, error, next_attempt_at, fence FROM jobs WHERE id = $1 FOR UPDATE
+    SELECT id, created_at, status, error, next_attempt_at, fence FROM jobs
+    WHERE id = $1 AND created_at = to_timestamp($3::float8) FOR UPDATE
 )
 UPDATE jobs AS j
 SET status = 'queued', error = NULL, next_attempt_at = NULL, updated_at = now(),
     fence = $2::text::numeric
 FROM old
-WHERE j.id = old.id AND (old.fence IS NULL OR old.fence < $2::text::numeric)
+WHERE j.id = old.id AND j.created_at = old.created_at
+  AND (old.fence IS NULL OR old.fence < $2::text::numeric)
 RETURNING old.status, old.error, old.next_attempt_at, old.fence::text AS fence
 """
 # Then the row learns the new entry, unless its worker has written since.
 REPLAYED_SQL = """
-UPDATE jobs SET stream_entry_id = $3 WHERE id = $1 AND fence = $2::text::numeric
+UPDATE jobs SET stream_entry_id = $3
+WHERE id = $1 AND created_at = to_timestamp($4::float8) AND fence = $2::text::numeric
 """
 # Or, when the letter was gone after all, the row gets back what it said.
 UNDO_SQL = """
 UPDATE jobs SET status = $3, error = $4, next_attempt_at = $5, fence = $6::text::numeric,
                 updated_at = now()
-WHERE id = $1 AND fence = $2::text::numeric
+WHERE id = $1 AND created_at = to_timestamp($7::float8) AND fence = $2::text::numeric
 """
+# Whether the job's row is still there (its partition not yet dropped by the retention).
+HAS_ROW_SQL = "SELECT 1 FROM jobs WHERE id = $1 AND created_at = to_timestamp($2::float8)"
 _REPLAY_LUA = (
     resources.files("jobstream.streams.lua").joinpath("replay.lua").read_text(encoding="utf-8")
 )
@@ -221,7 +227,7 @@ return 1
 
 
 async def replay_dead(
-    r: aioredis.Redis, pool: asyncpg.Pool, keys: Keys, letter: DeadLetter
+    r: AnyRedis, pool: asyncpg.Pool, keys: Keys, letter: DeadLetter
 ) -> str | None:
     """Publish a dead letter again with attempt 1, record it `queued`, and drop the letter.
 
@@ -240,12 +246,20 @@ async def replay_dead(
     fields["attempt"] = "1"
     job_id = letter.fields.get("job_id") or fields.get("id") or letter.dead_id
     fields["id"] = job_id
+    # The replay names the job's row (and partition) by the job's creation time; a job
+    # whose row the retention has dropped starts afresh, created by the replay's entry.
+    raw = {k.encode(): v.encode() for k, v in fields.items() if k == "created_ms"}
+    created = created_ms(letter.fields.get("entry_id") or letter.dead_id, raw) / 1000.0
+    fields.pop("created_ms", None)
+    if await pool.fetchval(HAS_ROW_SQL, job_id, created):
+        fields["created_ms"] = str(round(created * 1000))
     seconds, micros = await r.time()  # the new entry's ID is at least this (Redis's clock)
     fence = fence_of(f"{seconds * 1000 + micros // 1000}-0", 0)
     hashed = keys.job(job_id)
-    row = await pool.fetchrow(REPLAY_SQL, job_id, fence)
-    now = utc_iso(seconds + micros / 1e6)
-    before = await r.register_script(_QUEUED_LUA)(keys=[hashed], args=[fence, now])
+    row = await pool.fetchrow(REPLAY_SQL, job_id, fence, created)
+    before = await r.register_script(_QUEUED_LUA)(
+        keys=[hashed], args=[fence, utc_iso(seconds + micros / 1e6)]
+    )
     move = r.register_script(_REPLAY_LUA)
     entry_id = await move(
         keys=[keys.dead(letter.queue), keys.stream(letter.queue)],
@@ -256,15 +270,15 @@ async def replay_dead(
             undo = [as_text(v) if v is not None else "" for v in before]
             await r.register_script(_UNDO_LUA)(keys=[hashed], args=[fence, *undo])
         if row is not None:
-            await pool.execute(UNDO_SQL, job_id, fence, *row.values())
+            await pool.execute(UNDO_SQL, job_id, fence, *row.values(), created)
         return None
     entry = as_text(entry_id)
-    await pool.execute(REPLAYED_SQL, job_id, fence, entry)
+    await pool.execute(REPLAYED_SQL, job_id, fence, entry, created)
     return entry
 
 
 async def replay_all(
-    r: aioredis.Redis,
+    r: AnyRedis,
     pool: asyncpg.Pool,
     keys: Keys,
     queue: str,

@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 from importlib import resources
 
-import redis.asyncio as aioredis
-
 from jobstream.streams.keys import Keys
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = ["Promoter"]
 
@@ -20,7 +19,7 @@ class Promoter:
     """Atomically moves due members of `jobs:{q}:delayed` into `jobs:{q}` (one queue per call)."""
 
     def __init__(
-        self, redis: aioredis.Redis, keys: Keys, batch: int = 500, max_fields: int = 1000
+        self, redis: AnyRedis, keys: Keys, batch: int = 500, max_fields: int = 1000
     ) -> None:
         self._script = redis.register_script(_PROMOTE_LUA)
         self._keys = keys

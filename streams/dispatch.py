@@ -7,11 +7,12 @@ only cancellation escapes. It knows nothing of any queue in particular.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,23 +21,34 @@ import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from jobstream.otel import extract, presample
+from jobstream.otel import extract, presample, trace_id_of
 from jobstream.otel.redact import exception_attributes, scrub
 from jobstream.schema.envelope import (
     Envelope,
     EnvelopeError,
+    created_ms,
     decode_envelope,
     safe_attempt,
     safe_job_id,
     trace_context,
 )
 from jobstream.schema.text import as_text
+from jobstream.streams import semconv as sc
 from jobstream.streams.errors import PermanentError, RetryableError
 from jobstream.streams.job import Delivery, Job, Result
 from jobstream.streams.policy import Policy, backoff_s
 from jobstream.streams.status import Outcome, Reason
 
-__all__ = ["Handler", "Route", "classify", "invalid_result", "prepare", "retry_fields"]
+__all__ = [
+    "BatchHandler",
+    "Handler",
+    "Route",
+    "classify",
+    "conclude",
+    "invalid_result",
+    "prepare",
+    "retry_fields",
+]
 
 logger = logging.getLogger("streams.jobs")
 _tracer = trace.get_tracer("jobstream.worker")
@@ -45,6 +57,9 @@ _MAX_ERROR = 4000  # an exception's text is the decoder's; a job's error stays r
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # one line in logs, PostgreSQL takes no NUL
 
 Handler = Callable[[Any, Job], Awaitable[Any]]
+BatchHandler = Callable[[Sequence[tuple[Any, Job]]], Awaitable[Sequence[Any]]]
+"""Runs many jobs of a queue at once: one outcome per job, in order, each the job's result
+or the exception that fails it (`RetryableError`, `PermanentError`, anything else)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +70,9 @@ class Route:
     decode: Callable[[bytes], Any]
     handle: Handler
     policy: Policy
+    handle_batch: BatchHandler | None = None
+    """Set for a queue whose handler takes batches (`streams.batch`); `handle` then runs
+    one job as a batch of one."""
 
 
 def classify(exc: BaseException, attempt: int, policy: Policy) -> tuple[Outcome, Reason | None]:
@@ -69,13 +87,16 @@ def classify(exc: BaseException, attempt: int, policy: Policy) -> tuple[Outcome,
 MAX_RETRY_EXTRA_FIELDS = 100
 """Fields beyond the contract's a retry keeps: its delayed member must stay small enough
 for the promotion script to publish it in one command."""
-_CONTRACT_FIELDS = frozenset({b"payload", b"id", b"attempt", b"traceparent", b"tracestate"})
+_CONTRACT_FIELDS = frozenset(
+    {b"payload", b"id", b"attempt", b"traceparent", b"tracestate", b"created_ms"}
+)
 MAX_RETRY_AFTER_S = 86_400.0
 """The longest a handler's retry-after hint may defer a job beyond its policy's backoff cap."""
 
 
 def retry_fields(d: Delivery, job_id: str, attempt: int) -> dict[str, str]:
-    """Fields of the retry entry: the original ones with the job id and `attempt + 1`.
+    """Fields of the retry entry: the original ones with the job id, `attempt + 1` and the
+    job's `created_ms` (its time partition in PostgreSQL, whatever the retry entry's ID).
 
     Other fields than the contract's are kept up to `MAX_RETRY_EXTRA_FIELDS`; how many
     were left out is in `dropped_fields`.
@@ -91,6 +112,7 @@ def retry_fields(d: Delivery, job_id: str, attempt: int) -> dict[str, str]:
         out[as_text(k)] = as_text(v)
     out["id"] = job_id
     out["attempt"] = str(attempt + 1)
+    out["created_ms"] = str(created_ms(d.entry_id, d.fields))
     if dropped:
         out["dropped_fields"] = str(dropped)
     return out
@@ -160,22 +182,54 @@ def prepare(route: Route, d: Delivery, max_payload_bytes: int) -> tuple[Envelope
         return invalid_result(d, f"{what}: {type(exc).__name__}: {exc}")
 
 
-async def execute(route: Route, env: Envelope, payload: Any, job: Job, d: Delivery) -> Result:
-    """Run the handler once; return the attempt's Result. Only cancellation escapes."""
+async def execute(
+    route: Route, env: Envelope, payload: Any, job: Job, d: Delivery, *, watched: bool = False
+) -> Result:
+    """Run the handler once; return the attempt's Result. Only cancellation escapes.
+
+    The handler runs under the policy's timeout: its own `asyncio.timeout`, or, when
+    `watched`, the engine's watchdog, which cancels the task running `d` once its time is
+    up after setting `d.timed_out` (no timer per job; see `Engine._watch`).
+    """
     started = time.time()
     mono = time.perf_counter()
     value: Any = None
-    error: str | None = None
     exc: Exception | None = None
     try:
-        async with asyncio.timeout(route.policy.timeout_s):
+        if watched:
             value = await route.handle(payload, job)
-    except TimeoutError as e:
-        exc = e
-        error = f"TimeoutError: handler exceeded its {route.policy.timeout_s:g}s timeout"
+        else:
+            async with asyncio.timeout(route.policy.timeout_s):
+                value = await route.handle(payload, job)
+    except asyncio.CancelledError:
+        if not d.timed_out:  # the worker's own cancellation (shutdown): it propagates
+            raise
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # the watchdog's request, answered here
+        exc = TimeoutError()
     except Exception as e:  # CancelledError is not an Exception: it propagates
         exc = e
-        error = scrub(f"{type(e).__name__}: {e}")  # libraries' messages may quote URLs
+    return conclude(route, env, job, d, value, exc, started, mono)
+
+
+def conclude(
+    route: Route,
+    env: Envelope,
+    job: Job,
+    d: Delivery,
+    value: Any,
+    exc: Exception | None,
+    started: float,
+    mono: float,
+) -> Result:
+    """The Result of one attempt that returned `value` or raised `exc`: classified, its
+    retry planned, its result encoded (one that is not JSON fails the job for good)."""
+    error: str | None = None
+    if isinstance(exc, TimeoutError):
+        error = f"TimeoutError: handler exceeded its {route.policy.timeout_s:g}s timeout"
+    elif exc is not None:
+        error = scrub(f"{type(exc).__name__}: {exc}")  # libraries' messages may quote URLs
     result_json: str | None = None
     if exc is None and value is not None:
         try:
@@ -210,9 +264,9 @@ def _attributes(attrs: dict[str, Any], d: Delivery, job_id: str) -> dict[str, An
     """The queue's constant span attributes plus this delivery's own."""
     return {
         **attrs,
-        "messaging.message.id": d.entry_id,
-        "messaging.message.conversation_id": job_id,
-        "messaging.redis.message.delivery_count": d.delivery_count,
+        sc.MESSAGE_ID: d.entry_id,
+        sc.CONVERSATION_ID: job_id,
+        sc.DELIVERY_COUNT: d.delivery_count,
     }
 
 
@@ -224,6 +278,8 @@ async def execute_traced(
     d: Delivery,
     attrs: dict[str, Any],
     around: Callable[[Result | None], None],
+    *,
+    watched: bool = False,
 ) -> Result:
     """`execute` inside a CONSUMER span that is a child of, and links to, the producer's.
 
@@ -231,13 +287,13 @@ async def execute_traced(
     job's start and end log lines carry its trace id.
     """
     parent = extract(env.traceparent, env.tracestate)
-    name = f"process {attrs['messaging.destination.name']}"
+    name = f"process {attrs[sc.DESTINATION]}"
     unsampled = presample(parent, name)
     if unsampled is not None:  # no span to build: run under the unsampled context only
         token = otel_context.attach(unsampled)
         try:
             around(None)
-            res = await execute(route, env, payload, job, d)
+            res = await execute(route, env, payload, job, d, watched=watched)
             around(res)
             return res
         finally:
@@ -247,7 +303,7 @@ async def execute_traced(
         ctx = trace.get_current_span(parent).get_span_context()
         if ctx.is_valid:
             links.append(trace.Link(ctx))
-    attributes = {**_attributes(attrs, d, job.id), "jobstream.job.attempt": job.attempt}
+    attributes = {**_attributes(attrs, d, job.id), sc.JOB_ATTEMPT: job.attempt}
     with _tracer.start_as_current_span(
         name,
         context=parent or _ROOT,  # no traceparent: a new trace, whatever runs the engine
@@ -258,10 +314,10 @@ async def execute_traced(
         set_status_on_exception=False,
     ) as span:
         around(None)
-        res = await execute(route, env, payload, job, d)
+        res = await execute(route, env, payload, job, d, watched=watched)
         if res.exception is not None:
             span.record_exception(res.exception, exception_attributes(res.exception))
-            span.set_attribute("error.type", type(res.exception).__qualname__)
+            span.set_attribute(sc.ERROR_TYPE, type(res.exception).__qualname__)
             span.set_status(trace.StatusCode.ERROR, res.error)
             if res.outcome is Outcome.RETRYING:
                 span.add_event("retry scheduled", {"jobstream.retry_at": res.retry_at or 0.0})
@@ -271,15 +327,18 @@ async def execute_traced(
         return res
 
 
-def trace_invalid(res: Result, attrs: dict[str, Any]) -> None:
-    """A CONSUMER span for an entry that never reached its handler, marked as an error."""
+def trace_invalid(res: Result, attrs: dict[str, Any]) -> Result:
+    """A CONSUMER span for an entry that never reached its handler, marked as an error;
+    return the result with the span's trace id."""
     d = res.delivery
     parent = extract(*trace_context(d.fields))
     with _tracer.start_as_current_span(
-        f"process {attrs['messaging.destination.name']}",
+        f"process {attrs[sc.DESTINATION]}",
         context=parent or _ROOT,
         kind=trace.SpanKind.CONSUMER,
-        attributes={**_attributes(attrs, d, res.job_id), "error.type": "InvalidEntry"},
+        attributes={**_attributes(attrs, d, res.job_id), sc.ERROR_TYPE: "InvalidEntry"},
     ) as span:
         span.set_status(trace.StatusCode.ERROR, res.error)
         span.add_event("dead-lettered", {"jobstream.reason": res.reason or Reason.INVALID})
+        trace_id = trace_id_of(sampled_only=True) or trace_id_of(trace_context(d.fields)[0])
+    return dataclasses.replace(res, trace_id=trace_id)

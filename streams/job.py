@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,11 +54,20 @@ class Delivery:
     delivery_count: int = 1
     started_mono: float = 0.0
     read_at: float = field(default_factory=clock)  # on the lease clock (`jobstream.streams.lease`)
+    payload_stored: bool = False  # a row with this delivery's payload reached PostgreSQL
+    task: asyncio.Task[None] | None = None  # the task running it alone, for the watchdog
+    timed_out: bool = False  # the watchdog cancelled its task: its time was up
+    _fence: tuple[int, str] = field(default=(0, ""), init=False, repr=False)
 
     @property
     def fence(self) -> str:
-        """This delivery's place among the job's deliveries (see `fence_of`)."""
-        return fence_of(self.entry_id, self.delivery_count)
+        """This delivery's place among the job's deliveries (see `fence_of`); formatted
+        once per delivery count (several records of a job ask for it)."""
+        count, fence = self._fence
+        if count != self.delivery_count or not fence:
+            fence = fence_of(self.entry_id, self.delivery_count)
+            self._fence = (self.delivery_count, fence)
+        return fence
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +94,7 @@ class Result:
     executed: bool = True  # False: the handler never ran (invalid entry, skipped)
     exception: BaseException | None = None
     view: Any = None  # SKIPPED: the terminal row PostgreSQL has, to repair the hash from
+    trace_id: str | None = None  # 32 hex digits: the trace this attempt ran in, if any
 
     @classmethod
     def completed(

@@ -9,11 +9,11 @@ import re
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 
 from jobstream.schema.text import as_text
 from jobstream.schema.times import utc_iso
 from jobstream.streams.keys import Keys
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = ["Waiting", "find_waiting"]
 
@@ -47,7 +47,7 @@ def _stream_hit(queue: str, entry_id: Any, raw: dict[Any, Any]) -> tuple[Waiting
 
 
 async def _in_stream(
-    r: aioredis.Redis, keys: Keys, queue: str, job_id: str, limit: int
+    r: AnyRedis, keys: Keys, queue: str, job_id: str, limit: int
 ) -> tuple[list[Waiting], bool]:
     """The job's entries among the newest `limit` of the stream; and whether all were read."""
     stream, hits, seen = keys.stream(queue), [], 0
@@ -72,7 +72,7 @@ async def _in_stream(
 
 
 async def _in_delayed(
-    r: aioredis.Redis, keys: Keys, queue: str, job_id: str, limit: int
+    r: AnyRedis, keys: Keys, queue: str, job_id: str, limit: int
 ) -> tuple[list[Waiting], bool]:
     """The job's members of the delayed set (each a JSON object of the entry's fields)."""
     hits, seen, cursor = [], 0, 0
@@ -103,7 +103,7 @@ async def _in_delayed(
 
 
 async def find_waiting(
-    r: aioredis.Redis, keys: Keys, queues: list[str], job_id: str, limit: int = 50_000
+    r: AnyRedis, keys: Keys, queues: list[str], job_id: str, limit: int = 50_000
 ) -> tuple[list[Waiting], bool]:
     """Where a job waits in these queues' streams and delayed sets; and whether all was read.
 

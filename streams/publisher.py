@@ -13,15 +13,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
+import redis.exceptions
 from opentelemetry import trace
 
 from jobstream.otel import inject, is_recording_enabled
 from jobstream.schema.envelope import job_id_problem
 from jobstream.schema.text import as_text
 from jobstream.schema.times import utc_iso
+from jobstream.streams import semconv as sc
 from jobstream.streams.errors import PublishError
 from jobstream.streams.keys import Keys
+from jobstream.streams.observe import NullObserver, Observer
+from jobstream.streams.queue_partitions import Chooser
+from jobstream.streams.redis_client import AnyRedis, wait_replicas
 from jobstream.streams.status import Status
 
 __all__ = ["PayloadLike", "Publisher", "new_job_id"]
@@ -43,26 +47,51 @@ class Publisher:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         keys: Keys | None,
         payloads: Mapping[str, type[msgspec.Struct]],
         *,
         record_queued: bool = True,
+        wait_replicas: int = 0,
+        wait_timeout_ms: int = 1000,
+        partitions: Mapping[str, int] | None = None,
+        observer: Observer | None = None,
     ) -> None:
+        """`wait_replicas` > 0: a publish succeeds only once that many replicas confirmed
+        its writes (Redis `WAIT`, at most `wait_timeout_ms`); else it raises PublishError
+        (the jobs were written and may run: publishing again is safe, only never lost)."""
         self._redis = redis
+        self._wait = (wait_replicas, wait_timeout_ms)
+        # `partitions`: queue → P (policy `partitions`); a queue not named has one.
+        self._partitions = dict(partitions or {})
+        self._chooser = Chooser()
+        self._registered: set[str] = set()
         self._keys = keys or Keys()
         self._payloads = dict(payloads)
         self._record_queued = record_queued
+        self._observer: Observer = observer or NullObserver()
+        self._server = sc.server_attributes(redis)
 
     @property
     def queues(self) -> list[str]:
         return sorted(self._payloads)
 
-    def serving(self, payloads: Mapping[str, type[msgspec.Struct]]) -> Publisher:
-        """A publisher like this one (same connection, keys, recording) for `payloads`."""
-        if dict(payloads) == self._payloads:
+    def serving(
+        self,
+        payloads: Mapping[str, type[msgspec.Struct]],
+        partitions: Mapping[str, int] | None = None,
+    ) -> Publisher:
+        """A publisher like this one (same connection, keys, options) for `payloads`
+        (and their `partitions`, else this one's)."""
+        parts = self._partitions if partitions is None else dict(partitions)
+        if dict(payloads) == self._payloads and parts == self._partitions:
             return self
-        return Publisher(self._redis, self._keys, payloads, record_queued=self._record_queued)
+        replicas, timeout_ms = self._wait
+        return Publisher(
+            self._redis, self._keys, payloads, record_queued=self._record_queued,
+            wait_replicas=replicas, wait_timeout_ms=timeout_ms, partitions=parts,
+            observer=self._observer,
+        )  # fmt: skip
 
     def encode(self, queue: str, payload: PayloadLike) -> bytes:
         """Validate a payload against its queue's struct; return its JSON or raise PublishError."""
@@ -92,9 +121,13 @@ class Publisher:
         job_id: str | None = None,
         *,
         delay_s: float | None = None,
+        key: str | None = None,
     ) -> str:
-        """Publish one job (after `delay_s` seconds if given); return its job id."""
-        ids = await self.publish_many(queue, [payload], [job_id], delay_s=delay_s)
+        """Publish one job (after `delay_s` seconds if given); return its job id.
+
+        `key` (e.g. a mailbox id) picks the partition of a partitioned queue, so jobs of one
+        key keep their order; without one, partitions take turns."""
+        ids = await self._publish(queue, [payload], [job_id], delay_s, key, batch=False)
         return ids[0]
 
     async def publish_many(
@@ -104,8 +137,21 @@ class Publisher:
         job_ids: Sequence[str | None] | None = None,
         *,
         delay_s: float | None = None,
+        key: str | None = None,
     ) -> list[str]:
         """Publish a batch in one round trip; validate all first, so a bad one writes nothing."""
+        return await self._publish(queue, payloads, job_ids, delay_s, key, batch=True)
+
+    async def _publish(
+        self,
+        queue: str,
+        payloads: Sequence[PayloadLike],
+        job_ids: Sequence[str | None] | None,
+        delay_s: float | None,
+        key: str | None,
+        *,
+        batch: bool,
+    ) -> list[str]:
         if job_ids is not None and len(job_ids) != len(payloads):
             raise PublishError("job_ids and payloads differ in length")
         if delay_s is not None and not (math.isfinite(delay_s) and 0 <= delay_s <= 366 * 86400):
@@ -118,22 +164,27 @@ class Publisher:
                 raise PublishError(f"job id {problem}")
         stream = self._keys.stream(queue)
         if not is_recording_enabled():
-            await self._write(queue, bodies, ids, {}, delay_s)
+            await self._write(queue, bodies, ids, {}, delay_s, key)
             return ids
         attributes: dict[str, str | int] = {
-            "messaging.system": "redis",
-            "messaging.operation.type": "send",
-            "messaging.destination.name": stream,
-            "messaging.batch.message_count": len(bodies),
+            sc.SYSTEM: "redis",
+            sc.OPERATION_NAME: "send",
+            sc.OPERATION_TYPE: "send",
+            sc.DESTINATION: stream,
+            **self._server,
         }
-        if len(ids) == 1:  # so a job's id finds its producer span too
-            attributes["messaging.message.conversation_id"] = ids[0]
+        if batch:  # the conventions: a count on batch operations only
+            attributes[sc.BATCH_MESSAGE_COUNT] = len(bodies)
+        else:  # so a job's id finds its producer span too
+            attributes[sc.CONVERSATION_ID] = ids[0]
         with _tracer.start_as_current_span(
             f"send {stream}", kind=trace.SpanKind.PRODUCER, attributes=attributes
-        ):
+        ) as span:
             context: dict[str, str] = {}
             inject(context)
-            await self._write(queue, bodies, ids, context, delay_s)
+            entry_ids = await self._write(queue, bodies, ids, context, delay_s, key)
+            if not batch and entry_ids:  # a delayed job has no entry yet
+                span.set_attribute(sc.MESSAGE_ID, entry_ids[0])
         return ids
 
     async def _write(
@@ -143,8 +194,15 @@ class Publisher:
         ids: list[str],
         context: dict[str, str],
         delay_s: float | None,
-    ) -> None:
-        pipe = self._redis.pipeline(transaction=False)
+        key: str | None,
+    ) -> list[str]:
+        """Write the entries (or delayed members); return the entry IDs XADD gave them."""
+        pipe: Any = self._redis.pipeline(transaction=False)
+        added: list[int] = []  # where each XADD's reply is
+        count = self._partitions.get(queue, 1)
+        if count > 1 and queue not in self._registered:  # once: workers then read them all
+            pipe.sadd(self._keys.partitions(queue), *range(count))
+        written: list[str] = []
         due_ms = int((time.time() + delay_s) * 1000) if delay_s else None
         now = utc_iso(time.time())
         for body, job_id in zip(bodies, ids, strict=True):
@@ -156,11 +214,36 @@ class Publisher:
                     "attempt": 1,
                     "updated_at": now,
                 }
-                pipe.hset(self._keys.job(job_id), mapping=status)  # type: ignore[arg-type]
+                pipe.hset(self._keys.job(job_id), mapping=status)
+                written.append(self._keys.job(job_id))
+            part = self._keys.part(queue, self._chooser.pick(queue, count, key))
             if due_ms is None:
-                pipe.xadd(self._keys.stream(queue), fields)  # type: ignore[arg-type]
+                added.append(len(pipe))
+                pipe.xadd(self._keys.stream(part), fields)
+                written.append(self._keys.stream(part))
             else:
                 fields["attempt"] = "1"
                 member = msgspec.json.encode({k: as_text(v) for k, v in fields.items()})
-                pipe.zadd(self._keys.delayed(queue), {member: due_ms})
-        await pipe.execute()
+                pipe.zadd(self._keys.delayed(part), {member: due_ms})
+                written.append(self._keys.delayed(part))
+        replicas, timeout_ms = self._wait
+        stream = self._keys.stream(queue)
+        try:
+            if replicas <= 0:
+                replies = await pipe.execute()
+            else:
+                confirmed, replies = await wait_replicas(
+                    self._redis, pipe, written, replicas, timeout_ms
+                )
+        except (redis.exceptions.RedisError, OSError) as exc:  # counted, then raised as it was
+            self._observer.messages_sent(queue, stream, len(bodies), type(exc).__qualname__)
+            raise
+        self._observer.messages_sent(queue, stream, len(bodies), None)
+        self._registered.add(queue)
+        if replicas > 0 and confirmed < replicas:
+            raise PublishError(
+                f"{queue}: {len(ids)} jobs written but confirmed by {confirmed} of "
+                f"{replicas} replicas within {timeout_ms} ms (JOBSTREAM_PUBLISH_WAIT_REPLICAS): "
+                "they may run, or be lost if the master fails now; publish them again"
+            )
+        return [as_text(replies[i]) for i in added]

@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from jobstream.schema.text import as_text
 from jobstream.streams.job import Delivery
 from jobstream.streams.keys import Keys
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = ["Pending", "Reclaimer"]
 
@@ -37,7 +36,7 @@ class Pending:
 
 @dataclass
 class Reclaimer:
-    redis: aioredis.Redis
+    redis: AnyRedis
     keys: Keys
     group: str
     consumer: str

@@ -21,18 +21,26 @@ from typing import Any
 import asyncpg
 import hiredis
 import msgspec
-import redis.asyncio as aioredis
 import redis.exceptions
+from asyncpg.pool import PoolConnectionProxy
+from redis.asyncio.cluster import RedisCluster
 
-from jobstream.schema.envelope import MAX_TIME_MS, enqueued_at_ms
+from jobstream.schema.envelope import MAX_TIME_MS, created_ms
 from jobstream.schema.text import as_text, clean_text
 from jobstream.schema.times import utc_iso
 from jobstream.streams.backoff import retry_until_done
 from jobstream.streams.dead_letters import dead_fields
 from jobstream.streams.job import Delivery, Result
-from jobstream.streams.keys import Keys
+from jobstream.streams.keys import Keys, queue_of_part
 from jobstream.streams.lease import Lease
-from jobstream.streams.pg_store import ExecRow, JobRow, write_batch
+from jobstream.streams.pg_store import ExecRow, JobRow, find_created, write_batch
+from jobstream.streams.redis_client import (
+    REDIS_ERRORS,
+    AnyRedis,
+    NotReplicated,
+    load_scripts,
+    send_many,
+)
 from jobstream.streams.status import TERMINAL, Outcome, Reason, Status
 
 __all__ = ["Recorder", "RecorderConfig", "Start"]
@@ -52,7 +60,7 @@ _DATA_ERRORS = (
 )
 _MAX_TIME_S = MAX_TIME_MS / 1000
 _PG_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
-_REDIS_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+_REDIS_ERRORS = REDIS_ERRORS
 _MAX_DEAD_FIELDS = 1000  # a dead letter keeps at most this many of an entry's fields
 
 
@@ -76,6 +84,7 @@ class Start:
     attempt: int
     payload: bytes
     started_at: float
+    trace_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +97,12 @@ class RecorderConfig:
     max_batch: int = 2000
     max_backlog: int = 4000
     redis_timeout_s: float = 30.0
+    wait_replicas: int = 0  # settlement waits for this many replicas (Redis WAIT)
+    wait_timeout_ms: int = 1000
 
 
 def _iso(ts: float | None) -> str:
+    """`2026-11-30T10:00:00.123Z`; the seconds' part is formatted once per second."""
     if ts is None:
         return ""
     return utc_iso(ts)
@@ -112,7 +124,7 @@ class Recorder:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         pool: asyncpg.Pool,
         config: RecorderConfig,
         lease: Lease | None = None,
@@ -125,6 +137,7 @@ class Recorder:
         `on_done(delivery)` is called once an outcome's settlement is over (its entry
         acked, or left to its new holder), never while it waits to be re-sent."""
         self._redis = redis
+        self._cluster = isinstance(redis, RedisCluster)
         self._on_done = on_done
         # Waiting to be re-sent, by id() of what was handed over: (that, what is re-sent).
         self._later: dict[int, tuple[Result, Result]] = {}
@@ -132,7 +145,7 @@ class Recorder:
         self._cfg = config
         self._lease = lease
         self._superseded = superseded or (lambda d, n: False)
-        self.stale = 0  # outcomes dropped because their entry had been taken over
+        self.stale = 0  # deliveries whose records were dropped: their entry was taken over
         self._pending: list[Start | Result] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -143,6 +156,7 @@ class Recorder:
         self._progress_at = time.time()
         self.has_room = asyncio.Event()  # cleared while the backlog is over max_backlog
         self.has_room.set()
+        self._conn: PoolConnectionProxy | None = None
 
     def start(self) -> None:
         if self._task is None:
@@ -204,14 +218,34 @@ class Recorder:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
-                try:
-                    await self._flush_some()
-                except Exception:  # the loop must outlive any one batch (settle never raises)
-                    logger.exception("flush failed; its records are retried in 1s")
-                    self._pending[:0] = self._batch  # back in front, in order
-                    self._batch, self._flushing = [], 0
-                    await asyncio.sleep(1.0)
+            try:
+                while self._pending:
+                    try:
+                        await self._flush_some()
+                    except Exception:  # the flush loop outlives any one batch (settle never raises)
+                        logger.exception("flush failed; its records are retried in 1s")
+                        self._pending[:0] = self._batch  # back in front, in order
+                        self._batch, self._flushing = [], 0
+                        await asyncio.sleep(1.0)
+            finally:
+                await self._put_back()
+
+    async def _connection(self) -> PoolConnectionProxy:
+        """The connection this flush loop writes through, held while it has work: the
+        pool would reset it (one more round trip) each time it came back."""
+        if self._conn is None or self._conn.is_closed():
+            await self._put_back()
+            self._conn = await self._pool.acquire()
+        return self._conn
+
+    async def _put_back(self) -> None:
+        """Return the held connection to the pool (reset once, for whoever takes it next)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await self._pool.release(conn)
+            except _PG_ERRORS as exc:  # a broken connection: the pool replaces it
+                logger.debug("releasing the recorder's connection failed: %s", exc)
 
     async def _flush_some(self) -> None:
         batch = self._pending[: self._cfg.max_batch]
@@ -221,8 +255,13 @@ class Recorder:
         batch = await self._drop_stale(batch)
         results = [item for item in batch if isinstance(item, Result)]
         jobs, execs = self._rows(batch)
+        untold = {item.job_id for item in batch if _untold(item)}
+        if untold:
+            await self._find_created(untold, jobs, execs)
         if jobs or execs:
             fallen = await self._write_pg(jobs, execs)
+            for item in batch:  # the payload is sent once per delivery, not per status
+                item.delivery.payload_stored = True
             if fallen:
                 jobs, results = _after_fallback(jobs, results, fallen)
         views = [_view_row(r) for r in results if r.view is not None]
@@ -257,6 +296,25 @@ class Recorder:
                 rows[item.job_id] = _start_row(item) if isinstance(item, Start) else _job_row(item)
         return list(rows.values()), execs
 
+    async def _find_created(
+        self, job_ids: set[str], jobs: list[JobRow], execs: list[ExecRow]
+    ) -> None:
+        """Give rows whose entry does not tell its job's creation time the time of the
+        job's row in PostgreSQL, if it has one, so that they update it (rare path)."""
+        found: dict[str, float] = {}
+
+        async def find() -> None:
+            nonlocal found
+            found = await find_created(self._pool, sorted(job_ids))
+
+        await retry_until_done(
+            find, errors=_PG_ERRORS, what="PostgreSQL", down=self._down, log=logger
+        )
+        for row in jobs:
+            row.created_at = found.get(row.id, row.created_at)
+        for ex in execs:
+            ex.created_at = found.get(ex.job_id, ex.created_at)
+
     async def _write_pg(
         self, jobs: list[JobRow], execs: list[ExecRow]
     ) -> dict[str, str | None] | None:
@@ -265,11 +323,17 @@ class Recorder:
 
         async def write() -> None:
             nonlocal fallen
+            conn = await self._connection()
             try:
-                await write_batch(self._pool, self._cfg.worker_id, jobs, execs)
-            except _DATA_ERRORS as exc:
-                logger.warning("batch refused by PostgreSQL (%s); writing jobs one by one", exc)
-                fallen = await self._write_pg_singly(jobs, execs)
+                try:
+                    await write_batch(conn, self._cfg.worker_id, jobs, execs)
+                except _DATA_ERRORS as exc:
+                    logger.warning("batch refused by PostgreSQL (%s); writing jobs one by one",
+                                   exc)  # fmt: skip
+                    fallen = await self._write_pg_singly(conn, jobs, execs)
+            except _PG_ERRORS:  # the connection may be broken: take another next time
+                await self._put_back()
+                raise
 
         # inv. 7: wait for PostgreSQL, acking nothing meanwhile.
         await retry_until_done(
@@ -278,7 +342,7 @@ class Recorder:
         return fallen
 
     async def _write_pg_singly(
-        self, jobs: list[JobRow], execs: list[ExecRow]
+        self, conn: PoolConnectionProxy, jobs: list[JobRow], execs: list[ExecRow]
     ) -> dict[str, str | None]:
         """One bad row must not block the others: write each alone, degrading what it keeps.
 
@@ -291,7 +355,7 @@ class Recorder:
         for row in jobs:
             mine = [e for e in execs if e.job_id == row.id]
             try:
-                await write_batch(self._pool, self._cfg.worker_id, [row], mine)
+                await write_batch(conn, self._cfg.worker_id, [row], mine)
                 continue
             except _DATA_ERRORS as exc:
                 row.payload = None
@@ -299,7 +363,7 @@ class Recorder:
                 why = _first_line(exc)
                 row.error = f"{row.error or ''} (payload or result not storable: {why})".strip()
             try:
-                await write_batch(self._pool, self._cfg.worker_id, [row], mine)
+                await write_batch(conn, self._cfg.worker_id, [row], mine)
                 continue
             except _DATA_ERRORS as exc:
                 if row.status == Status.RUNNING:  # acks nothing; the outcome's row will tell
@@ -307,7 +371,7 @@ class Recorder:
                     continue
                 _minimal(row, exc)
             try:
-                await write_batch(self._pool, self._cfg.worker_id, [row], [])
+                await write_batch(conn, self._cfg.worker_id, [row], [])
                 logger.error("job %s recorded failed in minimal form: %s", row.id, row.error)
                 fallen[row.id] = row.error
             except _DATA_ERRORS as exc:  # beyond storing: say so loudly, never ack it
@@ -339,9 +403,11 @@ class Recorder:
             if isinstance(reply, Exception):  # cannot tell: keep them, settlement re-checks
                 logger.warning("ownership check failed: %s", reply)
                 continue
+            told: set[int] = set()  # a delivery's `running` and outcome: one line
             for item, code in zip(items, reply, strict=True):  # type: ignore[call-overload]
-                if not self._owned(item, int(code)):
+                if not self._owned(item, int(code), quiet=id(item.delivery) in told):
                     gone.add(id(item))
+                    told.add(id(item.delivery))
         if not gone:
             return batch
         self._release(item for item in batch if id(item) in gone)
@@ -354,14 +420,17 @@ class Recorder:
                 if isinstance(item, Result):
                     self._on_done(item.delivery)
 
-    def _owned(self, item: Start | Result, code: int) -> bool:
-        """Whether a record still speaks for its entry, given the ownership `code`."""
+    def _owned(self, item: Start | Result, code: int, *, quiet: bool = False) -> bool:
+        """Whether a record still speaks for its entry, given the ownership `code`
+        (`quiet`: another record of the same delivery was counted and logged already)."""
         d = item.delivery
         if code == 1:
             return True
         if code < 0 and not self._superseded(d, -code):
             d.delivery_count = -code  # ours, delivered again by Redis, run by no one else
             return True
+        if quiet:
+            return False
         self.stale += 1
         logger.warning(
             "stale attempt ignored job=%s queue=%s entry=%s: %s",
@@ -388,19 +457,19 @@ class Recorder:
         Idempotent: re-sent after a lost reply, it finds its entries acked and its hashes
         written, and changes nothing (inv. 10).
         """
-        cmds: list[tuple[Any, ...]] = []
-        if jobs:
-            cmds.append(self._hash_cmd(jobs))
+        cmds = self._hash_cmds(jobs) if jobs else []
+        hashes = len(cmds)
         by_queue: dict[str, list[Result]] = {}
         for r in results:
             by_queue.setdefault(r.delivery.queue, []).append(r)
         cmds += [self._settle_cmd(q, rs) for q, rs in by_queue.items()]
         if not cmds:
             return
-        replies = await self._send_scripts(cmds)
-        if jobs and isinstance(replies[0], Exception):  # inv. 2: a view; fails no job
-            logger.warning("job hash write failed: %s", replies[0])
-        settled = replies[1:] if jobs else replies
+        replies = await self._send_scripts(cmds, wait=self._cfg.wait_replicas > 0)
+        failed = [x for x in replies[:hashes] if isinstance(x, Exception)]
+        if failed:  # inv. 2: a view; fails no job
+            logger.warning("job hash write failed (%d of %d): %s", len(failed), hashes, failed[0])
+        settled = replies[hashes:]
         retry: list[Result] = []
         for rs, reply in zip(by_queue.values(), settled, strict=True):
             retry += self._unsettled(rs, reply)
@@ -438,17 +507,26 @@ class Recorder:
                 self._owned(r, int(code))  # counted and logged as stale
         return retry
 
-    def _hash_cmd(self, jobs: list[JobRow]) -> tuple[Any, ...]:
+    def _hash_cmds(self, jobs: list[JobRow]) -> list[tuple[Any, ...]]:
+        """One script call for all job hashes on one server; on a cluster, where the hashes
+        are spread over every slot, one call per job (a script touches one slot only)."""
         now = _iso(time.time())
         keys: list[str] = []
         args: list[Any] = []
+        cmds: list[tuple[Any, ...]] = []
         for row in jobs:
             fields = self._hash_fields(row, now)
-            keys.append(self._cfg.keys.job(row.id))
             terminal = row.status in TERMINAL
-            args += (row.fence, 1 if row.status == Status.RUNNING else 2,
-                     self._cfg.hash_ttl_s if terminal else 0, len(fields), *fields)  # fmt: skip
-        return ("EVALSHA", _SETHASH[1], len(keys), *keys, *args)
+            one = (row.fence, 1 if row.status == Status.RUNNING else 2,
+                   self._cfg.hash_ttl_s if terminal else 0, len(fields), *fields)  # fmt: skip
+            if self._cluster:
+                cmds.append(("EVALSHA", _SETHASH[1], 1, self._cfg.keys.job(row.id), *one))
+            else:
+                keys.append(self._cfg.keys.job(row.id))
+                args += one
+        if keys:
+            cmds.append(("EVALSHA", _SETHASH[1], len(keys), *keys, *args))
+        return cmds
 
     def _settle_cmd(self, queue: str, results: list[Result]) -> tuple[Any, ...]:
         keys = self._cfg.keys
@@ -470,7 +548,7 @@ class Recorder:
         d = r.delivery
         fields = dead_fields(
             d.fields,
-            queue=d.queue,
+            queue=queue_of_part(d.queue),
             job_id=r.job_id,
             entry_id=d.entry_id,
             reason=r.reason or Reason.PERMANENT,  # every failed Result has its reason
@@ -484,17 +562,51 @@ class Recorder:
             items = [*items[: _MAX_DEAD_FIELDS - 8], *items[-7:], ("dropped_fields", dropped)]
         return msgspec.json.encode([as_text(x) for kv in items for x in kv])
 
-    async def _send_scripts(self, cmds: list[tuple[Any, ...]]) -> list[object]:
+    async def _send_scripts(
+        self, cmds: list[tuple[Any, ...]], *, wait: bool = False
+    ) -> list[object]:
         """Send EVALSHA commands in one round trip, loading the scripts when Redis lacks
-        them (after a restart or SCRIPT FLUSH) and sending again: they are idempotent."""
-        replies = await self._send(cmds)
+        them (after a restart, a failover or SCRIPT FLUSH) and sending again: they are
+        idempotent. `wait`: see `_send`."""
+        replies = await self._send(cmds, wait)
         if any(isinstance(x, redis.exceptions.NoScriptError) for x in replies):
-            await self._send([("SCRIPT", "LOAD", body) for body, _ in (_SETTLE, _SETHASH, _OWNED)])
-            replies = await self._send(cmds)
+            await load_scripts(self._redis, [body for body, _ in (_SETTLE, _SETHASH, _OWNED)])
+            replies = await self._send(cmds, wait)
         return replies
 
-    async def _send(self, cmds: list[tuple[Any, ...]]) -> list[object]:
-        """Send commands in one round trip; packed by hiredis, which is much cheaper per job."""
+    async def _send(self, cmds: list[tuple[Any, ...]], wait: bool = False) -> list[object]:
+        """Send commands in one round trip (per node, on a cluster); on one server packed
+        by hiredis, which is much cheaper per job.
+
+        `wait`: then wait for `wait_replicas` replicas. Once fewer confirmed, the writes are
+        sent again after a second (all idempotent): across a failover they land on the
+        new master if the old one died before passing them on. Not more often: a replica
+        that is down must not stop settlement.
+        """
+        n = self._cfg.wait_replicas if wait else 0
+        try:
+            return await self._send_once(cmds, n)
+        except NotReplicated as exc:
+            logger.warning("settlement not confirmed by replicas (%s); sending it again", exc)
+            await asyncio.sleep(1.0)
+            return await self._send_once(cmds, 0)
+
+    async def _send_once(self, cmds: list[tuple[Any, ...]], replicas: int) -> list[object]:
+        wait = (replicas, self._cfg.wait_timeout_ms)
+        if isinstance(self._redis, RedisCluster):
+            keys = [str(c[3]) for c in cmds if c[0] == "EVALSHA" and int(c[2]) > 0]
+            async with asyncio.timeout(self._cfg.redis_timeout_s):
+                return await send_many(self._redis, cmds, keys, wait)
+        if replicas > 0:
+            replies = await self._send_raw([*cmds, ("WAIT", *wait)])
+            confirmed = replies.pop()
+            if not isinstance(confirmed, int) or confirmed < replicas:
+                raise NotReplicated(f"{confirmed} of {replicas} replicas confirmed the writes")
+            return replies
+        return await self._send_raw(cmds)
+
+    async def _send_raw(self, cmds: list[tuple[Any, ...]]) -> list[object]:
+        assert not isinstance(self._redis, RedisCluster)  # a cluster goes through send_many
         pool = self._redis.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
@@ -517,7 +629,8 @@ class Recorder:
     def _hash_fields(self, row: JobRow, now: str) -> list[Any]:
         out: list[Any] = ["status", row.status.encode(), "queue", row.queue,
                           "attempt", row.attempt, "worker_id", self._cfg.worker_id,
-                          "updated_at", now]  # fmt: skip
+                          "updated_at", now,
+                          "created_ms", round(row.created_at * 1000)]  # fmt: skip
         if row.started_at is not None:
             out += ("started_at", _iso(row.started_at))
         if row.status in TERMINAL:
@@ -536,18 +649,22 @@ def _order(item: Start | Result) -> tuple[str, bool]:
 def _start_row(item: Start) -> JobRow:
     d = item.delivery
     return JobRow(
-        item.job_id, d.queue, Status.RUNNING, _payload_text(item.payload), None, None,
-        item.attempt, d.entry_id, _created(d), item.started_at, None, None, d.fence,
+        item.job_id, queue_of_part(d.queue), Status.RUNNING, _payload_text(item.payload), None,
+        None, item.attempt, d.entry_id, _created(d), item.started_at, None, None, d.fence,
+        item.trace_id,
     )  # fmt: skip
 
 
 def _job_row(r: Result) -> JobRow:
     d = r.delivery
     done = r.finished_at if r.outcome is not Outcome.RETRYING else None
+    # Once PostgreSQL has the payload (from the `running` row), the outcome's row leaves
+    # it out: the upsert keeps the stored one, and the payload crosses the wire once.
+    payload = None if d.payload_stored else _payload_text(r.payload)
     return JobRow(
-        r.job_id, d.queue, _STATUS[r.outcome], _payload_text(r.payload), r.result_json,
+        r.job_id, queue_of_part(d.queue), _STATUS[r.outcome], payload, r.result_json,
         clean_text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None, done,
-        _time(r.retry_at), d.fence,
+        _time(r.retry_at), d.fence, r.trace_id,
     )  # fmt: skip
 
 
@@ -565,13 +682,20 @@ def _exec_row(r: Result) -> ExecRow:
     d = r.delivery
     return ExecRow(
         r.job_id, r.attempt, r.outcome.value, clean_text(r.error), r.duration_ms, r.started_at,
-        r.finished_at, d.entry_id, d.delivery_count,
+        r.finished_at, d.entry_id, d.delivery_count, _created(d),
     )  # fmt: skip
 
 
 def _created(d: Delivery) -> float:
-    """The entry ID's time, clamped (an explicit ID may be past any storable time)."""
-    return enqueued_at_ms(d.entry_id) / 1000.0
+    """The job's creation time: its partition (carried by retries and replays, else the
+    entry ID's time, clamped: an explicit ID may be past any storable time)."""
+    return created_ms(d.entry_id, d.fields) / 1000.0
+
+
+def _untold(item: Start | Result) -> bool:
+    """Whether an entry may belong to a job created before it without saying when: an
+    attempt above 1 without `created_ms` (a retry published before partitioning)."""
+    return item.attempt > 1 and b"created_ms" not in item.delivery.fields
 
 
 def _time(ts: float | None) -> float | None:

@@ -10,11 +10,10 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from jobstream.schema.text import as_text
 from jobstream.schema.times import entry_parts
 from jobstream.streams.keys import Keys
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = ["DeadLetterCaps", "DeadLetterTrimmer", "safe_min_id", "trim"]
 
@@ -24,7 +23,7 @@ _BYTES_LUA = (
 )
 
 
-async def safe_min_id(r: aioredis.Redis, stream: str) -> str | None:
+async def safe_min_id(r: AnyRedis, stream: str) -> str | None:
     """The lowest ID to keep: each group's oldest pending entry and its last-delivered entry."""
     lowest: str | None = None
     for group in await r.xinfo_groups(stream):
@@ -43,7 +42,7 @@ async def safe_min_id(r: aioredis.Redis, stream: str) -> str | None:
     return lowest
 
 
-async def trim(r: aioredis.Redis, keys: Keys, queue: str) -> int:
+async def trim(r: AnyRedis, keys: Keys, queue: str) -> int:
     """Drop acknowledged entries older than every group's needs; return how many."""
     stream = keys.stream(queue)
     min_id = await safe_min_id(r, stream)
@@ -68,7 +67,7 @@ class DeadLetterTrimmer:
     the entry and byte caps only protect Redis' memory, and what they drop is logged.
     """
 
-    def __init__(self, redis: aioredis.Redis, keys: Keys, caps: DeadLetterCaps) -> None:
+    def __init__(self, redis: AnyRedis, keys: Keys, caps: DeadLetterCaps) -> None:
         self._redis = redis
         self._keys = keys
         self.caps = caps

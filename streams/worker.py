@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import dataclasses
 import functools
 import logging
 import os
@@ -19,12 +21,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 import redis.exceptions
 
-from jobstream.otel import is_recording_enabled
-from jobstream.schema.envelope import enqueued_at_ms, safe_job_id
+from jobstream.otel import is_recording_enabled, trace_id_of
+from jobstream.otel.suppress import instrumented_context, suppressed
+from jobstream.schema.envelope import (
+    Envelope,
+    created_ms,
+    enqueued_at_ms,
+    safe_job_id,
+    trace_context,
+)
+from jobstream.streams import semconv as sc
 from jobstream.streams.backoff import retry_until_done
+from jobstream.streams.batch import Item, execute_batch, execute_batch_traced
 from jobstream.streams.delayed import Promoter
 from jobstream.streams.dispatch import (
     Route,
@@ -34,23 +44,31 @@ from jobstream.streams.dispatch import (
     prepare,
     trace_invalid,
 )
+from jobstream.streams.gauges import QueueGauges
 from jobstream.streams.heartbeat import heartbeat_value
 from jobstream.streams.job import Delivery, Job, Result
-from jobstream.streams.keys import Keys
+from jobstream.streams.keys import Keys, queue_of_part
 from jobstream.streams.lease import Lease, clock
 from jobstream.streams.observe import NullObserver, Observer
+from jobstream.streams.partitions import PartitionPolicy, PrunePlan, maintain
 from jobstream.streams.pg_store import JobRow, fetch_statuses
+from jobstream.streams.queue_partitions import parts_of, register
 from jobstream.streams.reclaimer import Pending, Reclaimer
 from jobstream.streams.recorder import Recorder, RecorderConfig, Start
-from jobstream.streams.status import TERMINAL, Reason
+from jobstream.streams.redis_client import REDIS_ERRORS, AnyRedis
+from jobstream.streams.status import TERMINAL, Outcome, Reason
 from jobstream.streams.trimmer import DeadLetterCaps, DeadLetterTrimmer, trim
 
 __all__ = ["Engine", "EngineConfig"]
 
 logger = logging.getLogger(__name__)
 job_log = logging.getLogger("streams.jobs")
-_CONN_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
-_STORE_ERRORS = (*_CONN_ERRORS, asyncpg.PostgresError, asyncpg.InterfaceError)
+_CONN_ERRORS = REDIS_ERRORS
+_STORE_ERRORS: tuple[type[BaseException], ...] = (
+    *_CONN_ERRORS,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +91,10 @@ class EngineConfig:
     dead_max_age_s: float = 30 * 86400
     dead_max_bytes: int = 256 * 1024 * 1024
     burst: bool = False
+    partitions: PartitionPolicy | None = field(default_factory=PartitionPolicy)
+    """Time partitions of the job tables, made ahead and pruned daily; None: left alone."""
+    wait_replicas: int = 0  # settlement waits for this many replicas to confirm
+    wait_timeout_ms: int = 1000
 
 
 class _Lane:
@@ -82,8 +104,11 @@ class _Lane:
     the recorder batches the outcomes of many more jobs than the concurrency.
     """
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, name: str | None = None, concurrency: int = 0) -> None:
         self.route = route
+        # The partition this lane reads, named as a queue (`q`, `q#1`, ...): its Redis keys.
+        self.name = name or route.queue
+        self.concurrency = concurrency or route.policy.concurrency
         self.tasks: set[asyncio.Task[None]] = set()  # running or settling
         self.running: dict[str, Delivery] = {}  # holding a slot
         # inv. 10: every entry this process holds, from its read or claim until its ack
@@ -97,10 +122,16 @@ class _Lane:
         self.reading = False  # between passing the gate and starting what it read
         self.free = asyncio.Event()
         self.free.set()
+        # A batch handler's next batch, filling up (its jobs hold their slots already),
+        # and the timer that runs it when the policy's wait is over before it is full.
+        self.batch: list[Item] = []
+        self.timer: asyncio.TimerHandle | None = None
+        self.batch_size = min(route.policy.batch_size, route.policy.concurrency)
+        self.context: contextvars.Context | None = None  # where jobs run (instrumentation on)
 
     @property
     def room(self) -> int:
-        return self.route.policy.concurrency - len(self.running)
+        return self.concurrency - len(self.running)
 
     def spawn(self, coro: Coroutine[Any, Any, None], d: Delivery) -> None:
         if d.entry_id in self.running:  # cannot happen while every path takes `held` first
@@ -109,12 +140,40 @@ class _Lane:
                          d.entry_id, self.route.queue)  # fmt: skip
             return
         d.started_mono = time.perf_counter()
-        task = asyncio.ensure_future(coro)
+        if self.context is None:
+            task = asyncio.ensure_future(coro)
+        else:
+            task = asyncio.get_running_loop().create_task(coro, context=self.context.copy())
+        d.task = task  # timed by the watchdog (`Engine._watch`)
         self.tasks.add(task)
         self.running[d.entry_id] = d
         if self.room <= 0:
             self.free.clear()
         task.add_done_callback(lambda t: self._done(t, d.entry_id))
+
+    def hold(self, d: Delivery) -> None:
+        """`d` takes a slot while it waits in the batch that fills up."""
+        d.started_mono = time.perf_counter()
+        self.running[d.entry_id] = d
+        if self.room <= 0:
+            self.free.clear()
+
+    def spawn_batch(self, coro: Coroutine[Any, Any, None], items: list[Item]) -> None:
+        """Run a batch whose jobs hold their slots (`hold`) until its task is done."""
+        if self.context is None:
+            task = asyncio.ensure_future(coro)
+        else:
+            task = asyncio.get_running_loop().create_task(coro, context=self.context.copy())
+        self.tasks.add(task)
+        if len(items) == 1:  # run alone (`Engine._run_one`): timed by the watchdog
+            items[0].delivery.task = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self.tasks.discard(t)
+            for it in items:
+                self.release(it.delivery.entry_id)
+
+        task.add_done_callback(done)
 
     def release(self, entry_id: str) -> None:
         """The handler is done with its slot (its outcome may still be settling)."""
@@ -131,7 +190,7 @@ class Engine:
 
     def __init__(
         self,
-        redis: aioredis.Redis,
+        redis: AnyRedis,
         pool: asyncpg.Pool,
         routes: Sequence[Route],
         config: EngineConfig,
@@ -139,7 +198,11 @@ class Engine:
     ) -> None:
         self.redis, self.pool, self.cfg = redis, pool, config
         self.observer: Observer = observer or NullObserver()
-        self.lanes = {r.queue: _Lane(r) for r in routes}
+        self.routes = {r.queue: r for r in routes}
+        self.lanes: dict[str, _Lane] = {}
+        for r in routes:
+            for n in range(r.policy.partitions):
+                self._add_lane(r, n)
         self.lease = Lease(config.alive_ttl_ms / 1000)
         self.recorder = Recorder(
             redis,
@@ -150,6 +213,8 @@ class Engine:
                 keys=config.keys,
                 hash_ttl_s=config.hash_ttl_s,
                 dead_maxlen=config.dead_maxlen,
+                wait_replicas=config.wait_replicas,
+                wait_timeout_ms=config.wait_timeout_ms,
             ),
             self.lease,
             self._superseded,
@@ -161,6 +226,8 @@ class Engine:
         self.promoter = Promoter(redis, config.keys)
         caps = DeadLetterCaps(config.dead_max_age_s, config.dead_max_bytes, config.dead_maxlen)
         self.dead_trimmer = DeadLetterTrimmer(redis, config.keys, caps)
+        gauge_ttl_ms = int(config.trim_interval_s * 2500)  # survives one missed report
+        self.gauges = QueueGauges(redis, config.keys, config.group, config.consumer, gauge_ttl_ms)
         self.stopping = asyncio.Event()
         self._exited = asyncio.Event()  # drained: the heartbeat may stop
         # Entries whose earlier deliveries may have crashed their worker, not claimed yet:
@@ -174,23 +241,49 @@ class Engine:
         self.heartbeat_at = 0.0
         self.processed = 0
         self._traced = is_recording_enabled()
+        server = sc.server_attributes(redis)
         self._attrs = {
             q: {
-                "messaging.system": "redis",
-                "messaging.operation.type": "process",
-                "messaging.destination.name": config.keys.stream(q),
-                "messaging.consumer.group.name": config.group,
-                "messaging.client.id": config.consumer,
+                sc.SYSTEM: "redis",
+                sc.OPERATION_NAME: "process",
+                sc.OPERATION_TYPE: "process",
+                sc.DESTINATION: config.keys.stream(q),
+                sc.CONSUMER_GROUP: config.group,
+                sc.CLIENT_ID: config.consumer,
+                **server,
             }
-            for q in self.lanes
+            for q in self.routes
         }
+        self.observer.serving({q: config.keys.stream(q) for q in self.lanes}, config.group)
         self._down: set[str] = set()
         self._loops: dict[str, asyncio.Task[None]] = {}
         self._refused: set[str] = set()
+        self.prunes: list[PrunePlan] = []  # the retention runs this replica applied
+
+    def _add_lane(self, route: Route, n: int) -> _Lane:
+        """A lane for partition `n` of the route's queue; a queue's partitions share its
+        concurrency (each gets an equal share, at least 1)."""
+        name = self.cfg.keys.part(route.queue, n)
+        lane = self.lanes.get(name)
+        if lane is None:
+            share = -(-route.policy.concurrency // route.policy.partitions)
+            lane = self.lanes[name] = _Lane(route, name, max(1, share))
+        return lane
 
     # ---- lifecycle -------------------------------------------------------------------
     async def run(self) -> None:
-        """Run until `stop()` (or, in burst mode, until the queues are drained), then drain."""
+        """Run until `stop()` (or, in burst mode, until the queues are drained), then drain.
+
+        The engine's own commands run with auto-instrumentation suppressed (no root span
+        per poll); each job turns it on again for its handler.
+        """
+        jobs = instrumented_context()  # the handler's SQL and Redis calls nest under its span
+        for lane in self.lanes.values():
+            lane.context = jobs
+        with suppressed():
+            await self._run()
+
+    async def _run(self) -> None:
         await self._retrying("start", self._setup)
         if self.stopping.is_set():  # stopped before it could even start: nothing to drain
             logger.warning("stopped before the worker could start")
@@ -198,12 +291,15 @@ class Engine:
         self.recorder.start()
         named = {f"read {q}": self._read_loop(lane) for q, lane in self.lanes.items()}
         named |= {
+            "stream partitions": self._every(self.cfg.reclaim_interval_s, self._stream_partitions),
             "reclaim": self._every(self.cfg.reclaim_interval_s, self._reclaim, per_queue=True),
             "promote": self._every(self.cfg.promote_interval_s, self._promote, per_queue=True),
             "trim": self._every(self.cfg.trim_interval_s, self._trim, per_queue=True),
         }
+        if self.cfg.partitions is not None:
+            every = self.cfg.partitions.check_interval_s
+            named["table partitions"] = self._every(every, self._table_partitions)
         self._loops = {name: asyncio.create_task(coro, name=name) for name, coro in named.items()}
-        loops = list(self._loops.values())
         # The heartbeat outlives `stopping`: a draining worker still holds its entries, and
         # another replica must not take them (or delete its consumer) before it exits.
         beat = asyncio.create_task(
@@ -211,9 +307,13 @@ class Engine:
             name="heartbeat",
         )
         self._loops["heartbeat"] = beat
+        # Like the heartbeat, the watchdog outlives `stopping`: draining jobs keep their timeouts.
+        watch = asyncio.create_task(self._watch(), name="watch")
+        self._loops["watch"] = watch
         try:
             await self.stopping.wait()
         finally:
+            loops = [t for name, t in self._loops.items() if name != "heartbeat"]
             try:
                 # Loops are not cancelled mid-command: each sees `stopping` within one
                 # block_ms or interval, so no entry is read and then abandoned.
@@ -228,8 +328,10 @@ class Engine:
                     await asyncio.wait([beat], timeout=self.cfg.block_ms / 1000 + 10)
                     beat.cancel()
                 await asyncio.gather(beat, return_exceptions=True)
+                await asyncio.gather(watch, return_exceptions=True)
                 with contextlib.suppress(*_CONN_ERRORS):
                     await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
+                    await self.gauges.release()
 
     def health(self) -> str | None:
         """None while every loop runs and the heartbeat is fresh; otherwise what is wrong."""
@@ -255,23 +357,48 @@ class Engine:
             lane.free.set()
 
     async def _setup(self) -> None:
+        for route in self.routes.values():
+            await register(self.redis, self.cfg.keys, route.queue, route.policy.partitions)
+            for part in await parts_of(self.redis, self.cfg.keys, route.queue):
+                self._add_lane(route, int(part.partition("#")[2] or 0))
         for queue in self.lanes:
-            try:
-                await self.redis.xgroup_create(
-                    self.cfg.keys.stream(queue), self.cfg.group, id="0", mkstream=True
-                )
-            except redis.exceptions.ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-            # Listed in the group from the start, even before anything is delivered to it.
-            await self.redis.xgroup_createconsumer(
-                self.cfg.keys.stream(queue), self.cfg.group, self.cfg.consumer
-            )
+            await self._join(queue)
         await self._heartbeat()
         for lane in self.lanes.values():  # a restarted worker resumes its own first
             await self._resume_own(lane)
 
+    async def _join(self, queue: str) -> None:
+        """Create the group of a lane's stream (an existing one is fine) and join it."""
+        try:
+            await self.redis.xgroup_create(
+                self.cfg.keys.stream(queue), self.cfg.group, id="0", mkstream=True
+            )
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        # Listed in the group from the start, even before anything is delivered to it.
+        await self.redis.xgroup_createconsumer(
+            self.cfg.keys.stream(queue), self.cfg.group, self.cfg.consumer
+        )
+
+    async def _stream_partitions(self) -> None:
+        """Read partitions used since start-up too (a publisher with a higher `partitions`,
+        or one that used to have it): entries are never left in a partition nobody reads."""
+        for route in self.routes.values():
+            for part in await parts_of(self.redis, self.cfg.keys, route.queue):
+                if part in self.lanes or self.stopping.is_set():
+                    continue
+                await self._join(part)
+                lane = self._add_lane(route, int(part.partition("#")[2]))
+                logger.info("reading partition %s too", part)
+                await self._resume_own(lane)
+                name = f"read {part}"
+                self._loops[name] = asyncio.create_task(self._read_loop(lane), name=name)
+
     async def _drain(self) -> None:
+        for lane in self.lanes.values():  # a batch filling up runs now, with what it has
+            if lane.batch:
+                self._fire(lane)
         tasks = [t for lane in self.lanes.values() for t in lane.tasks]
         if tasks:
             logger.info("draining %d in-flight jobs (grace %.0fs)", len(tasks), self.cfg.grace_s)
@@ -312,8 +439,9 @@ class Engine:
         `until` (default: `stopping`) is set. Nothing stops the loop but `until`."""
         until = until or self.stopping
         name = fn.__name__.strip("_")
-        calls = [(f"{name} {q}", (q,)) for q in self.lanes] if per_queue else [(name, ())]
         while not until.is_set():
+            # Lanes may be added as partitions appear: list them on every round.
+            calls = [(f"{name} {q}", (q,)) for q in list(self.lanes)] if per_queue else [(name, ())]
             for what, args in calls:
                 try:
                     await self._retrying(what, functools.partial(fn, *args))
@@ -331,7 +459,7 @@ class Engine:
 
     # ---- reading and dispatch ---------------------------------------------------------
     async def _read_loop(self, lane: _Lane) -> None:
-        stream = self.cfg.keys.stream(lane.route.queue)
+        stream = self.cfg.keys.stream(lane.name)
         while True:
             await lane.free.wait()
             await self.recorder.has_room.wait()  # backpressure: bounded settlement backlog
@@ -340,8 +468,7 @@ class Engine:
                 return
             if lane.ready or lane.room <= 0:  # (a suspect may have run alone meanwhile)
                 while lane.ready and lane.room > 0:
-                    d = lane.ready.popleft()
-                    lane.spawn(self._process(lane, d), d)
+                    self._start(lane, lane.ready.popleft())
                 continue
             count = max(1, min(lane.room, self.cfg.read_count))
             reply: Any = []
@@ -377,14 +504,20 @@ class Engine:
 
     def _run_read(self, lane: _Lane, entries: list[Any]) -> None:
         """Take and start new entries just read (never delivered before, so never held)."""
-        held, queue, now = lane.held, lane.route.queue, time.perf_counter()
+        held, queue, now = lane.held, lane.name, time.perf_counter()
         for eid, fields in entries:
             entry_id = eid.decode()
             if entry_id in held:
                 continue
             held[entry_id] = now
-            d = Delivery(queue, entry_id, fields)
+            self._start(lane, Delivery(queue, entry_id, fields))
+
+    def _start(self, lane: _Lane, d: Delivery) -> None:
+        """Run `d` now, or put it in its queue's next batch."""
+        if lane.route.handle_batch is None:
             lane.spawn(self._process(lane, d), d)
+        else:
+            self._add_to_batch(lane, d)
 
     def _let_go(self, d: Delivery) -> None:
         """The recorder is done with `d`: this process no longer holds its entry."""
@@ -402,7 +535,7 @@ class Engine:
         after = "-"
         while True:
             batch = await self.reclaimer.pending(
-                lane.route.queue, self.cfg.consumer, after=after, idle_ms=idle_ms
+                lane.name, self.cfg.consumer, after=after, idle_ms=idle_ms
             )
             await self._take_over(lane, batch)
             if len(batch) < self.reclaimer.batch:
@@ -412,7 +545,7 @@ class Engine:
     async def _take_over(self, lane: _Lane, batch: list[Pending]) -> None:
         """Claim pending entries of one consumer that this process does not hold, and run
         them. They are held from before the claim, so no other path can take them too."""
-        held, now, queue = lane.held, time.perf_counter(), lane.route.queue
+        held, now, queue = lane.held, time.perf_counter(), lane.name
         mine = []
         for p in batch:
             if p.entry_id in held or (queue, p.entry_id) in self._suspects:
@@ -427,7 +560,7 @@ class Engine:
             held[p.entry_id] = now
         got: list[Delivery] = []
         try:
-            got = await self.reclaimer.claim(lane.route.queue, mine[0].owner, mine)
+            got = await self.reclaimer.claim(lane.name, mine[0].owner, mine)
         finally:
             taken = {d.entry_id for d in got}
             for p in mine:
@@ -443,7 +576,7 @@ class Engine:
 
         Jobs and retries due later are not ready: they stay for the next run.
         """
-        busy = any(lane.tasks or lane.ready for lane in self.lanes.values())
+        busy = any(lane.tasks or lane.ready or lane.batch for lane in self.lanes.values())
         if busy or self._suspects or self.recorder.backlog:
             return False
         now_ms = int(time.time() * 1000)
@@ -509,18 +642,20 @@ class Engine:
     ) -> None:
         """Entries delivered before, held by this process: ack those PostgreSQL shows
         completed (inv. 3) or failed, run the rest (`alone`: at once, the worker is idle)."""
-        ids = [safe_job_id(d.entry_id, d.fields) for d in batch]
-        statuses: dict[str, JobRow] | None = None
+        # The job's creation time names the one partition its row can be in.
+        keys = [(safe_job_id(d.entry_id, d.fields), created_ms(d.entry_id, d.fields) / 1000.0)
+                for d in batch]  # fmt: skip
+        statuses: dict[tuple[str, float], JobRow] | None = None
 
         async def fetch() -> None:
             nonlocal statuses
-            statuses = await fetch_statuses(self.pool, ids)
+            statuses = await fetch_statuses(self.pool, keys)
 
         await self._retrying("check redelivered", fetch)
         if statuses is None:  # stopping before PostgreSQL answered: left for other workers
             return
-        for job_id, d in zip(ids, batch, strict=True):
-            row = statuses.get(job_id)
+        for key, d in zip(keys, batch, strict=True):
+            job_id, row = key[0], statuses.get(key)
             # Over: its outcome is recorded (failed: dead-lettered when it was recorded).
             if row is not None and row.status in TERMINAL:
                 # a crash between commit and hash may have left the hash `running`
@@ -538,20 +673,19 @@ class Engine:
             else:
                 lane.ready.append(d)  # the read loop starts it when a slot is free
 
-    async def _process(self, lane: _Lane, d: Delivery) -> None:
-        route = lane.route
-        prepared = prepare(route, d, self.cfg.max_payload_bytes)
-        if isinstance(prepared, Result):
-            lane.release(d.entry_id)
-            if self._traced:
-                trace_invalid(prepared, self._attrs[route.queue])
-            job_log.warning(
-                "job invalid job=%s queue=%s error=%s", prepared.job_id, route.queue, prepared.error
-            )
-            self._settle(prepared)
-            return
-        env, payload = prepared
-        job = Job(
+    def _invalid(self, route: Route, res: Result) -> None:
+        """Settle an entry that cannot run (undecodable, oversized, ...) as failed."""
+        if self._traced:
+            res = trace_invalid(res, self._attrs[route.queue])
+        else:
+            trace_id = trace_id_of(trace_context(res.delivery.fields)[0])
+            res = dataclasses.replace(res, trace_id=trace_id)
+        job_log.warning("job invalid job=%s queue=%s error=%s", res.job_id, route.queue, res.error)
+        self._settle(res)
+
+    @staticmethod
+    def _job(route: Route, env: Envelope, d: Delivery) -> Job:
+        return Job(
             env.job_id,
             route.queue,
             env.attempt,
@@ -560,20 +694,105 @@ class Engine:
             d.delivery_count,
             env.traceparent,
         )
-        self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time()))
+
+    def _add_to_batch(self, lane: _Lane, d: Delivery) -> None:
+        """Add `d` to its queue's next batch; run the batch when full, or when its first
+        job has waited the policy's `batch_wait_s`."""
+        route = lane.route
+        prepared = prepare(route, d, self.cfg.max_payload_bytes)
+        if isinstance(prepared, Result):  # takes no place in a batch
+            self._invalid(route, prepared)
+            return
+        if d.entry_id in lane.running:  # cannot happen while every path takes `held` first
+            logger.error("entry %s of %s is already running: not started twice",
+                         d.entry_id, route.queue)  # fmt: skip
+            return
+        env, payload = prepared
+        lane.hold(d)
+        lane.batch.append(Item(d, env, payload, self._job(route, env, d)))
+        if len(lane.batch) >= lane.batch_size:
+            self._fire(lane)
+        elif lane.timer is None:
+            wait = route.policy.batch_wait_s
+            lane.timer = asyncio.get_running_loop().call_later(wait, self._fire, lane)
+
+    def _fire(self, lane: _Lane) -> None:
+        """Run the batch filling up in `lane` now."""
+        if lane.timer is not None:
+            lane.timer.cancel()
+            lane.timer = None
+        items, lane.batch = lane.batch, []
+        if len(items) == 1:  # a batch of one is a job like any other: its span too
+            it = items[0]
+            lane.spawn_batch(self._run_one(lane, it.delivery, it.env, it.payload, it.job), items)
+            it.delivery.started_mono = time.perf_counter()  # timed from here, not its wait
+        elif items:
+            lane.spawn_batch(self._process_batch(lane, items), items)
+
+    async def _process_batch(self, lane: _Lane, items: list[Item]) -> None:
+        route = lane.route
+        now = time.time()
+        # Each job's own producer trace, unless the batch's span is sampled: then that one.
+        trace_ids = [trace_id_of(it.env.traceparent) for it in items]
+        for it, trace_id in zip(items, trace_ids, strict=True):
+            job = it.job
+            self.recorder.started(
+                Start(it.delivery, job.id, job.attempt, it.env.payload, now, trace_id)
+            )
+            self.observer.job_started(route.queue)
+        if self._traced:
+
+            def around(results: Sequence[Result] | None) -> None:
+                if results is None and (batch := trace_id_of(sampled_only=True)):
+                    trace_ids[:] = [batch] * len(items)
+                for i, it in enumerate(items):
+                    self._log_job(it.job, None if results is None else results[i])
+
+            results = await execute_batch_traced(route, items, self._attrs[route.queue], around)
+        else:
+            for it in items:
+                self._log_job(it.job, None)
+            results = await execute_batch(route, items)
+            for it, res in zip(items, results, strict=True):
+                self._log_job(it.job, res)
+        for done, trace_id in zip(results, trace_ids, strict=True):
+            res = dataclasses.replace(done, trace_id=trace_id)
+            lane.release(res.delivery.entry_id)
+            self._settle(res)
+
+    async def _process(self, lane: _Lane, d: Delivery) -> None:
+        route = lane.route
+        prepared = prepare(route, d, self.cfg.max_payload_bytes)
+        if isinstance(prepared, Result):
+            lane.release(d.entry_id)
+            self._invalid(route, prepared)
+            return
+        env, payload = prepared
+        await self._run_one(lane, d, env, payload, self._job(route, env, d))
+
+    async def _run_one(
+        self, lane: _Lane, d: Delivery, env: Envelope, payload: Any, job: Job
+    ) -> None:
+        route = lane.route
+        trace_id = trace_id_of(env.traceparent)  # the producer's trace, if it sent one
+        self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time(), trace_id))
         self.observer.job_started(route.queue)
         if self._traced:
 
             def around(res: Result | None) -> None:
+                nonlocal trace_id
+                if res is None:  # inside the job's span: its trace, when sampled
+                    trace_id = trace_id_of(sampled_only=True) or trace_id
                 self._log_job(job, res)
 
             res = await execute_traced(
-                route, env, payload, job, d, self._attrs[route.queue], around
+                route, env, payload, job, d, self._attrs[route.queue], around, watched=True
             )
         else:
             self._log_job(job, None)
-            res = await execute(route, env, payload, job, d)
+            res = await execute(route, env, payload, job, d, watched=True)
             self._log_job(job, res)
+        res = dataclasses.replace(res, trace_id=trace_id)
         lane.release(d.entry_id)
         self._settle(res)
 
@@ -605,9 +824,15 @@ class Engine:
         # inv. 1: once handed over, the recorder commits then acks it, even while stopping.
         self.recorder.settle(res)
         self.processed += 1
+        queue = queue_of_part(res.delivery.queue)
         if not res.executed:  # invalid or already done: counted, with no handler run
-            self.observer.job_started(res.delivery.queue)
-        self.observer.job_finished(res.delivery.queue, res.outcome.value, res.duration_ms / 1000)
+            self.observer.job_started(queue)
+        error_type = None  # the conventions' error.type: the exception, else why it never ran
+        if res.exception is not None:
+            error_type = type(res.exception).__qualname__
+        elif res.outcome is Outcome.FAILED:
+            error_type = "TooManyDeliveries" if res.reason is Reason.DELIVERIES else "InvalidEntry"
+        self.observer.job_finished(queue, res.outcome.value, res.duration_ms / 1000, error_type)
 
     def _superseded(self, d: Delivery, count: int) -> bool:
         """Whether this process runs delivery `count` (or later) of `d`'s entry, not `d`."""
@@ -616,6 +841,27 @@ class Engine:
         return other is not None and other is not d and other.delivery_count >= count
 
     # ---- maintenance loops ------------------------------------------------------------
+    async def _watch(self) -> None:
+        """Every handler runs under its policy's `timeout_s`: cancel the task of a job run
+        alone whose time is up (a batch has its own `asyncio.timeout`).
+
+        One check a tenth of the shortest timeout (between 10 ms and 1 s) for all running
+        jobs, instead of a timer armed and disarmed for every job: a timeout fires at most
+        that much late.
+        """
+        shortest = min((lane.route.policy.timeout_s for lane in self.lanes.values()), default=10.0)
+        period = min(max(shortest / 10, 0.01), 1.0)
+        while not self._exited.is_set():
+            now = time.perf_counter()
+            for lane in self.lanes.values():
+                limit = lane.route.policy.timeout_s
+                for d in lane.running.values():
+                    if d.task is not None and not d.timed_out and now - d.started_mono >= limit:
+                        d.timed_out = True
+                        d.task.cancel()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exited.wait(), period)
+
     def _beat(self) -> bytes:
         """The heartbeat's value: when, which process, and how much it runs now (read by
         `jobstream workers`; other readers only ask whether the key exists)."""
@@ -624,7 +870,7 @@ class Engine:
             at=time.time(),
             pid=os.getpid(),
             host=socket.gethostname(),
-            queues=sorted(self.lanes),
+            queues=sorted(self.routes),
             in_flight=sum(len(lane.running) for lane in lanes),
         )
 
@@ -670,14 +916,13 @@ class Engine:
     async def _promote(self, queue: str) -> None:
         await self.promoter.promote(queue)
 
+    async def _table_partitions(self) -> None:
+        if self.cfg.partitions is not None:
+            plan = await maintain(self.pool, self.cfg.partitions, self.cfg.consumer)
+            self.prunes += [plan] if plan is not None else []
+
     async def _trim(self, queue: str) -> None:
         await trim(self.redis, self.cfg.keys, queue)
         for cap, n in (await self.dead_trimmer.trim(queue)).items():
             self.observer.dead_letters_dropped(queue, cap, n)
-        stream = self.cfg.keys.stream(queue)
-        groups: Any = await self.redis.xinfo_groups(stream)
-        ours = self.cfg.group.encode()
-        for g in groups:
-            if g["name"] == ours:  # compared as bytes: a group name need not be UTF-8
-                dead = int(await self.redis.xlen(self.cfg.keys.dead(queue)))
-                self.observer.queue_stats(queue, int(g["pending"]), int(g.get("lag") or 0), dead)
+        await self.gauges.report(queue, self.observer)

@@ -7,8 +7,9 @@ import hashlib
 import os
 import pathlib
 import tempfile
+import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import asyncpg
 import msgspec
@@ -18,6 +19,8 @@ from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import connect
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.migrate import apply_migrations, load_migrations
+from jobstream.streams import PartitionPolicy, ensure_partitions
+from tests.cluster_servers import OwnCluster
 from tests.helpers import ADMIN_URL, REDIS_URL
 from tests.servers import OwnPostgres, OwnRedis
 
@@ -29,7 +32,8 @@ def _db_url(name: str) -> str:
 
 def _template_name() -> str:
     digest = hashlib.sha1("".join(m.sql for m in load_migrations()).encode()).hexdigest()[:10]
-    return f"jobstream_tpl_{digest}"
+    day = time.strftime("%Y%m%d", time.gmtime())  # its job partitions start today
+    return f"jobstream_tpl_{digest}_{day}"
 
 
 async def _ensure_template() -> str:
@@ -43,6 +47,7 @@ async def _ensure_template() -> str:
             conn = await asyncpg.connect(_db_url(f"{name}_tmp"))
             try:
                 await apply_migrations(conn)
+                await ensure_partitions(conn, PartitionPolicy())  # as `jobstream migrate`
             finally:
                 await conn.close()
             await admin.execute(f'ALTER DATABASE "{name}_tmp" RENAME TO "{name}"')
@@ -79,10 +84,47 @@ def prefix() -> str:
     return f"t{uuid.uuid4().hex[:8]}:"
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[OwnCluster]:
+    """A Redis Cluster of 3 masters, each with a replica, shared by the tests that ask."""
+    with tempfile.TemporaryDirectory(prefix="jobstream-cluster-") as folder:
+        cluster = OwnCluster(pathlib.Path(folder))
+        try:
+            cluster.start()
+            yield cluster
+        finally:
+            cluster.stop()
+
+
 @pytest.fixture
-def settings(database: str, prefix: str) -> Settings:
+def redis_kind(request: pytest.FixtureRequest) -> str:
+    """`single` (the shared server), or `cluster` for the second run of a test marked
+    `cluster_too` (or of a module whose `pytestmark` has it)."""
+    return str(getattr(request, "param", "single"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Run each `cluster_too` test that uses Redis on one server and on a cluster."""
+    if metafunc.definition.get_closest_marker("cluster_too") is None:
+        return
+    if "redis_kind" in metafunc.fixturenames:
+        metafunc.parametrize("redis_kind", ["single", "cluster"], indirect=True)
+
+
+@pytest.fixture
+def redis_target(redis_kind: str, request: pytest.FixtureRequest) -> tuple[str, bool]:
+    """The Redis URL the test's settings name, and whether it is a cluster."""
+    if redis_kind == "cluster":
+        cluster: OwnCluster = request.getfixturevalue("redis_cluster")
+        return cluster.url, True
+    return REDIS_URL, False
+
+
+@pytest.fixture
+def settings(database: str, prefix: str, redis_target: tuple[str, bool]) -> Settings:
     return Settings(
-        redis_url=REDIS_URL,
+        redis_url=redis_target[0],
+        redis_cluster=redis_target[1],
         database_url=database,
         stream_prefix=f"{prefix}jobs:",
         job_prefix=f"{prefix}job:",

@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -59,11 +60,11 @@ def event(event_id: str, type_: str = "open", mailbox: str = "mb-1", **kw: Any) 
 
 
 async def run(
-    *args: str, env: dict[str, str] | None = None, limit_s: float = 90
+    *args: str, env: dict[str, str] | None = None, limit_s: float = 90, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run a command without blocking the event loop; return its exit code and output."""
     proc = await asyncio.create_subprocess_exec(
-        *args, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *args, env=env, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), limit_s)
@@ -317,3 +318,9 @@ def leaf_commands(parser: argparse.ArgumentParser, path: str = "") -> dict[str, 
             for name, child in action.choices.items():
                 out |= leaf_commands(child, f"{path}{name} ") or {f"{path}{name}": child}
     return out
+
+
+def entry_seconds(entry_id: Any) -> float:
+    """An entry ID's time in epoch seconds, as the recorder stores a job's `created_at`."""
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(text.partition("-")[0]) / 1000.0

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from jobstream.consumers.cli import commands_mail, ops
+from jobstream.consumers.cli import commands_mail, commands_prune, ops
 from jobstream.consumers.cli.render import (
     Progress,
     render_json,
@@ -22,22 +22,30 @@ from jobstream.consumers.cli.render import (
     render_table,
 )
 from jobstream.consumers.worker.deps import Deps
-from jobstream.consumers.worker.runtime import connect, run_worker, service_version
+from jobstream.consumers.worker.runtime import (
+    check_selection,
+    connect,
+    partition_policy,
+    run_worker,
+    service_version,
+)
 from jobstream.consumers.worker.settings import Settings
+from jobstream.consumers.worker.supervisor import for_slot, run_processes, usable_cores
 from jobstream.consumers.worker.tls import database_dsn
-from jobstream.otel.redact import remember_secrets, scrub, secrets_of_url
+from jobstream.otel.redact import scrub
 from jobstream.otel.tracing import setup_tracing
 from jobstream.schema.migrate import MigrationMismatch, apply_migrations
-from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams import (
     ConfigError,
     PublishError,
+    ensure_partitions,
     list_dead,
     purge_dead,
     read_dead,
     replay_dead,
 )
-from jobstream.streams.dead_letters import count_dead, replay_all
+from jobstream.streams.dead_letters import DeadLetter, count_dead, replay_all
+from jobstream.streams.queue_partitions import parts_of
 
 __all__ = ["parse_duration_ms", "run"]
 
@@ -55,19 +63,11 @@ def parse_duration_ms(text: str) -> int:
 async def run(args: argparse.Namespace, settings: Settings) -> int:
     """Run the parsed command; return the process exit code."""
     if args.command == "worker":
-        return await run_worker(
-            settings,
-            args.queues,
-            args.concurrency,
-            burst=args.burst,
-            metrics_port=args.metrics_port,
-        )
+        return await _worker(args, settings)
     if args.command == "migrate":
         return await _migrate(settings)
-    if args.command == "demo":
-        from jobstream.consumers.demo.main import run_demo
-
-        return await run_demo(settings, args.events)
+    if args.command in ("dashboard", "demo"):
+        return await _serve(args, settings)
     async with connect(settings, wait=False) as deps:
         mail = await commands_mail.run(args, deps)
         if mail is not None:
@@ -76,6 +76,46 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
         if command is not None:
             return await command(deps, args)
     raise ConfigError(f"unknown command {args.command}")
+
+
+async def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    """Commands that run until stopped, imported only when asked for."""
+    if args.command == "dashboard":
+        from jobstream.consumers.dashboard import run_dashboard
+
+        return await run_dashboard(settings, args.host, args.port)
+    from jobstream.consumers.demo.main import run_demo
+
+    return await run_demo(settings, args.events)
+
+
+async def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    processes = args.processes or usable_cores()
+    metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
+    if processes > 1 and args.slot is None:
+        check_selection(settings, args.queues)  # a bad selection fails here, not N times
+        return await run_processes(
+            settings,
+            processes,
+            queues=args.queues,
+            concurrency=args.concurrency,
+            burst=args.burst,
+            metrics_port=metrics_port,
+            metrics_host=args.metrics_host,
+            log_level=args.log_level,
+            log_format=args.log_format,
+        )
+    if args.slot is not None:
+        settings = for_slot(settings, args.slot, processes)
+    return await run_worker(
+        settings,
+        args.queues,
+        args.concurrency,
+        burst=args.burst,
+        metrics_port=metrics_port,
+        metrics_host=args.metrics_host,
+        supervised=args.slot is not None,
+    )
 
 
 async def _health(deps: Deps, args: argparse.Namespace) -> int:
@@ -91,14 +131,8 @@ _WITH_DEPS: dict[str, Callable[[Deps, argparse.Namespace], Awaitable[int]]] = {
     "job": lambda deps, a: _job(deps, a.job_id, a.json),
     "dlq": lambda deps, a: _dlq(deps, a),
     "health": lambda deps, a: _health(deps, a),
+    "prune": commands_prune.run,
 }
-
-
-async def _remember_relays(deps: Deps) -> None:
-    """Remember every mailbox relay's password, so that what is printed is scrubbed of it
-    (errors recorded by older versions may carry one)."""
-    for row in await deps.pool.fetch("SELECT smtp_url FROM mailboxes WHERE smtp_url <> ''"):
-        remember_secrets(secrets_of_url(row["smtp_url"]))
 
 
 async def _publish(deps: Deps, args: argparse.Namespace) -> int:
@@ -106,7 +140,7 @@ async def _publish(deps: Deps, args: argparse.Namespace) -> int:
     tracing = setup_tracing(service_version(), None)
     try:
         job_id = await deps.publisher.publish(
-            args.queue, args.payload, args.job_id, delay_s=args.delay
+            args.queue, args.payload, args.job_id, delay_s=args.delay, key=args.key
         )
     finally:
         await asyncio.to_thread(tracing.shutdown)
@@ -121,12 +155,15 @@ async def _migrate(settings: Settings) -> int:
         raise ConfigError(f"invalid configuration: DATABASE_URL: {exc.args[0]}") from None
     try:
         applied = await apply_migrations(conn)
+        created = await ensure_partitions(conn, partition_policy(settings))
     except MigrationMismatch as exc:
         raise ConfigError(str(exc)) from None
     finally:
         await conn.close()
     names = ", ".join(f"{m.version:04d}_{m.name}" for m in applied)
     print(f"migrations applied: {names}" if applied else "migrations: up to date")
+    if created:
+        print(f"job partitions created: {', '.join(created)}")
     return 0
 
 
@@ -159,6 +196,7 @@ async def _status_text(deps: Deps, as_json: Callable[[Any], str] | None) -> str:
         r["oldest_pending_s"] = r.pop("oldest_pending_age_s")
     columns = [
         "queue",
+        "partitions",
         "length",
         "pending",
         "lag",
@@ -187,7 +225,7 @@ async def _workers(deps: Deps, as_json: bool) -> int:
 
 
 async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
-    await _remember_relays(deps)
+    await ops.remember_relays(deps)
     info = await ops.job_info(deps, job_id)
     if info is None or not (info["job"] or info["hash"] or info["waiting"]):
         part = "" if info is None else " (a long stream was searched only in part)"
@@ -216,9 +254,7 @@ async def _job(deps: Deps, job_id: str, as_json: bool) -> int:
 
 async def _dlq_queues(deps: Deps, args: argparse.Namespace) -> list[str]:
     """Every queue with a dead stream or a payload; refuse unknown queues and malformed ids."""
-    r, keys = deps.redis, deps.keys
-    seen = {keys.queue_of(k.decode()) async for k in r.scan_iter(match=keys.dead_pattern())}
-    queues = sorted(set(PAYLOADS) | seen)
+    queues = await ops.dead_queues(deps)
     named = getattr(args, "queue", None)
     if named is not None and named not in queues:
         raise ConfigError(f"unknown queue {named!r} (known: {', '.join(queues)})")
@@ -229,13 +265,19 @@ async def _dlq_queues(deps: Deps, args: argparse.Namespace) -> list[str]:
 
 
 async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
-    await _remember_relays(deps)
+    await ops.remember_relays(deps)
     r, keys = deps.redis, deps.keys
     queues = await _dlq_queues(deps, args)
     if args.dlq == "list":
         rows, letters = [], []
         for queue in [args.queue] if args.queue else queues:
-            for letter in await list_dead(r, keys, queue, args.count):
+            mine = [
+                letter
+                for part in await _parts(deps, queue)
+                for letter in await list_dead(r, keys, part, args.count)
+            ]  # newest first across the queue's partitions
+            mine.sort(key=lambda x: tuple(map(int, x.dead_id.split("-"))), reverse=True)
+            for letter in mine[: args.count]:
                 letters.append(letter)
                 f = letter.fields
                 rows.append(
@@ -259,7 +301,7 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
         return 0
     if args.dlq == "show":
         for queue in [args.queue] if args.queue else queues:
-            found = await read_dead(r, keys, queue, args.dead_id)
+            found = await _find_dead(deps, queue, args.dead_id)
             if found is not None:
                 print(
                     scrub(render_json({"dead_id": found.dead_id, "queue": queue, **found.fields}))
@@ -272,26 +314,47 @@ async def _dlq(deps: Deps, args: argparse.Namespace) -> int:
     return await _purge(deps, args)
 
 
+async def _parts(deps: Deps, queue: str) -> list[str]:
+    """The queue's partitions, named as queues (`q`, `q#1`, ...)."""
+    return await parts_of(deps.redis, deps.keys, queue)
+
+
+async def _find_dead(deps: Deps, queue: str, dead_id: str) -> DeadLetter | None:
+    """A dead letter of the queue by id, in whichever partition holds it."""
+    for part in await _parts(deps, queue):
+        found = await read_dead(deps.redis, deps.keys, part, dead_id)
+        if found is not None:
+            return found
+    return None
+
+
+async def _count_dead(deps: Deps, queue: str, older: int | None, *, purge: bool = False) -> int:
+    """How many dead letters the queue's partitions hold (older than `older` ms); `purge`:
+    delete them too."""
+    act = purge_dead if purge else count_dead
+    return sum([await act(deps.redis, deps.keys, p, older) for p in await _parts(deps, queue)])
+
+
 async def _purge(deps: Deps, args: argparse.Namespace) -> int:
     """Delete dead letters for good: only with --yes or a "y" typed at a terminal."""
-    r, keys, queue = deps.redis, deps.keys, args.queue
+    queue = args.queue
     older = parse_duration_ms(args.older_than) if args.older_than else None
     which = f" older than {args.older_than}" if args.older_than else ""
     if args.dry_run:
-        n = await count_dead(r, keys, queue, older)
+        n = await _count_dead(deps, queue, older)
         print(f"would purge {n} dead letters of {queue}{which}")
         return 0
     if not args.yes:
         if not sys.stdin.isatty():
             raise ConfigError("dlq purge deletes dead letters for good: add --yes (or --dry-run)")
-        n = await count_dead(r, keys, queue, older)
+        n = await _count_dead(deps, queue, older)
         print(f"purge {n} dead letters of {queue}{which}? [y/N] ", end="", file=sys.stderr)
         sys.stderr.flush()
         answer = await asyncio.to_thread(sys.stdin.readline)
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing purged", file=sys.stderr)
             return 1
-    n = await purge_dead(r, keys, queue, older)
+    n = await _count_dead(deps, queue, older, purge=True)
     print(f"purged {n} dead letters of {queue}{which}")
     return 0
 
@@ -302,7 +365,7 @@ async def _replay(deps: Deps, args: argparse.Namespace) -> int:
     if args.all:
         return await _replay_all(deps, args.queue)
     r, keys = deps.redis, deps.keys
-    found = [await read_dead(r, keys, args.queue, i) for i in args.dead_ids]
+    found = [await _find_dead(deps, args.queue, i) for i in args.dead_ids]
     missing = [i for i, f in zip(args.dead_ids, found, strict=True) if f is None]
     if missing:
         raise ConfigError(f"no dead letter {', '.join(missing)} in {args.queue}")
@@ -325,10 +388,16 @@ async def _replay(deps: Deps, args: argparse.Namespace) -> int:
 
 async def _replay_all(deps: Deps, queue: str) -> int:
     """Replay the letters present now, oldest first, each once; cut ones stay."""
-    progress = Progress(
-        f"replaying dead letters of {queue}", await count_dead(deps.redis, deps.keys, queue)
-    )
-    replayed, kept = await replay_all(deps.redis, deps.pool, deps.keys, queue, progress.update)
+    progress = Progress(f"replaying dead letters of {queue}", await _count_dead(deps, queue, None))
+    replayed, kept = 0, list[str]()
+    for part in await _parts(deps, queue):
+        done = replayed
+
+        def update(n: int, done: int = done) -> None:
+            progress.update(done + n)
+
+        n, left = await replay_all(deps.redis, deps.pool, deps.keys, part, update)
+        replayed, kept = replayed + n, kept + left
     progress.finish()
     print(f"replayed {replayed} dead letters of {queue}")
     if kept:

@@ -1,10 +1,9 @@
 """The `jobstream` command line: worker, migrate, publish, status, workers, job, dlq, health,
-schema, demo, mailbox, webhook and warmup."""
+schema, prune, dashboard, demo, mailbox, webhook and warmup."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import importlib.metadata
 import logging
 import os
@@ -15,11 +14,12 @@ from typing import Any, NoReturn
 import asyncpg
 import redis.exceptions
 
-from jobstream.consumers.cli import commands, commands_mail, commands_schema
+from jobstream.consumers.cli import commands, commands_mail, commands_prune, commands_schema
 from jobstream.consumers.worker.settings import Settings
 from jobstream.otel.logs import escape_controls, setup_logging
 from jobstream.otel.redact import remember_secrets, scrub
 from jobstream.streams import JobstreamError
+from jobstream.streams.loop import run
 
 __all__ = ["build_parser", "main"]
 
@@ -104,8 +104,18 @@ def _add_commands(sub: Any) -> None:
     w.add_argument("--burst", action="store_true", help="drain the queues, then exit")
     w.add_argument("--metrics-port", type=_port, metavar="PORT", help="serve /metrics on this port")
     w.add_argument(
+        "--metrics-host", metavar="HOST", help="address /metrics listens on (default: 127.0.0.1)"
+    )
+    w.add_argument(
         "--log-format", choices=("text", "json"), default="text", help="json: one object a line"
     )
+    w.add_argument(
+        "--processes",
+        type=_positive,
+        metavar="N",
+        help="engine processes under one supervisor (default: the usable cores; 1: no supervisor)",
+    )
+    w.add_argument("--slot", type=int, help=argparse.SUPPRESS)  # set by the supervisor
 
     sub.add_parser("migrate", help="apply the SQL migrations (idempotent)")
 
@@ -114,6 +124,7 @@ def _add_commands(sub: Any) -> None:
     pub.add_argument("payload", help="the payload as a JSON object")
     pub.add_argument("--id", dest="job_id", help="job id (default: generated)")
     pub.add_argument("--delay", type=float, help="run it after this many seconds")
+    pub.add_argument("--key", help="partition key (e.g. a mailbox id): its jobs keep their order")
 
     st = sub.add_parser("status", help="per-queue stream and job counts")
     st.add_argument("--json", action="store_true", help="one JSON document")
@@ -155,6 +166,11 @@ def _add_commands(sub: Any) -> None:
     h.add_argument("--consumer", help="also require this worker's heartbeat")
 
     commands_schema.add_parser(sub)
+    commands_prune.add_parser(sub)
+
+    web = sub.add_parser("dashboard", help="serve the web dashboard (token required)")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    web.add_argument("--port", type=_port, default=8080, help="port (default: 8080)")
 
     d = sub.add_parser("demo", help="start two workers and push real jobs through every queue")
     d.add_argument("--events", type=_positive, default=3000)
@@ -179,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = (args.log_level or settings.log_level).upper()
     setup_logging(level, getattr(args, "log_format", "text"))
     try:
-        return asyncio.run(commands.run(args, settings))
+        return run(commands.run(args, settings), settings.event_loop)
     except JobstreamError as exc:
         _error(str(exc))
         return 2

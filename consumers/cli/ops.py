@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -11,20 +12,53 @@ import redis.exceptions
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.health import read_report
 from jobstream.consumers.worker.registry import by_queue
+from jobstream.otel.redact import remember_secrets, secrets_of_url
+from jobstream.schema.envelope import enqueued_at_ms
 from jobstream.schema.payloads import PAYLOADS
 from jobstream.schema.text import as_text
 from jobstream.schema.times import entry_ms
 from jobstream.streams.heartbeat import Heartbeat, read_heartbeat
+from jobstream.streams.keys import queue_of_part
 from jobstream.streams.lookup import find_waiting
+from jobstream.streams.queue_partitions import parts_of
+from jobstream.streams.redis_client import is_cluster
 
-__all__ = ["health", "job_info", "live_consumers", "queue_status", "workers"]
+__all__ = [
+    "dead_queues",
+    "health",
+    "job_info",
+    "live_consumers",
+    "queue_status",
+    "remember_relays",
+    "workers",
+]
 
+_ENTRY_ID = re.compile(r"\d{1,15}-\d+")
 COUNTS_SQL = "SELECT queue, status, count(*) AS n FROM jobs GROUP BY queue, status"
-JOB_SQL = "SELECT * FROM jobs WHERE id = $1"
+# By id and creation time: one partition. Without the time (a custom id whose hash has
+# expired), every partition's index is probed: an operator's question, never a hot path.
+JOB_AT_SQL = "SELECT * FROM jobs WHERE id = $1 AND created_at = to_timestamp($2::float8)"
+JOB_SQL = "SELECT * FROM jobs WHERE id = $1 ORDER BY created_at DESC LIMIT 1"
+RELAYS_SQL = "SELECT smtp_url FROM mailboxes WHERE smtp_url <> ''"
 EXECUTIONS_SQL = (
     "SELECT attempt, outcome, error, duration_ms, worker_id, started_at, finished_at "
-    "FROM job_executions WHERE job_id = $1 ORDER BY started_at, id"
+    "FROM job_executions WHERE job_id = $1 AND job_created_at = $2 ORDER BY started_at, id"
 )
+
+
+async def remember_relays(deps: Deps) -> None:
+    """Remember every mailbox relay's password, so that what is shown is scrubbed of it
+    (errors recorded by older versions may carry one)."""
+    for row in await deps.pool.fetch(RELAYS_SQL):
+        remember_secrets(secrets_of_url(row["smtp_url"]))
+
+
+async def dead_queues(deps: Deps) -> list[str]:
+    """Every queue with a payload or a dead-letter stream, sorted."""
+    r, keys = deps.redis, deps.keys
+    found = r.scan_iter(match=keys.dead_pattern(), count=1000, _type="stream")
+    seen = {queue_of_part(keys.queue_of(k.decode())) async for k in found}
+    return sorted(set(PAYLOADS) | seen)
 
 
 async def live_consumers(deps: Deps) -> dict[str, Heartbeat]:
@@ -34,7 +68,9 @@ async def live_consumers(deps: Deps) -> dict[str, Heartbeat]:
     beats: dict[str, Heartbeat] = {}
     for i in range(0, len(names), 500):
         chunk = names[i : i + 500]
-        for name, raw in zip(chunk, await deps.redis.mget(chunk), strict=True):
+        r: Any = deps.redis  # on a cluster the keys are in many slots: one MGET per slot
+        values = await (r.mget_nonatomic(chunk) if is_cluster(r) else r.mget(chunk))
+        for name, raw in zip(chunk, values, strict=True):
             beat = read_heartbeat(raw)
             if beat is not None:
                 beats[name[len(prefix) :]] = beat
@@ -83,11 +119,28 @@ def _queues() -> list[str]:
 
 
 async def _stream_info(deps: Deps, queue: str, live: set[str]) -> dict[str, Any]:
+    """A queue's figures, summed over its partitions (the oldest pending of them all)."""
+    parts = await parts_of(deps.redis, deps.keys, queue)
+    infos = [await _part_info(deps, part, live) for part in parts]
+    info = infos[0]
+    for other in infos[1:]:
+        for field in ("length", "pending", "lag", "delayed", "dead"):
+            info[field] += other[field]
+        for field in ("consumers", "stale_consumers"):
+            info[field] = max(info[field], other[field])
+        ages = [a for a in (info["oldest_pending_age_s"], other["oldest_pending_age_s"]) if a]
+        info["oldest_pending_age_s"] = max(ages) if ages else None
+    info["partitions"] = len(parts)
+    return info
+
+
+async def _part_info(deps: Deps, queue: str, live: set[str]) -> dict[str, Any]:
+    """One partition's figures (`queue` names the partition: `q` or `q#n`)."""
     r, keys, group = deps.redis, deps.keys, deps.settings.group
     stream = keys.stream(queue)
     info: dict[str, Any] = {
-        "queue": queue,
-        "handled": queue in by_queue(),
+        "queue": queue_of_part(queue),
+        "handled": queue_of_part(queue) in by_queue(),
         "length": int(await r.xlen(stream)),
         "pending": 0,
         "lag": 0,
@@ -138,13 +191,13 @@ async def job_info(deps: Deps, job_id: str, scan_limit: int = 50_000) -> dict[st
     `complete` is false when a stream or delayed set longer than `scan_limit` was read only
     in part (then the answer may be empty rather than None).
     """
-    row = await deps.pool.fetchrow(JOB_SQL, job_id)
-    execs = await deps.pool.fetch(EXECUTIONS_SQL, job_id)
     hashed = await deps.redis.hgetall(deps.keys.job(job_id))
+    row = await _job_row(deps, job_id, hashed)
+    execs = [] if row is None else await deps.pool.fetch(EXECUTIONS_SQL, job_id, row["created_at"])
     waiting, complete = [], True
     if row is None:  # published by any producer, not yet recorded by a worker
-        queues = _queues()
-        found, complete = await find_waiting(deps.redis, deps.keys, queues, job_id, scan_limit)
+        parts = [p for q in _queues() for p in await parts_of(deps.redis, deps.keys, q)]
+        found, complete = await find_waiting(deps.redis, deps.keys, parts, job_id, scan_limit)
         waiting = [msgspec.to_builtins(w) for w in found]
     if row is None and not hashed and not waiting and complete:
         return None
@@ -155,6 +208,22 @@ async def job_info(deps: Deps, job_id: str, scan_limit: int = 50_000) -> dict[st
         "waiting": waiting,
         "complete": complete,
     }
+
+
+async def _job_row(deps: Deps, job_id: str, hashed: dict[Any, Any]) -> Any:
+    """The job's row, looked up in the partition of its creation time when the hash or the
+    id (an entry ID, the default) tells it, else in every partition."""
+    times = []
+    raw = as_text(hashed.get(b"created_ms", b""))
+    if raw.isascii() and raw.isdigit():
+        times.append(int(raw) / 1000.0)
+    if _ENTRY_ID.fullmatch(job_id):
+        times.append(enqueued_at_ms(job_id) / 1000.0)
+    for at in times:
+        row = await deps.pool.fetchrow(JOB_AT_SQL, job_id, at)
+        if row is not None:
+            return row
+    return await deps.pool.fetchrow(JOB_SQL, job_id)
 
 
 async def health(deps: Deps, consumer: str | None = None, max_age_s: float = 30.0) -> str | None:

@@ -62,7 +62,7 @@ async def _spawn_workers(
     env = {**os.environ, "JOBSTREAM_LOG_LEVEL": "ERROR", **extra_env}
     return [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "jobstream.consumers.cli", "worker", env=env
+            sys.executable, "-m", "jobstream.consumers.cli", "worker", "--processes", "1", env=env
         )
         for _ in range(n)
     ]

@@ -10,9 +10,8 @@ import random
 import time
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
-
 from jobstream.streams import Keys
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = ["Slot", "release", "reserve"]
 
@@ -66,7 +65,7 @@ def counter_keys(keys: Keys, mailbox_id: str, now: float) -> tuple[str, str]:
 
 
 async def reserve(
-    redis: aioredis.Redis,
+    redis: AnyRedis,
     keys: Keys,
     mailbox_id: str,
     per_minute: int,
@@ -89,7 +88,7 @@ async def reserve(
     return Slot(pair, "per-minute" if code == 1 else "daily", wait)
 
 
-async def release(redis: aioredis.Redis, slot: Slot) -> None:
+async def release(redis: AnyRedis, slot: Slot) -> None:
     """Give the reserved send back after the message was not sent."""
     if slot.refused is None:
         await redis.register_script(RELEASE_LUA)(keys=list(slot.keys))

@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from jobstream.consumers.worker.parsepool import ParsePool
 from jobstream.consumers.worker.settings import Settings
 from jobstream.streams import Keys, Publisher
+from jobstream.streams.redis_client import AnyRedis
 
 __all__ = ["Deps"]
 
@@ -17,7 +17,7 @@ __all__ = ["Deps"]
 @dataclass(frozen=True, slots=True)
 class Deps:
     pool: asyncpg.Pool
-    redis: aioredis.Redis
+    redis: AnyRedis
     publisher: Publisher
     settings: Settings
     keys: Keys

@@ -16,7 +16,7 @@ import msgspec
 
 from jobstream.streams import Engine
 
-__all__ = ["HealthReport", "read_report", "write_reports"]
+__all__ = ["HealthReport", "read_report", "write_report", "write_reports"]
 
 
 class HealthReport(msgspec.Struct, frozen=True):
@@ -26,7 +26,8 @@ class HealthReport(msgspec.Struct, frozen=True):
     problem: str | None
 
 
-def _write(path: pathlib.Path, report: HealthReport) -> None:
+def write_report(path: pathlib.Path, report: HealthReport) -> None:
+    """Replace the file at `path` with `report` atomically."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     tmp.write_bytes(msgspec.json.encode(report))
     tmp.replace(path)  # atomic: a reader never sees half a file
@@ -38,7 +39,7 @@ async def write_reports(engine: Engine, path: str, interval_s: float) -> None:
     try:
         while True:
             report = HealthReport(engine.cfg.consumer, os.getpid(), time.time(), engine.health())
-            await asyncio.to_thread(_write, target, report)
+            await asyncio.to_thread(write_report, target, report)
             await asyncio.sleep(interval_s)
     finally:
         with contextlib.suppress(OSError):

@@ -14,7 +14,7 @@ from jobstream.streams import ConfigError
 __all__ = ["HANDLERS", "by_queue", "payloads_of", "select"]
 
 HANDLERS: tuple[HandlerSpec[Any], ...] = (
-    analytics.record_event,
+    analytics.record_events,
     processing.process_email,
     bounce.process_bounce,
     sending.send_email,

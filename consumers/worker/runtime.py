@@ -15,25 +15,39 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.handler import HandlerSpec
 from jobstream.consumers.worker.health import write_reports
 from jobstream.consumers.worker.parsepool import ParsePool, default_processes
-from jobstream.consumers.worker.registry import HANDLERS, payloads_of, select
+from jobstream.consumers.worker.registry import HANDLERS, by_queue, payloads_of, select
 from jobstream.consumers.worker.settings import Settings, redact_url
+from jobstream.consumers.worker.supervisor import EXIT_UNDRAINED
 from jobstream.consumers.worker.tls import client_context, database_dsn, redis_tls_options
-from jobstream.otel.metrics import MetricsHandle, setup_metrics
+from jobstream.otel.metrics import MetricsError, MetricsHandle, setup_metrics
 from jobstream.otel.redact import remember_secrets
+from jobstream.otel.suppress import suppressed
 from jobstream.otel.tracing import TracingHandle, setup_tracing
-from jobstream.streams import ConfigError, Engine, Keys, Observer, Policy, Publisher
+from jobstream.streams import (
+    ConfigError,
+    Engine,
+    Keys,
+    Observer,
+    PartitionPolicy,
+    Policy,
+    Publisher,
+)
+from jobstream.streams.loop import loop_name
+from jobstream.streams.redis_client import connect_redis
 
 __all__ = [
+    "check_selection",
     "connect",
     "consumer_name",
     "keys_of",
     "make_engine",
+    "partition_policy",
+    "partitions_of",
     "run_worker",
     "service_version",
     "start_telemetry",
@@ -88,6 +102,7 @@ async def connect(
     *,
     wait: bool = True,
     client_name: str | None = None,
+    observer: Observer | None = None,
     handlers: Sequence[HandlerSpec[Any]] = HANDLERS,
 ) -> AsyncIterator[Deps]:
     """Open Redis, PostgreSQL and the parse pool for the lifetime of the block.
@@ -96,18 +111,16 @@ async def connect(
     pool starts its processes only when something is parsed; they stop with the block.
     `client_name` names the Redis connections (`CLIENT LIST`) and PostgreSQL sessions
     (`pg_stat_activity.application_name`): a worker passes its consumer name.
-    The publisher knows the queues of `handlers` (the built-in ones by default).
     The URLs' passwords are remembered, so no log line, span or error shows them.
+    `observer` counts what the publisher sends (a worker passes its metrics). The
+    publisher knows the queues of `handlers` (the built-in ones by default).
     """
     remember_secrets(settings.secrets())
     if settings.tls_ca_file is not None:
         client_context(settings, "smtp")  # a missing or bad CA file fails now, named
-    redis = aioredis.Redis.from_url(
+    redis = connect_redis(
         settings.redis_url,
-        decode_responses=False,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        max_connections=None,
+        cluster=settings.redis_cluster,
         client_name=_printable(client_name),
         **redis_tls_options(settings),
     )
@@ -115,12 +128,44 @@ async def connect(
     keys = keys_of(settings)
     parser = ParsePool(settings.parse_processes or default_processes())
     try:
-        publisher = Publisher(redis, keys, payloads_of(handlers))
+        publisher = Publisher(
+            redis,
+            keys,
+            payloads_of(handlers),
+            observer=observer,
+            wait_replicas=settings.publish_wait_replicas,
+            wait_timeout_ms=settings.publish_wait_timeout_ms,
+            partitions=partitions_of(settings, handlers),
+        )
         yield Deps(pool, redis, publisher, settings, keys, parser)
     finally:
         await parser.aclose()
         await pool.close()
         await redis.aclose()
+
+
+def partitions_of(
+    settings: Settings, handlers: Sequence[HandlerSpec[Any]] = HANDLERS
+) -> dict[str, int]:
+    """Queue → stream partitions, from the handlers' policies and `JOBSTREAM_POLICIES`."""
+    overrides = settings.policy_overrides()
+    out = {q: spec.policy.partitions for q, spec in by_queue(handlers).items()}
+    for queue, fields in overrides.items():
+        if "partitions" in fields:
+            out[queue] = int(fields["partitions"])
+    return out
+
+
+def check_selection(
+    settings: Settings,
+    queues: Sequence[str] | None,
+    handlers: Sequence[HandlerSpec[Any]] = HANDLERS,
+) -> None:
+    """ConfigError for an unknown queue, or for JOBSTREAM_POLICIES naming a queue not served."""
+    served = {spec.queue for spec in select(handlers, queues)}
+    unknown = set(settings.policy_overrides()) - served
+    if unknown:
+        raise ConfigError(f"JOBSTREAM_POLICIES names queues not served: {', '.join(unknown)}")
 
 
 def make_engine(
@@ -141,7 +186,8 @@ def make_engine(
     """
     s = deps.settings
     specs = select(handlers, queues)
-    deps = dataclasses.replace(deps, publisher=deps.publisher.serving(payloads_of(handlers)))
+    publisher = deps.publisher.serving(payloads_of(handlers), partitions_of(s, handlers))
+    deps = dataclasses.replace(deps, publisher=publisher)
     limit = concurrency or s.concurrency
     overrides = s.policy_overrides()
     unknown = set(overrides) - {spec.queue for spec in specs}
@@ -154,8 +200,21 @@ def make_engine(
         if limit is not None:
             fields["concurrency"] = limit
         routes.append(spec.route(deps, Policy(**fields)))
-    config = s.engine_config(consumer=consumer or consumer_name(s), keys=deps.keys, burst=burst)
+    config = s.engine_config(
+        consumer=consumer or consumer_name(s), keys=deps.keys, burst=burst,
+        partitions=partition_policy(s),
+    )  # fmt: skip
     return Engine(deps.redis, deps.pool, routes, config, observer)
+
+
+def partition_policy(s: Settings) -> PartitionPolicy:
+    """The job tables' partitioning and retention, from the settings."""
+    return PartitionPolicy(
+        width_s=s.partition_width_s,
+        retention_s=s.retention_s,
+        ahead=s.partitions_ahead,
+        prune_interval_s=s.prune_interval_s,
+    )
 
 
 def _fields(policy: Policy) -> dict[str, Any]:
@@ -170,30 +229,47 @@ async def run_worker(
     handlers: Sequence[HandlerSpec[Any]] = HANDLERS,
     burst: bool = False,
     metrics_port: int | None = None,
+    metrics_host: str | None = None,
+    supervised: bool = False,
 ) -> int:
     """Run a worker serving `queues` (all by default) among `handlers` (see `make_engine`)
-    until SIGTERM/SIGINT (or drained, in burst mode); return the exit code."""
+    until SIGTERM/SIGINT (or drained, in burst mode); return the exit code.
+
+    `metrics_port` serves `/metrics` on `metrics_host` (defaults: the settings'); a port
+    that cannot be bound fails here, before anything connects. The worker's own commands
+    run with auto-instrumentation suppressed: only jobs make spans. `supervised` (a process
+    of `--processes N`): exit with EXIT_UNDRAINED when the grace period left entries
+    pending, so that the supervisor can say so in its own exit code.
+    """
     select(handlers, queues)  # fail on an unknown queue before connecting anywhere
     consumer = consumer_name(settings)
-    tracing, metrics = start_telemetry(consumer, prometheus=metrics_port is not None)
+    port = metrics_port if metrics_port is not None else settings.metrics_port
+    tracing, metrics = start_telemetry(consumer, prometheus=port is not None)
     try:
-        async with connect(settings, client_name=consumer, handlers=handlers) as deps:
-            engine = make_engine(
-                deps,
-                queues,
-                concurrency,
-                handlers=handlers,
-                burst=burst,
-                observer=metrics.observer,
-                consumer=consumer,
-            )
-            if metrics_port is not None:
-                await metrics.serve(metrics_port)
-            await _run(engine, settings)
+        if port is not None:
+            try:
+                metrics.serve(port, metrics_host or settings.metrics_host)
+            except MetricsError as exc:
+                raise ConfigError(str(exc)) from None
+        with suppressed():
+            async with connect(
+                settings, client_name=consumer, observer=metrics.observer, handlers=handlers
+            ) as deps:
+                engine = make_engine(
+                    deps,
+                    queues,
+                    concurrency,
+                    handlers=handlers,
+                    burst=burst,
+                    observer=metrics.observer,
+                    consumer=consumer,
+                )
+                await _run(engine, settings)
+                left = sum(len(lane.held) for lane in engine.lanes.values())
     finally:
         await metrics.aclose()
         await asyncio.to_thread(tracing.shutdown)
-    return 0
+    return EXIT_UNDRAINED if supervised and left else 0
 
 
 async def _run(engine: Engine, settings: Settings) -> None:
@@ -201,11 +277,12 @@ async def _run(engine: Engine, settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, engine.stop)
     logger.info(
-        "worker %s started: queues=%s redis=%s database=%s",
+        "worker %s started: queues=%s redis=%s database=%s loop=%s",
         engine.cfg.consumer,
         ",".join(engine.lanes),
         redact_url(settings.redis_url),
         redact_url(settings.database_url),
+        loop_name(),
     )
     reporter = None
     if settings.health_file:

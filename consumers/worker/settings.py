@@ -9,7 +9,7 @@ import dataclasses
 import os
 import urllib.parse
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -26,6 +26,8 @@ _ENGINE_NAME = {
     "shutdown_grace_s": "grace_s",
     "dead_letter_max_age_s": "dead_max_age_s",
     "dead_letter_max_bytes": "dead_max_bytes",
+    "publish_wait_replicas": "wait_replicas",
+    "publish_wait_timeout_ms": "wait_timeout_ms",
 }
 
 # Single-field bounds, checked by msgspec, so an error names the variable at fault.
@@ -55,12 +57,20 @@ class _PolicyOverride(msgspec.Struct, forbid_unknown_fields=True):
     backoff_cap_s: float | None = None
     timeout_s: float | None = None
     concurrency: int | None = None
+    partitions: int | None = None
+    batch_size: int | None = None
+    batch_wait_s: float | None = None
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     """Engine and platform settings (environment variable: `JOBSTREAM_<FIELD>`)."""
 
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
+    """`REDIS_URL` names one node of a Redis Cluster; the client finds the others."""
+    publish_wait_replicas: int = _ENGINE.wait_replicas
+    """A publish succeeds only once this many replicas have its writes (Redis `WAIT`)."""
+    publish_wait_timeout_ms: int = _ENGINE.wait_timeout_ms
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     smtp_url: str | None = None
     stream_prefix: str = "jobs:"
@@ -86,9 +96,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     dead_letter_max_bytes: AtLeast0 = _ENGINE.dead_max_bytes
     trim_interval_s: float = _ENGINE.trim_interval_s
     pg_pool_size: Annotated[int, msgspec.Meta(ge=2)] = 20
+    # Time partitions of `jobs` and `job_executions` (streams/partitions.py).
+    retention_s: float = 30 * 86400
+    partition_width_s: int = 86400
+    partitions_ahead: int = 3
+    prune_interval_s: float = 86400
+    event_loop: str = "auto"
+    """`auto` (uvloop where installed), `uvloop` or `asyncio`."""
     log_level: str = "INFO"
     policies: str = ""
     """JSON overriding queues' policies, e.g. `{"webhook": {"max_attempts": 12}}`."""
+    metrics_port: int | None = None
+    """Serve `/metrics` for Prometheus on this port (`jobstream worker --metrics-port`)."""
+    metrics_host: str = "127.0.0.1"
+    """The address `/metrics` listens on: loopback unless set (`0.0.0.0`: every interface)."""
     health_file: str | None = None
     """Where a worker reports its health for `jobstream health` (e.g. in a container)."""
     tls_ca_file: str | None = None
@@ -106,15 +127,37 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     webhook_connect_timeout_s: Positive = 5.0
     webhook_timeout_s: Positive = 15.0
     webhook_max_response_bytes: int = 64 * 1024
+    # The dashboard (consumers/dashboard/).
+    dashboard_token: str | None = None
+    """The operator's token for `jobstream dashboard` (or `dashboard_token_file`)."""
+    dashboard_token_file: str | None = None
+    trace_url: str | None = None
+    """A trace's page, `{trace_id}` standing for its id: `http://localhost:16686/trace/{trace_id}`."""
 
     def __post_init__(self) -> None:
         checks = {  # the checks msgspec.Meta cannot express: formats and pairs of fields
+            "JOBSTREAM_RETENTION_S": self.retention_s > 0,
+            "JOBSTREAM_PARTITION_WIDTH_S": self.partition_width_s >= 1,
+            "JOBSTREAM_PARTITIONS_AHEAD": self.partitions_ahead >= 1,
+            "JOBSTREAM_PRUNE_INTERVAL_S": self.prune_interval_s > 0,
             "REDIS_URL (redis://, rediss:// or unix://)": self.redis_url.startswith(
                 ("redis://", "rediss://", "unix://")
             ),
             "DATABASE_URL (postgresql:// or postgres://)": self.database_url.startswith(
                 ("postgresql://", "postgres://")
             ),
+            "REDIS_URL (a cluster takes redis:// or rediss://, database 0)": not self.redis_cluster
+            or (
+                self.redis_url.startswith(("redis://", "rediss://"))
+                and urllib.parse.urlsplit(self.redis_url).path in ("", "/", "/0")
+            ),
+            "JOBSTREAM_PUBLISH_WAIT_REPLICAS": self.publish_wait_replicas >= 0,
+            "JOBSTREAM_PUBLISH_WAIT_TIMEOUT_MS (1 or more)": self.publish_wait_timeout_ms >= 1,
+            "JOBSTREAM_EVENT_LOOP (auto, uvloop or asyncio)": self.event_loop
+            in ("auto", "uvloop", "asyncio"),
+            "JOBSTREAM_METRICS_PORT (1 to 65535)": self.metrics_port is None
+            or 1 <= self.metrics_port <= 65535,
+            "JOBSTREAM_METRICS_HOST": bool(self.metrics_host.strip()),
             "JOBSTREAM_LOG_LEVEL (DEBUG, INFO, WARNING or ERROR)": self.log_level.upper()
             in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
             "SMTP_URL": self.smtp_url is None or self.smtp_url.startswith(("smtp://", "smtps://")),
@@ -123,6 +166,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             ),
             "JOBSTREAM_WEBHOOK_CONNECT_TIMEOUT_S (at most JOBSTREAM_WEBHOOK_TIMEOUT_S)": (
                 self.webhook_connect_timeout_s <= self.webhook_timeout_s
+            ),
+            "JOBSTREAM_TRACE_URL (http(s)://... with {trace_id})": self.trace_url is None
+            or (
+                self.trace_url.startswith(("http://", "https://"))
+                and "{trace_id}" in self.trace_url
             ),
         }
         for name, url in (
@@ -136,10 +184,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
                 raise ConfigError(f"invalid configuration: {name} is out of range or malformed")
         self.policy_overrides()
 
-    def engine_config(self, *, consumer: str, keys: Keys, burst: bool = False) -> EngineConfig:
-        """The engine's configuration: every engine field these settings hold, by keyword."""
+    def engine_config(
+        self, *, consumer: str, keys: Keys, burst: bool = False, **more: Any
+    ) -> EngineConfig:
+        """The engine's configuration: every engine field these settings hold, by keyword
+        (`more`: the fields built from several settings, e.g. `partitions`)."""
         fields = {_ENGINE_NAME.get(f, f): getattr(self, f) for f in _ENGINE_FIELDS}
-        return EngineConfig(consumer=consumer, keys=keys, burst=burst, **fields)
+        return EngineConfig(consumer=consumer, keys=keys, burst=burst, **fields, **more)
 
     def policy_overrides(self) -> dict[str, dict[str, float]]:
         """Queue → policy fields to override, from `JOBSTREAM_POLICIES`."""
@@ -171,13 +222,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
 
     def secrets(self) -> list[str]:
         """The passwords and secret query parameters of the configured URLs."""
-        return [v for f in _SECRET for v in secrets_of_url(getattr(self, f))]
+        found = [v for f in _SECRET for v in secrets_of_url(getattr(self, f))]
+        return found + ([self.dashboard_token] if self.dashboard_token else [])
 
     def __repr__(self) -> str:
         shown = {
             f: (redact_url(getattr(self, f)) if f in _SECRET else getattr(self, f))
             for f in self.__struct_fields__
         }
+        if self.dashboard_token is not None:
+            shown["dashboard_token"] = "***"
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 

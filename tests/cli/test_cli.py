@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import msgspec
+import pytest
 
 from jobstream.consumers.worker.deps import Deps
 from tests.helpers import event, jobstream, run
@@ -12,6 +13,9 @@ from tests.helpers import event, jobstream, run
 EVENT = (
     '{"event_id":"cli-1","type":"open","mailbox_id":"mb-1","occurred_at":"2026-11-30T10:00:00Z"}'
 )
+
+# Each test runs on one Redis and on a Redis Cluster of 3 masters with replicas.
+pytestmark = pytest.mark.cluster_too
 
 
 async def test_publish_worker_status_job_and_health(deps: Deps, env_for):
@@ -77,6 +81,8 @@ async def test_worker_refuses_unknown_queue_and_bad_config(deps: Deps, env_for):
 async def test_redis_cli_style_bare_xadd_is_valid_input(deps: Deps, env_for):
     payload = msgspec.json.encode(event("bare-cli")).decode()
     redis_cli = ["redis-cli", "-u", deps.settings.redis_url]
+    if deps.settings.redis_cluster:  # follow MOVED to the master of the stream's slot
+        redis_cli.append("-c")
     out = await run(*redis_cli, "XADD", deps.keys.stream("analytics"), "*", "payload", payload)
     assert out.returncode == 0, out.stderr
     entry_id = out.stdout.strip()

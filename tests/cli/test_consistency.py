@@ -126,8 +126,15 @@ async def test_workers_and_status_tell_live_consumers_from_stale_ones(deps: Deps
 async def test_a_real_worker_reports_itself_in_its_heartbeat(deps: Deps, env_for):
     env = env_for(JOBSTREAM_CONSUMER_NAME="beating-1")
     proc = await asyncio.create_subprocess_exec(
-        JOBSTREAM, "worker", "--queues", "analytics", env=env, stderr=asyncio.subprocess.DEVNULL
-    )
+        JOBSTREAM,
+        "worker",
+        "--processes",
+        "1",
+        "--queues",
+        "analytics",
+        env=env,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # one engine process: its own pid beats under the configured name
     try:
         await eventually(lambda: deps.redis.exists(deps.keys.alive("beating-1")), timeout_s=30)
         beat = read_heartbeat(await deps.redis.get(deps.keys.alive("beating-1")))

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from jobstream.consumers.worker.deps import Deps
 from tests.helpers import jobstream
+
+# Each test runs on one Redis and on a Redis Cluster of 3 masters with replicas.
+pytestmark = pytest.mark.cluster_too
 
 
 async def test_demo_runs_through_all_six_queues(deps: Deps, env_for):

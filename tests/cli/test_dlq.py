@@ -9,12 +9,17 @@ import pty
 import sys
 from typing import Any
 
+import pytest
+
 from jobstream.consumers.worker.deps import Deps
 from jobstream.streams import Publisher, list_dead, purge_dead, replay_dead
 from tests import handlers
 from tests.helpers import all_terminal, engine, eventually, executions, jobstream, running
 
 Q = handlers.QUEUE
+
+# Each test runs on one Redis and on a Redis Cluster of 3 masters with replicas.
+pytestmark = pytest.mark.cluster_too
 
 
 async def test_dlq_list_show_replay_purge(deps: Deps, env_for):

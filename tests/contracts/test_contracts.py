@@ -60,7 +60,7 @@ def test_public_all_is_sorted_and_complete(package: str):
         assert hasattr(mod, name), name
 
 
-ROOMS = ("queues", "mail", "store", "cli", "demo", "worker")
+ROOMS = ("queues", "mail", "store", "cli", "dashboard", "demo", "worker")
 IO_LIBRARIES = {"asyncpg", "redis", "httpx", "aiosmtplib", "socket", "subprocess"}
 
 

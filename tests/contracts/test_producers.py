@@ -22,7 +22,15 @@ from opentelemetry.trace import SpanKind
 from jobstream.consumers.cli import ops
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import make_engine
-from tests.helpers import event, eventually, in_memory_spans, jobstream, run, running
+from tests.helpers import (
+    event,
+    eventually,
+    in_memory_spans,
+    jobstream,
+    run,
+    running,
+    with_settings,
+)
 
 NODE_DIR = Path(__file__).parents[1] / "node"
 SCHEMAS = Path(__file__).resolve().parents[2] / "schema" / "jsonschema"
@@ -106,7 +114,10 @@ async def test_a_node_producer_job_runs_in_its_trace(
     assert "not run by a worker yet" in later.stdout
     assert "delayed" in later.stdout
 
-    async with running(make_engine(deps, ["analytics"])):
+    # Each job alone (analytics takes batches; a batch's span links to its jobs' producers
+    # instead of being their child): this test follows one job's trace from Node.js.
+    alone = with_settings(deps, policies='{"analytics": {"batch_size": 1}}')
+    async with running(make_engine(alone, ["analytics"])):
 
         async def done() -> bool:
             rows = await deps.pool.fetch(

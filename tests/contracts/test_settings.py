@@ -13,8 +13,10 @@ from jobstream.streams import ConfigError, EngineConfig, Keys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RENAMED = {"grace_s": "shutdown_grace_s", "dead_max_age_s": "dead_letter_max_age_s",
-           "dead_max_bytes": "dead_letter_max_bytes"}  # fmt: skip
-NOT_CONFIGURED = {"consumer", "keys", "burst", "read_count", "promote_interval_s"}
+           "dead_max_bytes": "dead_letter_max_bytes", "wait_replicas": "publish_wait_replicas",
+           "wait_timeout_ms": "publish_wait_timeout_ms"}  # fmt: skip
+# Not a setting of its own: the caller's, or built from several settings (`partitions`).
+NOT_CONFIGURED = {"consumer", "keys", "burst", "read_count", "promote_interval_s", "partitions"}
 
 
 @pytest.mark.parametrize(

@@ -21,6 +21,7 @@ from jobstream.consumers.store.mailboxes import add_mailbox
 from jobstream.consumers.worker.deps import Deps
 from jobstream.schema.payloads import SendEmail
 from jobstream.streams import Publisher
+from jobstream.streams.redis_client import is_cluster
 from tests import handlers
 from tests.helpers import event, eventually, executions
 from tests.smtp_sink import smtp_sink
@@ -91,12 +92,20 @@ def _real() -> dict[str, Any]:
     return {q: PAYLOADS[q] for q in ("analytics", "email-sending")}
 
 
-async def worker_clients(deps: Deps, pids: list[int]) -> list[str]:
-    """Redis client ids of these worker processes (a worker names its connections after its
-    consumer, `<host>-<pid>-<random>`), so other users of the server are left alone."""
-    raw = await deps.redis.client_list()
+async def worker_clients(deps: Deps, pids: list[int]) -> list[tuple[Any, str]]:
+    """Redis client ids of these worker processes, with the node each is connected to
+    (None: the one server). A worker names its connections after its consumer,
+    `<host>-<pid>-<random>`, so other users of the server are left alone."""
+    r: Any = deps.redis
+    nodes = r.get_nodes() if is_cluster(r) else [None]
     marks = [f"-{pid}-" for pid in pids]
-    return [str(c["id"]) for c in raw if any(m in str(c.get("name", "")) for m in marks)]
+    out = []
+    for node in nodes:
+        raw = await (r.client_list(target_nodes=node) if node else r.client_list())
+        out += [
+            (node, str(c["id"])) for c in raw if any(m in str(c.get("name", "")) for m in marks)
+        ]
+    return out
 
 
 async def kill_connections(
@@ -107,15 +116,15 @@ async def kill_connections(
     for _ in range(times):
         if stop.is_set():
             break
-        for client in await worker_clients(deps, [p.pid for p in procs]):
-            reply = await deps.redis.execute_command(  # type: ignore[no-untyped-call]
-                "CLIENT", "KILL", "ID", client
-            )
+        for node, client in await worker_clients(deps, [p.pid for p in procs]):
+            on = {"target_nodes": node} if node else {}
+            reply = await deps.redis.execute_command("CLIENT", "KILL", "ID", client, **on)
             killed += int(reply)
         await asyncio.sleep(random.uniform(0.4, 1.0))
     return killed
 
 
+@pytest.mark.cluster_too
 async def test_every_fault_at_once_every_job_ends_once(
     deps: Deps, env_for, capsys: pytest.CaptureFixture[str]
 ):

@@ -18,9 +18,20 @@ from jobstream.streams import Policy, Publisher, PublishError
 from jobstream.streams.dispatch import classify
 from jobstream.streams.status import Outcome
 from tests import handlers
-from tests.helpers import all_terminal, engine, event, eventually, executions, running, statuses
+from tests.helpers import (
+    all_terminal,
+    engine,
+    entry_seconds,
+    event,
+    eventually,
+    executions,
+    running,
+    statuses,
+)
 
 Q = handlers.QUEUE
+# Every test runs on one Redis and on a Redis Cluster of 3 masters with replicas.
+pytestmark = pytest.mark.cluster_too
 
 
 def publisher(deps: Deps) -> Publisher:
@@ -144,12 +155,15 @@ async def test_redelivered_completed_job_is_acked_without_running(deps: Deps):
     stream = deps.keys.stream(Q)
     job_id = f"done-{uuid.uuid4().hex[:6]}"
     await deps.redis.xgroup_create(stream, "workers", id="0", mkstream=True)
-    await deps.redis.xadd(stream, {"id": job_id, "payload": "{}"})
-    # A replica that read it and died before acking, after PostgreSQL recorded completion.
+    eid = await deps.redis.xadd(stream, {"id": job_id, "payload": "{}"})
+    # A replica that read it and died before acking, after PostgreSQL recorded completion
+    # (in the row of the job's creation time: its entry's).
     await deps.redis.xreadgroup("workers", "ghost-replica", {stream: ">"}, count=10)
     await deps.pool.execute(
-        "INSERT INTO jobs (id, queue, status, attempts) VALUES ($1, $2, 'completed', 1)", job_id, Q
-    )
+        "INSERT INTO jobs (id, queue, status, attempts, created_at) "
+        "VALUES ($1, $2, 'completed', 1, to_timestamp($3::float8))",
+        job_id, Q, entry_seconds(eid),
+    )  # fmt: skip
     async with running(engine(deps)):
 
         async def acked():

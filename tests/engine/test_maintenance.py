@@ -127,7 +127,8 @@ async def test_a_huge_retry_or_delayed_member_never_blocks_the_delayed_set(deps:
         next(f for _, f in published if f[b"id"] == job_id and f.get(b"attempt") == attempt)
         for job_id, attempt in ((b"wide-retry", b"2"), (b"wide-delayed", None))
     )
-    assert len(retry) == 3 + 100 + 1  # id, payload, attempt, 100 others, dropped_fields
+    # id, payload, attempt, created_ms, 100 others, dropped_fields
+    assert len(retry) == 4 + 100 + 1
     assert retry[b"dropped_fields"] == b"4900"
     assert delayed == {b"id": b"wide-delayed", b"payload": b"{}", b"dropped_fields": b"5000"}
 

@@ -21,7 +21,14 @@ from jobstream.consumers.worker.runtime import connect, make_engine
 from jobstream.consumers.worker.settings import Settings
 from jobstream.streams import Job, Policy, Publisher
 from tests import handlers
-from tests.helpers import all_terminal, eventually, executions, running, statuses
+from tests.helpers import (
+    all_terminal,
+    entry_seconds,
+    eventually,
+    executions,
+    running,
+    statuses,
+)
 from tests.servers import OwnRedis
 
 Q = handlers.QUEUE
@@ -230,13 +237,15 @@ async def test_a_redelivered_job_already_terminal_is_acked_without_running(deps:
     over; a redelivery of its entry is acked and nothing else happens."""
     stream = deps.keys.stream(Q)
     await deps.redis.xgroup_create(stream, "workers", id="0", mkstream=True)
-    await deps.pool.execute(
-        "INSERT INTO jobs (id, queue, status, error, attempts) VALUES ('done-1', $1, $2, $3, 1)",
+    eid = await deps.redis.xadd(stream, {"id": "done-1", "payload": "{}"})
+    await deps.pool.execute(  # the row of the job's creation time: its entry's
+        "INSERT INTO jobs (id, queue, status, error, attempts, created_at) "
+        "VALUES ('done-1', $1, $2, $3, 1, to_timestamp($4::float8))",
         Q,
         status,
         "refused for good" if status == "failed" else None,
+        entry_seconds(eid),
     )
-    await deps.redis.xadd(stream, {"id": "done-1", "payload": "{}"})
     await deps.redis.xreadgroup("workers", "ghost", {stream: ">"})  # then it died
     async with running(make_engine(deps, None, None, handlers=handlers.SPECS)):
 

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import msgspec
+import pytest
 
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import make_engine
@@ -28,6 +29,8 @@ from tests.helpers import (
 )
 
 Q = handlers.QUEUE
+# Every test runs on one Redis and on a Redis Cluster of 3 masters with replicas.
+pytestmark = pytest.mark.cluster_too
 
 
 def pub(deps: Deps) -> Publisher:

@@ -227,12 +227,29 @@ def test_prometheus_scrapes_every_worker_replica(compose: dict[str, Any]):
     config = yaml.safe_load(config_path.read_text())
     command = services["worker"]["command"]
     port = int(command[command.index("--metrics-port") + 1])
-    assert str(port) in [str(p) for p in services["worker"]["expose"]]
+    processes = int(command[command.index("--processes") + 1])
+    ports = [port + i for i in range(processes)]  # process i of a replica serves port + i
+    assert [str(p) for p in services["worker"]["expose"]] == [str(p) for p in ports]
+    # Loopback is the default: Prometheus, in its own container, needs every interface.
+    assert services["worker"]["environment"]["JOBSTREAM_METRICS_HOST"] == "0.0.0.0"
+    assert Settings().metrics_host == "127.0.0.1"
     [job] = [j for j in config["scrape_configs"] if j["job_name"] == "jobstream-worker"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
-    # One DNS A record a replica: every replica is a target, however many there are.
-    [sd] = job["dns_sd_configs"]
-    assert (sd["names"], sd["type"], sd["port"]) == (["worker"], "A", port)
+    # One DNS A record a replica, one config a process: every process of every replica is a
+    # target, however many replicas there are.
+    found = [(sd["names"], sd["type"], sd["port"]) for sd in job["dns_sd_configs"]]
+    assert found == [(["worker"], "A", p) for p in ports]
+
+
+def test_compose_runs_one_engine_process_per_core_under_a_supervisor(compose: dict[str, Any]):
+    command = compose["services"]["worker"]["command"]
+    assert command[:2] == ["jobstream", "worker"]
+    assert int(command[command.index("--processes") + 1]) >= 2
+    # The supervisor drains its processes within their grace period before compose kills it.
+    env = compose["services"]["worker"]["environment"]
+    grace = float(env["JOBSTREAM_SHUTDOWN_GRACE_S"])
+    stop = compose["services"]["worker"]["stop_grace_period"]
+    assert grace < float(stop.removesuffix("s"))
 
 
 def locked() -> dict[str, tuple[str, list[str]]]:

@@ -182,7 +182,8 @@ async def test_hostile_ids_and_errors_cannot_forge_a_log_line(
     consumer = f"w-{HOSTILE[0]}"
     proc = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "jobstream"), "--log-level", "DEBUG",
-        "worker", "--burst", "--queues", "analytics", "email-sending", "--log-format", fmt,
+        "worker", "--processes", "1", "--burst", "--queues", "analytics", "email-sending",
+        "--log-format", fmt,
         env=env_for(JOBSTREAM_CONSUMER_NAME=consumer), stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, raw = await asyncio.wait_for(proc.communicate(), 60)

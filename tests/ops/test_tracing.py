@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import sys
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -84,20 +85,55 @@ async def test_published_then_processed_job_is_one_trace(deps: Deps, spans: InMe
     assert [link.context.span_id for link in process.links] == [send.context.span_id]
     assert send.attributes is not None
     assert process.attributes is not None
-    assert send.attributes["messaging.operation.type"] == "send"
-    assert send.attributes["messaging.message.conversation_id"] == job_id
+    url = urllib.parse.urlsplit(deps.settings.redis_url)
+    server = {"server.address": url.hostname, "server.port": url.port or 6379}
+    assert dict(send.attributes) == {
+        "messaging.system": "redis",
+        "messaging.operation.name": "send",
+        "messaging.operation.type": "send",
+        "messaging.destination.name": stream,
+        "messaging.message.id": entry_id,  # one message: its id, and no batch count
+        "messaging.message.conversation_id": job_id,
+        **server,
+    }
     assert dict(process.attributes) == {
         "messaging.system": "redis",
+        "messaging.operation.name": "process",
         "messaging.operation.type": "process",
         "messaging.destination.name": stream,
         "messaging.consumer.group.name": "workers",
         "messaging.client.id": engine.cfg.consumer,
         "messaging.message.id": entry_id,
         "messaging.message.conversation_id": job_id,
-        "messaging.redis.message.delivery_count": 1,
+        "jobstream.delivery_count": 1,  # ours, outside messaging.*
         "jobstream.job.attempt": 1,
+        **server,
     }
     assert process.status.status_code is StatusCode.UNSET
+
+
+async def test_a_batch_send_counts_its_messages_and_a_single_send_names_its_message(
+    deps: Deps, spans: InMemorySpanExporter
+):
+    stream = deps.keys.stream("analytics")
+    ids = await deps.publisher.publish_many(
+        "analytics", [event(f"evt-batch-{i}") for i in range(3)]
+    )
+    await deps.publisher.publish("analytics", event("evt-later"), "later-1", delay_s=60)
+    batch, delayed = spans.get_finished_spans()
+    assert batch.name == delayed.name == f"send {stream}"
+    assert batch.attributes is not None
+    assert delayed.attributes is not None
+    assert batch.attributes["messaging.batch.message_count"] == 3
+    assert batch.attributes["messaging.operation.name"] == "send"
+    assert "messaging.message.id" not in batch.attributes  # one span, three messages
+    assert "messaging.message.conversation_id" not in batch.attributes
+    entries = await deps.redis.xrange(stream)
+    assert [f[b"id"].decode() for _, f in entries] == ids
+    # A delayed job has no stream entry yet: its span names the job, not an entry.
+    assert "messaging.batch.message_count" not in delayed.attributes
+    assert "messaging.message.id" not in delayed.attributes
+    assert delayed.attributes["messaging.message.conversation_id"] == "later-1"
 
 
 async def test_failed_then_retried_job_shows_error_retry_event_and_second_attempt(
