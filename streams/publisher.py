@@ -18,13 +18,15 @@ from opentelemetry import trace
 
 from jobstream.otel import inject, is_recording_enabled
 from jobstream.schema.envelope import job_id_problem
-from jobstream.schema.payloads import PAYLOADS
+from jobstream.schema.text import as_text
+from jobstream.schema.times import utc_iso
 from jobstream.streams import semconv as sc
 from jobstream.streams.errors import PublishError
 from jobstream.streams.keys import Keys
 from jobstream.streams.observe import NullObserver, Observer
 from jobstream.streams.queue_partitions import Chooser
 from jobstream.streams.redis_client import AnyRedis, wait_replicas
+from jobstream.streams.status import Status
 
 __all__ = ["PayloadLike", "Publisher", "new_job_id"]
 
@@ -38,13 +40,16 @@ def new_job_id() -> str:
 
 
 class Publisher:
-    """Publishes jobs to the queues it knows (`payloads`: queue → payload struct)."""
+    """Publishes jobs to the queues it knows (`payloads`: queue → payload struct).
+
+    The engine knows no queue of its own: the application says which ones exist.
+    """
 
     def __init__(
         self,
         redis: AnyRedis,
-        keys: Keys | None = None,
-        payloads: Mapping[str, type[msgspec.Struct]] = PAYLOADS,
+        keys: Keys | None,
+        payloads: Mapping[str, type[msgspec.Struct]],
         *,
         record_queued: bool = True,
         wait_replicas: int = 0,
@@ -70,6 +75,23 @@ class Publisher:
     @property
     def queues(self) -> list[str]:
         return sorted(self._payloads)
+
+    def serving(
+        self,
+        payloads: Mapping[str, type[msgspec.Struct]],
+        partitions: Mapping[str, int] | None = None,
+    ) -> Publisher:
+        """A publisher like this one (same connection, keys, options) for `payloads`
+        (and their `partitions`, else this one's)."""
+        parts = self._partitions if partitions is None else dict(partitions)
+        if dict(payloads) == self._payloads and parts == self._partitions:
+            return self
+        replicas, timeout_ms = self._wait
+        return Publisher(
+            self._redis, self._keys, payloads, record_queued=self._record_queued,
+            wait_replicas=replicas, wait_timeout_ms=timeout_ms, partitions=parts,
+            observer=self._observer,
+        )  # fmt: skip
 
     def encode(self, queue: str, payload: PayloadLike) -> bytes:
         """Validate a payload against its queue's struct; return its JSON or raise PublishError."""
@@ -182,11 +204,16 @@ class Publisher:
             pipe.sadd(self._keys.partitions(queue), *range(count))
         written: list[str] = []
         due_ms = int((time.time() + delay_s) * 1000) if delay_s else None
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = utc_iso(time.time())
         for body, job_id in zip(bodies, ids, strict=True):
             fields: dict[str, str | bytes] = {"id": job_id, "payload": body, **context}
             if self._record_queued:  # before the entry exists, so it never hides a later status
-                status = {"status": "queued", "queue": queue, "attempt": 1, "updated_at": now}
+                status = {
+                    "status": Status.QUEUED.value,
+                    "queue": queue,
+                    "attempt": 1,
+                    "updated_at": now,
+                }
                 pipe.hset(self._keys.job(job_id), mapping=status)
                 written.append(self._keys.job(job_id))
             part = self._keys.part(queue, self._chooser.pick(queue, count, key))
@@ -196,7 +223,7 @@ class Publisher:
                 written.append(self._keys.stream(part))
             else:
                 fields["attempt"] = "1"
-                member = msgspec.json.encode({k: _text(v) for k, v in fields.items()})
+                member = msgspec.json.encode({k: as_text(v) for k, v in fields.items()})
                 pipe.zadd(self._keys.delayed(part), {member: due_ms})
                 written.append(self._keys.delayed(part))
         replicas, timeout_ms = self._wait
@@ -219,8 +246,4 @@ class Publisher:
                 f"{replicas} replicas within {timeout_ms} ms (JOBSTREAM_PUBLISH_WAIT_REPLICAS): "
                 "they may run, or be lost if the master fails now; publish them again"
             )
-        return [_text(replies[i]) for i in added]
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+        return [as_text(replies[i]) for i in added]

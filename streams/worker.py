@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import logging
 import os
@@ -45,7 +46,7 @@ from jobstream.streams.dispatch import (
 )
 from jobstream.streams.gauges import QueueGauges
 from jobstream.streams.heartbeat import heartbeat_value
-from jobstream.streams.job import Delivery, Job, Outcome, Result
+from jobstream.streams.job import Delivery, Job, Result
 from jobstream.streams.keys import Keys, queue_of_part
 from jobstream.streams.lease import Lease, clock
 from jobstream.streams.observe import NullObserver, Observer
@@ -55,6 +56,7 @@ from jobstream.streams.queue_partitions import parts_of, register
 from jobstream.streams.reclaimer import Pending, Reclaimer
 from jobstream.streams.recorder import Recorder, RecorderConfig, Start
 from jobstream.streams.redis_client import REDIS_ERRORS, AnyRedis
+from jobstream.streams.status import TERMINAL, Outcome, Reason
 from jobstream.streams.trimmer import DeadLetterCaps, DeadLetterTrimmer, trim
 
 __all__ = ["Engine", "EngineConfig"]
@@ -67,7 +69,6 @@ _STORE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
 )
-_TERMINAL = frozenset({"completed", "failed"})  # failed: dead-lettered when it was recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,11 +208,11 @@ class Engine:
             redis,
             pool,
             RecorderConfig(
-                config.group,
-                config.consumer,
-                config.keys,
-                config.hash_ttl_s,
-                config.dead_maxlen,
+                group=config.group,
+                worker_id=config.consumer,
+                keys=config.keys,
+                hash_ttl_s=config.hash_ttl_s,
+                dead_maxlen=config.dead_maxlen,
                 wait_replicas=config.wait_replicas,
                 wait_timeout_ms=config.wait_timeout_ms,
             ),
@@ -656,20 +657,17 @@ class Engine:
             return
         for key, d in zip(keys, batch, strict=True):
             job_id, row = key[0], statuses.get(key)
-            if row is not None and row.status in _TERMINAL:  # over: its outcome is recorded
-                now = time.time()
-                skip = Result(
-                    d, job_id, 0, Outcome.SKIPPED, started_at=now, finished_at=now, executed=False
-                )
-                skip.view = row  # a crash between commit and hash may have left it `running`
-                self._settle(skip)
+            # Over: its outcome is recorded (failed: dead-lettered when it was recorded).
+            if row is not None and row.status in TERMINAL:
+                # a crash between commit and hash may have left the hash `running`
+                self._settle(Result.skipped(d, job_id, row, time.time()))
             elif d.delivery_count > self.cfg.max_deliveries:
                 res = invalid_result(
                     d,
                     f"delivered {d.delivery_count} times, more than max_deliveries "
                     f"{self.cfg.max_deliveries}: the job keeps crashing its worker",
+                    reason=Reason.DELIVERIES,
                 )
-                res.reason = "deliveries"
                 self._settle(res)
             elif alone:
                 lane.spawn(self._process(lane, d), d)
@@ -679,9 +677,10 @@ class Engine:
     def _invalid(self, route: Route, res: Result) -> None:
         """Settle an entry that cannot run (undecodable, oversized, ...) as failed."""
         if self._traced:
-            trace_invalid(res, self._attrs[route.queue])
+            res = trace_invalid(res, self._attrs[route.queue])
         else:
-            res.trace_id = trace_id_of(trace_context(res.delivery.fields)[0])
+            trace_id = trace_id_of(trace_context(res.delivery.fields)[0])
+            res = dataclasses.replace(res, trace_id=trace_id)
         job_log.warning("job invalid job=%s queue=%s error=%s", res.job_id, route.queue, res.error)
         self._settle(res)
 
@@ -757,8 +756,8 @@ class Engine:
             results = await execute_batch(route, items)
             for it, res in zip(items, results, strict=True):
                 self._log_job(it.job, res)
-        for res, trace_id in zip(results, trace_ids, strict=True):
-            res.trace_id = trace_id
+        for done, trace_id in zip(results, trace_ids, strict=True):
+            res = dataclasses.replace(done, trace_id=trace_id)
             lane.release(res.delivery.entry_id)
             self._settle(res)
 
@@ -794,7 +793,7 @@ class Engine:
             self._log_job(job, None)
             res = await execute(route, env, payload, job, d, watched=True)
             self._log_job(job, res)
-        res.trace_id = trace_id
+        res = dataclasses.replace(res, trace_id=trace_id)
         lane.release(d.entry_id)
         self._settle(res)
 
@@ -833,7 +832,7 @@ class Engine:
         if res.exception is not None:
             error_type = type(res.exception).__qualname__
         elif res.outcome is Outcome.FAILED:
-            error_type = "TooManyDeliveries" if res.reason == "deliveries" else "InvalidEntry"
+            error_type = "TooManyDeliveries" if res.reason is Reason.DELIVERIES else "InvalidEntry"
         self.observer.job_finished(queue, res.outcome.value, res.duration_ms / 1000, error_type)
 
     def _superseded(self, d: Delivery, count: int) -> bool:

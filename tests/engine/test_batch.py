@@ -34,7 +34,7 @@ def publisher(deps: Deps) -> Publisher:
 
 
 def engine(deps: Deps) -> Any:
-    return make_engine(deps, None, None, extra=bh.SPECS)
+    return make_engine(deps, None, None, handlers=bh.SPECS)
 
 
 async def rows(deps: Deps, ids: list[str]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ QUEUES = ["analytics", "bounce", "email-sending", "email:processing", "warmup", 
 
 
 def _engine(deps: Deps) -> Engine:
-    return make_engine(deps, [], extra=handlers.SPECS)
+    return make_engine(deps, handlers=handlers.SPECS)
 
 
 async def _status(deps: Deps, job_id: str, status: str) -> bool:
