@@ -226,6 +226,18 @@ async def spawn_worker(env: dict[str, str], name: str) -> asyncio.subprocess.Pro
     )  # fmt: skip
 
 
+async def frozen_holding(
+    deps: Deps, proc: asyncio.subprocess.Process, stream: str, consumer: str
+) -> int:
+    """Freeze `proc` (SIGSTOP) at a moment its consumer holds entries, and say how many;
+    0 (and let it go on) when it holds none."""
+    proc.send_signal(signal.SIGSTOP)
+    held = await deps.redis.xpending_range(stream, "workers", "-", "+", 10_000, consumer)
+    if not held:
+        proc.send_signal(signal.SIGCONT)
+    return len(held)
+
+
 async def test_analytics_counts_once_across_batches_replicas_and_a_sigkill(deps: Deps, env_for):
     events = analytics_events()
     stream = deps.keys.stream("analytics")
@@ -246,10 +258,11 @@ async def test_analytics_counts_once_across_batches_replicas_and_a_sigkill(deps:
             return len(done) == 2 and min(r["n"] for r in done) >= 200
 
         await eventually(both_working, timeout_s=60, interval_s=0.02)
+        held_at_kill = await eventually(
+            lambda: frozen_holding(deps, a, stream, "batch-a"), timeout_s=60, interval_s=0.01
+        )
         a.kill()  # mid-batch: no drain, no records, no acks
         await a.wait()
-        held = await deps.redis.xpending_range(stream, "workers", "-", "+", 10_000, "batch-a")
-        held_at_kill = len(held)
 
         async def all_done() -> bool:
             pending = await deps.redis.xpending(stream, "workers")
