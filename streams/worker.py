@@ -314,7 +314,8 @@ class Engine:
         try:
             await self.stopping.wait()
         finally:
-            loops = [t for name, t in self._loops.items() if name != "heartbeat"]
+            # The heartbeat and the watchdog run on through the drain (they end with it).
+            loops = [t for name, t in self._loops.items() if name not in ("heartbeat", "watch")]
             try:
                 # Loops are not cancelled mid-command: each sees `stopping` within one
                 # block_ms or interval, so no entry is read and then abandoned.
