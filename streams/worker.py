@@ -300,6 +300,8 @@ class Engine:
             every = self.cfg.partitions.check_interval_s
             named["table partitions"] = self._every(every, self._table_partitions)
         self._loops = {name: asyncio.create_task(coro, name=name) for name, coro in named.items()}
+        for task in self._loops.values():
+            task.add_done_callback(self._loop_ended)
         # The heartbeat outlives `stopping`: a draining worker still holds its entries, and
         # another replica must not take them (or delete its consumer) before it exits.
         beat = asyncio.create_task(
@@ -333,6 +335,11 @@ class Engine:
                 with contextlib.suppress(*_CONN_ERRORS):
                     await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
                     await self.gauges.release()
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """Say so at once when a loop ends before `stop()` (health() reports it too)."""
+        if not task.cancelled() and task.exception() is not None and not self.stopping.is_set():
+            logger.error("loop %s stopped: %r", task.get_name(), task.exception())
 
     def health(self) -> str | None:
         """None while every loop runs and the heartbeat is fresh; otherwise what is wrong."""
@@ -461,6 +468,8 @@ class Engine:
     # ---- reading and dispatch ---------------------------------------------------------
     async def _read_loop(self, lane: _Lane) -> None:
         stream = self.cfg.keys.stream(lane.name)
+        what = f"read {stream}"
+        delay, lost = 0.1, False  # lost: a read failed in a way that may have lost its reply
         while True:
             await lane.free.wait()
             await self.recorder.has_room.wait()  # backpressure: bounded settlement backlog
@@ -486,22 +495,51 @@ class Engine:
 
             lane.reading = True
             try:
-                waited = await self._retrying(f"read {stream}", read)
+                waited = await self._retrying(what, read)
                 entries = reply[0][1] if reply else []
                 self._run_read(lane, entries)  # taken before anything else can look
-                if waited:  # a lost reply may have delivered entries we never saw
+                if waited or lost:  # a lost reply may have delivered entries we never saw
                     await self._retrying(f"resume {stream}", lambda: self._resume_own(lane))
+                    lost = False
             except redis.exceptions.ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    await self._retrying("start", self._setup)  # stream or group deleted
-                else:  # refused (e.g. out of memory): say so, wait, try again
-                    logger.error("reading %s refused: %s; retrying in 1s", stream, exc)
-                    await asyncio.sleep(1.0)
+                await self._read_refused(stream, exc)
+                continue
+            except Exception as exc:
+                # One of the sanctioned broad catches (the read loop, like the flush loop):
+                # during a cluster failover the cluster client can fail a command with an
+                # error that is no Redis error (a connection it closed under the command:
+                # AttributeError on its writer). Ending here would leave this worker
+                # alive, holding what it took, and never starting anything again.
+                self._read_failed(what, exc)
+                lost = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
                 continue
             finally:
                 lane.reading = False
+            self._read_works(what)
+            delay = 0.1
             if not entries and self.cfg.burst and await self._drained():
                 self.stop()
+
+    async def _read_refused(self, stream: str, exc: redis.exceptions.ResponseError) -> None:
+        if "NOGROUP" in str(exc):
+            await self._retrying("start", self._setup)  # stream or group deleted
+        else:  # refused (e.g. out of memory): say so, wait, try again
+            logger.error("reading %s refused: %s; retrying in 1s", stream, exc)
+            await asyncio.sleep(1.0)
+
+    def _read_failed(self, what: str, exc: Exception) -> None:
+        """Log a read that failed unforeseen (with its traceback) once until one works."""
+        if what not in self._refused:
+            logger.exception("%s failed: %s; reading again with backoff up to 5s", what, exc)
+            self._refused.add(what)
+
+    def _read_works(self, what: str) -> None:
+        """A read worked: say so if one had failed unforeseen before it."""
+        if what in self._refused:
+            logger.warning("%s reads again", what)
+            self._refused.discard(what)
 
     def _run_read(self, lane: _Lane, entries: list[Any]) -> None:
         """Take and start new entries just read (never delivered before, so never held)."""
