@@ -220,7 +220,8 @@ def analytics_events() -> list[Any]:
 
 async def spawn_worker(env: dict[str, str], name: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jobstream.consumers.cli", "worker", "--queues", "analytics",
+        sys.executable, "-m", "jobstream.consumers.cli", "worker", "--processes", "1",
+        "--queues", "analytics",
         env={**env, "JOBSTREAM_CONSUMER_NAME": name},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
