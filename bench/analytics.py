@@ -36,6 +36,7 @@ import redis.asyncio as aioredis
 
 from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, drop_keys, scratch_database
 from bench.throughput import plain_loop
+from jobstream.consumers.worker.registry import HANDLERS
 from jobstream.consumers.worker.runtime import connect, make_engine
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.payloads import PAYLOADS, AnalyticsEvent
@@ -108,9 +109,9 @@ async def worker(db: str, prefix: str, queue: str, concurrency: int | None) -> N
     )
     clock = _Clock()
     async with connect(settings) as deps:
-        extra = [NOOP] if queue == NOOP_QUEUE else []
-        queues = None if extra else [queue]
-        engine = make_engine(deps, queues, concurrency, burst=True, extra=extra, observer=clock)
+        served = [NOOP] if queue == NOOP_QUEUE else HANDLERS
+        queues = None if queue == NOOP_QUEUE else [queue]
+        engine = make_engine(deps, queues, concurrency, burst=True, handlers=served, observer=clock)
         started = time.perf_counter()
         await engine.run()
         ended = time.perf_counter()

@@ -166,7 +166,7 @@ class Clock(NullObserver):
 async def burst_worker(
     settings: Settings,
     queues: Sequence[str] | None,
-    extra: Sequence[HandlerSpec[Any]],
+    handlers: Sequence[HandlerSpec[Any]],
     concurrency: int | None,
     after: Callable[[], None] | None = None,
 ) -> None:
@@ -175,7 +175,7 @@ async def burst_worker(
     figures of processes started together can be combined)."""
     clock = Clock()
     async with connect(settings) as deps:
-        engine = make_engine(deps, queues, concurrency, burst=True, extra=extra)
+        engine = make_engine(deps, queues, concurrency, burst=True, handlers=handlers)
         engine.observer = clock
         print("ready", flush=True)
         await asyncio.to_thread(sys.stdin.readline)

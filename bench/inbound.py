@@ -34,6 +34,7 @@ import msgspec
 from bench.common import check_servers, drop_keys, load_note, require_drained, run_main
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.handler import HandlerSpec, handler
+from jobstream.consumers.worker.registry import HANDLERS
 from jobstream.consumers.worker.runtime import connect, make_engine
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.migrate import apply_migrations
@@ -173,11 +174,11 @@ async def publish(publisher: Publisher, queue: str, payloads: Sequence[Any]) -> 
 
 
 async def drain(
-    deps: Deps, n: int, specs: Sequence[str], extra: Sequence[HandlerSpec[Any]]
+    deps: Deps, n: int, queues: Sequence[str] | None, specs: Sequence[HandlerSpec[Any]]
 ) -> _Clock:
     """Run one engine in burst mode until the N published jobs are settled."""
     clock = _Clock(n)
-    engine = make_engine(deps, specs, burst=True, extra=extra)
+    engine = make_engine(deps, queues, burst=True, handlers=specs)
     engine.observer = clock
     await engine.run()
     return clock
@@ -203,11 +204,11 @@ async def main(n: int, noop_n: int) -> None:
         try:
             async with connect(settings) as deps:
                 await publish(deps.publisher, QUEUE, payloads)
-                inbound = await drain(deps, n, [QUEUE], ())
+                inbound = await drain(deps, n, [QUEUE], HANDLERS)
                 stored = await deps.pool.fetchval("SELECT count(*) FROM inbound_messages")
                 noop_publisher = Publisher(deps.redis, deps.keys, {NOOP_QUEUE: Noop})
                 await publish(noop_publisher, NOOP_QUEUE, [Noop(n=i) for i in range(noop_n)])
-                baseline = await drain(deps, noop_n, [], [noop])
+                baseline = await drain(deps, noop_n, None, [noop])
         finally:
             await drop_keys(prefix)
     require_drained(QUEUE, n, inbound.done)

@@ -71,7 +71,7 @@ async def engine_worker(db: str, prefix: str, n: int) -> None:
     """The engine side, in its own process: run until N jobs started, print the waits."""
     settings = bench_settings(db, prefix, block_ms=1000)
     async with connect(settings) as deps:
-        engine = make_engine(deps, None, None, extra=[ping])
+        engine = make_engine(deps, None, None, handlers=[ping])
         run = asyncio.create_task(engine.run())
         await asyncio.sleep(0.5)  # set up: the group exists before anything is published
         print("ready", flush=True)

@@ -53,6 +53,7 @@ from bench.common import (
 from jobstream.consumers.demo.servers import hook_receiver, mail_sink
 from jobstream.consumers.store.mailboxes import add_mailbox
 from jobstream.consumers.store.webhooks import add_endpoint
+from jobstream.consumers.worker.registry import HANDLERS
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.payloads import (
     PAYLOADS,
@@ -162,7 +163,7 @@ async def worker(db: str, prefix: str, queue: str) -> None:
     if queue == NOOP_QUEUE:
         await burst_worker(settings, None, [NOOP], None)
     else:
-        await burst_worker(settings, [queue], [], None)
+        await burst_worker(settings, [queue], HANDLERS, None)
 
 
 async def _setup(db: str, smtp_url: str, hook_url: str) -> dict[str, str]:

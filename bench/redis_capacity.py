@@ -91,7 +91,7 @@ async def _run(deps: Any, n: int, concurrency: int) -> dict[str, Any]:
     stream = keys.stream(NOOP_QUEUE)
     stream_bytes = int(await r.memory_usage(stream, samples=0))
     queued_hash = await _hash_bytes(r, keys, "queued")
-    engine = make_engine(deps, [], concurrency, extra=[NOOP], burst=True)
+    engine = make_engine(deps, None, concurrency, handlers=[NOOP], burst=True)
     started = time.perf_counter()
     await engine.run()
     seconds = time.perf_counter() - started

@@ -66,7 +66,7 @@ async def worker(db: str, prefix: str, width_s: int, retention_s: float, prune_s
         prune_interval_s=prune_s,
     )
     async with connect(settings) as deps:
-        engine = make_engine(deps, None, 64, extra=[NOOP])
+        engine = make_engine(deps, None, 64, handlers=[NOOP])
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, engine.stop)
         await engine.run()
 

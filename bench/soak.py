@@ -57,7 +57,7 @@ def rss_mb(pid: int) -> float:
 async def worker(db: str, prefix: str) -> None:
     settings = bench_settings(db, prefix, block_ms=1000, trim_interval_s=1.0, hash_ttl_s=30)
     async with connect(settings) as deps:
-        engine = make_engine(deps, None, 64, extra=[NOOP])
+        engine = make_engine(deps, None, 64, handlers=[NOOP])
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, engine.stop)
         await engine.run()
 

@@ -125,6 +125,7 @@ class OtelObserver:
         running = self._in_flight.get(queue, 0)
         if running > 0:  # (never below 0, whatever order a caller reports in)
             self._in_flight[queue] = running - 1
+        # otel imports nothing of ours: the outcomes are the text of streams.status.Outcome
         if outcome == "skipped":  # acked as already completed: it never ran
             return
         bound = (queue, error_type)

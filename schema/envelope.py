@@ -10,6 +10,8 @@ from typing import Annotated
 
 import msgspec
 
+from jobstream.schema.times import entry_ms
+
 __all__ = [
     "MAX_ATTEMPT",
     "MAX_ID_LENGTH",
@@ -129,10 +131,10 @@ def enqueued_at_ms(entry_id: str) -> int:
     any store can hold; such an entry, and every `*` entry after it in the same stream,
     is recorded as enqueued at `MAX_TIME_MS` rather than refused.
     """
-    ms = entry_id.partition("-")[0]
-    if not (ms.isascii() and ms.isdigit()):
+    try:
+        return min(entry_ms(entry_id), MAX_TIME_MS)
+    except ValueError:
         return 0
-    return MAX_TIME_MS if len(ms) > 15 else min(int(ms), MAX_TIME_MS)
 
 
 def created_ms(entry_id: str, fields: dict[bytes, bytes]) -> int:
@@ -148,7 +150,8 @@ def created_ms(entry_id: str, fields: dict[bytes, bytes]) -> int:
     return enqueued_at_ms(entry_id)
 
 
-def _text(raw: bytes, name: str) -> str:
+def _utf8(raw: bytes, name: str) -> str:
+    """A field's bytes as text, strictly: invalid UTF-8 makes the entry invalid."""
     try:
         return raw.decode()
     except UnicodeDecodeError:
@@ -199,7 +202,7 @@ def decode_envelope(entry_id: str, fields: dict[bytes, bytes]) -> Envelope:
     """
     payload = fields.get(b"payload")
     raw_id = fields.get(b"id")
-    job_id = entry_id if raw_id is None or raw_id == b"" else _text(raw_id, "id")
+    job_id = entry_id if raw_id is None or raw_id == b"" else _utf8(raw_id, "id")
     problem = job_id_problem(job_id)
     if problem is not None:
         raise EnvelopeError(f"field 'id' {problem}")

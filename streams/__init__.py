@@ -14,7 +14,7 @@ from jobstream.streams.errors import (
     PublishError,
     RetryableError,
 )
-from jobstream.streams.job import Job
+from jobstream.streams.job import Job, Result
 from jobstream.streams.keys import Keys, check_queue_name
 from jobstream.streams.observe import NullObserver, Observer
 from jobstream.streams.partitions import (
@@ -27,7 +27,7 @@ from jobstream.streams.partitions import (
 )
 from jobstream.streams.policy import Policy, backoff_s
 from jobstream.streams.publisher import Publisher, new_job_id
-from jobstream.streams.status import TERMINAL, Status
+from jobstream.streams.status import TERMINAL, Outcome, Reason, Status
 from jobstream.streams.trimmer import trim
 from jobstream.streams.worker import Engine, EngineConfig
 
@@ -45,6 +45,7 @@ __all__ = [
     "Keys",
     "NullObserver",
     "Observer",
+    "Outcome",
     "Partition",
     "PartitionPolicy",
     "PermanentError",
@@ -52,6 +53,8 @@ __all__ = [
     "PrunePlan",
     "PublishError",
     "Publisher",
+    "Reason",
+    "Result",
     "RetryableError",
     "Route",
     "Status",

@@ -162,7 +162,7 @@ async def cancel_job(
     *,
     group: str = "workers",
     levels: Callable[[str], Sequence[str]] | None = None,
-    hash_ttl_s: int = 7 * 24 * 3600,
+    hash_ttl_s: int,
 ) -> CancelAnswer:
     """Cancel a job wherever it is (see the module's docstring).
 

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from jobstream.schema.text import as_text
 from jobstream.streams.errors import PublishError
 from jobstream.streams.keys import Keys
 from jobstream.streams.policy import Policy
@@ -139,7 +140,7 @@ class Client:
         """The job's state now, or None when neither store knows it."""
         raw: Any = await self._redis.hgetall(self._keys.job(job_id))
         if raw:
-            view = {k.decode(): v.decode(errors="replace") for k, v in raw.items()}
+            view = {as_text(k): as_text(v) for k, v in raw.items()}
             return JobState(
                 id=job_id,
                 queue=view.get("queue", ""),

@@ -8,7 +8,6 @@ No value is kept beyond `MAX_FIELD_BYTES`: a larger payload keeps its prefix wit
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import time
 from collections.abc import Callable
@@ -19,6 +18,8 @@ from typing import Any
 import asyncpg
 
 from jobstream.schema.envelope import created_ms
+from jobstream.schema.text import as_text
+from jobstream.schema.times import utc_iso
 from jobstream.streams.errors import PublishError
 from jobstream.streams.job import fence_of
 from jobstream.streams.keys import Keys
@@ -70,13 +71,12 @@ def dead_fields(
 ) -> dict[Any, Any]:
     """The dead letter of an entry: its original fields (bounded) plus why and when it failed."""
     out = _bounded(fields)
-    stamp = dt.datetime.fromtimestamp(failed_at, dt.UTC).isoformat(timespec="milliseconds")
     out.update(
         {
             "reason": reason,
             "error": error[:4000],
             "attempts": str(attempts),
-            "failed_at": stamp.replace("+00:00", "Z"),
+            "failed_at": utc_iso(failed_at),
             "queue": queue,
             "job_id": job_id,
             "entry_id": entry_id,
@@ -114,7 +114,7 @@ def _decode(queue: str, entry: Any) -> DeadLetter:
     return DeadLetter(
         dead_id.decode(),
         queue,
-        {k.decode(errors="replace"): v.decode(errors="replace") for k, v in fields.items()},
+        {as_text(k): as_text(v) for k, v in fields.items()},
     )
 
 
@@ -145,7 +145,7 @@ async def count_dead(r: AnyRedis, keys: Keys, queue: str, older_than_ms: int | N
     n, start = 0, "-"
     while entries := await r.xrange(key, min=start, max=cutoff, count=1000):
         n += len(entries)
-        start = "(" + _id(entries[-1][0])
+        start = "(" + as_text(entries[-1][0])
     return n
 
 
@@ -198,12 +198,13 @@ _REPLAY_LUA = (
 # the entry is published, with the fence of the replay's time and delivery 0, so every
 # write of the worker that runs the new entry is newer and is never undone by this one.
 _QUEUED_LUA = """
-local cur = redis.call('HMGET', KEYS[1], 'fence', 'rank', 'status', 'attempt', 'error')
+local cur = redis.call('HMGET', KEYS[1], 'fence', 'rank', 'status', 'attempt', 'error',
+                      'updated_at')
 if cur[1] and cur[1] >= ARGV[1] then
     return false
 end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'attempt', '1', 'error', '', 'fence', ARGV[1],
-           'rank', '0')
+           'rank', '0', 'updated_at', ARGV[2])
 return cur
 """
 # The letter was gone after all (replayed or purged meanwhile): put back what the hash said,
@@ -212,8 +213,8 @@ _UNDO_LUA = """
 if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then
     return 0
 end
-local names = {'fence', 'rank', 'status', 'attempt', 'error'}
-for i = 1, 5 do
+local names = {'fence', 'rank', 'status', 'attempt', 'error', 'updated_at'}
+for i = 1, 6 do
     local value = ARGV[i + 1]
     if value == '' then
         redis.call('HDEL', KEYS[1], names[i])
@@ -223,10 +224,6 @@ for i = 1, 5 do
 end
 return 1
 """
-
-
-def _id(raw: Any) -> str:
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
 async def replay_dead(
@@ -260,7 +257,9 @@ async def replay_dead(
     fence = fence_of(f"{seconds * 1000 + micros // 1000}-0", 0)
     hashed = keys.job(job_id)
     row = await pool.fetchrow(REPLAY_SQL, job_id, fence, created)
-    before = await r.register_script(_QUEUED_LUA)(keys=[hashed], args=[fence])
+    before = await r.register_script(_QUEUED_LUA)(
+        keys=[hashed], args=[fence, utc_iso(seconds + micros / 1e6)]
+    )
     move = r.register_script(_REPLAY_LUA)
     entry_id = await move(
         keys=[keys.dead(letter.queue), keys.stream(letter.queue)],
@@ -268,12 +267,12 @@ async def replay_dead(
     )
     if entry_id is None:
         if before is not None:
-            undo = [_id(v) if v is not None else "" for v in before]
+            undo = [as_text(v) if v is not None else "" for v in before]
             await r.register_script(_UNDO_LUA)(keys=[hashed], args=[fence, *undo])
         if row is not None:
             await pool.execute(UNDO_SQL, job_id, fence, *row.values(), created)
         return None
-    entry = _id(entry_id)
+    entry = as_text(entry_id)
     await pool.execute(REPLAYED_SQL, job_id, fence, entry, created)
     return entry
 
@@ -296,7 +295,7 @@ async def replay_all(
     newest: Any = await r.xrevrange(key, count=1)
     if not newest:
         return 0, []
-    last, start, n, kept = _id(newest[0][0]), "-", 0, []
+    last, start, n, kept = as_text(newest[0][0]), "-", 0, []
     while entries := await r.xrange(key, min=start, max=last, count=500):
         for entry in entries:
             letter = _decode(queue, entry)
@@ -304,7 +303,7 @@ async def replay_all(
                 kept.append(letter.dead_id)
             elif await replay_dead(r, pool, keys, letter) is not None:
                 n += 1
-        start = "(" + _id(entries[-1][0])
+        start = "(" + as_text(entries[-1][0])
         if progress is not None:
             progress(n)
     return n, kept

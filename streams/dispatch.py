@@ -7,6 +7,7 @@ only cancellation escapes. It knows nothing of any queue in particular.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import re
@@ -31,11 +32,13 @@ from jobstream.schema.envelope import (
     safe_job_id,
     trace_context,
 )
+from jobstream.schema.text import as_text
 from jobstream.streams import semconv as sc
 from jobstream.streams.errors import PermanentError, RetryableError
-from jobstream.streams.job import Delivery, Job, Outcome, Result
+from jobstream.streams.job import Delivery, Job, Result
 from jobstream.streams.keys import base_queue
 from jobstream.streams.policy import Policy, backoff_s
+from jobstream.streams.status import Outcome, Reason
 
 __all__ = [
     "BatchHandler",
@@ -74,13 +77,13 @@ class Route:
     one job as a batch of one."""
 
 
-def classify(exc: BaseException, attempt: int, policy: Policy) -> tuple[Outcome, str]:
-    """Outcome and dead-letter reason of a failed attempt."""
+def classify(exc: BaseException, attempt: int, policy: Policy) -> tuple[Outcome, Reason | None]:
+    """Outcome and dead-letter reason (None: not dead-lettered) of a failed attempt."""
     if isinstance(exc, PermanentError | msgspec.DecodeError | asyncpg.DataError):
-        return Outcome.FAILED, "permanent"  # a payload PostgreSQL refuses will always be refused
+        return Outcome.FAILED, Reason.PERMANENT  # what PostgreSQL refuses it always will
     if attempt >= policy.max_attempts:
-        return Outcome.FAILED, "exhausted"
-    return Outcome.RETRYING, ""  # RetryableError, TimeoutError and anything unforeseen
+        return Outcome.FAILED, Reason.EXHAUSTED
+    return Outcome.RETRYING, None  # RetryableError, TimeoutError and anything unforeseen
 
 
 MAX_RETRY_EXTRA_FIELDS = 100
@@ -108,7 +111,7 @@ def retry_fields(d: Delivery, job_id: str, attempt: int) -> dict[str, str]:
                 dropped += 1
                 continue
             extra += 1
-        out[k.decode(errors="replace")] = v.decode(errors="replace")
+        out[as_text(k)] = as_text(v)
     out["id"] = job_id
     out["attempt"] = str(attempt + 1)
     out["created_ms"] = str(created_ms(d.entry_id, d.fields))
@@ -130,20 +133,22 @@ def retry_after_s(hint: float, policy: Policy) -> float:
     return min(hint, max(policy.backoff_cap_s, MAX_RETRY_AFTER_S))
 
 
-def invalid_result(d: Delivery, error: str, payload: bytes | None = None) -> Result:
-    """A failed, dead-lettered outcome for an entry that could not be decoded or routed.
+def invalid_result(
+    d: Delivery, error: str, payload: bytes | None = None, reason: Reason = Reason.INVALID
+) -> Result:
+    """A failed, dead-lettered outcome for an entry that could not be decoded or routed
+    (or, with `reason`, must not run again).
 
     Total: whatever the entry's fields hold, it returns (their id and attempt only if valid).
     """
     now = time.time()
-    return Result(
+    return Result.failed(
         d,
         safe_job_id(d.entry_id, d.fields),
         safe_attempt(d.fields),
-        Outcome.FAILED,
-        payload=payload,
+        reason=reason,
         error=scrub(_CONTROL.sub(" ", error[:_MAX_ERROR])),
-        reason="invalid",
+        payload=payload,
         started_at=now,
         finished_at=now,
         executed=False,
@@ -240,41 +245,50 @@ def conclude(
             exc = PermanentError(f"handler result is not JSON-encodable: {e}")
             error = scrub(f"PermanentError: {exc}")
     finished = time.time()
-    res = Result(
-        d,
-        job.id,
-        job.attempt,
-        Outcome.COMPLETED,
-        payload=env.payload,
-        result_json=result_json,
-        started_at=started,
-        finished_at=finished,
-        duration_ms=round((time.perf_counter() - mono) * 1000),
-    )
-    if exc is not None:
-        outcome, reason = classify(exc, job.attempt, route.policy)
-        res.outcome, res.error, res.reason, res.exception = outcome, error, reason, exc
-        if outcome is Outcome.RETRYING:
-            wait = backoff_s(route.policy, job.attempt)
-            if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
-                wait = max(wait, retry_after_s(exc.retry_after_s, route.policy))
-            res.retry_at = finished + wait
-            res.retry_fields = retry_fields(d, job.id, job.attempt)
-    return res
+    duration_ms = round((time.perf_counter() - mono) * 1000)
+    if exc is None:
+        return Result.completed(
+            d, job, payload=env.payload, result_json=result_json,
+            started_at=started, finished_at=finished, duration_ms=duration_ms,
+        )  # fmt: skip
+    _, reason = classify(exc, job.attempt, route.policy)
+    if reason is not None:  # dead-lettered
+        return Result.failed(
+            d, job.id, job.attempt, reason=reason, error=str(error), payload=env.payload,
+            exception=exc, started_at=started, finished_at=finished, duration_ms=duration_ms,
+        )  # fmt: skip
+    wait = backoff_s(route.policy, job.attempt)
+    if isinstance(exc, RetryableError) and exc.retry_after_s is not None:
+        wait = max(wait, retry_after_s(exc.retry_after_s, route.policy))
+    return Result.retry(
+        d, job, payload=env.payload, error=str(error), exception=exc,
+        started_at=started, finished_at=finished, duration_ms=duration_ms,
+        retry_at=finished + wait, retry_fields=retry_fields(d, job.id, job.attempt),
+    )  # fmt: skip
 
 
 def cancelled_result(
-    d: Delivery, job_id: str, attempt: int, payload: bytes | None, started: float, mono: float
+    d: Delivery,
+    job_id: str,
+    attempt: int,
+    payload: bytes | None,
+    started: float,
+    mono: float,
+    *,
+    error: str = "cancelled by request while running",
+    executed: bool = True,
 ) -> Result:
-    """The outcome of an attempt cancelled by request: recorded `cancelled`, acked, no retry."""
+    """The outcome of an attempt cancelled by request: recorded `cancelled`, acked, no retry
+    (`executed=False`: cancelled before its handler ran)."""
     return Result(
         d,
         job_id,
         attempt,
         Outcome.CANCELLED,
         payload=payload,
-        error="cancelled by request while running",
-        reason="cancelled",
+        error=error,
+        reason=Reason.CANCELLED,
+        executed=executed,
         started_at=started,
         finished_at=time.time(),
         duration_ms=round((time.perf_counter() - mono) * 1000),
@@ -352,8 +366,9 @@ async def execute_traced(
         return res
 
 
-def trace_invalid(res: Result, attrs: dict[str, Any]) -> None:
-    """A CONSUMER span for an entry that never reached its handler, marked as an error."""
+def trace_invalid(res: Result, attrs: dict[str, Any]) -> Result:
+    """A CONSUMER span for an entry that never reached its handler, marked as an error;
+    return the result with the span's trace id."""
     d = res.delivery
     parent = extract(*trace_context(d.fields))
     with _tracer.start_as_current_span(
@@ -363,5 +378,6 @@ def trace_invalid(res: Result, attrs: dict[str, Any]) -> None:
         attributes={**_attributes(attrs, d, res.job_id), sc.ERROR_TYPE: "InvalidEntry"},
     ) as span:
         span.set_status(trace.StatusCode.ERROR, res.error)
-        span.add_event("dead-lettered", {"jobstream.reason": res.reason or "invalid"})
-        res.trace_id = trace_id_of(sampled_only=True) or trace_id_of(trace_context(d.fields)[0])
+        span.add_event("dead-lettered", {"jobstream.reason": res.reason or Reason.INVALID})
+        trace_id = trace_id_of(sampled_only=True) or trace_id_of(trace_context(d.fields)[0])
+    return dataclasses.replace(res, trace_id=trace_id)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import enum
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from jobstream.schema.times import entry_parts
 from jobstream.streams.lease import clock
+from jobstream.streams.status import Outcome, Reason
 
 if TYPE_CHECKING:
     from jobstream.streams.progress import Reporter
@@ -21,11 +22,11 @@ def fence_of(entry_id: str, delivery_count: int) -> str:
     Fixed-width digits, so text order is numeric order in Lua, and PostgreSQL reads it
     as a number. A retry or a replay is a newer entry; a reclaim a newer delivery.
     """
-    ms, _, seq = entry_id.partition("-")
     try:
-        return f"{int(ms):020d}{int(seq or 0):020d}{delivery_count:010d}"
+        ms, seq = entry_parts(entry_id)
     except ValueError:  # not an entry ID: orders before any real one
         return "0" * 50
+    return f"{ms:020d}{seq:020d}{delivery_count:010d}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,17 +89,13 @@ class Delivery:
         return fence
 
 
-class Outcome(enum.StrEnum):
-    COMPLETED = "completed"
-    RETRYING = "retrying"
-    FAILED = "failed"
-    SKIPPED = "skipped"  # already completed before this delivery: ack only
-    CANCELLED = "cancelled"  # cancelled by request: recorded, acked, never retried
-
-
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Result:
-    """The outcome of one attempt, ready to settle (record, then retry/dead-letter, then ack)."""
+    """The outcome of one attempt, ready to settle (record, then retry/dead-letter, then ack).
+
+    Immutable: built by `completed`, `retry`, `failed` or `skipped`; a settlement that must
+    change one makes a new one (`dataclasses.replace`).
+    """
 
     delivery: Delivery
     job_id: str
@@ -107,7 +104,7 @@ class Result:
     payload: bytes | None = None
     result_json: str | None = None
     error: str | None = None
-    reason: str | None = None  # dead-letter reason: exhausted, permanent, invalid, deliveries
+    reason: Reason | None = None  # FAILED only: why it is dead-lettered
     started_at: float = 0.0  # epoch seconds
     finished_at: float = 0.0
     duration_ms: int = 0
@@ -117,3 +114,76 @@ class Result:
     exception: BaseException | None = None
     view: Any = None  # SKIPPED: the terminal row PostgreSQL has, to repair the hash from
     trace_id: str | None = None  # 32 hex digits: the trace this attempt ran in, if any
+
+    @classmethod
+    def completed(
+        cls,
+        d: Delivery,
+        job: Job,
+        *,
+        payload: bytes,
+        result_json: str | None,
+        started_at: float,
+        finished_at: float,
+        duration_ms: int,
+    ) -> Result:
+        """The handler returned: record `result_json`, then ack."""
+        return cls(
+            d, job.id, job.attempt, Outcome.COMPLETED, payload, result_json,
+            started_at=started_at, finished_at=finished_at, duration_ms=duration_ms,
+        )  # fmt: skip
+
+    @classmethod
+    def retry(
+        cls,
+        d: Delivery,
+        job: Job,
+        *,
+        payload: bytes,
+        error: str,
+        exception: BaseException,
+        started_at: float,
+        finished_at: float,
+        duration_ms: int,
+        retry_at: float,
+        retry_fields: dict[str, str],
+    ) -> Result:
+        """The attempt failed and may succeed later: attempt + 1 at `retry_at`, then ack."""
+        return cls(
+            d, job.id, job.attempt, Outcome.RETRYING, payload, error=error, exception=exception,
+            started_at=started_at, finished_at=finished_at, duration_ms=duration_ms,
+            retry_at=retry_at, retry_fields=retry_fields,
+        )  # fmt: skip
+
+    @classmethod
+    def failed(
+        cls,
+        d: Delivery,
+        job_id: str,
+        attempt: int,
+        *,
+        reason: Reason,
+        error: str,
+        started_at: float,
+        finished_at: float,
+        duration_ms: int = 0,
+        payload: bytes | None = None,
+        exception: BaseException | None = None,
+        executed: bool = True,
+    ) -> Result:
+        """No attempt can succeed: record `failed`, dead-letter with `reason`, then ack.
+
+        `executed=False`: no handler ran (an invalid entry), so no execution is recorded.
+        """
+        return cls(
+            d, job_id, attempt, Outcome.FAILED, payload, error=error, reason=reason,
+            exception=exception, executed=executed,
+            started_at=started_at, finished_at=finished_at, duration_ms=duration_ms,
+        )  # fmt: skip
+
+    @classmethod
+    def skipped(cls, d: Delivery, job_id: str, view: Any, at: float) -> Result:
+        """Already over (`view`: its terminal row): repair the hash from it, then ack."""
+        return cls(
+            d, job_id, 0, Outcome.SKIPPED, started_at=at, finished_at=at, executed=False, view=view
+        )

@@ -6,11 +6,12 @@ Read-only and bounded: an operator's question, never on the hot path.
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 import msgspec
 
+from jobstream.schema.text import as_text
+from jobstream.schema.times import utc_iso
 from jobstream.streams.keys import Keys
 from jobstream.streams.redis_client import AnyRedis
 
@@ -33,21 +34,12 @@ class Waiting(msgspec.Struct, frozen=True, kw_only=True):
     traceparent: str | None = None
 
 
-def _iso(ms: int) -> str:
-    seconds, millis = divmod(ms, 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def _stream_hit(queue: str, entry_id: Any, raw: dict[Any, Any]) -> tuple[Waiting, dict[str, str]]:
-    fields = {_text(k): _text(v) for k, v in raw.items()}
+    fields = {as_text(k): as_text(v) for k, v in raw.items()}
     hit = Waiting(
         queue=queue,
         where="stream",
-        entry_id=_text(entry_id),
+        entry_id=as_text(entry_id),
         attempt=fields.get("attempt", "1"),
         traceparent=fields.get("traceparent"),
     )
@@ -75,7 +67,7 @@ async def _in_stream(
             if fields.get("id") == job_id:
                 hits.append(hit)
         seen += len(page)
-        end = f"({_text(page[-1][0])}"  # exclusive: continue below the last one read
+        end = f"({as_text(page[-1][0])}"  # exclusive: continue below the last one read
     return hits, int(await r.xlen(stream)) <= limit
 
 
@@ -98,7 +90,7 @@ async def _in_delayed(
                     Waiting(
                         queue=queue,
                         where="delayed",
-                        due_at=_iso(int(score)),
+                        due_at=utc_iso(int(score) / 1000),
                         attempt=str(fields.get("attempt", "1")),
                         traceparent=fields.get("traceparent"),
                     )

@@ -20,7 +20,8 @@ from opentelemetry import trace
 
 from jobstream.otel import inject, is_recording_enabled
 from jobstream.schema.envelope import job_id_problem
-from jobstream.schema.payloads import PAYLOADS
+from jobstream.schema.text import as_text
+from jobstream.schema.times import utc_iso
 from jobstream.streams import semconv as sc
 from jobstream.streams.errors import PublishError
 from jobstream.streams.keys import Keys, base_queue, level_queue
@@ -28,6 +29,7 @@ from jobstream.streams.observe import NullObserver, Observer
 from jobstream.streams.policy import Policy
 from jobstream.streams.queue_partitions import Chooser
 from jobstream.streams.redis_client import AnyRedis, wait_replicas
+from jobstream.streams.status import Status
 
 __all__ = ["PayloadLike", "Published", "Publisher", "new_job_id"]
 
@@ -58,13 +60,16 @@ def new_job_id() -> str:
 
 
 class Publisher:
-    """Publishes jobs to the queues it knows (`payloads`: queue → payload struct)."""
+    """Publishes jobs to the queues it knows (`payloads`: queue → payload struct).
+
+    The engine knows no queue of its own: the application says which ones exist.
+    """
 
     def __init__(
         self,
         redis: AnyRedis,
-        keys: Keys | None = None,
-        payloads: Mapping[str, type[msgspec.Struct]] = PAYLOADS,
+        keys: Keys | None,
+        payloads: Mapping[str, type[msgspec.Struct]],
         *,
         record_queued: bool = True,
         wait_replicas: int = 0,
@@ -110,6 +115,23 @@ class Publisher:
     @property
     def queues(self) -> list[str]:
         return sorted(self._payloads)
+
+    def serving(
+        self,
+        payloads: Mapping[str, type[msgspec.Struct]],
+        partitions: Mapping[str, int] | None = None,
+    ) -> Publisher:
+        """A publisher like this one (same connection, keys, options) for `payloads`
+        (and their `partitions`, else this one's)."""
+        parts = self._partitions if partitions is None else dict(partitions)
+        if dict(payloads) == self._payloads and parts == self._partitions:
+            return self
+        replicas, timeout_ms = self._wait
+        return Publisher(
+            self._redis, self._keys, payloads, record_queued=self._record_queued,
+            wait_replicas=replicas, wait_timeout_ms=timeout_ms, partitions=parts,
+            observer=self._observer,
+        )  # fmt: skip
 
     def encode(self, queue: str, payload: PayloadLike) -> bytes:
         """Validate a payload against its queue's struct; return its JSON or raise PublishError."""
@@ -219,7 +241,7 @@ class Publisher:
         args: list[Any]
         if delay_s:
             fields["attempt"] = "1"
-            member = msgspec.json.encode({k: _text(v) for k, v in fields.items()})
+            member = msgspec.json.encode({k: as_text(v) for k, v in fields.items()})
             due = str(int((time.time() + delay_s) * 1000))
             target, args = self._keys.delayed(queue), [window_ms, due, member]
         else:  # an entry's fields, flat
@@ -228,7 +250,7 @@ class Publisher:
         reply: Any = await self._redis.eval(
             _UNIQUE_LUA, 2, self._keys.unique(queue, job_id), target, *args
         )
-        published, where = bool(int(reply[0])), _text(reply[1])
+        published, where = bool(int(reply[0])), as_text(reply[1])
         if published and self._record_queued:
             await mark_queued(self._redis, self._keys, job_id, base_queue(queue))
         return Published(job_id, published, where)
@@ -306,12 +328,16 @@ class Publisher:
             pipe.sadd(self._keys.partitions(queue), *range(count))
         written: list[str] = []
         due_ms = int((time.time() + delay_s) * 1000) if delay_s else None
-        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        now = utc_iso(time.time())
         for body, job_id in zip(bodies, ids, strict=True):
             fields: dict[str, str | bytes] = {"id": job_id, "payload": body, **context}
             if self._record_queued:  # before the entry exists, so it never hides a later status
-                status = {"status": "queued", "queue": base_queue(queue), "attempt": 1,
-                          "updated_at": now}  # fmt: skip
+                status = {
+                    "status": Status.QUEUED.value,
+                    "queue": base_queue(queue),
+                    "attempt": 1,
+                    "updated_at": now,
+                }
                 pipe.hset(self._keys.job(job_id), mapping=status)
                 written.append(self._keys.job(job_id))
             part = self._keys.part(queue, self._chooser.pick(queue, count, key))
@@ -321,7 +347,7 @@ class Publisher:
                 written.append(self._keys.stream(part))
             else:
                 fields["attempt"] = "1"
-                member = msgspec.json.encode({k: _text(v) for k, v in fields.items()})
+                member = msgspec.json.encode({k: as_text(v) for k, v in fields.items()})
                 pipe.zadd(self._keys.delayed(part), {member: due_ms})
                 written.append(self._keys.delayed(part))
         replicas, timeout_ms = self._wait
@@ -346,7 +372,7 @@ class Publisher:
                 f"{replicas} replicas within {timeout_ms} ms (JOBSTREAM_PUBLISH_WAIT_REPLICAS): "
                 "they may run, or be lost if the master fails now; publish them again"
             )
-        return [_text(replies[i]) for i in added]
+        return [as_text(replies[i]) for i in added]
 
 
 def _check_delay(delay_s: float | None) -> None:
@@ -360,7 +386,3 @@ async def mark_queued(redis: AnyRedis, keys: Keys, job_id: str, queue: str) -> N
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     fields = ["status", "queued", "queue", queue, "attempt", "1", "updated_at", now]
     await redis.eval(_SETHASH_LUA, 1, keys.job(job_id), _FIRST_FENCE, 0, 0, len(fields), *fields)
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value

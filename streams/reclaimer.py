@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
+from jobstream.schema.text import as_text
 from jobstream.streams.job import Delivery
 from jobstream.streams.keys import Keys
 from jobstream.streams.redis_client import AnyRedis
@@ -58,7 +59,7 @@ class Reclaimer:
         consumers: Any = await self.redis.xinfo_consumers(stream, self.group)
         for info in consumers:
             try:
-                name = _text(info["name"])
+                name = as_text(info["name"], errors="strict")
             except UnicodeDecodeError:  # not a worker's name; the ceiling takes its entries
                 continue
             if name == self.consumer or await self.redis.exists(self.keys.alive(name)):
@@ -81,7 +82,7 @@ class Reclaimer:
             self.keys.stream(queue), self.group, min=after if after == "-" else f"({after}",
             max="+", count=self.batch, consumername=owner, idle=idle_ms,
         )  # fmt: skip
-        return [Pending(_text(r["message_id"]), owner, int(r["times_delivered"])) for r in rows]
+        return [Pending(as_text(r["message_id"]), owner, int(r["times_delivered"])) for r in rows]
 
     async def claim(self, queue: str, owner: str, entries: list[Pending]) -> list[Delivery]:
         """Take `entries` from `owner` (which may be this consumer itself) and return them
@@ -97,7 +98,7 @@ class Reclaimer:
         counts = {p.entry_id: p.deliveries + 1 for p in entries}
         out = [
             Delivery(queue, eid, _fields(flat), counts.get(eid, 2))
-            for eid, flat in ((_text(e[0]), e[1]) for e in got)
+            for eid, flat in ((as_text(e[0]), e[1]) for e in got)
             if flat
         ]
         if out and owner != self.consumer:
@@ -112,7 +113,7 @@ class Reclaimer:
         reply: Any = await self.redis.xautoclaim(
             stream, self.group, self.consumer, self.ceiling_ms, start, count=self.batch
         )
-        self._cursors[stream] = _text(reply[0])  # walk the whole pending list over time
+        self._cursors[stream] = as_text(reply[0])  # walk the whole pending list over time
         claimed = reply[1]
         deleted = reply[2] if len(reply) > 2 else []
         if deleted:  # Redis 7 drops deleted entries from the pending list and reports them
@@ -120,15 +121,15 @@ class Reclaimer:
                 "%d pending entries of %s were deleted before being processed: %s",
                 len(deleted),
                 stream,
-                ", ".join(_text(d) for d in deleted[:10]),
+                ", ".join(as_text(d) for d in deleted[:10]),
             )
         if not claimed:
             return []
-        ids = [_text(eid) for eid, _ in claimed]
+        ids = [as_text(eid) for eid, _ in claimed]
         counts = await self._delivery_counts(stream, ids)
         logger.warning("reclaimed %d entries idle past the ceiling on %s", len(ids), stream)
         return [
-            Delivery(queue, _text(eid), fields, counts.get(_text(eid), 2))
+            Delivery(queue, as_text(eid), fields, counts.get(as_text(eid), 2))
             for eid, fields in claimed
             if fields
         ]
@@ -139,7 +140,7 @@ class Reclaimer:
             stream, self.group, min=ids[0], max=ids[-1], count=len(ids) * 2,
             consumername=self.consumer,
         )  # fmt: skip
-        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        return {as_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     async def refresh(self, queue: str, entry_ids: list[str]) -> set[str]:
         """Reset the idle time of entries we hold so the ceiling never takes them; return
@@ -150,7 +151,7 @@ class Reclaimer:
             keys=[self.keys.stream(queue)],
             args=[self.group, self.consumer, self.consumer, "JUSTID", *entry_ids],
         )
-        return {_text(eid) for eid in got}
+        return {as_text(eid) for eid in got}
 
 
 def _fields(flat: Any) -> dict[bytes, bytes]:
@@ -158,7 +159,3 @@ def _fields(flat: Any) -> dict[bytes, bytes]:
     if isinstance(flat, dict):
         return flat
     return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else value

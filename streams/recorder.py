@@ -8,6 +8,7 @@ has committed (inv. 1). A failing hash write is logged and never fails a job (in
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import math
@@ -25,9 +26,11 @@ from asyncpg.pool import PoolConnectionProxy
 from redis.asyncio.cluster import RedisCluster
 
 from jobstream.schema.envelope import MAX_TIME_MS, created_ms
+from jobstream.schema.text import as_text, clean_text
+from jobstream.schema.times import utc_iso
 from jobstream.streams.backoff import retry_until_done
 from jobstream.streams.dead_letters import dead_fields
-from jobstream.streams.job import Delivery, Outcome, Result
+from jobstream.streams.job import Delivery, Result
 from jobstream.streams.keys import Keys, queue_of_part
 from jobstream.streams.lease import Lease
 from jobstream.streams.pg_store import ExecRow, JobRow, find_created, write_batch
@@ -39,7 +42,7 @@ from jobstream.streams.redis_client import (
     load_scripts,
     send_many,
 )
-from jobstream.streams.status import TERMINAL, Status
+from jobstream.streams.status import TERMINAL, Outcome, Reason, Status
 
 __all__ = ["Recorder", "RecorderConfig", "Start"]
 
@@ -92,8 +95,8 @@ class RecorderConfig:
     group: str
     worker_id: str
     keys: Keys
-    hash_ttl_s: int = 7 * 24 * 3600
-    dead_maxlen: int = 100_000
+    hash_ttl_s: int  # the engine's defaults live in EngineConfig
+    dead_maxlen: int
     max_batch: int = 2000
     max_backlog: int = 4000
     redis_timeout_s: float = 30.0
@@ -102,22 +105,11 @@ class RecorderConfig:
     wait_timeout_ms: int = 1000
 
 
-_SECOND: list[Any] = [None, ""]  # the last whole second formatted, and its text
-
-
 def _iso(ts: float | None) -> str:
     """`2026-11-30T10:00:00.123Z`; the seconds' part is formatted once per second."""
     if ts is None:
         return ""
-    second = math.floor(ts)
-    if second != _SECOND[0]:
-        _SECOND[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
-    return f"{_SECOND[1]}.{min(int((ts - second) * 1000), 999):03d}Z"
-
-
-def _text(value: str | None) -> str | None:
-    """Text PostgreSQL accepts: no NUL characters."""
-    return value.replace("\x00", "\ufffd") if value and "\x00" in value else value
+    return utc_iso(ts)
 
 
 def _payload_text(payload: bytes | None) -> str | None:
@@ -151,7 +143,8 @@ class Recorder:
         self._redis = redis
         self._cluster = isinstance(redis, RedisCluster)
         self._on_done = on_done
-        self._later: dict[int, Result] = {}  # waiting to be re-sent, by id()
+        # Waiting to be re-sent, by id() of what was handed over: (that, what is re-sent).
+        self._later: dict[int, tuple[Result, Result]] = {}
         self._pool = pool
         self._cfg = config
         self._lease = lease
@@ -205,7 +198,7 @@ class Recorder:
 
     def entry_ids(self) -> set[str]:
         """Entries whose records are waiting, being written or to be re-sent (not acked)."""
-        items = (*self._batch, *self._pending, *self._later.values())
+        items = (*self._batch, *self._pending, *(resend for _, resend in self._later.values()))
         return {item.delivery.entry_id for item in items}
 
     def started(self, start: Start) -> None:
@@ -492,16 +485,18 @@ class Recorder:
             retry += self._unsettled(rs, reply)
         if retry:  # inv. 1: kept unacked; PostgreSQL already has them, so no second row
             for r in retry:
-                r.executed = False
                 self._settle_later(r)
 
     def _settle_later(self, r: Result) -> None:
-        """Settle `r` again in 1 s; its entry stays held by this process meanwhile."""
-        self._later[id(r)] = r
+        """Settle `r` again in 1 s; its entry stays held by this process meanwhile.
+
+        `r` stays referenced until then, so no other Result takes its id().
+        """
+        self._later[id(r)] = (r, dataclasses.replace(r, executed=False))
 
         def again() -> None:
-            self._later.pop(id(r), None)
-            self.settle(r)
+            _, resend = self._later.pop(id(r))
+            self.settle(resend)
 
         asyncio.get_running_loop().call_later(1.0, again)
 
@@ -566,7 +561,7 @@ class Recorder:
             queue=queue_of_part(d.queue),
             job_id=r.job_id,
             entry_id=d.entry_id,
-            reason=r.reason or "failed",
+            reason=r.reason or Reason.PERMANENT,  # every failed Result has its reason
             error=r.error or "",
             attempts=r.attempt,
             failed_at=r.finished_at or time.time(),
@@ -575,7 +570,7 @@ class Recorder:
         if len(items) > _MAX_DEAD_FIELDS:  # the added fields come last: keep them
             dropped = len(items) - _MAX_DEAD_FIELDS
             items = [*items[: _MAX_DEAD_FIELDS - 8], *items[-7:], ("dropped_fields", dropped)]
-        return msgspec.json.encode([_str(x) for kv in items for x in kv])
+        return msgspec.json.encode([as_text(x) for kv in items for x in kv])
 
     async def _send_scripts(
         self, cmds: list[tuple[Any, ...]], *, wait: bool = False
@@ -667,10 +662,6 @@ def _without_progress(replies: list[object], n: int) -> list[object]:
     return replies[:-n]
 
 
-def _str(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def _order(item: Start | Result) -> tuple[str, bool]:
     """How far a record moves its job: delivery first, then an outcome over `running`."""
     return item.delivery.fence, isinstance(item, Result)
@@ -693,7 +684,7 @@ def _job_row(r: Result) -> JobRow:
     payload = None if d.payload_stored else _payload_text(r.payload)
     return JobRow(
         r.job_id, queue_of_part(d.queue), _STATUS[r.outcome], payload, r.result_json,
-        _text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None, done,
+        clean_text(r.error), r.attempt, d.entry_id, _created(d), r.started_at or None, done,
         _time(r.retry_at), d.fence, r.trace_id,
     )  # fmt: skip
 
@@ -711,7 +702,7 @@ def _view_row(r: Result) -> JobRow:
 def _exec_row(r: Result) -> ExecRow:
     d = r.delivery
     return ExecRow(
-        r.job_id, r.attempt, r.outcome.value, _text(r.error), r.duration_ms, r.started_at,
+        r.job_id, r.attempt, r.outcome.value, clean_text(r.error), r.duration_ms, r.started_at,
         r.finished_at, d.entry_id, d.delivery_count, _created(d),
     )  # fmt: skip
 
@@ -744,7 +735,7 @@ def _minimal(row: JobRow, exc: Exception) -> None:
     """Reduce a row PostgreSQL refuses to what always stores: id, queue, `failed`, why."""
     why = f"job could not be recorded ({_first_line(exc)}); its outcome was {row.status}: "
     why += row.error or ""
-    row.status, row.error = Status.FAILED, _text(why[:4000])
+    row.status, row.error = Status.FAILED, clean_text(why[:4000])
     row.payload = row.result = None
     row.started_at = row.next_attempt_at = None
     row.completed_at = time.time()
@@ -765,6 +756,8 @@ def _after_fallback(
         if error is None:
             continue
         if r.outcome in (Outcome.COMPLETED, Outcome.RETRYING):
-            r.outcome, r.reason, r.error, r.retry_at = Outcome.FAILED, "unrecordable", error, None
+            r = dataclasses.replace(
+                r, outcome=Outcome.FAILED, reason=Reason.UNRECORDABLE, error=error, retry_at=None
+            )
         kept.append(r)
     return [row for row in jobs if fallen.get(row.id, "") is not None], kept

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from jobstream.schema.text import as_text
+from jobstream.schema.times import entry_parts
 from jobstream.streams.keys import Keys
 from jobstream.streams.redis_client import AnyRedis
 
@@ -21,11 +23,6 @@ _BYTES_LUA = (
 )
 
 
-def _key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 async def safe_min_id(r: AnyRedis, stream: str) -> str | None:
     """The lowest ID to keep: each group's oldest pending entry and its last-delivered entry."""
     lowest: str | None = None
@@ -33,15 +30,14 @@ async def safe_min_id(r: AnyRedis, stream: str) -> str | None:
         name = group["name"]
         candidates = []
         last = group["last-delivered-id"]
-        last = last.decode() if isinstance(last, bytes) else last
-        candidates.append(last)  # never below the group's last-delivered entry
+        candidates.append(as_text(last))  # never below the group's last-delivered entry
         if int(group["pending"]) > 0:
             summary = await r.xpending(stream, name)
             low = summary["min"]  # None: the last pending entry was acked since XINFO
             if low is not None:
-                candidates.append(low.decode() if isinstance(low, bytes) else low)
+                candidates.append(as_text(low))
         for c in candidates:
-            if lowest is None or _key(c) < _key(lowest):
+            if lowest is None or entry_parts(c) < entry_parts(lowest):
                 lowest = c
     return lowest
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import logging
 import os
@@ -47,7 +48,7 @@ from jobstream.streams.dispatch import (
 )
 from jobstream.streams.gauges import QueueGauges
 from jobstream.streams.heartbeat import heartbeat_value
-from jobstream.streams.job import Delivery, Job, Outcome, Result
+from jobstream.streams.job import Delivery, Job, Result
 from jobstream.streams.keys import Keys, base_queue, level_of, level_queue, queue_of_part
 from jobstream.streams.lease import Lease, clock
 from jobstream.streams.levels import Slots, WeightedOrder
@@ -58,6 +59,7 @@ from jobstream.streams.queue_partitions import parts_of, register
 from jobstream.streams.reclaimer import Pending, Reclaimer
 from jobstream.streams.recorder import Recorder, RecorderConfig, Start
 from jobstream.streams.redis_client import REDIS_ERRORS, AnyRedis
+from jobstream.streams.status import TERMINAL, Outcome, Reason
 from jobstream.streams.trimmer import DeadLetterCaps, DeadLetterTrimmer, trim
 
 __all__ = ["Engine", "EngineConfig"]
@@ -70,7 +72,6 @@ _STORE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
 )
-_TERMINAL = frozenset({"completed", "failed", "cancelled"})  # failed: dead-lettered when recorded
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,11 +227,11 @@ class Engine:
             redis,
             pool,
             RecorderConfig(
-                config.group,
-                config.consumer,
-                config.keys,
-                config.hash_ttl_s,
-                config.dead_maxlen,
+                group=config.group,
+                worker_id=config.consumer,
+                keys=config.keys,
+                hash_ttl_s=config.hash_ttl_s,
+                dead_maxlen=config.dead_maxlen,
                 progress_interval_s=config.progress_interval_s,
                 wait_replicas=config.wait_replicas,
                 wait_timeout_ms=config.wait_timeout_ms,
@@ -328,6 +329,8 @@ class Engine:
             every = self.cfg.partitions.check_interval_s
             named["table partitions"] = self._every(every, self._table_partitions)
         self._loops = {name: asyncio.create_task(coro, name=name) for name, coro in named.items()}
+        for task in self._loops.values():
+            task.add_done_callback(self._loop_ended)
         # The heartbeat outlives `stopping`: a draining worker still holds its entries, and
         # another replica must not take them (or delete its consumer) before it exits.
         beat = asyncio.create_task(
@@ -341,7 +344,8 @@ class Engine:
         try:
             await self.stopping.wait()
         finally:
-            loops = [t for name, t in self._loops.items() if name != "heartbeat"]
+            # The heartbeat and the watchdog run on through the drain (they end with it).
+            loops = [t for name, t in self._loops.items() if name not in ("heartbeat", "watch")]
             try:
                 # Loops are not cancelled mid-command: each sees `stopping` within one
                 # block_ms or interval, so no entry is read and then abandoned.
@@ -360,6 +364,11 @@ class Engine:
                 with contextlib.suppress(*_CONN_ERRORS):
                     await self.redis.delete(self.cfg.keys.alive(self.cfg.consumer))
                     await self.gauges.release()
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        """Say so at once when a loop ends before `stop()` (health() reports it too)."""
+        if not task.cancelled() and task.exception() is not None and not self.stopping.is_set():
+            logger.error("loop %s stopped: %r", task.get_name(), task.exception())
 
     def health(self) -> str | None:
         """None while every loop runs and the heartbeat is fresh; otherwise what is wrong."""
@@ -490,6 +499,8 @@ class Engine:
     # ---- reading and dispatch ---------------------------------------------------------
     async def _read_loop(self, lane: _Lane) -> None:
         stream = self.cfg.keys.stream(lane.name)
+        what = f"read {stream}"
+        delay, lost = 0.1, False  # lost: a read failed in a way that may have lost its reply
         while True:
             await lane.free.wait()
             await self.recorder.has_room.wait()  # backpressure: bounded settlement backlog
@@ -515,22 +526,51 @@ class Engine:
 
             lane.reading = True
             try:
-                waited = await self._retrying(f"read {stream}", read)
+                waited = await self._retrying(what, read)
                 entries = reply[0][1] if reply else []
                 self._run_read(lane, entries)  # taken before anything else can look
-                if waited:  # a lost reply may have delivered entries we never saw
+                if waited or lost:  # a lost reply may have delivered entries we never saw
                     await self._retrying(f"resume {stream}", lambda: self._resume_own(lane))
+                    lost = False
             except redis.exceptions.ResponseError as exc:
-                if "NOGROUP" in str(exc):
-                    await self._retrying("start", self._setup)  # stream or group deleted
-                else:  # refused (e.g. out of memory): say so, wait, try again
-                    logger.error("reading %s refused: %s; retrying in 1s", stream, exc)
-                    await asyncio.sleep(1.0)
+                await self._read_refused(stream, exc)
+                continue
+            except Exception as exc:
+                # One of the sanctioned broad catches (the read loop, like the flush loop):
+                # during a cluster failover the cluster client can fail a command with an
+                # error that is no Redis error (a connection it closed under the command:
+                # AttributeError on its writer). Ending here would leave this worker
+                # alive, holding what it took, and never starting anything again.
+                self._read_failed(what, exc)
+                lost = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
                 continue
             finally:
                 lane.reading = False
+            self._read_works(what)
+            delay = 0.1
             if not entries and self.cfg.burst and await self._drained():
                 self.stop()
+
+    async def _read_refused(self, stream: str, exc: redis.exceptions.ResponseError) -> None:
+        if "NOGROUP" in str(exc):
+            await self._retrying("start", self._setup)  # stream or group deleted
+        else:  # refused (e.g. out of memory): say so, wait, try again
+            logger.error("reading %s refused: %s; retrying in 1s", stream, exc)
+            await asyncio.sleep(1.0)
+
+    def _read_failed(self, what: str, exc: Exception) -> None:
+        """Log a read that failed unforeseen (with its traceback) once until one works."""
+        if what not in self._refused:
+            logger.exception("%s failed: %s; reading again with backoff up to 5s", what, exc)
+            self._refused.add(what)
+
+    def _read_works(self, what: str) -> None:
+        """A read worked: say so if one had failed unforeseen before it."""
+        if what in self._refused:
+            logger.warning("%s reads again", what)
+            self._refused.discard(what)
 
     def _run_read(self, lane: _Lane, entries: list[Any]) -> None:
         """Take and start new entries just read (never delivered before, so never held)."""
@@ -778,20 +818,17 @@ class Engine:
             return
         for key, d in zip(keys, batch, strict=True):
             job_id, row = key[0], statuses.get(key)
-            if row is not None and row.status in _TERMINAL:  # over: its outcome is recorded
-                now = time.time()
-                skip = Result(
-                    d, job_id, 0, Outcome.SKIPPED, started_at=now, finished_at=now, executed=False
-                )
-                skip.view = row  # a crash between commit and hash may have left it `running`
-                self._settle(skip)
+            # Over: its outcome is recorded (failed: dead-lettered when it was recorded).
+            if row is not None and row.status in TERMINAL:
+                # a crash between commit and hash may have left the hash `running`
+                self._settle(Result.skipped(d, job_id, row, time.time()))
             elif d.delivery_count > self.cfg.max_deliveries:
                 res = invalid_result(
                     d,
                     f"delivered {d.delivery_count} times, more than max_deliveries "
                     f"{self.cfg.max_deliveries}: the job keeps crashing its worker",
+                    reason=Reason.DELIVERIES,
                 )
-                res.reason = "deliveries"
                 self._settle(res)
             elif alone:
                 lane.spawn(self._process(lane, d), d)
@@ -801,9 +838,10 @@ class Engine:
     def _invalid(self, route: Route, res: Result) -> None:
         """Settle an entry that cannot run (undecodable, oversized, ...) as failed."""
         if self._traced:
-            trace_invalid(res, self._attrs[route.queue])
+            res = trace_invalid(res, self._attrs[route.queue])
         else:
-            res.trace_id = trace_id_of(trace_context(res.delivery.fields)[0])
+            trace_id = trace_id_of(trace_context(res.delivery.fields)[0])
+            res = dataclasses.replace(res, trace_id=trace_id)
         job_log.warning("job invalid job=%s queue=%s error=%s", res.job_id, route.queue, res.error)
         self._settle(res)
 
@@ -882,8 +920,8 @@ class Engine:
             results = await execute_batch(route, items)
             for it, res in zip(items, results, strict=True):
                 self._log_job(it.job, res)
-        for res, trace_id in zip(results, trace_ids, strict=True):
-            res.trace_id = trace_id
+        for done, trace_id in zip(results, trace_ids, strict=True):
+            res = dataclasses.replace(done, trace_id=trace_id)
             lane.release(res.delivery.entry_id)
             self._settle(res)
 
@@ -927,7 +965,7 @@ class Engine:
             self._log_job(job, res)
         if task is not None and self._jobs.get(job.id, (None,))[0] is d:
             del self._jobs[job.id]
-        res.trace_id = trace_id
+        res = dataclasses.replace(res, trace_id=trace_id)
         lane.release(d.entry_id)
         self._settle(res)
 
@@ -935,8 +973,10 @@ class Engine:
         """Settle an entry whose job was cancelled before it started: it never runs."""
         lane.release(d.entry_id)
         now, mono = time.time(), time.perf_counter()
-        res = cancelled_result(d, env.job_id, env.attempt, env.payload, now, mono)
-        res.error, res.executed = "cancelled by request before it ran", False
+        res = cancelled_result(
+            d, env.job_id, env.attempt, env.payload, now, mono,
+            error="cancelled by request before it ran", executed=False,
+        )  # fmt: skip
         job_log.info("job cancelled job=%s queue=%s", env.job_id, base_queue(d.queue))
         self._settle(res)
 
@@ -975,7 +1015,7 @@ class Engine:
         if res.exception is not None:
             error_type = type(res.exception).__qualname__
         elif res.outcome is Outcome.FAILED:
-            error_type = "TooManyDeliveries" if res.reason == "deliveries" else "InvalidEntry"
+            error_type = "TooManyDeliveries" if res.reason is Reason.DELIVERIES else "InvalidEntry"
         self.observer.job_finished(queue, res.outcome.value, res.duration_ms / 1000, error_type)
 
     def _superseded(self, d: Delivery, count: int) -> bool:

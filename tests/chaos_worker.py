@@ -7,6 +7,7 @@ import asyncio
 import logging
 import sys
 
+from jobstream.consumers.worker.registry import HANDLERS
 from jobstream.consumers.worker.runtime import run_worker
 from jobstream.consumers.worker.settings import Settings
 from tests import handlers
@@ -16,7 +17,13 @@ REAL_QUEUES = ("analytics", "email-sending")
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-    code = asyncio.run(run_worker(Settings.from_env(), list(REAL_QUEUES), extra=handlers.SPECS))
+    code = asyncio.run(
+        run_worker(
+            Settings.from_env(),
+            [*REAL_QUEUES, handlers.QUEUE],
+            handlers=(*HANDLERS, *handlers.SPECS),
+        )
+    )
     sys.exit(code)
 
 

@@ -42,7 +42,7 @@ def main() -> None:
     from jobstream.consumers.worker.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    code = asyncio.run(run_worker(Settings.from_env(), None, None, extra=SPECS))
+    code = asyncio.run(run_worker(Settings.from_env(), None, None, handlers=SPECS))
     sys.exit(code)
 
 

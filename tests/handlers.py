@@ -71,7 +71,7 @@ def main() -> None:
     conc = (
         int(sys.argv[sys.argv.index("--concurrency") + 1]) if "--concurrency" in sys.argv else None
     )
-    code = asyncio.run(run_worker(Settings.from_env(), None, conc, burst=burst, extra=SPECS))
+    code = asyncio.run(run_worker(Settings.from_env(), None, conc, burst=burst, handlers=SPECS))
     sys.exit(code)
 
 

@@ -38,7 +38,8 @@ from opentelemetry.util._once import Once
 from jobstream import otel
 from jobstream.consumers.mail.inbound import ParsedMessage, classify
 from jobstream.consumers.worker.deps import Deps
-from jobstream.consumers.worker.handler import handler
+from jobstream.consumers.worker.handler import HandlerSpec, handler
+from jobstream.consumers.worker.registry import HANDLERS
 from jobstream.consumers.worker.runtime import make_engine
 from jobstream.schema.payloads import AnalyticsEvent, WebhookDelivery
 from jobstream.streams import Job, Policy, Publisher, RetryableError
@@ -149,8 +150,14 @@ async def executions(deps: Deps) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in raw.items()}
 
 
+def served(*specs: HandlerSpec[Any]) -> tuple[HandlerSpec[Any], ...]:
+    """The built-in handlers with `specs` in place of those of the same queue, or added."""
+    by = {spec.queue: spec for spec in HANDLERS}
+    return tuple({**by, **{spec.queue: spec for spec in specs}}.values())
+
+
 def engine(deps: Deps, **kw):
-    return make_engine(deps, None, kw.pop("concurrency", None), extra=handlers.SPECS, **kw)
+    return make_engine(deps, None, kw.pop("concurrency", None), handlers=handlers.SPECS, **kw)
 
 
 OUTBOUND_SQL = """

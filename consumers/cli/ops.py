@@ -15,6 +15,8 @@ from jobstream.consumers.worker.registry import by_queue
 from jobstream.otel.redact import remember_secrets, secrets_of_url
 from jobstream.schema.envelope import enqueued_at_ms
 from jobstream.schema.payloads import PAYLOADS
+from jobstream.schema.text import as_text
+from jobstream.schema.times import entry_ms
 from jobstream.streams.heartbeat import Heartbeat, read_heartbeat
 from jobstream.streams.keys import base_queue, level_of, queue_of_part
 from jobstream.streams.levels import level_names
@@ -61,14 +63,10 @@ async def dead_queues(deps: Deps) -> list[str]:
     return sorted(set(PAYLOADS) | seen)
 
 
-def _text(value: Any) -> Any:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
 async def live_consumers(deps: Deps) -> dict[str, Heartbeat]:
     """Every consumer whose heartbeat key exists now (its expiry is what proves it alive)."""
     prefix = deps.keys.alive("")
-    names = [_text(k) async for k in deps.redis.scan_iter(match=f"{prefix}*", count=500)]
+    names = [as_text(k) async for k in deps.redis.scan_iter(match=f"{prefix}*", count=500)]
     beats: dict[str, Heartbeat] = {}
     for i in range(0, len(names), 500):
         chunk = names[i : i + 500]
@@ -87,7 +85,7 @@ async def _group_consumers(deps: Deps, queue: str) -> list[dict[str, Any]]:
         found = await deps.redis.xinfo_consumers(deps.keys.stream(queue), deps.settings.group)
     except redis.exceptions.ResponseError:  # no such stream or group yet
         return []
-    return [{k: _text(v) for k, v in c.items()} for c in found]
+    return [{k: as_text(v) for k, v in c.items()} for c in found]
 
 
 async def workers(deps: Deps) -> list[dict[str, Any]]:
@@ -159,7 +157,7 @@ async def _part_info(deps: Deps, queue: str, live: set[str]) -> dict[str, Any]:
     except redis.exceptions.ResponseError:  # no such stream yet
         return info
     for g in groups:
-        if _text(g["name"]) != group:
+        if as_text(g["name"]) != group:
             continue
         info.update(pending=int(g["pending"]), lag=int(g.get("lag") or 0))
         if int(g["consumers"]):  # a consumer is live while its heartbeat key exists
@@ -168,7 +166,7 @@ async def _part_info(deps: Deps, queue: str, live: set[str]) -> dict[str, Any]:
         if info["pending"]:
             oldest = await r.xpending_range(stream, group, min="-", max="+", count=1)
             if oldest:
-                ms = int(_text(oldest[0]["message_id"]).partition("-")[0])
+                ms = entry_ms(as_text(oldest[0]["message_id"]))
                 info["oldest_pending_age_s"] = round(time.time() - ms / 1000, 1)
     return info
 
@@ -240,7 +238,7 @@ async def job_info(deps: Deps, job_id: str, scan_limit: int = 50_000) -> dict[st
     return {
         "job": dict(row) if row is not None else None,
         "executions": [dict(e) for e in execs],
-        "hash": {_text(k): _text(v) for k, v in hashed.items()},
+        "hash": {as_text(k): as_text(v) for k, v in hashed.items()},
         "waiting": waiting,
         "complete": complete,
     }
@@ -250,7 +248,7 @@ async def _job_row(deps: Deps, job_id: str, hashed: dict[Any, Any]) -> Any:
     """The job's row, looked up in the partition of its creation time when the hash or the
     id (an entry ID, the default) tells it, else in every partition."""
     times = []
-    raw = _text(hashed.get(b"created_ms", b""))
+    raw = as_text(hashed.get(b"created_ms", b""))
     if raw.isascii() and raw.isdigit():
         times.append(int(raw) / 1000.0)
     if _ENTRY_ID.fullmatch(job_id):

@@ -19,6 +19,7 @@ from jobstream.consumers.store.webhooks import add_endpoint, disable_endpoint
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.registry import by_queue
 from jobstream.schema.payloads import ProcessEmail, RunWarmup, SendEmail
+from jobstream.streams import Status
 
 __all__ = ["run_mail_demo"]
 
@@ -262,7 +263,8 @@ async def _report(
     print(f"{'queue':<18} {'completed':>9} {'failed':>7}   (jobs of this run)")
     for queue in ("email-sending", "email:processing", "bounce", "warmup", "webhook", "analytics"):
         counts = table.get(queue, {})
-        print(f"{queue:<18} {counts.get('completed', 0):>9} {counts.get('failed', 0):>7}")
+        done, failed = counts.get(Status.COMPLETED, 0), counts.get(Status.FAILED, 0)
+        print(f"{queue:<18} {done:>9} {failed:>7}")
     results = {r["status"]: int(r["n"]) for r in await pool.fetch(JOB_RESULTS_SQL, send_ids)}
     outbound = {
         (r["status"], r["is_warmup"]): int(r["n"]) for r in await pool.fetch(OUTBOUND_SQL, like)

@@ -21,6 +21,7 @@ from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import connect
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.payloads import AnalyticsEvent
+from jobstream.streams import Status
 
 __all__ = ["run_demo"]
 
@@ -127,8 +128,8 @@ async def _progress(pool: asyncpg.Pool, ids: list[str], timeout_s: float = 300) 
     while time.monotonic() < deadline:
         rows = await pool.fetch(PROGRESS_SQL, ids)
         by = {r["status"]: int(r["n"]) for r in rows}
-        done = by.get("completed", 0) + by.get("failed", 0)
-        line = f"  progress: {done}/{len(ids)} done ({by.get('failed', 0)} failed)"
+        done = by.get(Status.COMPLETED, 0) + by.get(Status.FAILED, 0)
+        line = f"  progress: {done}/{len(ids)} done ({by.get(Status.FAILED, 0)} failed)"
         if line != last:
             print(line, flush=True)
             last = line

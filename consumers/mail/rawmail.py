@@ -5,13 +5,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import re
 
 from jobstream.streams import PermanentError
 
-__all__ = ["clean_text", "decode_raw", "sha256_hex"]
-
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")  # NUL and lone surrogates
+__all__ = ["decode_raw", "sha256_hex"]
 
 
 def decode_raw(raw_b64: str, limit: int) -> bytes:
@@ -33,8 +30,3 @@ def decode_raw(raw_b64: str, limit: int) -> bytes:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def clean_text(text: str | None) -> str | None:
-    """Replace what PostgreSQL text and jsonb refuse: NUL, and lone surrogates (not UTF-8)."""
-    return _UNSTORABLE.sub("\ufffd", text) if text else text

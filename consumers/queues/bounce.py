@@ -10,7 +10,7 @@ import msgspec
 
 from jobstream.consumers.mail.addresses import AddressError, normalize_each
 from jobstream.consumers.mail.dsn import BouncedRecipient, classify_status
-from jobstream.consumers.mail.rawmail import clean_text, decode_raw
+from jobstream.consumers.mail.rawmail import decode_raw
 from jobstream.consumers.store import suppressions
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.events import emit
@@ -18,6 +18,7 @@ from jobstream.consumers.worker.handler import handler
 from jobstream.consumers.worker.parsepool import ParsePool
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.payloads import BounceRecipient, ProcessBounce
+from jobstream.schema.text import clean_text
 from jobstream.streams import Job, Policy
 
 if TYPE_CHECKING:

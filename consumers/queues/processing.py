@@ -11,11 +11,12 @@ import asyncpg
 import msgspec
 
 from jobstream.consumers.mail.inbound import WARMUP_HEADER, Classification, ParsedMessage, classify
-from jobstream.consumers.mail.rawmail import clean_text, decode_raw, sha256_hex
+from jobstream.consumers.mail.rawmail import decode_raw, sha256_hex
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.events import emit
 from jobstream.consumers.worker.handler import handler
 from jobstream.schema.payloads import ProcessBounce, ProcessEmail
+from jobstream.schema.text import clean_text
 from jobstream.streams import Job, Policy
 
 if TYPE_CHECKING:

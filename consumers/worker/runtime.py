@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib.metadata
 import logging
 import os
@@ -19,7 +20,7 @@ from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.handler import HandlerSpec
 from jobstream.consumers.worker.health import write_reports
 from jobstream.consumers.worker.parsepool import ParsePool, default_processes
-from jobstream.consumers.worker.registry import by_queue
+from jobstream.consumers.worker.registry import HANDLERS, by_queue, payloads_of, select
 from jobstream.consumers.worker.settings import Settings, redact_url
 from jobstream.consumers.worker.supervisor import EXIT_UNDRAINED
 from jobstream.consumers.worker.tls import client_context, database_dsn, redis_tls_options
@@ -27,11 +28,9 @@ from jobstream.otel.metrics import MetricsError, MetricsHandle, setup_metrics
 from jobstream.otel.redact import remember_secrets
 from jobstream.otel.suppress import suppressed
 from jobstream.otel.tracing import TracingHandle, setup_tracing
-from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams import (
     ConfigError,
     Engine,
-    EngineConfig,
     Keys,
     Observer,
     PartitionPolicy,
@@ -51,7 +50,6 @@ __all__ = [
     "partition_policy",
     "partitions_of",
     "run_worker",
-    "select_handlers",
     "service_version",
     "start_telemetry",
 ]
@@ -106,6 +104,7 @@ async def connect(
     wait: bool = True,
     client_name: str | None = None,
     observer: Observer | None = None,
+    handlers: Sequence[HandlerSpec[Any]] = HANDLERS,
 ) -> AsyncIterator[Deps]:
     """Open Redis, PostgreSQL and the parse pool for the lifetime of the block.
 
@@ -114,7 +113,8 @@ async def connect(
     `client_name` names the Redis connections (`CLIENT LIST`) and PostgreSQL sessions
     (`pg_stat_activity.application_name`): a worker passes its consumer name.
     The URLs' passwords are remembered, so no log line, span or error shows them.
-    `observer` counts what the publisher sends (a worker passes its metrics).
+    `observer` counts what the publisher sends (a worker passes its metrics). The
+    publisher knows the queues of `handlers` (the built-in ones by default).
     """
     remember_secrets(settings.secrets())
     if settings.tls_ca_file is not None:
@@ -132,12 +132,12 @@ async def connect(
         publisher = Publisher(
             redis,
             keys,
-            PAYLOADS,
+            payloads_of(handlers),
             observer=observer,
             wait_replicas=settings.publish_wait_replicas,
             wait_timeout_ms=settings.publish_wait_timeout_ms,
-            partitions=partitions_of(settings),
-            priorities={q: spec.policy for q, spec in by_queue().items()},
+            partitions=partitions_of(settings, handlers),
+            priorities={q: spec.policy for q, spec in by_queue(handlers).items()},
         )
         yield Deps(pool, redis, publisher, settings, keys, parser)
     finally:
@@ -146,32 +146,25 @@ async def connect(
         await redis.aclose()
 
 
-def partitions_of(settings: Settings) -> dict[str, int]:
-    """Queue → stream partitions, from the registered policies and `JOBSTREAM_POLICIES`."""
+def partitions_of(
+    settings: Settings, handlers: Sequence[HandlerSpec[Any]] = HANDLERS
+) -> dict[str, int]:
+    """Queue → stream partitions, from the handlers' policies and `JOBSTREAM_POLICIES`."""
     overrides = settings.policy_overrides()
-    out = {q: spec.policy.partitions for q, spec in by_queue().items()}
+    out = {q: spec.policy.partitions for q, spec in by_queue(handlers).items()}
     for queue, fields in overrides.items():
         if "partitions" in fields:
             out[queue] = int(fields["partitions"])
     return out
 
 
-def select_handlers(queues: Sequence[str] | None) -> list[HandlerSpec[Any]]:
-    """The handlers of `queues` (all by default); ConfigError naming any unknown queue."""
-    known = by_queue()
-    if not queues:
-        return list(known.values())
-    unknown = [q for q in queues if q not in known]
-    if unknown:
-        raise ConfigError(
-            f"no handler for queue {', '.join(unknown)} (handled: {', '.join(sorted(known))})"
-        )
-    return [known[q] for q in queues]
-
-
-def check_selection(settings: Settings, queues: Sequence[str] | None) -> None:
+def check_selection(
+    settings: Settings,
+    queues: Sequence[str] | None,
+    handlers: Sequence[HandlerSpec[Any]] = HANDLERS,
+) -> None:
     """ConfigError for an unknown queue, or for JOBSTREAM_POLICIES naming a queue not served."""
-    served = {spec.queue for spec in select_handlers(queues)}
+    served = {spec.queue for spec in select(handlers, queues)}
     unknown = set(settings.policy_overrides()) - served
     if unknown:
         raise ConfigError(f"JOBSTREAM_POLICIES names queues not served: {', '.join(unknown)}")
@@ -182,14 +175,21 @@ def make_engine(
     queues: Sequence[str] | None = None,
     concurrency: int | None = None,
     *,
+    handlers: Sequence[HandlerSpec[Any]] = HANDLERS,
     burst: bool = False,
-    extra: Sequence[HandlerSpec[Any]] = (),
     observer: Observer | None = None,
     consumer: str | None = None,
 ) -> Engine:
-    """The engine for the selected queues (all handled ones by default)."""
+    """The engine serving `queues` (all by default) among `handlers` (the built-in queues
+    by default: pass the complete set to add or replace one).
+
+    ConfigError names a queue selected but not in `handlers`, or handled twice. The
+    handlers publish through a publisher that knows exactly the queues of `handlers`.
+    """
     s = deps.settings
-    specs = [*select_handlers(queues), *extra] if queues or not extra else list(extra)
+    specs = select(handlers, queues)
+    publisher = deps.publisher.serving(payloads_of(handlers), partitions_of(s, handlers))
+    deps = dataclasses.replace(deps, publisher=publisher)
     limit = concurrency or s.concurrency
     overrides = s.policy_overrides()
     unknown = set(overrides) - {spec.queue for spec in specs}
@@ -202,28 +202,10 @@ def make_engine(
         if limit is not None:
             fields["concurrency"] = limit
         routes.append(spec.route(deps, Policy(**fields)))
-    config = EngineConfig(
-        consumer=consumer or consumer_name(s),
-        keys=deps.keys,
-        group=s.group,
-        block_ms=s.block_ms,
-        max_deliveries=s.max_deliveries,
-        max_payload_bytes=s.max_payload_bytes,
-        alive_ttl_ms=s.alive_ttl_ms,
-        reclaim_interval_s=s.reclaim_interval_s,
-        reclaim_ceiling_ms=s.reclaim_ceiling_ms,
-        trim_interval_s=s.trim_interval_s,
-        grace_s=s.shutdown_grace_s,
-        hash_ttl_s=s.hash_ttl_s,
-        dead_maxlen=s.dead_maxlen,
-        dead_max_age_s=s.dead_letter_max_age_s,
-        dead_max_bytes=s.dead_letter_max_bytes,
-        burst=burst,
-        progress_interval_s=s.progress_interval_s,
+    config = s.engine_config(
+        consumer=consumer or consumer_name(s), keys=deps.keys, burst=burst,
         partitions=partition_policy(s),
-        wait_replicas=s.publish_wait_replicas,
-        wait_timeout_ms=s.publish_wait_timeout_ms,
-    )
+    )  # fmt: skip
     return Engine(deps.redis, deps.pool, routes, config, observer)
 
 
@@ -246,13 +228,14 @@ async def run_worker(
     queues: Sequence[str] | None = None,
     concurrency: int | None = None,
     *,
+    handlers: Sequence[HandlerSpec[Any]] = HANDLERS,
     burst: bool = False,
-    extra: Sequence[HandlerSpec[Any]] = (),
     metrics_port: int | None = None,
     metrics_host: str | None = None,
     supervised: bool = False,
 ) -> int:
-    """Run a worker until SIGTERM/SIGINT (or drained, in burst mode); return the exit code.
+    """Run a worker serving `queues` (all by default) among `handlers` (see `make_engine`)
+    until SIGTERM/SIGINT (or drained, in burst mode); return the exit code.
 
     `metrics_port` serves `/metrics` on `metrics_host` (defaults: the settings'); a port
     that cannot be bound fails here, before anything connects. The worker's own commands
@@ -260,7 +243,7 @@ async def run_worker(
     of `--processes N`): exit with EXIT_UNDRAINED when the grace period left entries
     pending, so that the supervisor can say so in its own exit code.
     """
-    select_handlers(queues)  # fail on an unknown queue before connecting anywhere
+    select(handlers, queues)  # fail on an unknown queue before connecting anywhere
     consumer = consumer_name(settings)
     port = metrics_port if metrics_port is not None else settings.metrics_port
     tracing, metrics = start_telemetry(consumer, prometheus=port is not None)
@@ -271,13 +254,15 @@ async def run_worker(
             except MetricsError as exc:
                 raise ConfigError(str(exc)) from None
         with suppressed():
-            async with connect(settings, client_name=consumer, observer=metrics.observer) as deps:
+            async with connect(
+                settings, client_name=consumer, observer=metrics.observer, handlers=handlers
+            ) as deps:
                 engine = make_engine(
                     deps,
                     queues,
                     concurrency,
+                    handlers=handlers,
                     burst=burst,
-                    extra=extra,
                     observer=metrics.observer,
                     consumer=consumer,
                 )

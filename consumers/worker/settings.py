@@ -5,19 +5,35 @@ No other module reads `os.environ`. `OTEL_*` is left to the OpenTelemetry SDK.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import urllib.parse
 from collections.abc import Mapping
+from typing import Annotated, Any
 
 import msgspec
 
 from jobstream.otel.redact import redact_url, secrets_of_url
-from jobstream.streams import ConfigError
+from jobstream.streams import ConfigError, EngineConfig, Keys
 
 __all__ = ["Settings", "redact_url"]
 
 _PLAIN = {"redis_url", "database_url", "smtp_url"}  # names fixed by the contract
 _SECRET = ("redis_url", "database_url", "smtp_url")  # may carry passwords
+_ENGINE = EngineConfig(consumer="")  # the engine's defaults live there, once
+# Settings that the engine calls by another name; every other engine field shares its name.
+_ENGINE_NAME = {
+    "shutdown_grace_s": "grace_s",
+    "dead_letter_max_age_s": "dead_max_age_s",
+    "dead_letter_max_bytes": "dead_max_bytes",
+    "publish_wait_replicas": "wait_replicas",
+    "publish_wait_timeout_ms": "wait_timeout_ms",
+}
+
+# Single-field bounds, checked by msgspec, so an error names the variable at fault.
+AtLeast0 = Annotated[int, msgspec.Meta(ge=0)]
+AtLeast1 = Annotated[int, msgspec.Meta(ge=1)]
+Positive = Annotated[float, msgspec.Meta(gt=0)]
 
 
 def _env_name(field: str) -> str:
@@ -52,42 +68,42 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_cluster: bool = False
     """`REDIS_URL` names one node of a Redis Cluster; the client finds the others."""
-    publish_wait_replicas: int = 0
+    publish_wait_replicas: int = _ENGINE.wait_replicas
     """A publish succeeds only once this many replicas have its writes (Redis `WAIT`)."""
-    publish_wait_timeout_ms: int = 1000
+    publish_wait_timeout_ms: int = _ENGINE.wait_timeout_ms
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     smtp_url: str | None = None
     stream_prefix: str = "jobs:"
     job_prefix: str = "job:"
-    group: str = "workers"
+    group: str = _ENGINE.group
     consumer_name: str | None = None
-    concurrency: int | None = None
-    max_deliveries: int = 5
-    max_payload_bytes: int = 16 * 1024 * 1024
+    concurrency: AtLeast1 | None = None
+    max_deliveries: AtLeast1 = _ENGINE.max_deliveries
+    max_payload_bytes: int = _ENGINE.max_payload_bytes
     # Inbound mail and bounces (consumers/queues/processing.py, bounce.py).
-    max_inbound_bytes: int = 10 * 1024 * 1024
-    soft_bounce_limit: int = 3
-    soft_bounce_window_days: int = 7
-    parse_processes: int | None = None  # parser processes; default: the CPUs available
-    alive_ttl_ms: int = 10_000
-    reclaim_interval_s: float = 5.0
-    reclaim_ceiling_ms: int = 3_600_000
-    block_ms: int = 1000
-    shutdown_grace_s: float = 30.0
-    hash_ttl_s: int = 7 * 24 * 3600
-    dead_maxlen: int = 100_000
-    dead_letter_max_age_s: float = 30 * 86400
-    dead_letter_max_bytes: int = 256 * 1024 * 1024
-    trim_interval_s: float = 10.0
-    progress_interval_s: float = 1.0
+    max_inbound_bytes: AtLeast1 = 10 * 1024 * 1024
+    soft_bounce_limit: AtLeast1 = 3
+    soft_bounce_window_days: AtLeast1 = 7
+    parse_processes: AtLeast1 | None = None  # parser processes; default: the CPUs available
+    alive_ttl_ms: Annotated[int, msgspec.Meta(ge=100)] = _ENGINE.alive_ttl_ms
+    reclaim_interval_s: Positive = _ENGINE.reclaim_interval_s
+    reclaim_ceiling_ms: Annotated[int, msgspec.Meta(ge=1000)] = _ENGINE.reclaim_ceiling_ms
+    block_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = _ENGINE.block_ms
+    shutdown_grace_s: Annotated[float, msgspec.Meta(ge=0)] = _ENGINE.grace_s
+    hash_ttl_s: int = _ENGINE.hash_ttl_s
+    dead_maxlen: AtLeast0 = _ENGINE.dead_maxlen
+    dead_letter_max_age_s: Positive = _ENGINE.dead_max_age_s
+    dead_letter_max_bytes: AtLeast0 = _ENGINE.dead_max_bytes
+    trim_interval_s: float = _ENGINE.trim_interval_s
+    progress_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = _ENGINE.progress_interval_s
     """Handlers' progress reaches the job hashes at most this late (coalesced writes)."""
     scheduler: bool = True
     """Run the scheduler loop in this worker (every replica may: no leader)."""
-    schedule_interval_s: float = 0.5
+    schedule_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.5
     """How often the scheduler looks for due occurrences."""
-    schedule_grace_s: float = 60.0
+    schedule_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
     """An occurrence older than this when found is missed: its catch-up policy decides."""
-    pg_pool_size: int = 20
+    pg_pool_size: Annotated[int, msgspec.Meta(ge=2)] = 20
     # Time partitions of `jobs` and `job_executions` (streams/partitions.py).
     retention_s: float = 30 * 86400
     partition_width_s: int = 86400
@@ -109,15 +125,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     # Outbound mail, warmup and webhooks (consumers/queues/sending.py, warmup.py, webhook.py).
     smtp_timeout_s: float = 30.0
     unsubscribe_url: str = "https://unsubscribe.invalid/one-click"
-    warmup_start_per_day: int = 5
+    warmup_start_per_day: AtLeast0 = 5
     warmup_step_per_day: int = 2
-    warmup_max_per_day: int = 40
+    warmup_max_per_day: AtLeast0 = 40
     warmup_spread_s: float | None = None  # spread a day's warmup over this; default: rest of day
-    warmup_max_bounce_rate: float = 0.05
+    warmup_max_bounce_rate: Annotated[float, msgspec.Meta(ge=0, le=1)] = 0.05
     warmup_min_sample: int = 20
     webhook_allow_private: bool = False
-    webhook_connect_timeout_s: float = 5.0
-    webhook_timeout_s: float = 15.0
+    webhook_connect_timeout_s: Positive = 5.0
+    webhook_timeout_s: Positive = 15.0
     webhook_max_response_bytes: int = 64 * 1024
     # The dashboard (consumers/dashboard/).
     dashboard_token: str | None = None
@@ -127,28 +143,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     """A trace's page, `{trace_id}` standing for its id: `http://localhost:16686/trace/{trace_id}`."""
 
     def __post_init__(self) -> None:
-        checks = {
-            "JOBSTREAM_MAX_DELIVERIES": self.max_deliveries >= 1,
-            "JOBSTREAM_CONCURRENCY": self.concurrency is None or self.concurrency >= 1,
-            "JOBSTREAM_ALIVE_TTL_MS": self.alive_ttl_ms >= 100,
-            "JOBSTREAM_RECLAIM_INTERVAL_S": self.reclaim_interval_s > 0,
-            "JOBSTREAM_RECLAIM_CEILING_MS": self.reclaim_ceiling_ms >= 1000,
-            "JOBSTREAM_SHUTDOWN_GRACE_S": self.shutdown_grace_s >= 0,
-            "JOBSTREAM_PG_POOL_SIZE": self.pg_pool_size >= 2,
-            "JOBSTREAM_PROGRESS_INTERVAL_S": 0 < self.progress_interval_s <= 3600,
-            "JOBSTREAM_SCHEDULE_INTERVAL_S": 0 < self.schedule_interval_s <= 60,
-            "JOBSTREAM_SCHEDULE_GRACE_S": self.schedule_grace_s >= 0,
+        checks = {  # the checks msgspec.Meta cannot express: formats and pairs of fields
             "JOBSTREAM_RETENTION_S": self.retention_s > 0,
             "JOBSTREAM_PARTITION_WIDTH_S": self.partition_width_s >= 1,
             "JOBSTREAM_PARTITIONS_AHEAD": self.partitions_ahead >= 1,
             "JOBSTREAM_PRUNE_INTERVAL_S": self.prune_interval_s > 0,
-            "JOBSTREAM_DEAD_MAXLEN": self.dead_maxlen >= 0,
-            "JOBSTREAM_DEAD_LETTER_MAX_AGE_S": self.dead_letter_max_age_s > 0,
-            "JOBSTREAM_DEAD_LETTER_MAX_BYTES": self.dead_letter_max_bytes >= 0,
-            "JOBSTREAM_MAX_INBOUND_BYTES": self.max_inbound_bytes >= 1,
-            "JOBSTREAM_SOFT_BOUNCE_LIMIT": self.soft_bounce_limit >= 1,
-            "JOBSTREAM_SOFT_BOUNCE_WINDOW_DAYS": self.soft_bounce_window_days >= 1,
-            "JOBSTREAM_PARSE_PROCESSES": self.parse_processes is None or self.parse_processes >= 1,
             "REDIS_URL (redis://, rediss:// or unix://)": self.redis_url.startswith(
                 ("redis://", "rediss://", "unix://")
             ),
@@ -162,7 +161,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             ),
             "JOBSTREAM_PUBLISH_WAIT_REPLICAS": self.publish_wait_replicas >= 0,
             "JOBSTREAM_PUBLISH_WAIT_TIMEOUT_MS (1 or more)": self.publish_wait_timeout_ms >= 1,
-            "JOBSTREAM_BLOCK_MS (1 to 60000)": 1 <= self.block_ms <= 60_000,
             "JOBSTREAM_EVENT_LOOP (auto, uvloop or asyncio)": self.event_loop
             in ("auto", "uvloop", "asyncio"),
             "JOBSTREAM_METRICS_PORT (1 to 65535)": self.metrics_port is None
@@ -171,13 +169,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             "JOBSTREAM_LOG_LEVEL (DEBUG, INFO, WARNING or ERROR)": self.log_level.upper()
             in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
             "SMTP_URL": self.smtp_url is None or self.smtp_url.startswith(("smtp://", "smtps://")),
-            "JOBSTREAM_WARMUP_MAX_PER_DAY": 0
-            <= self.warmup_start_per_day
-            <= self.warmup_max_per_day,
-            "JOBSTREAM_WARMUP_MAX_BOUNCE_RATE": 0 <= self.warmup_max_bounce_rate <= 1,
-            "JOBSTREAM_WEBHOOK_TIMEOUT_S": 0
-            < self.webhook_connect_timeout_s
-            <= self.webhook_timeout_s,
+            "JOBSTREAM_WARMUP_START_PER_DAY (at most JOBSTREAM_WARMUP_MAX_PER_DAY)": (
+                self.warmup_start_per_day <= self.warmup_max_per_day
+            ),
+            "JOBSTREAM_WEBHOOK_CONNECT_TIMEOUT_S (at most JOBSTREAM_WEBHOOK_TIMEOUT_S)": (
+                self.webhook_connect_timeout_s <= self.webhook_timeout_s
+            ),
             "JOBSTREAM_TRACE_URL (http(s)://... with {trace_id})": self.trace_url is None
             or (
                 self.trace_url.startswith(("http://", "https://"))
@@ -194,6 +191,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
             if not ok:
                 raise ConfigError(f"invalid configuration: {name} is out of range or malformed")
         self.policy_overrides()
+
+    def engine_config(
+        self, *, consumer: str, keys: Keys, burst: bool = False, **more: Any
+    ) -> EngineConfig:
+        """The engine's configuration: every engine field these settings hold, by keyword
+        (`more`: the fields built from several settings, e.g. `partitions`)."""
+        fields = {_ENGINE_NAME.get(f, f): getattr(self, f) for f in _ENGINE_FIELDS}
+        return EngineConfig(consumer=consumer, keys=keys, burst=burst, **fields, **more)
 
     def policy_overrides(self) -> dict[str, dict[str, float]]:
         """Queue → policy fields to override, from `JOBSTREAM_POLICIES`."""
@@ -236,3 +241,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
         if self.dashboard_token is not None:
             shown["dashboard_token"] = "***"
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+_ENGINE_FIELDS = tuple(
+    f for f in Settings.__struct_fields__
+    if _ENGINE_NAME.get(f, f) in {e.name for e in dataclasses.fields(EngineConfig)}
+)  # fmt: skip

@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 import signal
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -18,11 +19,13 @@ import msgspec
 
 from jobstream.consumers.worker.health import HealthReport, read_report, write_report
 from jobstream.consumers.worker.settings import Settings
+from jobstream.streams import ConfigError
 
 __all__ = [
     "EXIT_UNDRAINED",
     "RestartBackoff",
     "Supervisor",
+    "check_bindable",
     "child_command",
     "for_slot",
     "run_processes",
@@ -261,6 +264,20 @@ def _describe(rc: int | None) -> str:
     return f"code {rc}"
 
 
+def check_bindable(host: str, port: int) -> None:
+    """Raise ConfigError naming `host:port` when a metrics server could not listen there."""
+    where = f"cannot serve metrics on {host}:{port}"
+    if port > 65535:
+        raise ConfigError(f"{where}: past 65535 (one port a process, from --metrics-port)")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+            probe.bind(address)
+    except OSError as exc:  # in use, not ours to bind, or a host that does not resolve
+        raise ConfigError(f"{where}: {exc.strerror or exc}") from None
+
+
 async def run_processes(
     settings: Settings,
     processes: int,
@@ -273,7 +290,17 @@ async def run_processes(
     log_format: str,
     metrics_host: str | None = None,
 ) -> int:
-    """`jobstream worker --processes N` with N > 1: supervise N engine processes."""
+    """`jobstream worker --processes N` with N > 1: supervise N engine processes.
+
+    Each process serves `/metrics` on a port of its own, from the given one (or the
+    settings') up; one that cannot be bound fails the command here, in one line.
+    """
+    if metrics_port is None:
+        metrics_port = settings.metrics_port
+    if metrics_port is not None:
+        host = metrics_host or settings.metrics_host
+        for slot in range(processes):
+            check_bindable(host, metrics_port + slot)
     commands = [
         child_command(
             slot,

@@ -23,7 +23,8 @@ async def test_health_follows_a_worker_through_its_life(
     assert "no health file" in down.stdout
 
     worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jobstream.consumers.cli", "worker", "--queues", "analytics", env=env,
+        sys.executable, "-m", "jobstream.consumers.cli", "worker", "--processes", "1",
+        "--queues", "analytics", env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:

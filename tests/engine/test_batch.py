@@ -34,7 +34,7 @@ def publisher(deps: Deps) -> Publisher:
 
 
 def engine(deps: Deps) -> Any:
-    return make_engine(deps, None, None, extra=bh.SPECS)
+    return make_engine(deps, None, None, handlers=bh.SPECS)
 
 
 async def rows(deps: Deps, ids: list[str]) -> dict[str, Any]:
@@ -220,10 +220,23 @@ def analytics_events() -> list[Any]:
 
 async def spawn_worker(env: dict[str, str], name: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jobstream.consumers.cli", "worker", "--queues", "analytics",
+        sys.executable, "-m", "jobstream.consumers.cli", "worker", "--processes", "1",
+        "--queues", "analytics",
         env={**env, "JOBSTREAM_CONSUMER_NAME": name},
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
+
+
+async def frozen_holding(
+    deps: Deps, proc: asyncio.subprocess.Process, stream: str, consumer: str
+) -> int:
+    """Freeze `proc` (SIGSTOP) at a moment its consumer holds entries, and say how many;
+    0 (and let it go on) when it holds none."""
+    proc.send_signal(signal.SIGSTOP)
+    held = await deps.redis.xpending_range(stream, "workers", "-", "+", 10_000, consumer)
+    if not held:
+        proc.send_signal(signal.SIGCONT)
+    return len(held)
 
 
 async def test_analytics_counts_once_across_batches_replicas_and_a_sigkill(deps: Deps, env_for):
@@ -246,10 +259,11 @@ async def test_analytics_counts_once_across_batches_replicas_and_a_sigkill(deps:
             return len(done) == 2 and min(r["n"] for r in done) >= 200
 
         await eventually(both_working, timeout_s=60, interval_s=0.02)
+        held_at_kill = await eventually(
+            lambda: frozen_holding(deps, a, stream, "batch-a"), timeout_s=60, interval_s=0.01
+        )
         a.kill()  # mid-batch: no drain, no records, no acks
         await a.wait()
-        held = await deps.redis.xpending_range(stream, "workers", "-", "+", 10_000, "batch-a")
-        held_at_kill = len(held)
 
         async def all_done() -> bool:
             pending = await deps.redis.xpending(stream, "workers")

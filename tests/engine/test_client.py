@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.registry import HANDLERS
 from jobstream.consumers.worker.runtime import make_engine
 from jobstream.streams import PublishError, Status
 from jobstream.streams.client import Client
@@ -28,7 +29,11 @@ async def test_publish_infers_the_queue_and_wait_returns_the_result(deps: Deps):
     queued = await c.get(ok)
     assert queued is not None
     assert (queued.status, queued.queue, queued.done) == (Status.QUEUED, handlers.QUEUE, False)
-    async with running(make_engine(deps, ["analytics"], None, extra=handlers.SPECS)):
+    async with running(
+        make_engine(
+            deps, ["analytics", handlers.QUEUE], None, handlers=(*HANDLERS, *handlers.SPECS)
+        )
+    ):
         done = await c.wait(ok, timeout_s=20)
         failed = await c.wait(bad, timeout_s=20)
         recorded = await c.wait(evt, timeout_s=20)

@@ -30,7 +30,11 @@ DAY_MS = 86_400_000
 def _engine(deps: Deps, observer: Any = None, **settings: Any) -> Any:
     s = msgspec.structs.replace(deps.settings, trim_interval_s=0.1, **settings)
     return make_engine(
-        dataclasses.replace(deps, settings=s), None, None, extra=handlers.SPECS, observer=observer
+        dataclasses.replace(deps, settings=s),
+        None,
+        None,
+        handlers=handlers.SPECS,
+        observer=observer,
     )
 
 

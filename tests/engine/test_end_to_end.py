@@ -16,7 +16,7 @@ from jobstream.consumers.worker.runtime import make_engine
 from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams import Policy, Publisher, PublishError
 from jobstream.streams.dispatch import classify
-from jobstream.streams.job import Outcome
+from jobstream.streams.status import Outcome
 from tests import handlers
 from tests.helpers import (
     all_terminal,

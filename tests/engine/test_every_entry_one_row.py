@@ -21,7 +21,8 @@ from jobstream.schema.payloads import AnalyticsEvent
 from jobstream.streams import Job, Policy, Publisher, PublishError, RetryableError, Route
 from jobstream.streams.dead_letters import dead_fields
 from jobstream.streams.dispatch import invalid_result, prepare, retry_fields, trace_invalid
-from jobstream.streams.job import Delivery, Outcome, Result
+from jobstream.streams.job import Delivery, Result
+from jobstream.streams.status import Outcome
 from tests import handlers
 from tests.helpers import eventually, running
 
@@ -41,7 +42,7 @@ async def later(p: Later, job: Job, deps: Deps) -> None:
 
 
 def burst_engine(deps: Deps) -> Any:
-    return make_engine(deps, None, None, burst=True, extra=(*handlers.SPECS, later))
+    return make_engine(deps, None, None, burst=True, handlers=(*handlers.SPECS, later))
 
 
 async def run_burst(deps: Deps) -> None:
@@ -251,7 +252,7 @@ async def test_nasty_entries_fail_at_once_on_every_path(deps: Deps, path: str):
             deps, settings=msgspec.structs.replace(deps.settings, max_deliveries=1)
         )
         bad, good = bad + good, []
-    eng = make_engine(deps, None, None, extra=handlers.SPECS, consumer="me")
+    eng = make_engine(deps, None, None, handlers=handlers.SPECS, consumer="me")
 
     async def pending_count() -> int:
         return int((await deps.redis.xpending(stream, "workers"))["pending"])

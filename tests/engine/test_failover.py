@@ -81,7 +81,7 @@ async def test_master_killed_mid_flow_loses_nothing_confirmed(
         for i in range(2):
             w = await stack.enter_async_context(connect(settings, client_name=f"w{i}"))
             await stack.enter_async_context(
-                running(make_engine(w, None, None, extra=handlers.SPECS, consumer=f"w{i}"))
+                running(make_engine(w, None, None, handlers=handlers.SPECS, consumer=f"w{i}"))
             )
         stop = asyncio.Event()
         producer = asyncio.create_task(produce(pub, confirmed, refused, stop))

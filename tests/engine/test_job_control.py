@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.handler import handler
+from jobstream.consumers.worker.registry import HANDLERS
 from jobstream.consumers.worker.runtime import make_engine
 from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams import Job, Policy, Publisher
@@ -51,7 +52,7 @@ def publisher(deps: Deps) -> Publisher:
 
 
 def engine(deps: Deps, **kw):
-    return make_engine(deps, None, None, extra=[*handlers.SPECS, steps], **kw)
+    return make_engine(deps, handlers=[*HANDLERS, *handlers.SPECS, steps], **kw)
 
 
 async def status_of(deps: Deps, job_id: str) -> str | None:
@@ -116,7 +117,9 @@ async def _pending_is_zero(deps: Deps) -> bool:
 async def test_cancel_of_a_delayed_job_and_of_a_waiting_retry(deps: Deps):
     pub = publisher(deps)
     later = await pub.publish(Q, handlers.Work(), "later", delay_s=1.0)
-    answer = await cancel_job(deps.redis, deps.pool, deps.keys, later)
+    answer = await cancel_job(
+        deps.redis, deps.pool, deps.keys, later, hash_ttl_s=deps.settings.hash_ttl_s
+    )
     assert answer.outcome is Cancelled.CANCELLED
     assert await deps.redis.zcard(deps.keys.delayed(Q)) == 0
     # A job waiting for its retry (backoff 30 s) is taken out of the delayed set too.
@@ -127,7 +130,9 @@ async def test_cancel_of_a_delayed_job_and_of_a_waiting_retry(deps: Deps):
     deps2 = dataclasses.replace(deps, settings=slow)
     async with running(engine(deps2)):
         await eventually(status_is(deps, flaky, "retrying"))
-        answer = await cancel_job(deps.redis, deps.pool, deps.keys, flaky)
+        answer = await cancel_job(
+            deps.redis, deps.pool, deps.keys, flaky, hash_ttl_s=deps.settings.hash_ttl_s
+        )
         assert answer.outcome is Cancelled.CANCELLED
         await asyncio.sleep(1.5)  # past the first job's due time: nothing was left to run
     assert await ran(deps, later) == 0
@@ -145,7 +150,9 @@ async def test_cancel_of_a_job_waiting_in_another_partition_runs_per_slot(deps: 
     part1 = deps.keys.stream(deps.keys.part(Q, 1))
     assert await deps.redis.xlen(part1) == 1
     for job_id in ids:
-        answer = await cancel_job(deps.redis, deps.pool, deps.keys, job_id)
+        answer = await cancel_job(
+            deps.redis, deps.pool, deps.keys, job_id, hash_ttl_s=deps.settings.hash_ttl_s
+        )
         assert answer.outcome is Cancelled.CANCELLED
         assert await status_of(deps, job_id) == "cancelled"
     assert await deps.redis.xlen(part1) == 0
@@ -232,7 +239,7 @@ async def test_a_unique_id_is_refused_within_its_window_and_published_after(deps
 async def test_racing_producers_publish_one_entry_per_id(deps: Deps):
     clients = [aioredis.Redis.from_url(REDIS_URL) for _ in range(4)]
     try:
-        pubs = [Publisher(c, deps.keys) for c in clients]
+        pubs = [Publisher(c, deps.keys, PAYLOADS) for c in clients]
         ids = [f"race-{i}" for i in range(200)]
         results = []
         for i in ids:  # four producers, each on its own connection, race for each id

@@ -44,7 +44,7 @@ def engine(deps: Deps, **settings: Any) -> Any:
         deps = dataclasses.replace(
             deps, settings=msgspec.structs.replace(deps.settings, **settings)
         )
-    return make_engine(deps, None, None, extra=(*handlers.SPECS, slow, hinted))
+    return make_engine(deps, None, None, handlers=(*handlers.SPECS, slow, hinted))
 
 
 async def test_trim_survives_the_pending_list_emptying_under_it(deps: Deps):
@@ -177,8 +177,8 @@ async def test_outcomes_waiting_for_postgres_are_never_taken_past_the_ceiling(
     caplog.set_level(logging.WARNING)
     s = msgspec.structs.replace(settings, database_url=own_pg.url, reclaim_ceiling_ms=3000)
     async with connect(s) as deps:
-        a = make_engine(deps, None, None, extra=handlers.SPECS, consumer="holder")
-        b = make_engine(deps, None, None, extra=handlers.SPECS, consumer="other")
+        a = make_engine(deps, None, None, handlers=handlers.SPECS, consumer="holder")
+        b = make_engine(deps, None, None, handlers=handlers.SPECS, consumer="other")
         async with running(a), running(b):
             await asyncio.sleep(0.3)  # both started: b's pool is open
             await asyncio.to_thread(own_pg.stop)

@@ -83,7 +83,7 @@ async def test_killed_connections_never_run_an_entry_twice(own_redis: OwnRedis, 
         await deps.pool.execute(RUNS_TABLE_SQL)
         pub = Publisher(deps.redis, deps.keys, {RUNS_Q: handlers.Work}, record_queued=False)
         ids = await pub.publish_many(RUNS_Q, [handlers.Work(sleep_s=0.002) for _ in range(1000)])
-        eng = make_engine(deps, None, None, extra=(counted,))
+        eng = make_engine(deps, None, None, handlers=(counted,))
         stop = asyncio.Event()
         async with running(eng):
             killer = asyncio.create_task(kill_clients(own_redis.url, stop, 4.0))
@@ -183,7 +183,7 @@ async def test_resumed_and_reclaimed_entries_respect_the_concurrency(deps: Deps,
     if holder == "stable-1":
         await deps.redis.set(deps.keys.alive(holder), "1", px=60_000)
     consumer = "stable-1" if holder == "stable-1" else None
-    eng = make_engine(deps, None, None, extra=(measured,), consumer=consumer)
+    eng = make_engine(deps, None, None, handlers=(measured,), consumer=consumer)
     async with running(eng):
 
         async def all_done() -> bool:
@@ -247,7 +247,7 @@ async def test_a_redelivered_job_already_terminal_is_acked_without_running(deps:
         entry_seconds(eid),
     )
     await deps.redis.xreadgroup("workers", "ghost", {stream: ">"})  # then it died
-    async with running(make_engine(deps, None, None, extra=handlers.SPECS)):
+    async with running(make_engine(deps, None, None, handlers=handlers.SPECS)):
 
         async def acked() -> bool:
             return bool((await deps.redis.xpending(stream, "workers"))["pending"] == 0)

@@ -33,7 +33,7 @@ async def test_postgres_stopped_and_restarted_while_jobs_flow(
     async with connect(s) as deps:
         stream = deps.keys.stream(Q)
         first = await pub(deps).publish_many(Q, [handlers.Work(sleep_s=0.05) for _ in range(200)])
-        eng = make_engine(deps, None, 8, extra=handlers.SPECS)
+        eng = make_engine(deps, None, 8, handlers=handlers.SPECS)
         async with running(eng):
             await eventually(lambda: executions(deps))
             await asyncio.to_thread(own_pg.stop)
@@ -74,7 +74,7 @@ async def test_redis_stopped_and_restarted_while_jobs_flow(
     s = msgspec.structs.replace(settings, redis_url=own_redis.url)
     async with connect(s) as deps:
         ids = await pub(deps).publish_many(Q, [handlers.Work(sleep_s=0.02) for _ in range(400)])
-        eng = make_engine(deps, None, 8, extra=handlers.SPECS)
+        eng = make_engine(deps, None, 8, handlers=handlers.SPECS)
         async with running(eng):
 
             async def some_done():
@@ -101,7 +101,7 @@ async def test_redis_stopped_and_restarted_while_jobs_flow(
 
 async def test_stop_before_redis_ever_answered_returns_promptly(deps: Deps):
     dead = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
-    eng = make_engine(deps, None, None, extra=handlers.SPECS)
+    eng = make_engine(deps, None, None, handlers=handlers.SPECS)
     eng.redis = dead
     eng.recorder._redis = dead
     task = asyncio.create_task(eng.run())

@@ -79,7 +79,10 @@ async def test_migration_keeps_every_row_and_everything_works_after(before_parti
         "SELECT id, job_id, attempt, outcome, started_at FROM job_executions ORDER BY id"
     )
     applied = await apply_migrations(conn)
-    assert [m.version for m in applied] == [PARTITIONING]
+    # 0012 and whatever came after it
+    assert [m.version for m in applied] == [
+        m.version for m in load_migrations() if m.version >= PARTITIONING
+    ]
     assert await conn.fetchval("SELECT relkind::text FROM pg_class WHERE relname = 'jobs'") == "p"
 
     assert [dict(r) for r in await conn.fetch("SELECT * FROM jobs ORDER BY id")] == [

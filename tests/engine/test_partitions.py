@@ -27,7 +27,7 @@ def engine(deps: Deps, partitions: int) -> Any:
     deps = dataclasses.replace(
         deps, settings=msgspec.structs.replace(deps.settings, policies=policies)
     )
-    return make_engine(deps, None, None, extra=handlers.SPECS)
+    return make_engine(deps, None, None, handlers=handlers.SPECS)
 
 
 def pub(deps: Deps, partitions: int) -> Publisher:

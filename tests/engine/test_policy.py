@@ -39,13 +39,13 @@ async def test_configuration_overrides_registration_and_cli_overrides_both(deps:
         {"JOBSTREAM_POLICIES": '{"test-work": {"max_attempts": 9, "timeout_s": 2.5}}'}
     )
     d = dataclasses.replace(deps, settings=s)
-    route = make_engine(d, None, None, extra=handlers.SPECS).lanes[handlers.QUEUE].route
+    route = make_engine(d, None, None, handlers=handlers.SPECS).lanes[handlers.QUEUE].route
     registered = handlers.work.policy
     assert route.policy.max_attempts == 9
     assert route.policy.timeout_s == 2.5
     assert route.policy.concurrency == registered.concurrency
     assert route.policy.backoff_base_s == registered.backoff_base_s
-    route = make_engine(d, None, 3, extra=handlers.SPECS).lanes[handlers.QUEUE].route
+    route = make_engine(d, None, 3, handlers=handlers.SPECS).lanes[handlers.QUEUE].route
     assert route.policy.concurrency == 3
     assert route.policy.max_attempts == 9
 
@@ -57,7 +57,7 @@ async def test_bad_policy_configuration_is_one_clear_line(deps: Deps):
         Settings.from_env({"JOBSTREAM_POLICIES": '{"webhook": {"max_tries": 3}}'})
     s = Settings.from_env({"JOBSTREAM_POLICIES": '{"test-work": {"max_attempts": 0}}'})
     with pytest.raises(ConfigError, match="max_attempts"):
-        make_engine(dataclasses.replace(deps, settings=s), None, None, extra=handlers.SPECS)
+        make_engine(dataclasses.replace(deps, settings=s), None, None, handlers=handlers.SPECS)
     s = Settings.from_env({"JOBSTREAM_POLICIES": '{"nope": {"max_attempts": 2}}'})
     with pytest.raises(ConfigError, match="queues not served: nope"):
-        make_engine(dataclasses.replace(deps, settings=s), None, None, extra=handlers.SPECS)
+        make_engine(dataclasses.replace(deps, settings=s), None, None, handlers=handlers.SPECS)

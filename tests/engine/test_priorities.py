@@ -14,6 +14,7 @@ import pytest
 from jobstream.consumers.cli import ops
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.handler import handler
+from jobstream.consumers.worker.registry import HANDLERS
 from jobstream.consumers.worker.runtime import make_engine
 from jobstream.schema.payloads import PAYLOADS
 from jobstream.streams import ConfigError, Job, PermanentError, Policy, Publisher, PublishError
@@ -59,7 +60,7 @@ def publisher(deps: Deps) -> Publisher:
 
 
 def engine(deps: Deps, **kw: Any):
-    return make_engine(deps, None, None, extra=[tick], **kw)
+    return make_engine(deps, handlers=[*HANDLERS, tick], **kw)
 
 
 async def status_of(deps: Deps, job_id: str) -> str | None:
@@ -164,7 +165,14 @@ async def test_reclaim_retries_dead_letters_cancel_and_status_cover_every_level(
     await pub.publish(PQ, Tick(tag="dead", permanent=True), "dead", priority="low")
     await pub.publish(PQ, Tick(tag="cancel"), "cancel-me", priority="low")
     monkeypatch.setattr(ops, "by_queue", _with_tick)  # the test queue, registered
-    answer = await cancel_job(deps.redis, deps.pool, deps.keys, "cancel-me", levels=ops.levels_of)
+    answer = await cancel_job(
+        deps.redis,
+        deps.pool,
+        deps.keys,
+        "cancel-me",
+        levels=ops.levels_of,
+        hash_ttl_s=deps.settings.hash_ttl_s,
+    )
     assert answer.outcome is Cancelled.CANCELLED
     status = {r["queue"]: r for r in await ops.queue_status(deps)}[PQ]
     assert status["length"] == 3  # the cancelled entry was deleted

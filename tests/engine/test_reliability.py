@@ -42,7 +42,7 @@ def engine(deps: Deps, **settings: Any):
         deps = dataclasses.replace(
             deps, settings=msgspec.structs.replace(deps.settings, **settings)
         )
-    return make_engine(deps, None, None, extra=(*handlers.SPECS, slow))
+    return make_engine(deps, None, None, handlers=(*handlers.SPECS, slow))
 
 
 async def job_row(deps: Deps, job_id: str) -> Any:

@@ -206,7 +206,7 @@ async def test_partitions_are_made_ahead_and_rows_without_one_are_adopted(conn):
 async def test_a_retried_job_keeps_one_row_in_its_first_entry_partition(deps: Deps, conn):
     await ensure_partitions(conn, MINUTE)
     pub_ids = []
-    async with running(make_engine(deps, None, None, extra=handlers.SPECS)):
+    async with running(make_engine(deps, None, None, handlers=handlers.SPECS)):
         for i in range(3):
             payload = msgspec.json.encode({"fail_times": 2}).decode()
             eid = await deps.redis.xadd(deps.keys.stream(Q), {"id": f"r{i}", "payload": payload})
@@ -241,7 +241,7 @@ async def test_an_old_retry_without_created_ms_updates_the_job_row(deps: Deps, c
     t = time.time() - 5
     await write_batch(conn, "w", [_job("old", t, "retrying", "0")], [])
     await deps.redis.xadd(deps.keys.stream(Q), {"id": "old", "attempt": "2", "payload": "{}"})
-    async with running(make_engine(deps, None, None, extra=handlers.SPECS)):
+    async with running(make_engine(deps, None, None, handlers=handlers.SPECS)):
 
         async def done() -> bool:
             return bool(await conn.fetchval("SELECT status FROM jobs") == "completed")
@@ -257,7 +257,9 @@ async def test_two_workers_one_prunes(deps: Deps, conn):
         deps.settings, partition_width_s=60, retention_s=120, prune_interval_s=3600
     )
     d = dataclasses.replace(deps, settings=s)
-    engines = [make_engine(d, None, None, extra=handlers.SPECS, consumer=f"w{i}") for i in (1, 2)]
+    engines = [
+        make_engine(d, None, None, handlers=handlers.SPECS, consumer=f"w{i}") for i in (1, 2)
+    ]
     async with running(engines[0]), running(engines[1]):
 
         async def pruned() -> bool:
@@ -316,7 +318,7 @@ async def test_a_replayed_dead_letter_reopens_the_row_in_its_partition(deps: Dep
     stream = deps.keys.stream(Q)
     eid = await deps.redis.xadd(stream, {"id": "dl", "payload": '{"permanent": true}'})
     await deps.redis.xadd(stream, {"id": "gone", "payload": '{"permanent": true}'})
-    async with running(make_engine(deps, None, None, extra=handlers.SPECS)):
+    async with running(make_engine(deps, None, None, handlers=handlers.SPECS)):
 
         async def failed() -> bool:
             return bool(
@@ -338,7 +340,7 @@ async def test_a_replayed_dead_letter_reopens_the_row_in_its_partition(deps: Dep
     assert new2 is not None
     fields = (await deps.redis.xrange(stream, min=new2, max=new2))[0][1]
     assert b"created_ms" not in fields
-    async with running(make_engine(deps, None, None, extra=handlers.SPECS)):
+    async with running(make_engine(deps, None, None, handlers=handlers.SPECS)):
 
         async def failed_again() -> bool:
             n = await conn.fetchval("SELECT count(*) FROM jobs WHERE status = 'failed'")

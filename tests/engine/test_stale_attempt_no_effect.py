@@ -15,10 +15,11 @@ import pytest
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import make_engine
 from jobstream.streams import Publisher
-from jobstream.streams.job import Delivery, Outcome, Result
+from jobstream.streams.job import Delivery, Job, Result
 from jobstream.streams.lease import Lease
 from jobstream.streams.pg_store import ExecRow, JobRow, write_batch
 from jobstream.streams.recorder import Recorder, RecorderConfig
+from jobstream.streams.status import Outcome, Reason
 from tests import fence_handlers
 from tests.handlers import Work, executions_key
 from tests.helpers import entry_seconds, eventually, running
@@ -53,7 +54,7 @@ async def test_a_paused_replica_changes_nothing_on_waking(deps: Deps, env_for):
 
         await eventually(all_started, timeout_s=30)
         paused.send_signal(signal.SIGSTOP)
-        taker = make_engine(deps, None, None, extra=fence_handlers.SPECS)
+        taker = make_engine(deps, None, None, handlers=fence_handlers.SPECS)
         async with running(taker):
 
             async def all_completed() -> bool:
@@ -105,19 +106,37 @@ async def test_a_paused_replica_changes_nothing_on_waking(deps: Deps, env_for):
 
 def _result(entry_id: str, delivery: int, outcome: Outcome, attempt: int = 1) -> Result:
     d = Delivery("q", entry_id, {b"id": b"job-1", b"payload": b"{}"}, delivery)
+    job = Job("job-1", "q", attempt, entry_id, 0, delivery)
     now = time.time()
-    return Result(
-        d, "job-1", attempt, outcome, payload=b"{}", error=None if outcome == "completed"
-        else "boom", started_at=now, finished_at=now, duration_ms=3,
-        retry_at=now + 60 if outcome is Outcome.RETRYING else None,
-        retry_fields={"id": "job-1", "payload": "{}", "attempt": str(attempt + 1)},
+    if outcome is Outcome.COMPLETED:
+        return Result.completed(
+            d, job, payload=b"{}", result_json=None, started_at=now, finished_at=now, duration_ms=3
+        )
+    if outcome is Outcome.RETRYING:
+        return Result.retry(
+            d, job, payload=b"{}", error="boom", exception=RuntimeError("boom"),
+            started_at=now, finished_at=now, duration_ms=3, retry_at=now + 60,
+            retry_fields={"id": "job-1", "payload": "{}", "attempt": str(attempt + 1)},
+        )  # fmt: skip
+    return Result.failed(
+        d, "job-1", attempt, reason=Reason.EXHAUSTED, error="boom", payload=b"{}",
+        started_at=now, finished_at=now, duration_ms=3,
     )  # fmt: skip
 
 
 async def _recorder(deps: Deps, consumer: str) -> Recorder:
     lease = Lease(10)
     return Recorder(
-        deps.redis, deps.pool, RecorderConfig(deps.settings.group, consumer, deps.keys), lease
+        deps.redis,
+        deps.pool,
+        RecorderConfig(
+            group=deps.settings.group,
+            worker_id=consumer,
+            keys=deps.keys,
+            hash_ttl_s=deps.settings.hash_ttl_s,
+            dead_maxlen=deps.settings.dead_maxlen,
+        ),
+        lease,
     )
 
 
@@ -287,7 +306,7 @@ async def test_a_skipped_redelivery_repairs_a_hash_left_running(deps: Deps):
     rec = await _recorder(deps, "dead-holder")
     await rec._send_scripts(rec._hash_cmds([_row(d1, "running")]))
     await deps.redis.rename(deps.keys.job("job-1"), deps.keys.job("done-1"))
-    async with running(make_engine(deps, None, None, extra=handlers.SPECS)):
+    async with running(make_engine(deps, None, None, handlers=handlers.SPECS)):
 
         async def repaired() -> bool:
             return await deps.redis.hget(deps.keys.job("done-1"), "status") == b"completed"

@@ -62,15 +62,19 @@ async def test_worker_polling_makes_no_spans_and_handler_sql_nests_under_process
         ):
             env.pop(name, None)
         proc = await asyncio.create_subprocess_exec(
-            instrument, str(BIN / "jobstream"), "worker", "--burst", "--queues", "analytics",
+            instrument, str(BIN / "jobstream"), "worker", "--processes", "1", "--burst",
+            "--queues", "analytics",
             env=env, stderr=asyncio.subprocess.PIPE,
         )  # fmt: skip
         _, err = await asyncio.wait_for(proc.communicate(), 90)
         assert proc.returncode == 0, err.decode()
     spans = sink.spans
     names = sorted(s.name for s in spans)
+    # One span per job, or one per batch of a batch handler, linked to every producer.
     process = [s for s in spans if s.name == f"process {stream}"]
-    assert len(process) == 3, names
+    assert process, names
+    for span in process:
+        assert span.parent_span_id == PRODUCER_SPAN or (TRACE_ID, PRODUCER_SPAN) in span.links
     by_id = {s.span_id: s for s in spans}
     # The instrumentations ran: the handlers' SQL is there, a child of its job's span.
     sql = [s for s in spans if _db(s) == "postgresql"]
@@ -80,8 +84,7 @@ async def test_worker_polling_makes_no_spans_and_handler_sql_nests_under_process
         assert parent is not None, (span.name, span.parent_span_id)
         assert parent.name == f"process {stream}", (span.name, parent.name)
     # Nothing the engine did on its own (reads, heartbeats, reclaims, promotion, flushes,
-    # start-up) made a span: every span belongs to the producer's trace.
-    strays = [(s.name, s.attributes.get("db.statement")) for s in spans if s.trace_id != TRACE_ID]
-    assert strays == []
-    assert all(s.parent_span_id for s in spans)  # no root span at all
-    assert {s.parent_span_id for s in process} == {PRODUCER_SPAN}
+    # start-up) made a span: the only spans without a parent here are jobs' spans.
+    roots = [(s.name, s.attributes.get("db.statement")) for s in spans
+             if not s.parent_span_id and s.name != f"process {stream}"]  # fmt: skip
+    assert roots == []

@@ -52,9 +52,9 @@ async def _database(template: str) -> str:
         await conn.execute(
             """
             INSERT INTO job_executions (job_id, attempt, outcome, error, duration_ms, worker_id,
-                                        started_at, finished_at)
-            VALUES ('api-failed', 1, 'failed', 'no webhook endpoint x', 3, 'w1', now(), now()),
-                   ('api-done', 1, 'completed', NULL, 2, 'w1', now(), now())
+                                        started_at, finished_at, job_created_at)
+            SELECT id, 1, status, error, 3, 'w1', now(), now(), created_at
+            FROM jobs WHERE id IN ('api-failed', 'api-done')
             """
         )
     finally:

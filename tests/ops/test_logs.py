@@ -107,7 +107,7 @@ async def test_a_handlers_log_lines_lead_to_the_jobs_trace(deps: Deps, spans: In
     try:
         publisher = Publisher(deps.redis, deps.keys, {QUEUE: Step})
         job_id = await publisher.publish(QUEUE, Step())
-        async with running(make_engine(deps, [], extra=[traced_step])):
+        async with running(make_engine(deps, handlers=[traced_step])):
             await eventually(completed(deps, job_id))
     finally:
         step_log.removeHandler(handler)

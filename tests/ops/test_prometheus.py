@@ -66,7 +66,7 @@ async def test_prometheus_scrapes_a_worker_and_answers_a_counter_query(
         env.pop(name, None)
     worker = await asyncio.create_subprocess_exec(
         str(Path(sys.executable).parent / "jobstream"),
-        "worker", "--queues", "analytics", "--metrics-port", str(metrics_port),
+        "worker", "--processes", "1", "--queues", "analytics", "--metrics-port", str(metrics_port),
         env=env, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     config = {

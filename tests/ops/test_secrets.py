@@ -14,7 +14,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jobstream.consumers.queues.sending import send_email
 from jobstream.consumers.store.mailboxes import add_mailbox
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import connect, make_engine
@@ -139,7 +138,7 @@ async def test_no_channel_shows_a_password(
         with in_memory_spans() as exporter:
             async with connect(secret) as sdeps:
                 await publish("inproc")
-                async with running(make_engine(sdeps, [], extra=[send_email])):
+                async with running(make_engine(sdeps, ["email-sending"])):
                     await eventually(lambda: failed("inproc"))
             spans = span_texts(exporter.get_finished_spans())
         assert "smtp send" in spans

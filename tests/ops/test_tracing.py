@@ -22,6 +22,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from bench.otlp_sink import OtlpSink
 from jobstream import otel
 from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.registry import HANDLERS
 from jobstream.consumers.worker.runtime import make_engine
 from jobstream.otel.logs import TraceContextFilter
 from jobstream.otel.tracing import make_resource, setup_tracing
@@ -46,7 +47,7 @@ def spans() -> Iterator[InMemorySpanExporter]:
 
 
 def _engine(deps: Deps) -> Engine:
-    return make_engine(deps, ["analytics"], extra=[traced_step])
+    return make_engine(deps, ["analytics", QUEUE], handlers=(*HANDLERS, traced_step))
 
 
 def _publisher(deps: Deps) -> Publisher:

@@ -122,7 +122,7 @@ async def test_hostile_headers_never_reach_the_wire(deps: Deps):
         for i, (headers, _) in enumerate(HOSTILE):
             fields = {"id": f"hostile-{i}", "payload": msgspec.json.encode(mail(headers=headers))}
             await deps.redis.xadd(stream, fields)  # type: ignore[arg-type]
-        async with running(make_engine(deps, extra=[send_email])):
+        async with running(make_engine(deps, ["email-sending"])):
             rows = await eventually(lambda: _all_failed(deps, len(HOSTILE)))
     assert sink.messages == []
     for row in rows:

@@ -17,6 +17,7 @@ import msgspec
 
 from bench.adversarial import CRAFTED
 from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.registry import HANDLERS
 from jobstream.consumers.worker.runtime import connect, make_engine
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.payloads import ProcessBounce, ProcessEmail
@@ -68,7 +69,7 @@ async def canary_latency(deps: Deps, publisher: Publisher, n: int) -> float:
 
 async def test_crafted_mail_ends_cleanly_and_never_stalls_other_queues(deps: Deps) -> None:
     publisher = Publisher(deps.redis, deps.keys, handlers.PAYLOADS)
-    engine = make_engine(deps, QUEUES, extra=handlers.SPECS)
+    engine = make_engine(deps, [*QUEUES, handlers.QUEUE], handlers=(*HANDLERS, *handlers.SPECS))
     async with running(engine):
         slow_id = await deps.publisher.publish(
             "email:processing", ProcessEmail(mailbox_id="mb-slow", raw_b64=b64(SLOW)), "slow"

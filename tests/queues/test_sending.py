@@ -17,7 +17,7 @@ from jobstream.consumers.worker.handler import HandlerSpec
 from jobstream.consumers.worker.runtime import make_engine
 from jobstream.schema.payloads import SendEmail
 from jobstream.streams import ConfigError, Job, PermanentError, Policy, RetryableError
-from tests.helpers import by_name, eventually, in_memory_spans, running
+from tests.helpers import by_name, eventually, in_memory_spans, running, served
 from tests.smtp_sink import smtp_sink
 
 PASSWORD = "s3cret-relay-pw"
@@ -63,7 +63,7 @@ async def test_sends_one_correct_mime_message_with_auth(deps: Deps, caplog):
             campaign_id="cmp-1",
         )
         await deps.publisher.publish("email-sending", msg, "send-1")
-        async with running(make_engine(deps, extra=[send_email])):
+        async with running(make_engine(deps, ["email-sending"])):
             row = await eventually(lambda: finished(deps, "send-1"))
     assert row["status"] == "completed", row["error"]
     assert sink.logins == [("relay-user", PASSWORD)]
@@ -118,7 +118,7 @@ async def test_a_4xx_is_retried_and_the_message_goes_out_exactly_once(deps: Deps
         await add_mailbox(deps.pool, "a@example.com", mailbox_id="mb-a", smtp_url=sink.url())
         msg = SendEmail(mailbox_id="mb-a", to=["bob@example.net"], subject="hi", text="t")
         await deps.publisher.publish("email-sending", msg, "send-4xx")
-        async with running(make_engine(deps, extra=[fast(send_email)])):
+        async with running(make_engine(deps, ["email-sending"], handlers=served(fast(send_email)))):
             row = await eventually(lambda: finished(deps, "send-4xx"))
         assert row["status"] == "completed"
         assert row["attempts"] == 2
@@ -139,7 +139,7 @@ async def test_a_5xx_recipient_fails_the_job_and_suppresses_the_address(deps: De
         await add_mailbox(deps.pool, "a@example.com", mailbox_id="mb-a", smtp_url=sink.url())
         msg = SendEmail(mailbox_id="mb-a", to=["Gone@example.net"], subject="hi", text="t")
         await deps.publisher.publish("email-sending", msg, "send-5xx")
-        async with running(make_engine(deps, extra=[send_email])):
+        async with running(make_engine(deps, ["email-sending"])):
             row = await eventually(lambda: finished(deps, "send-5xx"))
         assert row["status"] == "failed"
         assert row["attempts"] == 1
@@ -202,7 +202,7 @@ async def test_limits_retry_when_the_window_opens_and_nothing_is_sent(deps: Deps
 
         # Through the engine: the limited job is waiting for its retry, not failed, not sent.
         await deps.publisher.publish("email-sending", daily, "d2")
-        async with running(make_engine(deps, extra=[send_email])):
+        async with running(make_engine(deps, ["email-sending"])):
             await eventually(lambda: _status_is(deps, "d2", "retrying"))
         row = await job_row(deps, "d2")
         assert row["next_attempt_at"].timestamp() >= time.time() + until_midnight - 60
@@ -317,7 +317,7 @@ async def test_the_smtp_step_is_a_span_without_credentials(deps: Deps):
         msg = SendEmail(mailbox_id="mb-a", to=["r@example.net"], subject="s", text="t")
         await deps.publisher.publish("email-sending", msg, "traced")
         with in_memory_spans() as exporter:
-            async with running(make_engine(deps, extra=[send_email])):
+            async with running(make_engine(deps, ["email-sending"])):
                 await eventually(lambda: finished(deps, "traced"))
             spans = exporter.get_finished_spans()
     (smtp,) = by_name(spans, "smtp send")

@@ -167,7 +167,7 @@ async def test_a_bad_recipient_fails_the_job_with_a_clear_error(deps: Deps):
                 "payload": msgspec.json.encode(mail("friend@example.net", "g:victim@example.com;")),
             },
         )
-        async with running(make_engine(deps, extra=[send_email])):
+        async with running(make_engine(deps, ["email-sending"])):
             row = await eventually(lambda: _failed(deps, "grouped"))
     assert row["error"].count("\n") == 0
     assert "invalid recipient" in row["error"]

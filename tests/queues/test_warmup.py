@@ -10,7 +10,6 @@ from typing import Any
 import msgspec
 
 from jobstream.consumers.mail.inbound import WARMUP_HEADER
-from jobstream.consumers.queues.sending import send_email
 from jobstream.consumers.queues.warmup import daily_target, run_warmup, warmup_job_id
 from jobstream.consumers.store.mailboxes import add_mailbox
 from jobstream.consumers.store.webhooks import add_endpoint
@@ -108,7 +107,7 @@ async def test_a_warmup_day_is_sent_exactly_to_target(deps: Deps):
         await mailboxes(deps, sink.url())
         for mb in ("mb-a", "mb-a"):  # the second run adds nothing
             await deps.publisher.publish("warmup", RunWarmup(mailbox_id=mb, day=TODAY))
-        async with running(make_engine(deps, extra=[run_warmup, send_email])):
+        async with running(make_engine(deps, ["warmup", "email-sending"])):
 
             async def sent():
                 return await deps.pool.fetchval(

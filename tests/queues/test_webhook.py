@@ -18,7 +18,7 @@ from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.events import emit
 from jobstream.consumers.worker.runtime import make_engine
 from jobstream.streams import ConfigError, PermanentError, Policy, RetryableError
-from tests.helpers import delivery, eventually, job, jobstream, running, verify
+from tests.helpers import delivery, eventually, job, jobstream, running, served, verify
 from tests.http_sink import Answer, http_sink
 
 
@@ -91,7 +91,7 @@ async def test_through_the_engine_a_500_is_retried_and_delivered(deps: Deps):
         other, _ = await add_endpoint(deps.pool, sink.url("/other"), ["email.bounced"])
         ids = await emit(deps, "email.sent", {"message_id": "m-9"}, key="k-9", mailbox_id="mb")
         (wh_id,) = [i for i in ids if i.startswith("webhook:")]
-        async with running(make_engine(deps, extra=[spec])):
+        async with running(make_engine(deps, ["webhook"], handlers=served(spec))):
 
             async def done():
                 return await deps.pool.fetchval(
