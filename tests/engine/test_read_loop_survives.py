@@ -39,7 +39,7 @@ async def test_read_loop_survives_an_unforeseen_client_error(
     monkeypatch.setattr(deps.redis, "xreadgroup", xreadgroup)
     pub = Publisher(deps.redis, deps.keys, handlers.PAYLOADS)
     ids = [await pub.publish(Q, handlers.Work()) for _ in range(5)]
-    engine = make_engine(deps, None, None, extra=handlers.SPECS)
+    engine = make_engine(deps, handlers=handlers.SPECS)
     async with running(engine):
         await eventually(lambda: all_terminal(deps, ids))
         assert engine.health() is None  # every loop still runs
