@@ -25,7 +25,6 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import Mapping
 from typing import Any
 
 if __package__ in (None, ""):  # run as `python bench/analytics.py`
@@ -41,6 +40,7 @@ from jobstream.consumers.worker.runtime import connect, make_engine
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.payloads import PAYLOADS, AnalyticsEvent
 from jobstream.streams import Keys, Publisher
+from jobstream.streams.observe import NullObserver
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TYPES = ("sent", "delivered", "open", "click", "bounce", "reply")
@@ -66,7 +66,7 @@ def events(n: int) -> list[AnalyticsEvent]:
     return out + out[: n - unique]
 
 
-class _Clock:
+class _Clock(NullObserver):
     """Observer that notes when the first job started."""
 
     def __init__(self) -> None:
@@ -75,26 +75,6 @@ class _Clock:
     def job_started(self, queue: str) -> None:
         if not self.first:
             self.first = time.perf_counter()
-
-    def serving(self, streams: Mapping[str, str], group: str) -> None:
-        return None
-
-    def job_finished(
-        self, queue: str, outcome: str, duration_s: float, error_type: str | None = None
-    ) -> None:
-        return None
-
-    def queue_stats(self, queue: str, pending: int, lag: int, dead: int) -> None:
-        return None
-
-    def queue_stats_withdrawn(self, queue: str) -> None:
-        return None
-
-    def dead_letters_dropped(self, queue: str, cap: str, count: int) -> None:
-        return None
-
-    def messages_sent(self, queue: str, stream: str, count: int, error_type: str | None) -> None:
-        return None
 
 
 async def worker(db: str, prefix: str, queue: str, concurrency: int | None) -> None:
