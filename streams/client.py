@@ -18,6 +18,7 @@ import msgspec
 from jobstream.schema.text import as_text
 from jobstream.streams.errors import PublishError
 from jobstream.streams.keys import Keys
+from jobstream.streams.policy import Policy
 from jobstream.streams.publisher import Publisher
 from jobstream.streams.redis_client import AnyRedis
 from jobstream.streams.status import TERMINAL, Status
@@ -65,12 +66,15 @@ class Client:
         *,
         pool: asyncpg.Pool | None = None,
         partitions: Mapping[str, int] | None = None,
+        priorities: Mapping[str, Policy] | None = None,
     ) -> None:
         """`partitions`: queue → partitions, as the workers' policies say (default 1)."""
         self._redis = redis
         self._keys = keys or Keys()
         self._pool = pool
-        self._publisher = Publisher(redis, self._keys, payloads, partitions=partitions)
+        self._publisher = Publisher(
+            redis, self._keys, payloads, partitions=partitions, priorities=priorities
+        )
         self._queues: dict[type[msgspec.Struct], list[str]] = {}
         for queue, struct in payloads.items():
             self._queues.setdefault(struct, []).append(queue)
@@ -93,14 +97,26 @@ class Client:
         job_id: str | None = None,
         delay_s: float | None = None,
         key: str | None = None,
+        unique_for_s: float | None = None,
+        priority: str | None = None,
     ) -> str:
         """Publish one job (after `delay_s` seconds if given); return its job id.
 
         `key` picks the partition of a partitioned queue (one key's jobs keep their order).
+        With `unique_for_s` (and a `job_id`), an id already published to the queue within
+        that many seconds is refused: nothing is written and the existing job's id is
+        returned (`Publisher.publish_unique` says which happened). `priority` names one of
+        the queue's priority levels (the client needs `priorities=` for it).
         Raises PublishError, writing nothing, for an invalid payload or an unknown queue.
         """
         return await self._publisher.publish(
-            queue or self.queue_of(payload), payload, job_id, delay_s=delay_s, key=key
+            queue or self.queue_of(payload),
+            payload,
+            job_id,
+            delay_s=delay_s,
+            key=key,
+            unique_for_s=unique_for_s,
+            priority=priority,
         )
 
     async def publish_many(

@@ -36,6 +36,7 @@ from jobstream.schema.text import as_text
 from jobstream.streams import semconv as sc
 from jobstream.streams.errors import PermanentError, RetryableError
 from jobstream.streams.job import Delivery, Job, Result
+from jobstream.streams.keys import base_queue
 from jobstream.streams.policy import Policy, backoff_s
 from jobstream.streams.status import Outcome, Reason
 
@@ -43,6 +44,7 @@ __all__ = [
     "BatchHandler",
     "Handler",
     "Route",
+    "cancelled_result",
     "classify",
     "conclude",
     "invalid_result",
@@ -169,7 +171,7 @@ def prepare(route: Route, d: Delivery, max_payload_bytes: int) -> tuple[Envelope
         return invalid_result(
             d, f"invalid entry: payload is {len(env.payload)} bytes, at most {max_payload_bytes}"
         )
-    what = f"invalid payload for {route.queue}"
+    what = f"invalid payload for {base_queue(route.queue)}"
     try:
         return env, route.decode(env.payload)
     except msgspec.ValidationError as exc:
@@ -185,7 +187,8 @@ def prepare(route: Route, d: Delivery, max_payload_bytes: int) -> tuple[Envelope
 async def execute(
     route: Route, env: Envelope, payload: Any, job: Job, d: Delivery, *, watched: bool = False
 ) -> Result:
-    """Run the handler once; return the attempt's Result. Only cancellation escapes.
+    """Run the handler once; return the attempt's Result. Only cancellation escapes, but
+    for a cancellation by request (`d.cancel_requested`), which becomes the outcome.
 
     The handler runs under the policy's timeout: its own `asyncio.timeout`, or, when
     `watched`, the engine's watchdog, which cancels the task running `d` once its time is
@@ -202,9 +205,13 @@ async def execute(
             async with asyncio.timeout(route.policy.timeout_s):
                 value = await route.handle(payload, job)
     except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if d.cancel_requested and not d.timed_out:  # an operator's `jobstream job cancel`
+            if task is not None:
+                task.uncancel()  # handled: settlement goes on in this task
+            return cancelled_result(d, job.id, job.attempt, env.payload, started, mono)
         if not d.timed_out:  # the worker's own cancellation (shutdown): it propagates
             raise
-        task = asyncio.current_task()
         if task is not None:
             task.uncancel()  # the watchdog's request, answered here
         exc = TimeoutError()
@@ -260,6 +267,34 @@ def conclude(
     )  # fmt: skip
 
 
+def cancelled_result(
+    d: Delivery,
+    job_id: str,
+    attempt: int,
+    payload: bytes | None,
+    started: float,
+    mono: float,
+    *,
+    error: str = "cancelled by request while running",
+    executed: bool = True,
+) -> Result:
+    """The outcome of an attempt cancelled by request: recorded `cancelled`, acked, no retry
+    (`executed=False`: cancelled before its handler ran)."""
+    return Result(
+        d,
+        job_id,
+        attempt,
+        Outcome.CANCELLED,
+        payload=payload,
+        error=error,
+        reason=Reason.CANCELLED,
+        executed=executed,
+        started_at=started,
+        finished_at=time.time(),
+        duration_ms=round((time.perf_counter() - mono) * 1000),
+    )
+
+
 def _attributes(attrs: dict[str, Any], d: Delivery, job_id: str) -> dict[str, Any]:
     """The queue's constant span attributes plus this delivery's own."""
     return {
@@ -313,8 +348,12 @@ async def execute_traced(
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
+        if job.reporter is not None:  # progress events go on this span
+            job.reporter.span = span
         around(None)
         res = await execute(route, env, payload, job, d, watched=watched)
+        if res.outcome is Outcome.CANCELLED:
+            span.add_event("cancelled", {"jobstream.reason": "cancelled by request"})
         if res.exception is not None:
             span.record_exception(res.exception, exception_attributes(res.exception))
             span.set_attribute(sc.ERROR_TYPE, type(res.exception).__qualname__)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
-from jobstream.streams.keys import Keys
+from jobstream.streams.keys import Keys, level_of, level_queue
 from jobstream.streams.observe import Observer
 from jobstream.streams.redis_client import AnyRedis
 
@@ -42,17 +42,25 @@ class QueueGauges:
         lease = self._keys.gauge_lease(queue)
         if not int(await self._script(keys=[lease], args=[self._holder, self._ttl_ms])):
             self.held.discard(queue)
-            observer.queue_stats_withdrawn(queue)
+            observer.queue_stats_withdrawn(_label(queue))
             return
         self.held.add(queue)
         groups: Any = await self._redis.xinfo_groups(self._keys.stream(queue))
         for g in groups:
             if g["name"] == self._group:
                 dead = int(await self._redis.xlen(self._keys.dead(queue)))
-                observer.queue_stats(queue, int(g["pending"]), int(g.get("lag") or 0), dead)
+                pending, lag = int(g["pending"]), int(g.get("lag") or 0)
+                observer.queue_stats(_label(queue), pending, lag, dead)
 
     async def release(self) -> None:
         """Give up every lease held, so another replica reports at its next interval."""
         for queue in sorted(self.held):
             await self._script(keys=[self._keys.gauge_lease(queue)], args=[self._holder, 0])
         self.held.clear()
+
+
+def _label(name: str) -> str:
+    """A lane's name as a metric label: a priority level shows as `<queue>:<level>` (as its
+    stream key), a partition as `<queue>#<n>`."""
+    level = level_of(name)
+    return name if level is None else f"{name.removesuffix(level_queue('', level))}:{level}"

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobstream.schema.times import entry_parts
 from jobstream.streams.lease import clock
 from jobstream.streams.status import Outcome, Reason
+
+if TYPE_CHECKING:
+    from jobstream.streams.progress import Reporter
 
 __all__ = ["Delivery", "Job", "Outcome", "Result", "fence_of"]
 
@@ -37,11 +40,26 @@ class Job:
     enqueued_at_ms: int
     delivery_count: int = 1
     traceparent: str | None = None
+    reporter: Reporter | None = field(default=None, repr=False, compare=False)
 
     @property
     def fence(self) -> str:
         """This delivery's place among the job's deliveries (see `fence_of`)."""
         return fence_of(self.entry_id, self.delivery_count)
+
+    def progress(self, fraction: float, note: str = "") -> None:
+        """Say how far the job has come: `fraction` from 0.0 to 1.0, and a short note.
+
+        Costs no round trip: the latest value rides the worker's next flush to the job's
+        hash (at most `progress_interval_s` late), and each call is an event on the job's
+        span. Raises ValueError for a fraction outside 0..1.
+        """
+        if self.reporter is not None:
+            self.reporter.report(fraction, note)
+        else:  # not run by an engine (a test, a direct call): checked all the same
+            from jobstream.streams.progress import check_progress
+
+            check_progress(fraction, note)
 
 
 @dataclass(slots=True)
@@ -54,6 +72,7 @@ class Delivery:
     delivery_count: int = 1
     started_mono: float = 0.0
     read_at: float = field(default_factory=clock)  # on the lease clock (`jobstream.streams.lease`)
+    cancel_requested: bool = False  # an operator cancelled its job: its task is cancelled
     payload_stored: bool = False  # a row with this delivery's payload reached PostgreSQL
     task: asyncio.Task[None] | None = None  # the task running it alone, for the watchdog
     timed_out: bool = False  # the watchdog cancelled its task: its time was up

@@ -47,7 +47,7 @@ WITH up AS (
         next_attempt_at = EXCLUDED.next_attempt_at,
         fence = EXCLUDED.fence,
         trace_id = COALESCE(EXCLUDED.trace_id, j.trace_id)
-    WHERE j.status NOT IN ('completed', 'failed')
+    WHERE j.status NOT IN ('completed', 'failed', 'cancelled')
       AND (j.fence IS NULL OR EXCLUDED.fence > j.fence
            OR (EXCLUDED.fence = j.fence AND j.status = 'running'
                AND EXCLUDED.status <> 'running'))

@@ -10,6 +10,8 @@ import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
 from typing import Any
 
 import msgspec
@@ -22,16 +24,34 @@ from jobstream.schema.text import as_text
 from jobstream.schema.times import utc_iso
 from jobstream.streams import semconv as sc
 from jobstream.streams.errors import PublishError
-from jobstream.streams.keys import Keys
+from jobstream.streams.keys import Keys, base_queue, level_queue
 from jobstream.streams.observe import NullObserver, Observer
+from jobstream.streams.policy import Policy
 from jobstream.streams.queue_partitions import Chooser
 from jobstream.streams.redis_client import AnyRedis, wait_replicas
 from jobstream.streams.status import Status
 
-__all__ = ["PayloadLike", "Publisher", "new_job_id"]
+__all__ = ["PayloadLike", "Published", "Publisher", "new_job_id"]
 
 PayloadLike = msgspec.Struct | Mapping[str, Any] | str | bytes
 _tracer = trace.get_tracer("jobstream.publisher")
+_UNIQUE_LUA = (
+    resources.files("jobstream.streams.lua").joinpath("publish_unique.lua").read_text("utf-8")
+)
+_SETHASH_LUA = resources.files("jobstream.streams.lua").joinpath("sethash.lua").read_text("utf-8")
+_FIRST_FENCE = "0" * 50  # before any delivery's fence: a worker's record always wins
+MAX_UNIQUE_S = 366 * 86400
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """What a unique publish did: `published` false when the id was taken in the window."""
+
+    job_id: str
+    published: bool
+    where: str
+    """The entry ID written (or, when refused, the one the first publish wrote), or
+    `delayed` for a job published with a delay."""
 
 
 def new_job_id() -> str:
@@ -56,10 +76,13 @@ class Publisher:
         wait_timeout_ms: int = 1000,
         partitions: Mapping[str, int] | None = None,
         observer: Observer | None = None,
+        priorities: Mapping[str, Policy] | None = None,
     ) -> None:
         """`wait_replicas` > 0: a publish succeeds only once that many replicas confirmed
         its writes (Redis `WAIT`, at most `wait_timeout_ms`); else it raises PublishError
-        (the jobs were written and may run: publishing again is safe, only never lost)."""
+        (the jobs were written and may run: publishing again is safe, only never lost).
+        `priorities`: the policies of the queues that declare priority levels, so that
+        `priority=` publishes to the right stream."""
         self._redis = redis
         self._wait = (wait_replicas, wait_timeout_ms)
         # `partitions`: queue → P (policy `partitions`); a queue not named has one.
@@ -71,6 +94,23 @@ class Publisher:
         self._record_queued = record_queued
         self._observer: Observer = observer or NullObserver()
         self._server = sc.server_attributes(redis)
+        self._levels = {
+            q: {name: engine for name, (engine, _) in zip(p.priorities, p.levels(), strict=True)}
+            for q, p in (priorities or {}).items()
+            if p.priorities
+        }
+
+    def target(self, queue: str, priority: str | None) -> str:
+        """The engine's name of the level a job goes to (the queue itself by default)."""
+        if priority is None:
+            return queue
+        levels = self._levels.get(queue)
+        if not levels:
+            raise PublishError(f"{queue} has no priority levels")
+        if priority not in levels:
+            raise PublishError(f"{queue} has no priority {priority!r} (levels: "
+                               f"{', '.join(levels)})")  # fmt: skip
+        return level_queue(queue, levels[priority])
 
     @property
     def queues(self) -> list[str]:
@@ -95,7 +135,7 @@ class Publisher:
 
     def encode(self, queue: str, payload: PayloadLike) -> bytes:
         """Validate a payload against its queue's struct; return its JSON or raise PublishError."""
-        struct = self._payloads.get(queue)
+        struct = self._payloads.get(base_queue(queue))
         if struct is None:
             known = ", ".join(self.queues)
             raise PublishError(f"unknown queue {queue!r} (known: {known})")
@@ -122,13 +162,98 @@ class Publisher:
         *,
         delay_s: float | None = None,
         key: str | None = None,
+        unique_for_s: float | None = None,
+        priority: str | None = None,
     ) -> str:
         """Publish one job (after `delay_s` seconds if given); return its job id.
 
         `key` (e.g. a mailbox id) picks the partition of a partitioned queue, so jobs of one
-        key keep their order; without one, partitions take turns."""
+        key keep their order; without one, partitions take turns. With `unique_for_s`, a
+        job id already published to this queue within that many seconds is not published
+        again: the existing job's id is returned (see `publish_unique` to tell the two
+        apart); a unique job of a partitioned queue goes to its partition 0, where its
+        claim is. `priority` names one of the queue's priority levels (default: its
+        default level).
+        """
+        queue = self.target(queue, priority)
+        if unique_for_s is not None:
+            done = await self.publish_unique(queue, payload, job_id, unique_for_s, delay_s=delay_s)
+            return done.job_id
         ids = await self._publish(queue, [payload], [job_id], delay_s, key, batch=False)
         return ids[0]
+
+    async def publish_unique(
+        self,
+        queue: str,
+        payload: PayloadLike,
+        job_id: str | None,
+        unique_for_s: float,
+        *,
+        delay_s: float | None = None,
+    ) -> Published:
+        """Publish one job unless its id was published to `queue` in the last
+        `unique_for_s` seconds; atomic in Redis, so of racing producers one publishes.
+
+        Retries and dead-letter replays of the job are not publishes: they never consult
+        nor renew the window. Raises PublishError for a missing id or a bad window.
+        """
+        if not job_id:
+            raise PublishError("a unique job needs its job id")
+        if not (math.isfinite(unique_for_s) and 0.001 <= unique_for_s <= MAX_UNIQUE_S):
+            raise PublishError(f"unique window of {unique_for_s} s: use 0.001 to {MAX_UNIQUE_S}")
+        _check_delay(delay_s)
+        body = self.encode(queue, payload)
+        problem = job_id_problem(job_id)
+        if problem is not None:
+            raise PublishError(f"job id {problem}")
+        if not is_recording_enabled():
+            return await self._write_unique(queue, body, job_id, {}, unique_for_s, delay_s)
+        stream = self._keys.stream(queue)
+        with _tracer.start_as_current_span(
+            f"send {stream}",
+            kind=trace.SpanKind.PRODUCER,
+            attributes={
+                sc.SYSTEM: "redis",
+                sc.OPERATION_NAME: "send",
+                sc.OPERATION_TYPE: "send",
+                sc.DESTINATION: stream,
+                sc.CONVERSATION_ID: job_id,
+                **self._server,
+            },
+        ) as span:
+            context: dict[str, str] = {}
+            inject(context)
+            done = await self._write_unique(queue, body, job_id, context, unique_for_s, delay_s)
+            span.set_attribute("jobstream.unique.published", done.published)
+            return done
+
+    async def _write_unique(
+        self,
+        queue: str,
+        body: bytes,
+        job_id: str,
+        context: dict[str, str],
+        unique_for_s: float,
+        delay_s: float | None,
+    ) -> Published:
+        fields: dict[str, str | bytes] = {"id": job_id, "payload": body, **context}
+        window_ms = max(1, round(unique_for_s * 1000))
+        args: list[Any]
+        if delay_s:
+            fields["attempt"] = "1"
+            member = msgspec.json.encode({k: as_text(v) for k, v in fields.items()})
+            due = str(int((time.time() + delay_s) * 1000))
+            target, args = self._keys.delayed(queue), [window_ms, due, member]
+        else:  # an entry's fields, flat
+            flat = [x for kv in fields.items() for x in kv]
+            target, args = self._keys.stream(queue), [window_ms, "", "", *flat]
+        reply: Any = await self._redis.eval(
+            _UNIQUE_LUA, 2, self._keys.unique(queue, job_id), target, *args
+        )
+        published, where = bool(int(reply[0])), as_text(reply[1])
+        if published and self._record_queued:
+            await mark_queued(self._redis, self._keys, job_id, base_queue(queue))
+        return Published(job_id, published, where)
 
     async def publish_many(
         self,
@@ -154,8 +279,7 @@ class Publisher:
     ) -> list[str]:
         if job_ids is not None and len(job_ids) != len(payloads):
             raise PublishError("job_ids and payloads differ in length")
-        if delay_s is not None and not (math.isfinite(delay_s) and 0 <= delay_s <= 366 * 86400):
-            raise PublishError(f"delay of {delay_s} s: use 0 to 31622400 seconds")
+        _check_delay(delay_s)
         bodies = [self.encode(queue, p) for p in payloads]
         ids = [i or new_job_id() for i in (job_ids or [None] * len(bodies))]
         for job_id in ids:
@@ -210,7 +334,7 @@ class Publisher:
             if self._record_queued:  # before the entry exists, so it never hides a later status
                 status = {
                     "status": Status.QUEUED.value,
-                    "queue": queue,
+                    "queue": base_queue(queue),
                     "attempt": 1,
                     "updated_at": now,
                 }
@@ -236,9 +360,11 @@ class Publisher:
                     self._redis, pipe, written, replicas, timeout_ms
                 )
         except (redis.exceptions.RedisError, OSError) as exc:  # counted, then raised as it was
-            self._observer.messages_sent(queue, stream, len(bodies), type(exc).__qualname__)
+            self._observer.messages_sent(
+                base_queue(queue), stream, len(bodies), type(exc).__qualname__
+            )
             raise
-        self._observer.messages_sent(queue, stream, len(bodies), None)
+        self._observer.messages_sent(base_queue(queue), stream, len(bodies), None)
         self._registered.add(queue)
         if replicas > 0 and confirmed < replicas:
             raise PublishError(
@@ -247,3 +373,16 @@ class Publisher:
                 "they may run, or be lost if the master fails now; publish them again"
             )
         return [as_text(replies[i]) for i in added]
+
+
+def _check_delay(delay_s: float | None) -> None:
+    if delay_s is not None and not (math.isfinite(delay_s) and 0 <= delay_s <= 366 * 86400):
+        raise PublishError(f"delay of {delay_s} s: use 0 to 31622400 seconds")
+
+
+async def mark_queued(redis: AnyRedis, keys: Keys, job_id: str, queue: str) -> None:
+    """Show a job `queued` in its hash, written after its entry: under the lowest fence,
+    so it never hides what a worker has recorded meanwhile."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    fields = ["status", "queued", "queue", queue, "attempt", "1", "updated_at", now]
+    await redis.eval(_SETHASH_LUA, 1, keys.job(job_id), _FIRST_FENCE, 0, 0, len(fields), *fields)

@@ -34,6 +34,7 @@ from jobstream.streams.job import Delivery, Result
 from jobstream.streams.keys import Keys, queue_of_part
 from jobstream.streams.lease import Lease
 from jobstream.streams.pg_store import ExecRow, JobRow, find_created, write_batch
+from jobstream.streams.progress import ProgressBuffer
 from jobstream.streams.redis_client import (
     REDIS_ERRORS,
     AnyRedis,
@@ -51,6 +52,7 @@ _STATUS = {
     Outcome.COMPLETED: Status.COMPLETED,
     Outcome.RETRYING: Status.RETRYING,
     Outcome.FAILED: Status.FAILED,
+    Outcome.CANCELLED: Status.CANCELLED,
 }
 # Refusals of what a row holds (ProgramLimitExceeded: e.g. a jsonb nested too deep).
 _DATA_ERRORS = (
@@ -73,6 +75,7 @@ def _script(name: str) -> tuple[bytes, bytes]:
 _SETTLE = _script("settle.lua")
 _SETHASH = _script("sethash.lua")
 _OWNED = _script("owned.lua")
+_PROGRESS = _script("progress.lua")
 
 
 @dataclass(slots=True)
@@ -97,6 +100,7 @@ class RecorderConfig:
     max_batch: int = 2000
     max_backlog: int = 4000
     redis_timeout_s: float = 30.0
+    progress_interval_s: float = 1.0
     wait_replicas: int = 0  # settlement waits for this many replicas (Redis WAIT)
     wait_timeout_ms: int = 1000
 
@@ -156,6 +160,8 @@ class Recorder:
         self._progress_at = time.time()
         self.has_room = asyncio.Event()  # cleared while the backlog is over max_backlog
         self.has_room.set()
+        # Handlers' progress: the latest per job, written by the next flush.
+        self.progress = ProgressBuffer(config.keys, config.progress_interval_s, self._wake.set)
         self._conn: PoolConnectionProxy | None = None
 
     def start(self) -> None:
@@ -219,7 +225,7 @@ class Recorder:
             await self._wake.wait()
             self._wake.clear()
             try:
-                while self._pending:
+                while self._pending or self.progress.due:
                     try:
                         await self._flush_some()
                     except Exception:  # the flush loop outlives any one batch (settle never raises)
@@ -463,9 +469,13 @@ class Recorder:
         for r in results:
             by_queue.setdefault(r.delivery.queue, []).append(r)
         cmds += [self._settle_cmd(q, rs) for q, rs in by_queue.items()]
+        # Last, after the `running` writes of this flush; one per job on a cluster.
+        progress = self.progress.take(_PROGRESS[1], per_job=self._cluster)
+        cmds += progress
         if not cmds:
             return
         replies = await self._send_scripts(cmds, wait=self._cfg.wait_replicas > 0)
+        replies = _without_progress(replies, len(progress))
         failed = [x for x in replies[:hashes] if isinstance(x, Exception)]
         if failed:  # inv. 2: a view; fails no job
             logger.warning("job hash write failed (%d of %d): %s", len(failed), hashes, failed[0])
@@ -570,7 +580,8 @@ class Recorder:
         idempotent. `wait`: see `_send`."""
         replies = await self._send(cmds, wait)
         if any(isinstance(x, redis.exceptions.NoScriptError) for x in replies):
-            await load_scripts(self._redis, [body for body, _ in (_SETTLE, _SETHASH, _OWNED)])
+            scripts = (_SETTLE, _SETHASH, _OWNED, _PROGRESS)
+            await load_scripts(self._redis, [body for body, _ in scripts])
             replies = await self._send(cmds, wait)
         return replies
 
@@ -639,6 +650,16 @@ class Recorder:
         elif row.status == Status.RETRYING:
             out += ("error", row.error or "")
         return out
+
+
+def _without_progress(replies: list[object], n: int) -> list[object]:
+    """The replies but the progress writes' (the last `n`), logged if one failed."""
+    if n == 0:
+        return replies
+    failed = [x for x in replies[-n:] if isinstance(x, Exception)]
+    if failed:  # a view, like the hash: fails no job
+        logger.warning("job progress write failed: %s", failed[0])
+    return replies[:-n]
 
 
 def _order(item: Start | Result) -> tuple[str, bool]:

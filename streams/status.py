@@ -19,9 +19,10 @@ class Status(enum.StrEnum):
     RETRYING = "retrying"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
-TERMINAL = frozenset({Status.COMPLETED, Status.FAILED})
+TERMINAL = frozenset({Status.COMPLETED, Status.FAILED, Status.CANCELLED})
 
 
 class Outcome(enum.StrEnum):
@@ -31,6 +32,7 @@ class Outcome(enum.StrEnum):
     RETRYING = "retrying"
     FAILED = "failed"
     SKIPPED = "skipped"  # already completed before this delivery: ack only
+    CANCELLED = "cancelled"  # cancelled by request: recorded, acked, never retried
 
 
 class Reason(enum.StrEnum):
@@ -41,3 +43,4 @@ class Reason(enum.StrEnum):
     INVALID = "invalid"  # the entry could not be decoded or routed
     DELIVERIES = "deliveries"  # delivered more than max_deliveries times: it crashes workers
     UNRECORDABLE = "unrecordable"  # PostgreSQL refused its record
+    CANCELLED = "cancelled"  # cancelled by request (not dead-lettered: recorded, acked)

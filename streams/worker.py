@@ -35,9 +35,11 @@ from jobstream.schema.envelope import (
 from jobstream.streams import semconv as sc
 from jobstream.streams.backoff import retry_until_done
 from jobstream.streams.batch import Item, execute_batch, execute_batch_traced
+from jobstream.streams.cancel import CancelWatch
 from jobstream.streams.delayed import Promoter
 from jobstream.streams.dispatch import (
     Route,
+    cancelled_result,
     execute,
     execute_traced,
     invalid_result,
@@ -47,8 +49,9 @@ from jobstream.streams.dispatch import (
 from jobstream.streams.gauges import QueueGauges
 from jobstream.streams.heartbeat import heartbeat_value
 from jobstream.streams.job import Delivery, Job, Result
-from jobstream.streams.keys import Keys, queue_of_part
+from jobstream.streams.keys import Keys, base_queue, level_of, level_queue, queue_of_part
 from jobstream.streams.lease import Lease, clock
+from jobstream.streams.levels import Slots, WeightedOrder
 from jobstream.streams.observe import NullObserver, Observer
 from jobstream.streams.partitions import PartitionPolicy, PrunePlan, maintain
 from jobstream.streams.pg_store import JobRow, fetch_statuses
@@ -91,6 +94,7 @@ class EngineConfig:
     dead_max_age_s: float = 30 * 86400
     dead_max_bytes: int = 256 * 1024 * 1024
     burst: bool = False
+    progress_interval_s: float = 1.0
     partitions: PartitionPolicy | None = field(default_factory=PartitionPolicy)
     """Time partitions of the job tables, made ahead and pruned daily; None: left alone."""
     wait_replicas: int = 0  # settlement waits for this many replicas to confirm
@@ -104,11 +108,19 @@ class _Lane:
     the recorder batches the outcomes of many more jobs than the concurrency.
     """
 
-    def __init__(self, route: Route, name: str | None = None, concurrency: int = 0) -> None:
+    def __init__(
+        self,
+        route: Route,
+        name: str | None = None,
+        concurrency: int = 0,
+        slots: Slots | None = None,
+    ) -> None:
         self.route = route
-        # The partition this lane reads, named as a queue (`q`, `q#1`, ...): its Redis keys.
+        # The stream this lane reads, named as a queue: a partition (`q`, `q#1`, ...) or a
+        # priority level (`level_queue`); its Redis keys.
         self.name = name or route.queue
-        self.concurrency = concurrency or route.policy.concurrency
+        # Shared by a queue's levels; a partition has its own share.
+        self.slots = slots or Slots(concurrency or route.policy.concurrency)
         self.tasks: set[asyncio.Task[None]] = set()  # running or settling
         self.running: dict[str, Delivery] = {}  # holding a slot
         # inv. 10: every entry this process holds, from its read or claim until its ack
@@ -120,8 +132,7 @@ class _Lane:
         # the lane's slots and backpressure with new reads, and go first.
         self.ready: deque[Delivery] = deque()
         self.reading = False  # between passing the gate and starting what it read
-        self.free = asyncio.Event()
-        self.free.set()
+        self.free = self.slots.free
         # A batch handler's next batch, filling up (its jobs hold their slots already),
         # and the timer that runs it when the policy's wait is over before it is full.
         self.batch: list[Item] = []
@@ -131,7 +142,7 @@ class _Lane:
 
     @property
     def room(self) -> int:
-        return self.concurrency - len(self.running)
+        return self.slots.room
 
     def spawn(self, coro: Coroutine[Any, Any, None], d: Delivery) -> None:
         if d.entry_id in self.running:  # cannot happen while every path takes `held` first
@@ -147,16 +158,14 @@ class _Lane:
         d.task = task  # timed by the watchdog (`Engine._watch`)
         self.tasks.add(task)
         self.running[d.entry_id] = d
-        if self.room <= 0:
-            self.free.clear()
+        self.slots.take()
         task.add_done_callback(lambda t: self._done(t, d.entry_id))
 
     def hold(self, d: Delivery) -> None:
         """`d` takes a slot while it waits in the batch that fills up."""
         d.started_mono = time.perf_counter()
         self.running[d.entry_id] = d
-        if self.room <= 0:
-            self.free.clear()
+        self.slots.take()
 
     def spawn_batch(self, coro: Coroutine[Any, Any, None], items: list[Item]) -> None:
         """Run a batch whose jobs hold their slots (`hold`) until its task is done."""
@@ -178,7 +187,7 @@ class _Lane:
     def release(self, entry_id: str) -> None:
         """The handler is done with its slot (its outcome may still be settling)."""
         if self.running.pop(entry_id, None) is not None:
-            self.free.set()
+            self.slots.give()
 
     def _done(self, task: asyncio.Task[None], entry_id: str) -> None:
         self.tasks.discard(task)
@@ -199,10 +208,20 @@ class Engine:
         self.redis, self.pool, self.cfg = redis, pool, config
         self.observer: Observer = observer or NullObserver()
         self.routes = {r.queue: r for r in routes}
-        self.lanes: dict[str, _Lane] = {}
+        self.lanes: dict[str, _Lane] = {}  # by partition, or level of a queue with priorities
+        self._levels: list[tuple[list[_Lane], WeightedOrder]] = []
         for r in routes:
-            for n in range(r.policy.partitions):
-                self._add_lane(r, n)
+            if not r.policy.priorities:
+                for n in range(r.policy.partitions):
+                    self._add_lane(r, n)
+                continue
+            slots, group, weights = Slots(r.policy.concurrency), [], []
+            for level, weight in r.policy.levels():
+                lane = _Lane(r, level_queue(r.queue, level), slots=slots)
+                self.lanes[lane.name] = lane
+                group.append(lane)
+                weights.append(weight)
+            self._levels.append((group, WeightedOrder(weights)))
         self.lease = Lease(config.alive_ttl_ms / 1000)
         self.recorder = Recorder(
             redis,
@@ -213,6 +232,7 @@ class Engine:
                 keys=config.keys,
                 hash_ttl_s=config.hash_ttl_s,
                 dead_maxlen=config.dead_maxlen,
+                progress_interval_s=config.progress_interval_s,
                 wait_replicas=config.wait_replicas,
                 wait_timeout_ms=config.wait_timeout_ms,
             ),
@@ -224,6 +244,8 @@ class Engine:
             redis, config.keys, config.group, config.consumer, config.reclaim_ceiling_ms
         )
         self.promoter = Promoter(redis, config.keys)
+        self.cancels = CancelWatch(redis, config.keys)
+        self._jobs: dict[str, tuple[Delivery, asyncio.Task[Any]]] = {}  # running, by job id
         caps = DeadLetterCaps(config.dead_max_age_s, config.dead_max_bytes, config.dead_maxlen)
         self.dead_trimmer = DeadLetterTrimmer(redis, config.keys, caps)
         gauge_ttl_ms = int(config.trim_interval_s * 2500)  # survives one missed report
@@ -289,7 +311,14 @@ class Engine:
             logger.warning("stopped before the worker could start")
             return
         self.recorder.start()
-        named = {f"read {q}": self._read_loop(lane) for q, lane in self.lanes.items()}
+        grouped = {lane.name for group, _ in self._levels for lane in group}
+        named = {
+            f"read {q}": self._read_loop(lane) for q, lane in self.lanes.items() if q not in grouped
+        }
+        named |= {
+            f"read {group[0].route.queue}": self._read_levels(group, order)
+            for group, order in self._levels
+        }
         named |= {
             "stream partitions": self._every(self.cfg.reclaim_interval_s, self._stream_partitions),
             "reclaim": self._every(self.cfg.reclaim_interval_s, self._reclaim, per_queue=True),
@@ -372,6 +401,8 @@ class Engine:
         for queue in self.lanes:
             await self._join(queue)
         await self._heartbeat()
+        for queue in self.lanes:  # cancellations requested before it started: none may run
+            await self.cancels.poll(queue)
         for lane in self.lanes.values():  # a restarted worker resumes its own first
             await self._resume_own(lane)
 
@@ -549,7 +580,99 @@ class Engine:
             if entry_id in held:
                 continue
             held[entry_id] = now
-            self._start(lane, Delivery(queue, entry_id, fields))
+            d = Delivery(queue, entry_id, fields)
+            if lane.room > 0:
+                self._start(lane, d)
+            else:  # a blocking read of several levels may bring one more than there is room
+                lane.ready.append(d)
+
+    async def _read_levels(self, lanes: list[_Lane], order: WeightedOrder) -> None:
+        """The read loop of a queue with priority levels (`lanes`, highest first): free
+        slots go to the levels in `order`, and what a level with nothing waiting leaves
+        goes to the highest that has more. Idle, it blocks on all of them at once."""
+        slots = lanes[0].slots
+        while True:
+            await slots.free.wait()
+            await self.recorder.has_room.wait()
+            await self._alone.wait()
+            if self.stopping.is_set():
+                return
+            if slots.room <= 0 or any(lane.ready for lane in lanes):
+                for lane in lanes:  # taken over, or read beyond the room: highest first
+                    while lane.ready and slots.room > 0:
+                        d = lane.ready.popleft()
+                        self._start(lane, d)
+                continue
+            got = await self._read_levels_guarded(lanes, order)
+            if not got and self.cfg.burst and await self._drained():
+                self.stop()
+
+    async def _read_levels_guarded(self, lanes: list[_Lane], order: WeightedOrder) -> int:
+        """`_read_levels_once` through outages (inv. 7, 10), as `_read_loop` reads."""
+        name, got = lanes[0].route.queue, 0
+
+        async def read() -> None:
+            nonlocal got
+            got = await self._read_levels_once(lanes, order)
+
+        for lane in lanes:
+            lane.reading = True
+        try:
+            if await self._retrying(f"read {name}", read):  # replies may have been lost
+                for lane in lanes:
+                    await self._retrying(
+                        f"resume {name}", functools.partial(self._resume_own, lane)
+                    )
+        except redis.exceptions.ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                await self._retrying("start", self._setup)
+            else:
+                logger.error("reading %s refused: %s; retrying in 1s", name, exc)
+                await asyncio.sleep(1.0)
+        finally:
+            for lane in lanes:
+                lane.reading = False
+        return got
+
+    async def _read_levels_once(self, lanes: list[_Lane], order: WeightedOrder) -> int:
+        """One weighted read of every level without blocking (one round trip, plus one per
+        level that had more when others had less); a blocking one when all were empty."""
+        group, me = self.cfg.group, self.cfg.consumer
+        streams = [self.cfg.keys.stream(lane.name) for lane in lanes]
+        quotas = order.take(min(lanes[0].slots.room, self.cfg.read_count))
+        pipe = self.redis.pipeline(transaction=False)
+        asked = [i for i, q in enumerate(quotas) if q > 0]
+        for i in asked:
+            pipe.xreadgroup(group, me, {streams[i]: ">"}, count=quotas[i])
+        replies: list[Any] = await pipe.execute()
+        got, drained = 0, set()
+        for i, reply in zip(asked, replies, strict=True):
+            entries = reply[0][1] if reply else []
+            self._run_read(lanes[i], entries)
+            got += len(entries)
+            if len(entries) < quotas[i]:
+                drained.add(i)
+        if drained:  # what they left goes to the highest levels that may have more
+            for i in range(len(lanes)):
+                left = lanes[0].slots.room
+                if left <= 0:
+                    break
+                if i in drained:
+                    continue
+                more: Any = await self.redis.xreadgroup(group, me, {streams[i]: ">"}, count=left)
+                entries = more[0][1] if more else []
+                self._run_read(lanes[i], entries)
+                got += len(entries)
+        if got:
+            return got
+        idle: Any = await self.redis.xreadgroup(
+            group, me, dict.fromkeys(streams, ">"), count=1, block=self.cfg.block_ms
+        )
+        by_stream = {s: lane for s, lane in zip(streams, lanes, strict=True)}
+        for stream, entries in idle or []:
+            self._run_read(by_stream[stream.decode()], entries)
+            got += len(entries)
+        return got
 
     def _start(self, lane: _Lane, d: Delivery) -> None:
         """Run `d` now, or put it in its queue's next batch."""
@@ -722,8 +845,7 @@ class Engine:
         job_log.warning("job invalid job=%s queue=%s error=%s", res.job_id, route.queue, res.error)
         self._settle(res)
 
-    @staticmethod
-    def _job(route: Route, env: Envelope, d: Delivery) -> Job:
+    def _job(self, route: Route, env: Envelope, d: Delivery) -> Job:
         return Job(
             env.job_id,
             route.queue,
@@ -732,6 +854,7 @@ class Engine:
             enqueued_at_ms(d.entry_id),
             d.delivery_count,
             env.traceparent,
+            self.recorder.progress.reporter(env.job_id, d),
         )
 
     def _add_to_batch(self, lane: _Lane, d: Delivery) -> None:
@@ -748,6 +871,9 @@ class Engine:
             return
         env, payload = prepared
         lane.hold(d)
+        if self.cancels.requested and env.job_id in self.cancels.requested:
+            self._cancel_unstarted(lane, d, env)
+            return
         lane.batch.append(Item(d, env, payload, self._job(route, env, d)))
         if len(lane.batch) >= lane.batch_size:
             self._fire(lane)
@@ -807,12 +933,18 @@ class Engine:
             self._invalid(route, prepared)
             return
         env, payload = prepared
+        if self.cancels.requested and env.job_id in self.cancels.requested:
+            self._cancel_unstarted(lane, d, env)
+            return
         await self._run_one(lane, d, env, payload, self._job(route, env, d))
 
     async def _run_one(
         self, lane: _Lane, d: Delivery, env: Envelope, payload: Any, job: Job
     ) -> None:
         route = lane.route
+        task = asyncio.current_task()
+        if task is not None:
+            self._jobs[job.id] = (d, task)
         trace_id = trace_id_of(env.traceparent)  # the producer's trace, if it sent one
         self.recorder.started(Start(d, job.id, job.attempt, env.payload, time.time(), trace_id))
         self.observer.job_started(route.queue)
@@ -831,8 +963,21 @@ class Engine:
             self._log_job(job, None)
             res = await execute(route, env, payload, job, d, watched=True)
             self._log_job(job, res)
+        if task is not None and self._jobs.get(job.id, (None,))[0] is d:
+            del self._jobs[job.id]
         res = dataclasses.replace(res, trace_id=trace_id)
         lane.release(d.entry_id)
+        self._settle(res)
+
+    def _cancel_unstarted(self, lane: _Lane, d: Delivery, env: Any) -> None:
+        """Settle an entry whose job was cancelled before it started: it never runs."""
+        lane.release(d.entry_id)
+        now, mono = time.time(), time.perf_counter()
+        res = cancelled_result(
+            d, env.job_id, env.attempt, env.payload, now, mono,
+            error="cancelled by request before it ran", executed=False,
+        )  # fmt: skip
+        job_log.info("job cancelled job=%s queue=%s", env.job_id, base_queue(d.queue))
         self._settle(res)
 
     @staticmethod
@@ -954,6 +1099,20 @@ class Engine:
 
     async def _promote(self, queue: str) -> None:
         await self.promoter.promote(queue)
+        for job_id in await self.cancels.poll(queue):
+            self._cancel_running(job_id)
+
+    def _cancel_running(self, job_id: str) -> None:
+        """Cancel the handler running `job_id` in this process, if one is: cooperatively,
+        by cancelling its task; the attempt is recorded `cancelled` and acked."""
+        running = self._jobs.get(job_id)
+        if running is None:
+            return
+        d, task = running
+        if not d.cancel_requested:
+            logger.info("cancelling the running job %s of %s by request", job_id, d.queue)
+            d.cancel_requested = True
+            task.cancel("cancelled by request")
 
     async def _table_partitions(self) -> None:
         if self.cfg.partitions is not None:
@@ -963,5 +1122,7 @@ class Engine:
     async def _trim(self, queue: str) -> None:
         await trim(self.redis, self.cfg.keys, queue)
         for cap, n in (await self.dead_trimmer.trim(queue)).items():
-            self.observer.dead_letters_dropped(queue, cap, n)
+            # one dead-letter stream for all levels; a partition's own
+            label = queue if level_of(queue) is None else base_queue(queue)
+            self.observer.dead_letters_dropped(label, cap, n)
         await self.gauges.report(queue, self.observer)

@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from jobstream.consumers.cli import commands_mail, commands_prune, ops
+from jobstream.consumers.cli import commands_control, commands_mail, commands_prune, ops
 from jobstream.consumers.cli.render import (
     Progress,
     render_json,
@@ -21,6 +21,7 @@ from jobstream.consumers.cli.render import (
     render_rows,
     render_table,
 )
+from jobstream.consumers.queues.warmup_schedule import WARMUP_SCHEDULE, ensure_warmup_schedule
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import (
     check_selection,
@@ -69,9 +70,10 @@ async def run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command in ("dashboard", "demo"):
         return await _serve(args, settings)
     async with connect(settings, wait=False) as deps:
-        mail = await commands_mail.run(args, deps)
-        if mail is not None:
-            return mail
+        for module_run in (commands_mail.run, commands_control.run):
+            done = await module_run(args, deps)
+            if done is not None:
+                return done
         command = _WITH_DEPS.get(args.command)
         if command is not None:
             return await command(deps, args)
@@ -140,7 +142,12 @@ async def _publish(deps: Deps, args: argparse.Namespace) -> int:
     tracing = setup_tracing(service_version(), None)
     try:
         job_id = await deps.publisher.publish(
-            args.queue, args.payload, args.job_id, delay_s=args.delay, key=args.key
+            args.queue,
+            args.payload,
+            args.job_id,
+            delay_s=args.delay,
+            key=args.key,
+            priority=args.priority,
         )
     finally:
         await asyncio.to_thread(tracing.shutdown)
@@ -156,6 +163,7 @@ async def _migrate(settings: Settings) -> int:
     try:
         applied = await apply_migrations(conn)
         created = await ensure_partitions(conn, partition_policy(settings))
+        warmup = await ensure_warmup_schedule(conn)
     except MigrationMismatch as exc:
         raise ConfigError(str(exc)) from None
     finally:
@@ -164,6 +172,8 @@ async def _migrate(settings: Settings) -> int:
     print(f"migrations applied: {names}" if applied else "migrations: up to date")
     if created:
         print(f"job partitions created: {', '.join(created)}")
+    if warmup:
+        print(f"schedule {WARMUP_SCHEDULE} created: the warmup queue's daily run, 00:00 UTC")
     return 0
 
 

@@ -1,5 +1,5 @@
 """The `jobstream` command line: worker, migrate, publish, status, workers, job, dlq, health,
-schema, prune, dashboard, demo, mailbox, webhook and warmup."""
+schema, prune, dashboard, demo, mailbox, webhook, warmup and schedule."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from typing import Any, NoReturn
 import asyncpg
 import redis.exceptions
 
-from jobstream.consumers.cli import commands, commands_mail, commands_prune, commands_schema
+from jobstream.consumers.cli import (
+    commands,
+    commands_control,
+    commands_mail,
+    commands_prune,
+    commands_schema,
+)
 from jobstream.consumers.worker.settings import Settings
 from jobstream.otel.logs import escape_controls, setup_logging
 from jobstream.otel.redact import remember_secrets, scrub
@@ -175,6 +181,7 @@ def _add_commands(sub: Any) -> None:
     d = sub.add_parser("demo", help="start two workers and push real jobs through every queue")
     d.add_argument("--events", type=_positive, default=3000)
     commands_mail.add_parsers(sub)
+    commands_control.add_parsers(sub, pub, job)
 
 
 def _error(text: str) -> None:

@@ -18,7 +18,8 @@ from jobstream.schema.payloads import PAYLOADS
 from jobstream.schema.text import as_text
 from jobstream.schema.times import entry_ms
 from jobstream.streams.heartbeat import Heartbeat, read_heartbeat
-from jobstream.streams.keys import queue_of_part
+from jobstream.streams.keys import base_queue, level_of, queue_of_part
+from jobstream.streams.levels import level_names
 from jobstream.streams.lookup import find_waiting
 from jobstream.streams.queue_partitions import parts_of
 from jobstream.streams.redis_client import is_cluster
@@ -27,6 +28,7 @@ __all__ = [
     "dead_queues",
     "health",
     "job_info",
+    "levels_of",
     "live_consumers",
     "queue_status",
     "remember_relays",
@@ -169,16 +171,44 @@ async def _part_info(deps: Deps, queue: str, live: set[str]) -> dict[str, Any]:
     return info
 
 
+def levels_of(queue: str) -> list[str]:
+    """The engine's names of a queue's priority levels (the queue alone without levels)."""
+    spec = by_queue().get(queue)
+    return level_names(queue, spec.policy) if spec is not None else [queue]
+
+
+async def _levels_info(deps: Deps, queue: str, live: set[str]) -> dict[str, Any]:
+    """A queue's stream figures, summed over its priority levels (each also under
+    `levels`, by name, when it has levels)."""
+    names = levels_of(queue)
+    parts = [await _stream_info(deps, name, live) for name in names]
+    if len(parts) == 1:
+        return parts[0]
+    info = {**parts[0], "queue": queue, "handled": queue in by_queue()}
+    for key in ("length", "pending", "lag", "delayed"):
+        info[key] = sum(p[key] for p in parts)
+    for key in ("consumers", "stale_consumers"):
+        info[key] = max(p[key] for p in parts)
+    ages = [p["oldest_pending_age_s"] for p in parts if p["oldest_pending_age_s"] is not None]
+    info["oldest_pending_age_s"] = max(ages) if ages else None
+    policy = by_queue()[queue].policy
+    info["levels"] = {
+        level: {k: p[k] for k in ("length", "pending", "lag", "delayed")}
+        for level, p in zip(policy.priorities, parts, strict=True)
+    }
+    return info
+
+
 async def queue_status(deps: Deps) -> list[dict[str, Any]]:
     """Per queue: stream length, pending, lag, live and stale consumers, oldest pending age,
-    counts by status."""
+    counts by status (all priority levels together, and each under `levels`)."""
     counts: dict[str, dict[str, int]] = {}
     for row in await deps.pool.fetch(COUNTS_SQL):
         counts.setdefault(row["queue"], {})[row["status"]] = row["n"]
     live = set(await live_consumers(deps))
     out = []
     for queue in sorted(set(_queues()) | set(counts)):
-        info = await _stream_info(deps, queue, live)
+        info = await _levels_info(deps, queue, live)
         info["jobs"] = counts.get(queue, {})
         out.append(info)
     return out
@@ -196,9 +226,13 @@ async def job_info(deps: Deps, job_id: str, scan_limit: int = 50_000) -> dict[st
     execs = [] if row is None else await deps.pool.fetch(EXECUTIONS_SQL, job_id, row["created_at"])
     waiting, complete = [], True
     if row is None:  # published by any producer, not yet recorded by a worker
-        parts = [p for q in _queues() for p in await parts_of(deps.redis, deps.keys, q)]
+        queues = [n for q in _queues() for n in levels_of(q)]
+        parts = [p for q in queues for p in await parts_of(deps.redis, deps.keys, q)]
         found, complete = await find_waiting(deps.redis, deps.keys, parts, job_id, scan_limit)
         waiting = [msgspec.to_builtins(w) for w in found]
+        for w in waiting:  # a priority level shows as the queue and its level
+            level = level_of(w["queue"])
+            w["queue"] = base_queue(w["queue"]) + (f" ({level})" if level else "")
     if row is None and not hashed and not waiting and complete:
         return None
     return {

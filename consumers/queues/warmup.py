@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 
 from jobstream.consumers.mail.inbound import WARMUP_HEADER
+from jobstream.consumers.queues import warmup_schedule
 from jobstream.consumers.store.mailboxes import Mailbox, get_mailbox
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.events import emit
@@ -137,8 +138,13 @@ async def run_warmup(msg: RunWarmup, job: Job, deps: Deps) -> dict[str, Any]:
 
     Idempotent per mailbox and day: planned messages are rows of `warmup_sends` keyed by
     (mailbox, day, n) with deterministic job ids, so a second run plans nothing new and
-    only publishes what a crashed run left unpublished.
+    only publishes what a crashed run left unpublished. The mailbox `*` (the daily
+    schedule's job) publishes this job for every enabled mailbox instead.
     """
+    if msg.mailbox_id == warmup_schedule.ALL_MAILBOXES:
+        day = warmup_schedule.day_of(msg, job)
+        ids = await warmup_schedule.publish_day(deps, day)
+        return {"status": "published", "day": day.isoformat(), "mailboxes": len(ids)}
     day = msg.day or dt.datetime.now(dt.UTC).date()
     mailbox = await get_mailbox(deps.pool, msg.mailbox_id)
     if mailbox is None:

@@ -39,6 +39,7 @@ from jobstream.streams import (
 )
 from jobstream.streams.loop import loop_name
 from jobstream.streams.redis_client import connect_redis
+from jobstream.streams.scheduler import Scheduler
 
 __all__ = [
     "check_selection",
@@ -136,6 +137,7 @@ async def connect(
             wait_replicas=settings.publish_wait_replicas,
             wait_timeout_ms=settings.publish_wait_timeout_ms,
             partitions=partitions_of(settings, handlers),
+            priorities={q: spec.policy for q, spec in by_queue(handlers).items()},
         )
         yield Deps(pool, redis, publisher, settings, keys, parser)
     finally:
@@ -284,6 +286,17 @@ async def _run(engine: Engine, settings: Settings) -> None:
         redact_url(settings.database_url),
         loop_name(),
     )
+    scheduler = None
+    if settings.scheduler and not engine.cfg.burst:  # every replica: no leader to lose
+        sched = Scheduler(
+            engine.redis,
+            engine.pool,
+            engine.cfg.keys,
+            interval_s=settings.schedule_interval_s,
+            grace_s=settings.schedule_grace_s,
+        )
+        with suppressed():  # its polling makes no spans (the task keeps this context)
+            scheduler = asyncio.create_task(sched.run(engine.stopping), name="scheduler")
     reporter = None
     if settings.health_file:
         every = settings.alive_ttl_ms / 3000
@@ -291,9 +304,10 @@ async def _run(engine: Engine, settings: Settings) -> None:
     try:
         await engine.run()
     finally:
-        if reporter is not None:
-            reporter.cancel()
-            await asyncio.gather(reporter, return_exceptions=True)
+        for task in (reporter, scheduler):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
     logger.info("worker %s stopped after %d jobs", engine.cfg.consumer, engine.processed)
 
 

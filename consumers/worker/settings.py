@@ -95,6 +95,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, rename=_env_name):
     dead_letter_max_age_s: Positive = _ENGINE.dead_max_age_s
     dead_letter_max_bytes: AtLeast0 = _ENGINE.dead_max_bytes
     trim_interval_s: float = _ENGINE.trim_interval_s
+    progress_interval_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = _ENGINE.progress_interval_s
+    """Handlers' progress reaches the job hashes at most this late (coalesced writes)."""
+    scheduler: bool = True
+    """Run the scheduler loop in this worker (every replica may: no leader)."""
+    schedule_interval_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 0.5
+    """How often the scheduler looks for due occurrences."""
+    schedule_grace_s: Annotated[float, msgspec.Meta(ge=0)] = 60.0
+    """An occurrence older than this when found is missed: its catch-up policy decides."""
     pg_pool_size: Annotated[int, msgspec.Meta(ge=2)] = 20
     # Time partitions of `jobs` and `job_executions` (streams/partitions.py).
     retention_s: float = 30 * 86400

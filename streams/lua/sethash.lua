@@ -6,7 +6,7 @@
 -- Returns how many hashes were written.
 local function write(key, fence, rank, ttl, first, last)
     local cur = redis.call('HMGET', key, 'fence', 'rank', 'status')
-    if cur[3] == 'completed' or cur[3] == 'failed' then
+    if cur[3] == 'completed' or cur[3] == 'failed' or cur[3] == 'cancelled' then
         return 0
     end
     if cur[1] and (cur[1] > fence or (cur[1] == fence and (tonumber(cur[2]) or 0) >= rank)) then

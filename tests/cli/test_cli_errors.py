@@ -71,6 +71,20 @@ CASES: list[tuple[str, list[str], dict[str, str]]] = [
     ("webhook list", ["webhook", "list"], BAD_REDIS),
     ("webhook disable", ["webhook", "disable", "nope"], {}),
     ("warmup schedule", ["warmup", "schedule", "--day", "2026-13-01"], {}),
+    (
+        "schedule add",
+        ["schedule", "add", "s", "--queue", "analytics", "--payload", EVENT, "--cron", "* * *"],
+        {},
+    ),
+    (
+        "schedule add",
+        ["schedule", "add", "s", "--queue", "nope", "--payload", "{}", "--every", "5"],
+        {},
+    ),
+    ("schedule list", ["schedule", "list"], BAD_DATABASE),
+    ("schedule pause", ["schedule", "pause", "nope"], {}),
+    ("schedule resume", ["schedule", "resume", "nope"], {}),
+    ("schedule remove", ["schedule", "remove", "nope"], {}),
 ]
 
 

@@ -85,6 +85,8 @@ def test_each_constructor_builds_its_outcome():
 
 
 def test_the_vocabulary_is_the_text_stored():
-    assert [str(s) for s in Status] == ["queued", "running", "retrying", "completed", "failed"]
-    assert {Status.COMPLETED, Status.FAILED} == TERMINAL
+    assert [str(s) for s in Status] == [
+        "queued", "running", "retrying", "completed", "failed", "cancelled",
+    ]  # fmt: skip
+    assert {Status.COMPLETED, Status.FAILED, Status.CANCELLED} == TERMINAL
     assert {str(o) for o in Outcome} - {str(s) for s in Status} == {"skipped"}
