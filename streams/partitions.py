@@ -62,7 +62,7 @@ UNION
 SELECT DISTINCT floor(extract(epoch FROM job_created_at) / $1)::bigint FROM job_executions_default
 ORDER BY bucket LIMIT $2
 """
-LIVE_SQL = "SELECT count(*) FROM {} WHERE status NOT IN ('completed', 'failed')"
+LIVE_SQL = "SELECT count(*) FROM {} WHERE status NOT IN ('completed', 'failed', 'cancelled')"
 LAST_RUN_SQL = "SELECT ran_at FROM job_partition_runs WHERE task = 'prune'"
 RECORD_RUN_SQL = """
 INSERT INTO job_partition_runs (task, ran_at, ran_by) VALUES ('prune', now(), $1)

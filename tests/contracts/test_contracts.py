@@ -147,7 +147,7 @@ def test_only_settings_reads_the_environment():
 
 
 def test_migrations_have_one_number_each_in_order():
-    """Numbers go up and are never shared. They may skip one (0009, 0011: numbers given
+    """Numbers go up and are never shared. They may skip one (0009: a number given
     out to work that landed under another): a number once released is never reused or
     renamed, since databases record it (`MigrationMismatch`)."""
     found = load_migrations()

@@ -174,7 +174,8 @@ async def test_retention_drops_whole_partitions_and_keeps_one_with_a_live_job(co
     # Nothing was deleted row by row: the partitions that stay keep every row.
     assert await conn.fetchval("SELECT count(*) FROM job_executions") == 4
 
-    await write_batch(conn, "w", [_job("live", times["j6"] + 2, "completed", "10")], [])
+    # A job over, even cancelled (a terminal status too), no longer keeps its partition.
+    await write_batch(conn, "w", [_job("live", times["j6"] + 2, "cancelled", "10")], [])
     plan = await prune(conn, MINUTE, now=now)
     assert [p.name for p in plan.dropped] == [_name(now - dt.timedelta(minutes=6))]
     assert {r[0] for r in await conn.fetch("SELECT id FROM jobs")} == {"j0", "j1", "j2"}
