@@ -9,13 +9,18 @@ against a running `jobstream dashboard` (median of `--repeat`).
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/X.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import asyncio
 import os
 import socket
 import statistics
 import subprocess
-import sys
 import time
 import uuid
 

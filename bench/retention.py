@@ -12,11 +12,16 @@ or the jobs not done.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python bench/X.py`: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import argparse
 import asyncio
 import os
 import signal
-import sys
 import time
 import uuid
 from dataclasses import dataclass

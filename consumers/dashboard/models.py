@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-QUEUE_PATTERN = r"^[^{}\r\n ]{1,100}$"  # streams.check_queue_name
+QUEUE_PATTERN = r"^[^{}#\r\n \x1f]{1,100}$"  # streams.check_queue_name
 CURSOR_PATTERN = r"^[0-9]{1,18}~[^\x00]*$"
 
 

@@ -98,11 +98,12 @@ async def test_status_and_dead_letters_cover_every_partition(deps: Deps, env_for
     letter: Any = await deps.redis.xrange(deps.keys.dead(deps.keys.part(Q, 2)), count=1)
     shown = await jobstream(env, "dlq", "show", letter[0][0].decode())
     assert shown.returncode == 0, shown.stderr
+    before = await lengths(deps, 3)  # the engine's trim may have taken acked entries
     replayed = await jobstream(env, "dlq", "replay", Q, "--all")
     assert replayed.returncode == 0, replayed.stderr
     assert "replayed 6 dead letters" in replayed.stdout
     # Each went back to its own partition (one slot per script).
-    assert await lengths(deps, 3) == [2 + 2, 2 + 2, 2 + 2]
+    assert await lengths(deps, 3) == [n + 2 for n in before]
     async with running(engine(deps, 3)):
         await eventually(lambda: all_terminal(deps, ids), timeout_s=30)
     purged = await jobstream(env, "dlq", "purge", Q, "--yes")

@@ -32,7 +32,9 @@ async def completed(deps: Deps, job_id: str) -> bool:
 async def test_the_worker_runs_on_uvloop_where_it_is_installed(deps: Deps, env_for):
     pytest.importorskip("uvloop")
     job_id = await publish_one(deps, "loop-uv")
-    out = await jobstream(env_for(), "worker", "--burst", "--queues", "analytics")
+    out = await jobstream(
+        env_for(), "worker", "--processes", "1", "--burst", "--queues", "analytics"
+    )
     assert out.returncode == 0, out.stderr
     assert "loop=uvloop" in out.stderr
     assert await completed(deps, job_id)
@@ -40,7 +42,7 @@ async def test_the_worker_runs_on_uvloop_where_it_is_installed(deps: Deps, env_f
 
 async def test_without_uvloop_the_worker_runs_on_asyncios_loop(deps: Deps, env_for):
     job_id = await publish_one(deps, "loop-plain")
-    args = ("worker", "--burst", "--queues", "analytics")
+    args = ("worker", "--processes", "1", "--burst", "--queues", "analytics")
     out = await run_command(sys.executable, "-c", WITHOUT_UVLOOP, *args, env=env_for())
     assert out.returncode == 0, out.stderr
     assert "loop=asyncio" in out.stderr
@@ -52,14 +54,14 @@ async def test_without_uvloop_the_worker_runs_on_asyncios_loop(deps: Deps, env_f
 async def test_the_plain_loop_can_be_chosen(deps: Deps, env_for):
     job_id = await publish_one(deps, "loop-chosen")
     env = env_for(JOBSTREAM_EVENT_LOOP="asyncio")
-    out = await jobstream(env, "worker", "--burst", "--queues", "analytics")
+    out = await jobstream(env, "worker", "--processes", "1", "--burst", "--queues", "analytics")
     assert out.returncode == 0, out.stderr
     assert "loop=asyncio" in out.stderr
     assert await completed(deps, job_id)
 
 
 async def test_a_loop_that_cannot_be_had_is_one_clear_line(env_for):
-    args = ("worker", "--burst", "--queues", "analytics")
+    args = ("worker", "--processes", "1", "--burst", "--queues", "analytics")
     env = env_for(JOBSTREAM_EVENT_LOOP="uvloop")
     out = await run_command(sys.executable, "-c", WITHOUT_UVLOOP, *args, env=env)
     assert out.returncode == 2
