@@ -183,8 +183,10 @@ async def _status(deps: Deps, as_json: bool, watch_s: float | None) -> int:
         return 0
     clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() and not as_json else ""
     task = asyncio.current_task()
-    if task is not None:  # SIGTERM ends the watch like Ctrl-C: exit 0
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    if task is not None:  # Ctrl-C or SIGTERM ends the watch: exit 0 (even where a shell
+        # started it in the background with SIGINT ignored)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
     try:
         while True:  # until interrupted: Ctrl-C or SIGTERM ends it with exit 0
             text = await _status_text(deps, render_json_line if as_json else None)

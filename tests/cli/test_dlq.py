@@ -22,6 +22,7 @@ Q = handlers.QUEUE
 pytestmark = pytest.mark.cluster_too
 
 
+@pytest.mark.timeout(300)  # many CLI runs, each a process; twice on a cluster
 async def test_dlq_list_show_replay_purge(deps: Deps, env_for):
     pub = Publisher(deps.redis, deps.keys, handlers.PAYLOADS)
     ids = await pub.publish_many(Q, [handlers.Work(permanent=True) for _ in range(3)])

@@ -125,6 +125,7 @@ async def kill_connections(
 
 
 @pytest.mark.cluster_too
+@pytest.mark.timeout(420)  # its own wait allows 240 s for the last jobs after the faults
 async def test_every_fault_at_once_every_job_ends_once(
     deps: Deps, env_for, capsys: pytest.CaptureFixture[str]
 ):
