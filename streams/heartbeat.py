@@ -32,8 +32,11 @@ def read_heartbeat(raw: bytes | str | None) -> Heartbeat | None:
     data = raw.encode() if isinstance(raw, str) else raw
     try:
         return msgspec.json.decode(data, type=Heartbeat)
-    except msgspec.DecodeError:
-        pass
+    except msgspec.DecodeError:  # not a heartbeat object: an older worker's bare time?
+        return _bare_time(data)
+
+
+def _bare_time(data: bytes) -> Heartbeat:
     try:
         return Heartbeat(at=float(data))
     except ValueError:
