@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import datetime as dt
+import pathlib
 import random
 import signal
 import sys
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 
@@ -33,17 +34,33 @@ N_SENDS = 300
 SEND_CONCURRENCY = 8  # per replica: bounds what one SIGKILL can cut mid-transaction
 
 
-async def spawn(env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tests.chaos_worker", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+async def spawn(env: dict[str, str], logs: pathlib.Path) -> asyncio.subprocess.Process:
+    """Start a replica; its log (warnings and errors) goes to a file of its own in `logs`,
+    shown when the test fails."""
+    with _new_log(logs) as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tests.chaos_worker", env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
+
+
+def _new_log(logs: pathlib.Path) -> BinaryIO:
+    return open(logs / f"replica-{len(list(logs.iterdir()))}.log", "wb")
+
+
+def replica_logs(logs: pathlib.Path, lines: int = 15) -> dict[str, list[str]]:
+    """The last lines each replica logged."""
+    return {
+        f.name: f.read_text("utf-8", "replace").splitlines()[-lines:]
+        for f in sorted(logs.iterdir())
+    }
 
 
 async def sigkill_at(
     deps: Deps,
     procs: list[asyncio.subprocess.Process],
     env: dict[str, str],
+    logs: pathlib.Path,
     threshold: int,
     at: list[int],
 ) -> None:
@@ -57,7 +74,7 @@ async def sigkill_at(
     procs[0].kill()
     await procs[0].wait()
     at.append(await count(deps))
-    procs[0] = await spawn(env)
+    procs[0] = await spawn(env, logs)
 
 
 async def count(deps: Deps, status: str = "completed") -> int:
@@ -127,7 +144,7 @@ async def kill_connections(
 @pytest.mark.cluster_too
 @pytest.mark.timeout(420)  # its own wait allows 240 s for the last jobs after the faults
 async def test_every_fault_at_once_every_job_ends_once(
-    deps: Deps, env_for, capsys: pytest.CaptureFixture[str]
+    deps: Deps, env_for, capsys: pytest.CaptureFixture[str], tmp_path: pathlib.Path
 ):
     env = env_for(
         JOBSTREAM_LOG_LEVEL="WARNING",
@@ -137,24 +154,36 @@ async def test_every_fault_at_once_every_job_ends_once(
     rand = random.Random()
     async with smtp_sink() as sink:
         work, event_ids, send_ids = await publish_all(deps, sink.url())
-        procs = [await spawn(env) for _ in range(3)]
+        procs = [await spawn(env, tmp_path) for _ in range(3)]
         stop = asyncio.Event()
         killed = 0
         sigkills: list[int] = []
         try:
-            await sigkill_at(deps, procs, env, int(total * rand.uniform(0.15, 0.3)), sigkills)
+            await sigkill_at(
+                deps, procs, env, tmp_path, int(total * rand.uniform(0.15, 0.3)), sigkills
+            )
             procs[1].send_signal(signal.SIGSTOP)  # a pause past the liveness (1.5 s)
             await asyncio.sleep(4)
             procs[1].send_signal(signal.SIGCONT)  # it wakes stale
             killed = await kill_connections(deps, procs, 8, stop)
-            await sigkill_at(deps, procs, env, int(total * rand.uniform(0.55, 0.7)), sigkills)
+            await sigkill_at(
+                deps, procs, env, tmp_path, int(total * rand.uniform(0.55, 0.7)), sigkills
+            )
 
             async def all_done() -> bool:
                 done = await count(deps) + await count(deps, "failed")
-                # email.sent events add analytics jobs beyond those published
-                return done >= total and await nothing_pending(deps)
+                # email.sent events add analytics jobs beyond those published, so the count
+                # alone does not say every job is over: no row may still be unfinished either.
+                return (
+                    done >= total
+                    and not await unfinished(deps, terminal_too=False)
+                    and await nothing_pending(deps)
+                )
 
-            await eventually(all_done, timeout_s=240, interval_s=0.3)
+            try:
+                await eventually(all_done, timeout_s=240, interval_s=0.3)
+            except AssertionError as exc:
+                raise AssertionError((await unfinished(deps), replica_logs(tmp_path))) from exc
         finally:
             stop.set()
             for p in procs:
@@ -169,7 +198,8 @@ async def test_every_fault_at_once_every_job_ends_once(
     failed = await deps.pool.fetch(
         "SELECT queue, error, count(*) AS n FROM jobs WHERE status <> 'completed' GROUP BY 1, 2"
     )
-    assert not failed, [dict(r) for r in failed]
+    assert not failed, (await unfinished(deps), replica_logs(tmp_path))
+    assert await nothing_pending(deps)  # the drains left nothing behind
     assert by[(Q, "completed")] == N
     assert by[("email-sending", "completed")] == N_SENDS
     # hashes agree with PostgreSQL
@@ -204,10 +234,30 @@ async def test_every_fault_at_once_every_job_ends_once(
     assert twice <= 3 * SEND_CONCURRENCY  # the two SIGKILLs and the SIGSTOP
 
 
+async def unfinished(deps: Deps, *, terminal_too: bool = True) -> list[dict[str, Any]]:
+    """Up to 20 jobs not completed (`terminal_too=False`: not yet over), each with how many
+    rows its id has, its executions and what its hash says."""
+    over = ("completed",) if terminal_too else ("completed", "failed", "cancelled")
+    rows = await deps.pool.fetch(
+        "SELECT id, queue, status, error, attempts, fence, stream_entry_id, created_at, worker_id,"
+        " (SELECT count(*) FROM jobs o WHERE o.id = j.id) AS rows_for_id,"
+        " (SELECT count(*) FROM job_executions e WHERE e.job_id = j.id) AS executions"
+        " FROM jobs j WHERE status <> ALL($1::text[]) LIMIT 20",
+        list(over),
+    )
+    out = []
+    for r in rows:
+        job = await deps.redis.hgetall(deps.keys.job(r["id"]))
+        out.append({**dict(r), "hash": {k.decode(): v.decode() for k, v in job.items()}})
+    return out
+
+
 async def nothing_pending(deps: Deps) -> bool:
     """No entry pending, none delayed, and none still unread (the `email.sent` events a
-    send publishes may still wait in the analytics stream when every count is reached)."""
-    for queue in (Q, "analytics", "email-sending"):
+    send publishes may still wait in the analytics stream when every count is reached).
+    A queue is looked at after the queues that publish to it: a send that ends while its
+    stream is looked at has published its event before."""
+    for queue in (Q, "email-sending", "analytics"):
         stream = deps.keys.stream(queue)
         pending = await deps.redis.xpending(stream, "workers")
         if pending["pending"] or await deps.redis.zcard(deps.keys.delayed(queue)):
