@@ -452,16 +452,25 @@ class Recorder:
         return ("EVALSHA", _OWNED[1], 1, self._cfg.keys.stream(queue), *args)
 
     async def _write_redis(self, jobs: list[JobRow], results: list[Result]) -> None:
-        await retry_until_done(
-            lambda: self._pipeline(jobs, results),
-            errors=_REDIS_ERRORS, what="Redis", down=self._down, log=logger,
-        )  # fmt: skip
+        sends = 0
 
-    async def _pipeline(self, jobs: list[JobRow], results: list[Result]) -> None:
+        async def send() -> None:
+            nonlocal sends
+            sends += 1
+            await self._pipeline(jobs, results, resent=sends > 1)
+
+        await retry_until_done(
+            send, errors=_REDIS_ERRORS, what="Redis", down=self._down, log=logger
+        )
+
+    async def _pipeline(
+        self, jobs: list[JobRow], results: list[Result], *, resent: bool = False
+    ) -> None:
         """One round trip: the job hashes, then one fenced settlement script per queue.
 
         Idempotent: re-sent after a lost reply, it finds its entries acked and its hashes
-        written, and changes nothing (inv. 10).
+        written, and changes nothing (inv. 10). `resent`: a call before this one failed
+        (it may have run, its reply lost).
         """
         cmds = self._hash_cmds(jobs) if jobs else []
         hashes = len(cmds)
@@ -482,7 +491,7 @@ class Recorder:
         settled = replies[hashes:]
         retry: list[Result] = []
         for rs, reply in zip(by_queue.values(), settled, strict=True):
-            retry += self._unsettled(rs, reply)
+            retry += self._unsettled(rs, reply, resent)
         if retry:  # inv. 1: kept unacked; PostgreSQL already has them, so no second row
             for r in retry:
                 self._settle_later(r)
@@ -500,8 +509,11 @@ class Recorder:
 
         asyncio.get_running_loop().call_later(1.0, again)
 
-    def _unsettled(self, results: list[Result], reply: object) -> list[Result]:
-        """The outcomes a settle script's `reply` says must be sent again."""
+    def _unsettled(
+        self, results: list[Result], reply: object, resent: bool = False
+    ) -> list[Result]:
+        """The outcomes a settle script's `reply` says must be sent again (`resent`: the
+        script may have run before, its reply lost)."""
         if isinstance(reply, Exception):
             logger.error("settlement of %d outcomes refused: %s", len(results), reply)
             return results
@@ -513,8 +525,13 @@ class Recorder:
             elif int(code) < 0 and not self._superseded(r.delivery, -int(code)):
                 r.delivery.delivery_count = -int(code)  # ours, delivered again: settle as it
                 retry.append(r)
+            elif int(code) == 2 and resent:
+                # Fault: a lost reply. The call sent before acked the entry, and its reply
+                # never came back: settled by it, not a stale attempt (nothing was taken
+                # over; no warning, not counted in `stale`).
+                logger.debug("job=%s settled by a call whose reply was lost", r.job_id)
             elif int(code) != 1:
-                self._owned(r, int(code))  # counted and logged as stale
+                self._owned(r, min(int(code), 0))  # 0 or 2: counted and logged as stale
         return retry
 
     def _hash_cmds(self, jobs: list[JobRow]) -> list[tuple[Any, ...]]:

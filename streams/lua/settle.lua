@@ -7,15 +7,19 @@
 -- An outcome takes effect only while its entry is pending for this consumer with the same
 -- delivery count: a paused replica whose entry was taken over changes nothing, and a
 -- re-sent call (reply lost) finds its entries acked and adds no second retry or letter.
--- Returns one code per outcome: 1 settled, 0 not ours any more, minus the delivery count
--- when ours but delivered again since, or an error text (kept unacked, tried again).
+-- Returns one code per outcome: 1 settled, 0 pending for another consumer, 2 pending for
+-- no one (acked: by a new holder, or by this very call sent before with its reply lost),
+-- minus the delivery count when ours but delivered again since, or an error text (kept
+-- unacked, tried again).
 local stream, group, me = KEYS[1], ARGV[1], ARGV[2]
 local codes, acks = {}, {}
 for i = 3, #ARGV, 5 do
     local id, delivery, kind = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
     local held = redis.call('XPENDING', stream, group, id, id, 1)
     local code
-    if #held == 0 or held[1][2] ~= me then
+    if #held == 0 then
+        code = 2
+    elseif held[1][2] ~= me then
         code = 0
     elseif tonumber(held[1][4]) ~= delivery then
         code = -tonumber(held[1][4])
