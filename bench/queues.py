@@ -50,7 +50,8 @@ from bench.common import (
     scratch_database,
     worker_env,
 )
-from jobstream.consumers.demo.servers import hook_receiver, mail_sink
+from jobstream.consumers.demo.http_sink import http_sink
+from jobstream.consumers.demo.smtp_sink import smtp_sink
 from jobstream.consumers.store.mailboxes import add_mailbox
 from jobstream.consumers.store.webhooks import add_endpoint
 from jobstream.consumers.worker.registry import HANDLERS
@@ -207,14 +208,14 @@ async def main(n: int, noop_n: int, only: Sequence[str]) -> None:
     await check_servers()
     rng = random.Random(12)
     results: dict[str, dict[str, float]] = {}
-    async with scratch_database() as db, mail_sink() as sink, hook_receiver() as hooks:
-        ctx = await _setup(db, sink.url, hooks.url)
+    async with scratch_database() as db, smtp_sink() as sink, http_sink() as hooks:
+        ctx = await _setup(db, sink.url(), hooks.url())
         noops = [Noop(n=i) for i in range(noop_n)]
         first = await drain(db, NOOP_QUEUE, noops)
         for queue in only:
             results[queue] = await drain(db, queue, WORKLOADS[queue](n, rng, ctx))
         last = await drain(db, NOOP_QUEUE, noops)
-        sent, delivered = len(sink.messages), len(hooks.hooks)
+        sent, delivered = len(sink.messages), len(hooks.requests)
     noop_rates = [g["done"] / g["seconds"] for g in (first, last)]
     baseline = statistics.mean(noop_rates)
     print(f"N={n} jobs a queue, no-op {noop_n}, one worker process each, the queue's own "

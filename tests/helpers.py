@@ -1,5 +1,5 @@
 """The helpers tests share (no test module imports another): polling, engines, subprocesses,
-in-memory tracing, test queues, sample payloads, checks of parsed mail and webhook signatures.
+in-memory tracing, test queues, sample payloads, checks of parsed mail.
 
 The tracer provider is one for the whole session, installed globally only per test: the global
 provider can be set once per process, and the module-level proxy tracers cache the first real
@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
-import hmac
 import json
 import logging
 import os
@@ -289,15 +286,6 @@ def delivery(endpoint_id: str, message_id: str = "msg_1") -> WebhookDelivery:
         timestamp=WHEN,
         data={"message_id": "m-1@example.com", "recipients": ["r@example.net"]},
     )
-
-
-def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
-    """Standard Webhooks verification, written from the spec, not from our signer."""
-    key = base64.b64decode(secret.split("_", 1)[1])
-    content = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
-    expected = base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
-    sigs = [s.split(",", 1) for s in headers["webhook-signature"].split(" ")]
-    return any(v == "v1" and hmac.compare_digest(sig, expected) for v, sig in sigs)
 
 
 def work_publisher(deps: Deps) -> Publisher:

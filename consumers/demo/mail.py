@@ -12,7 +12,8 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 
 from jobstream.consumers.cli import ops
-from jobstream.consumers.demo.servers import HookReceiver, MailSink
+from jobstream.consumers.demo.http_sink import Answer, HttpSink, verify_signature
+from jobstream.consumers.demo.smtp_sink import Sink
 from jobstream.consumers.mail.inbound import WARMUP_HEADER
 from jobstream.consumers.store.mailboxes import add_mailbox
 from jobstream.consumers.store.webhooks import add_endpoint, disable_endpoint
@@ -156,25 +157,25 @@ async def _inbound(deps: Deps, mailbox_id: str, raw: bytes) -> str:
     return await deps.publisher.publish("email:processing", payload)
 
 
-async def _setup(deps: Deps, run: str, sink: MailSink, hooks: HookReceiver) -> tuple[str, str]:
+async def _setup(deps: Deps, run: str, sink: Sink, hooks: HttpSink) -> tuple[str, str]:
     for name in ("alice", "bob", "carol"):
         await add_mailbox(
             deps.pool,
             f"{name}.{run}@demo.test",
             mailbox_id=f"{run}-{name}",
             display_name=name.title(),
-            smtp_url=sink.url,
+            smtp_url=sink.url(),
             per_minute_limit=120,
             warmup=True,
         )
-    return await add_endpoint(deps.pool, hooks.url)
+    return await add_endpoint(deps.pool, hooks.url())
 
 
-async def _send(deps: Deps, run: str, sink: MailSink) -> list[str]:
+async def _send(deps: Deps, run: str, sink: Sink) -> list[str]:
     """Four campaign messages (one deferred once by the relay), one refused with 550."""
-    sink.defer_data.append("451 4.3.0 demo: try again later")
+    sink.data_replies.append("451 4.3.0 demo: try again later")
     nobody = f"nobody.{run}@example.net"
-    sink.refuse[nobody] = "550 5.1.1 demo: no such user"
+    sink.refuse_rcpt[nobody] = "550 5.1.1 demo: no such user"
     sends = [
         SendEmail(
             mailbox_id=f"{run}-alice",
@@ -205,7 +206,7 @@ async def _receive(deps: Deps, run: str, send_ids: list[str]) -> list[str]:
     return [await _inbound(deps, f"{run}-alice", reply), await _inbound(deps, f"{run}-alice", dsn)]
 
 
-async def _warmup(deps: Deps, run: str, sink: MailSink, since: dt.datetime, ep: str) -> int:
+async def _warmup(deps: Deps, run: str, sink: Sink, since: dt.datetime, ep: str) -> int:
     """One warmup day for the three mailboxes; the warmup mail the sink receives is fed back
     to email:processing as the peer mailbox's inbound mail."""
     day = dt.datetime.now(dt.UTC).date()
@@ -216,19 +217,20 @@ async def _warmup(deps: Deps, run: str, sink: MailSink, since: dt.datetime, ep: 
     sent = await _wait_sent(deps, run, target, 30)
     print(f"warmup: planned {target} messages between the 3 mailboxes, {sent} sent")
     if "email:processing" in by_queue():
-        for _, rcpts, data in sink.messages[already:]:
-            peer = await deps.pool.fetchval(MAILBOX_BY_ADDRESS_SQL, rcpts[0]) if rcpts else None
-            if peer is not None and WARMUP_HEADER.lower().encode() in data.lower():
-                await _inbound(deps, peer, data)
+        for m in sink.messages[already:]:
+            to = m.rcpt_tos
+            peer = await deps.pool.fetchval(MAILBOX_BY_ADDRESS_SQL, to[0]) if to else None
+            if peer is not None and WARMUP_HEADER.lower().encode() in m.data.lower():
+                await _inbound(deps, peer, m.data)
     return sent
 
 
-async def run_mail_demo(deps: Deps, run: str, sink: MailSink, hooks: HookReceiver) -> bool:
+async def run_mail_demo(deps: Deps, run: str, sink: Sink, hooks: HttpSink) -> bool:
     """Run the mail scenario with the workers already started; True when it checks out."""
     since: dt.datetime = await deps.pool.fetchval("SELECT now()")
     ep, secret = await _setup(deps, run, sink, hooks)
-    hooks.fail_first.append((503, "retry-after: 1\r\n"))  # one webhook retried
-    print(f"mail: 3 mailboxes, webhook endpoint {ep} -> {hooks.url}")
+    hooks.answers.append(Answer(503, {"retry-after": "1"}))  # one webhook retried
+    print(f"mail: 3 mailboxes, webhook endpoint {ep} -> {hooks.url()}")
     try:
         send_ids = await _send(deps, run, sink)
         await _settle(deps, since, run, ep, 30, send_ids)
@@ -252,8 +254,8 @@ async def _report(
     since: dt.datetime,
     ep: str,
     secret: str,
-    sink: MailSink,
-    hooks: HookReceiver,
+    sink: Sink,
+    hooks: HttpSink,
     send_ids: list[str],
 ) -> bool:
     pool, like = deps.pool, f"{run}-%"
@@ -282,12 +284,12 @@ async def _report(
     warm = dict((await pool.fetchrow(WARMUP_SQL, like)) or {})
     print("warmup: " + ", ".join(f"{k} {warm.get(k)}" for k in ("target", "sent", "received")))
     codes = {r["code"]: int(r["n"]) for r in await pool.fetch(DELIVERIES_SQL, ep)}
-    valid = sum(h.verify(secret) for h in hooks.hooks)
+    valid = sum(verify_signature(secret, r.headers, r.body) for r in hooks.requests)
     print(
-        f"webhook: attempts by answer {codes}; the receiver got {len(hooks.hooks)} requests, "
+        f"webhook: attempts by answer {codes}; the receiver got {len(hooks.requests)} requests, "
         f"{valid} with a valid signature"
     )
-    ok = delivered == len(sink.messages) and valid == len(hooks.hooks) > 0
+    ok = delivered == len(sink.messages) and valid == len(hooks.requests) > 0
     print("one message per sent job, every webhook signed" if ok else "MAIL CHECKS FAILED")
     return ok
 

@@ -15,8 +15,9 @@ import time
 
 import asyncpg
 
+from jobstream.consumers.demo.http_sink import http_sink
 from jobstream.consumers.demo.mail import run_mail_demo
-from jobstream.consumers.demo.servers import MailSink, hook_receiver, mail_sink
+from jobstream.consumers.demo.smtp_sink import Sink, smtp_sink
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import connect
 from jobstream.consumers.worker.settings import Settings
@@ -73,11 +74,11 @@ async def run_demo(settings: Settings, n_events: int = 3000) -> int:
     run = f"demo{secrets.token_hex(3)}"
     async with contextlib.AsyncExitStack() as stack:
         try:
-            sink: MailSink | None = await stack.enter_async_context(mail_sink())
+            sink: Sink | None = await stack.enter_async_context(smtp_sink())
         except ImportError:
             sink = None
             print("aiosmtpd is not installed (pip install -e '.[dev]'): the mail part is skipped")
-        hooks = await stack.enter_async_context(hook_receiver())
+        hooks = await stack.enter_async_context(http_sink())
         # The demo's endpoint and relay listen on loopback: let these workers reach them, and
         # spread a warmup day over seconds instead of hours.
         env = {"JOBSTREAM_WEBHOOK_ALLOW_PRIVATE": "true", "JOBSTREAM_WARMUP_SPREAD_S": "4"}

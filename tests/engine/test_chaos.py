@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 import pytest
 
+from jobstream.consumers.demo.smtp_sink import smtp_sink
 from jobstream.consumers.store.mailboxes import add_mailbox
 from jobstream.consumers.worker.deps import Deps
 from jobstream.schema.payloads import SendEmail
@@ -25,7 +26,6 @@ from jobstream.streams import Publisher
 from jobstream.streams.redis_client import is_cluster
 from tests import handlers
 from tests.helpers import event, eventually, executions
-from tests.smtp_sink import smtp_sink
 
 Q = handlers.QUEUE
 N = 30_000  # test-queue jobs

@@ -266,9 +266,9 @@ async def test_killed_connections_never_send_a_message_twice(
     the sink once (the issue's case: two of eight went out twice)."""
     from collections import Counter
 
+    from jobstream.consumers.demo.smtp_sink import smtp_sink
     from jobstream.consumers.store.mailboxes import add_mailbox
     from jobstream.schema.payloads import SendEmail
-    from tests.smtp_sink import smtp_sink
 
     s = msgspec.structs.replace(settings, redis_url=own_redis.url)
     async with connect(s) as deps, smtp_sink() as sink:

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from jobstream.consumers.demo.smtp_sink import smtp_sink
 from jobstream.consumers.store.mailboxes import add_mailbox
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import connect, make_engine
@@ -23,7 +24,6 @@ from jobstream.otel.redact import redact_url, remember_secrets, scrub, secrets_o
 from jobstream.schema.payloads import SendEmail
 from tests.helpers import REDIS_URL, eventually, in_memory_spans, jobstream, running
 from tests.servers import free_port
-from tests.smtp_sink import smtp_sink
 
 # Each password mixes `@`, `:` and percent-escapes; every piece of each is distinctive, so a
 # leaked tail ("...@Tail9731") is caught as surely as the whole.

@@ -15,6 +15,7 @@ from aiosmtplib.email import flatten_message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jobstream.consumers.demo.smtp_sink import smtp_sink
 from jobstream.consumers.mail.mime import build_message
 from jobstream.consumers.queues.sending import send_email
 from jobstream.consumers.store.mailboxes import add_mailbox
@@ -23,7 +24,6 @@ from jobstream.consumers.worker.runtime import make_engine
 from jobstream.schema.payloads import SendEmail, check_headers
 from jobstream.streams import Job
 from tests.helpers import eventually, running
-from tests.smtp_sink import smtp_sink
 
 LONG_URL = "https://unsubscribe.example.com/one-click/" + "p" * 60 + "/unsubscribe"
 LONG_ID = "<" + "r" * 120 + "@threads.example.net>"

@@ -10,6 +10,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from jobstream.consumers.demo.smtp_sink import smtp_sink
 from jobstream.consumers.queues.sending import send_email
 from jobstream.consumers.store.mailboxes import add_mailbox, parse_relay
 from jobstream.consumers.worker.deps import Deps
@@ -18,7 +19,6 @@ from jobstream.consumers.worker.runtime import make_engine
 from jobstream.schema.payloads import SendEmail
 from jobstream.streams import ConfigError, Job, PermanentError, Policy, RetryableError
 from tests.helpers import by_name, eventually, in_memory_spans, running, served
-from tests.smtp_sink import smtp_sink
 
 PASSWORD = "s3cret-relay-pw"
 

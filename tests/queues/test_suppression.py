@@ -10,6 +10,7 @@ import asyncpg
 import msgspec
 import pytest
 
+from jobstream.consumers.demo.smtp_sink import Sink, smtp_sink
 from jobstream.consumers.mail.addresses import normalize_address
 from jobstream.consumers.queues.bounce import process_bounce
 from jobstream.consumers.queues.sending import send_email
@@ -25,7 +26,6 @@ from jobstream.schema.migrate import (
 from jobstream.schema.payloads import BounceRecipient, ProcessBounce, SendEmail
 from jobstream.streams import Job, PermanentError
 from tests.helpers import eventually, running
-from tests.smtp_sink import Sink, smtp_sink
 
 # Each is accepted by the payload (one @, no whitespace) and names a suppressed mailbox.
 SPELLINGS = [

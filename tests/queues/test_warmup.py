@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 
+from jobstream.consumers.demo.smtp_sink import smtp_sink
 from jobstream.consumers.mail.inbound import WARMUP_HEADER
 from jobstream.consumers.queues.warmup import daily_target, run_warmup, warmup_job_id
 from jobstream.consumers.store.mailboxes import add_mailbox
@@ -19,7 +20,6 @@ from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.payloads import RunWarmup, SendEmail
 from jobstream.streams import Job
 from tests.helpers import eventually, running
-from tests.smtp_sink import smtp_sink
 
 TODAY = dt.datetime.now(dt.UTC).date()
 

@@ -12,14 +12,14 @@ import httpx
 import msgspec
 import pytest
 
+from jobstream.consumers.demo.http_sink import Answer, http_sink, verify_signature
 from jobstream.consumers.queues.webhook import deliver_webhook, resolve_target
 from jobstream.consumers.store.webhooks import add_endpoint
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.events import emit
 from jobstream.consumers.worker.runtime import make_engine
 from jobstream.streams import ConfigError, PermanentError, Policy, RetryableError
-from tests.helpers import delivery, eventually, job, jobstream, running, served, verify
-from tests.http_sink import Answer, http_sink
+from tests.helpers import delivery, eventually, job, jobstream, running, served
 
 
 def allow(deps: Deps, **kw) -> Deps:
@@ -44,8 +44,8 @@ async def test_delivers_signed_standard_webhook_once(deps: Deps):
         assert req.headers["content-type"] == "application/json"
         assert req.headers["webhook-id"] == "msg_1"
         assert abs(int(req.headers["webhook-timestamp"]) - time.time()) < 30
-        assert verify(secret, req.headers, req.body)
-        assert not verify(secret, req.headers, req.body + b" ")
+        assert verify_signature(secret, req.headers, req.body)
+        assert not verify_signature(secret, req.headers, req.body + b" ")
         body = json.loads(req.body)
         assert body == {
             "type": "email.sent",
@@ -76,7 +76,7 @@ async def test_429_and_5xx_retry_with_retry_after_then_succeed_with_the_same_id(
         await deliver_webhook.fn(delivery(ep), job(attempt=3), deps)
         assert [r.headers["webhook-id"] for r in sink.requests] == ["msg_1"] * 3
         assert len({r.body for r in sink.requests}) == 1
-        assert all(verify(secret, r.headers, r.body) for r in sink.requests)
+        assert all(verify_signature(secret, r.headers, r.body) for r in sink.requests)
     got = [(r["attempt"], r["status_code"], r["succeeded"]) for r in await rows(deps)]
     assert got == [(1, 429, False), (2, 503, False), (3, 200, True)]
 
@@ -100,7 +100,7 @@ async def test_through_the_engine_a_500_is_retried_and_delivered(deps: Deps):
 
             await eventually(done)
         assert [r.path for r in sink.requests] == ["/hooks", "/hooks"]
-        assert all(verify(secret, r.headers, r.body) for r in sink.requests)
+        assert all(verify_signature(secret, r.headers, r.body) for r in sink.requests)
         body = json.loads(sink.requests[1].body)
         assert body["type"] == "email.sent"
         assert body["data"]["message_id"] == "m-9"
@@ -226,7 +226,7 @@ async def test_the_resolved_address_is_the_one_connected_to(deps: Deps):
         (req,) = sink.requests
         assert req.headers["host"] == f"localhost:{sink.port}"
         assert req.peer == "127.0.0.1"
-        assert verify(secret, req.headers, req.body)
+        assert verify_signature(secret, req.headers, req.body)
 
 
 async def test_an_ipv6_literal_gets_a_valid_host_header(deps: Deps):
@@ -241,7 +241,7 @@ async def test_an_ipv6_literal_gets_a_valid_host_header(deps: Deps):
         (req,) = sink.requests
         assert req.headers["host"] == f"[::1]:{sink.port}"
         assert req.peer == "::1"
-        assert verify(secret, req.headers, req.body)
+        assert verify_signature(secret, req.headers, req.body)
 
 
 INVALID_URLS = [

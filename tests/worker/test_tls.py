@@ -23,6 +23,8 @@ import pytest
 import redis.exceptions
 import trustme
 
+from jobstream.consumers.demo.http_sink import http_sink, verify_signature
+from jobstream.consumers.demo.smtp_sink import smtp_sink
 from jobstream.consumers.queues.sending import send_email
 from jobstream.consumers.queues.webhook import deliver_webhook
 from jobstream.consumers.store.mailboxes import add_mailbox
@@ -33,10 +35,8 @@ from jobstream.consumers.worker.settings import Settings
 from jobstream.consumers.worker.tls import client_context, database_dsn
 from jobstream.schema.payloads import SendEmail
 from jobstream.streams import ConfigError, Job, RetryableError
-from tests.helpers import delivery, job, jobstream, verify
-from tests.http_sink import http_sink
+from tests.helpers import delivery, job, jobstream
 from tests.servers import OwnPostgres, OwnRedis, _wait_port
-from tests.smtp_sink import smtp_sink
 
 PASSWORD = "tls-relay-pw"
 
@@ -178,7 +178,7 @@ async def test_https_webhook_goes_to_the_pinned_address_with_sni_and_name_check(
     assert req.peer == "127.0.0.1"  # the address resolved and checked, not a second lookup
     assert req.headers["host"] == f"localhost:{sink.port}"
     assert sni == ["localhost"]  # the certificate was asked for, and checked, by name
-    assert verify(secret, req.headers, req.body)
+    assert verify_signature(secret, req.headers, req.body)
 
 
 async def test_https_webhook_with_a_certificate_for_another_name_is_a_clear_failure(

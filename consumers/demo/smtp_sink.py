@@ -1,18 +1,22 @@
-"""A real SMTP server on loopback for tests: records what it receives, fails on demand."""
+"""A real SMTP server on loopback for the demo and the tests: records mail, fails on demand."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+if TYPE_CHECKING:
+    from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
+
+__all__ = ["Received", "Sink", "smtp_sink"]
 
 
 @dataclass
@@ -32,7 +36,7 @@ class Received:
 class Sink:
     """What the server received, and how it should answer next.
 
-    `refuse_rcpt`: address → reply for RCPT TO (e.g. "550 5.1.1 no such user").
+    `refuse_rcpt`: address (lower case) → reply for RCPT TO (e.g. "550 5.1.1 no such user").
     `data_replies`: replies to give at DATA, one per transaction, before accepting again.
     `users`: login → password accepted by AUTH; `logins` the credentials presented.
     """
@@ -49,23 +53,31 @@ class Sink:
         auth = f"{user}:{password}@" if user else ""
         return f"smtp://{auth}{self.host}:{self.port}"
 
-    async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str, _: list[str]
+    ) -> str:
         reply = self.refuse_rcpt.get(address.lower())
         if reply is not None:
             return reply
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(self, server, session, envelope) -> str:
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         if self.data_replies:
             return self.data_replies.pop(0)
         data = envelope.original_content or envelope.content
-        tls = server.transport.get_extra_info("ssl_object")
+        assert isinstance(data, bytes)
+        assert envelope.mail_from is not None
+        tls = server.transport.get_extra_info("ssl_object") if server.transport else None
         version = None if tls is None else tls.version()
         self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), data, version))
         return "250 2.0.0 queued as sink"
 
-    def authenticate(self, server, session, envelope, mechanism, auth_data: Any) -> AuthResult:
+    def authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        from aiosmtpd.smtp import AuthResult, LoginPassword
+
         if isinstance(auth_data, LoginPassword):
             login, password = auth_data.login.decode(), auth_data.password.decode()
             self.logins.append((login, password))
@@ -80,9 +92,13 @@ async def smtp_sink(
 ) -> AsyncIterator[Sink]:
     """Serve SMTP on a free loopback port for the duration of the block.
 
+    Needs `aiosmtpd`, a development dependency: without it this raises ImportError.
     `starttls`: offer STARTTLS with this context and require it before MAIL;
     `implicit_tls`: speak TLS from the first byte (smtps) with this context.
     """
+    from aiosmtpd.smtp import SMTP  # imported here: the installed package runs without it
+
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # one line per SMTP command
     sink = Sink(**kw)
     loop = asyncio.get_running_loop()
 
