@@ -11,6 +11,7 @@ import asyncio
 import collections
 import datetime as dt
 import pathlib
+import pprint
 import random
 import signal
 import sys
@@ -46,6 +47,14 @@ async def spawn(env: dict[str, str], logs: pathlib.Path) -> asyncio.subprocess.P
 
 def _new_log(logs: pathlib.Path) -> BinaryIO:
     return open(logs / f"replica-{len(list(logs.iterdir()))}.log", "wb")
+
+
+async def report(deps: Deps, logs: pathlib.Path) -> str:
+    """What a failure shows, whole: the unfinished jobs, then each replica's last lines."""
+    text = pprint.pformat(await unfinished(deps), width=100)
+    for name, lines in replica_logs(logs).items():
+        text += f"\n--- {name}\n" + "\n".join(lines)
+    return text
 
 
 def replica_logs(logs: pathlib.Path, lines: int = 15) -> dict[str, list[str]]:
@@ -183,7 +192,7 @@ async def test_every_fault_at_once_every_job_ends_once(
             try:
                 await eventually(all_done, timeout_s=240, interval_s=0.3)
             except AssertionError as exc:
-                raise AssertionError((await unfinished(deps), replica_logs(tmp_path))) from exc
+                raise AssertionError(await report(deps, tmp_path)) from exc
         finally:
             stop.set()
             for p in procs:
@@ -198,7 +207,7 @@ async def test_every_fault_at_once_every_job_ends_once(
     failed = await deps.pool.fetch(
         "SELECT queue, error, count(*) AS n FROM jobs WHERE status <> 'completed' GROUP BY 1, 2"
     )
-    assert not failed, (await unfinished(deps), replica_logs(tmp_path))
+    assert not failed, await report(deps, tmp_path)
     assert await nothing_pending(deps)  # the drains left nothing behind
     assert by[(Q, "completed")] == N
     assert by[("email-sending", "completed")] == N_SENDS
