@@ -22,6 +22,7 @@ import asyncpg
 import msgspec
 
 from jobstream.schema.envelope import created_ms
+from jobstream.schema.times import utc_iso
 from jobstream.streams.keys import Keys
 from jobstream.streams.queue_partitions import parts_of
 from jobstream.streams.redis_client import AnyRedis
@@ -214,7 +215,7 @@ async def _hash_created(r: AnyRedis, keys: Keys, job_id: str) -> float:
 
 
 async def _hash_cancelled(r: AnyRedis, keys: Keys, job_id: str, queue: str, ttl_s: int) -> None:
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    now = utc_iso(time.time())
     fields = ["status", "cancelled", "queue", queue, "updated_at", now, "completed_at", now,
               "error", "cancelled by request before it ran"]  # fmt: skip
     await r.eval(_SETHASH_LUA, 1, keys.job(job_id), _LAST_FENCE, 3, ttl_s, len(fields), *fields)

@@ -383,6 +383,6 @@ def _check_delay(delay_s: float | None) -> None:
 async def mark_queued(redis: AnyRedis, keys: Keys, job_id: str, queue: str) -> None:
     """Show a job `queued` in its hash, written after its entry: under the lowest fence,
     so it never hides what a worker has recorded meanwhile."""
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    now = utc_iso(time.time())
     fields = ["status", "queued", "queue", queue, "attempt", "1", "updated_at", now]
     await redis.eval(_SETHASH_LUA, 1, keys.job(job_id), _FIRST_FENCE, 0, 0, len(fields), *fields)

@@ -12,6 +12,7 @@ import msgspec
 
 from jobstream.consumers.cli.ops import levels_of
 from jobstream.consumers.worker.deps import Deps
+from jobstream.schema.times import utc_iso
 from jobstream.streams import ConfigError
 from jobstream.streams.cancel import Cancelled, cancel_job
 from jobstream.streams.schedules import (
@@ -95,7 +96,7 @@ async def run(args: argparse.Namespace, deps: Deps) -> int | None:
 
 
 def _iso(when: dt.datetime | None) -> str | None:
-    return None if when is None else when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return None if when is None else utc_iso(when.timestamp())
 
 
 def _row(s: Schedule) -> dict[str, Any]:

@@ -3,6 +3,7 @@ whoever writes them, and the milliseconds of a stream entry ID (schema/times.py)
 
 from __future__ import annotations
 
+import pathlib
 import re
 
 import pytest
@@ -12,6 +13,7 @@ from jobstream.schema.envelope import MAX_TIME_MS, enqueued_at_ms
 from jobstream.schema.text import as_text, clean_text
 from jobstream.schema.times import entry_ms, entry_parts, utc_iso
 from jobstream.streams import Client, list_dead, replay_dead
+from jobstream.streams.cancel import Cancelled, cancel_job
 from jobstream.streams.job import fence_of
 from jobstream.streams.lookup import find_waiting
 from tests import handlers
@@ -83,3 +85,33 @@ async def test_every_writer_of_a_timestamp_writes_the_one_format(deps: Deps):
     replayed = await _hash(deps, dead)  # the replay
     assert replayed["status"] == "queued"
     assert STAMP.fullmatch(replayed["updated_at"])
+
+
+async def test_unique_publishes_and_cancellations_write_the_one_format(deps: Deps):
+    pub = work_publisher(deps)
+    unique = await pub.publish_unique(handlers.QUEUE, handlers.Work(), "once", 60)
+    assert unique.published
+    assert STAMP.fullmatch((await _hash(deps, "once"))["updated_at"])  # its `queued` mark
+    later = await pub.publish(handlers.QUEUE, handlers.Work(), "later", delay_s=60)
+    answer = await cancel_job(
+        deps.redis, deps.pool, deps.keys, later, hash_ttl_s=deps.settings.hash_ttl_s
+    )
+    assert answer.outcome is Cancelled.CANCELLED
+    cancelled = await _hash(deps, later)
+    assert cancelled["status"] == "cancelled"
+    for field in ("updated_at", "completed_at"):
+        assert STAMP.fullmatch(cancelled[field]), (field, cancelled[field])
+
+
+def test_no_code_formats_a_timestamp_of_its_own():
+    """Every ISO timestamp comes from `utc_iso`: no other module formats seconds as `...SZ`
+    (but schedules.py, whose run ids name their second: an identifier, read back)."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    own = [
+        str(path.relative_to(root))
+        for folder in ("streams", "consumers", "schema", "otel")
+        for path in (root / folder).rglob("*.py")
+        if path.name not in ("times.py", "schedules.py")
+        and re.search(r"%S\.?\w*Z", path.read_text("utf-8"))
+    ]
+    assert own == []
