@@ -264,6 +264,7 @@ class Recorder:
         untold = {item.job_id for item in batch if _untold(item)}
         if untold:
             await self._find_created(untold, jobs, execs)
+            jobs = _one_per_row(jobs)  # rows told apart by entry times may be one row after all
         if jobs or execs:
             fallen = await self._write_pg(jobs, execs)
             for item in batch:  # the payload is sent once per delivery, not per status
@@ -285,11 +286,13 @@ class Recorder:
             self.has_room.set()
 
     def _rows(self, batch: Sequence[Start | Result]) -> tuple[list[JobRow], list[ExecRow]]:
-        """One row per job id (ON CONFLICT may touch a row once): the record that moves it
-        furthest wins (newest delivery, then an outcome over `running`), so the batch is
-        read newest first and a job's superseded records are not built at all.
+        """One row per job row, a job id and its creation time (ON CONFLICT may touch a row
+        once): the record that moves it furthest wins (newest delivery, then an outcome over
+        `running`), so the batch is read newest first and a row's superseded records are not
+        built at all. A job id published again as a new entry has a row of its own (another
+        creation time): both of its entries' records are kept, each ends its own row.
         """
-        rows: dict[str, JobRow] = {}
+        rows: dict[tuple[str, float], JobRow] = {}
         execs: list[ExecRow] = []
         for item in reversed(batch):
             if isinstance(item, Result):
@@ -297,9 +300,10 @@ class Recorder:
                     continue
                 if item.executed:
                     execs.append(_exec_row(item))
-            have = rows.get(item.job_id)
-            if have is None or _order(item) > (have.fence, have.status != Status.RUNNING):
-                rows[item.job_id] = _start_row(item) if isinstance(item, Start) else _job_row(item)
+            key = (item.job_id, _created(item.delivery))
+            have = rows.get(key)
+            if have is None or _order(item) > _row_order(have):
+                rows[key] = _start_row(item) if isinstance(item, Start) else _job_row(item)
         return list(rows.values()), execs
 
     async def _find_created(
@@ -682,6 +686,21 @@ def _without_progress(replies: list[object], n: int) -> list[object]:
 def _order(item: Start | Result) -> tuple[str, bool]:
     """How far a record moves its job: delivery first, then an outcome over `running`."""
     return item.delivery.fence, isinstance(item, Result)
+
+
+def _row_order(row: JobRow) -> tuple[str, bool]:
+    """`_order` of the record a row was built from."""
+    return row.fence, row.status != Status.RUNNING
+
+
+def _one_per_row(jobs: list[JobRow]) -> list[JobRow]:
+    """Of rows for the same job row (id and creation time), the one that moves it furthest."""
+    rows: dict[tuple[str, float], JobRow] = {}
+    for row in jobs:
+        have = rows.get((row.id, row.created_at))
+        if have is None or _row_order(row) > _row_order(have):
+            rows[(row.id, row.created_at)] = row
+    return list(rows.values())
 
 
 def _start_row(item: Start) -> JobRow:

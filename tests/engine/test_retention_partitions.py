@@ -251,6 +251,29 @@ async def test_an_old_retry_without_created_ms_updates_the_job_row(deps: Deps, c
     assert await conn.fetchval("SELECT count(*) FROM jobs") == 1
 
 
+async def test_an_id_published_twice_ends_both_of_its_rows(deps: Deps, conn):
+    """Two entries of one job id, a second apart, are two rows (two creation times); read
+    and settled together, each ends its own row, though one flush carries both."""
+    await ensure_partitions(conn, MINUTE)
+    now_ms = int(time.time() * 1000)
+    for ms in (now_ms - 2000, now_ms - 1000):
+        fields = {"id": "twice", "payload": msgspec.json.encode(handlers.Work())}
+        await deps.redis.xadd(deps.keys.stream(Q), fields, id=f"{ms}-0")
+    async with running(make_engine(deps, None, None, handlers=handlers.SPECS)):
+
+        async def both_over() -> bool:
+            rows = await conn.fetch("SELECT status FROM jobs WHERE id = 'twice'")
+            return [r["status"] for r in rows] == ["completed", "completed"]
+
+        await eventually(both_over)
+    created = await conn.fetch("SELECT created_at FROM jobs WHERE id = 'twice' ORDER BY 1")
+    assert [int(r["created_at"].timestamp() * 1000) for r in created] == [
+        now_ms - 2000,
+        now_ms - 1000,
+    ]
+    assert await conn.fetchval("SELECT count(*) FROM job_executions WHERE job_id = 'twice'") == 2
+
+
 async def test_two_workers_one_prunes(deps: Deps, conn):
     now = await _now()
     await _seed(conn, now)
