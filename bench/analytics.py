@@ -24,7 +24,6 @@ import shutil
 import statistics
 import sys
 import time
-import uuid
 from typing import Any
 
 if __package__ in (None, ""):  # run as `python bench/analytics.py`
@@ -33,16 +32,14 @@ if __package__ in (None, ""):  # run as `python bench/analytics.py`
 import asyncpg
 import redis.asyncio as aioredis
 
-from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, drop_keys, scratch_database
+from bench import common
 from bench.throughput import plain_loop
 from jobstream.consumers.worker.registry import HANDLERS
 from jobstream.consumers.worker.runtime import connect, make_engine
-from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.payloads import PAYLOADS, AnalyticsEvent
-from jobstream.streams import Keys, Publisher
+from jobstream.streams import Publisher
 from jobstream.streams.observe import NullObserver
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
 TYPES = ("sent", "delivered", "open", "click", "bounce", "reply")
 DUPLICATES = 0.1
 
@@ -79,18 +76,10 @@ class _Clock(NullObserver):
 
 async def worker(db: str, prefix: str, queue: str, concurrency: int | None) -> None:
     """The engine side, in its own process: drain the queue, print JSON figures."""
-    settings = Settings(
-        redis_url=REDIS_URL,
-        database_url=db,
-        stream_prefix=f"{prefix}jobs:",
-        job_prefix=f"{prefix}job:",
-        block_ms=20,
-        log_level="WARNING",
-    )
     clock = _Clock()
-    async with connect(settings) as deps:
-        served = [NOOP] if queue == NOOP_QUEUE else HANDLERS
-        queues = None if queue == NOOP_QUEUE else [queue]
+    async with connect(common.bench_settings(db, prefix)) as deps:
+        served = [common.NOOP] if queue == common.NOOP_QUEUE else HANDLERS
+        queues = None if queue == common.NOOP_QUEUE else [queue]
         engine = make_engine(deps, queues, concurrency, burst=True, handlers=served, observer=clock)
         started = time.perf_counter()
         await engine.run()
@@ -110,12 +99,12 @@ def run_loop(main: Any) -> None:
 
 
 async def publish(prefix: str, queue: str, n: int) -> int:
-    redis = aioredis.Redis.from_url(REDIS_URL)
-    keys = Keys(f"{prefix}jobs:", f"{prefix}job:")
+    redis = aioredis.Redis.from_url(common.REDIS_URL)
+    keys = common.bench_keys(prefix)
     try:
-        if queue == NOOP_QUEUE:
-            pub = Publisher(redis, keys, {NOOP_QUEUE: Noop}, record_queued=False)
-            payloads: list[Any] = [Noop(n=j) for j in range(n)]
+        if queue == common.NOOP_QUEUE:
+            pub = Publisher(redis, keys, {common.NOOP_QUEUE: common.Noop}, record_queued=False)
+            payloads: list[Any] = [common.Noop(n=j) for j in range(n)]
         else:
             pub = Publisher(redis, keys, PAYLOADS, record_queued=False)
             payloads = events(n)
@@ -130,8 +119,7 @@ async def engine_run(
     db: str, queue: str, n: int, concurrency: int | None, profile: pathlib.Path | None, tag: str
 ) -> float:
     """Publish N jobs of `queue`, drain them in a worker process; jobs/s. Exits on a shortfall."""
-    prefix = f"b{uuid.uuid4().hex[:8]}:"
-    try:
+    async with common.scratch_prefix("b") as prefix:
         await publish(prefix, queue, n)
         cmd = [sys.executable, "-m", "bench.analytics", "--worker", "--db", db,
                "--prefix", prefix, "--queue", queue]  # fmt: skip
@@ -142,7 +130,7 @@ async def engine_run(
             out_file = profile / f"{tag}.raw"
             cmd = [spy, "record", "--format", "raw", "--rate", "250", "--nonblocking",
                    "-o", str(out_file), "--", *cmd]  # fmt: skip
-        root = str(ROOT)
+        root = str(common.ROOT)
         env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
         proc = await asyncio.create_subprocess_exec(
             *cmd, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -154,8 +142,6 @@ async def engine_run(
         if not lines:
             sys.exit(f"worker for {queue} printed no figures: {err.decode()[-2000:]}")
         figures = json.loads(lines[-1])
-    finally:
-        await drop_keys(prefix)
     if figures["jobs"] < n:
         sys.exit(f"{queue}: drained {figures['jobs']} jobs of {n} published")
     return float(figures["jobs"] / figures["seconds"])
@@ -202,20 +188,17 @@ async def hot_updates(db: str) -> str:
 
 async def main(n: int, repeat: int, concurrency: int | None, profile: pathlib.Path | None) -> None:
     rates: dict[str, list[float]] = {"analytics": [], "no-op": [], "plain": []}
-    async with scratch_database() as db:
+    async with common.scratch_database() as db:
         for i in range(repeat):  # interleaved, so no side always meets a cold database
             rates["no-op"].append(
-                await engine_run(db, NOOP_QUEUE, n, concurrency, profile, f"noop-{i}")
+                await engine_run(db, common.NOOP_QUEUE, n, concurrency, profile, f"noop-{i}")
             )
             rates["analytics"].append(
                 await engine_run(db, "analytics", n, concurrency, profile, f"analytics-{i}")
             )
             await check_counts(db, [n])
-            prefix = f"b{uuid.uuid4().hex[:8]}:"
-            try:
+            async with common.scratch_prefix("b") as prefix:
                 done, seconds = await plain_loop(db, prefix, n)
-            finally:
-                await drop_keys(prefix)
             rates["plain"].append(done / seconds)
         hot = await hot_updates(db)
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -266,14 +249,11 @@ def _where(frame: str) -> str:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = common.bench_parser(__doc__)
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--repeat", type=int, default=3, help="interleaved runs per setting")
     ap.add_argument("--concurrency", type=int, help="override the queues' concurrency")
     ap.add_argument("--profile", type=pathlib.Path, help="py-spy each worker into this folder")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--db", help=argparse.SUPPRESS)
-    ap.add_argument("--prefix", help=argparse.SUPPRESS)
     ap.add_argument("--queue", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:

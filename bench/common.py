@@ -1,9 +1,11 @@
 """Shared pieces of the benchmarks: the servers they measure (`REDIS_URL`, `DATABASE_URL`),
-a scratch database and key prefix, a no-op queue, worker processes started together, and
-the checks that make a benchmark fail loudly instead of printing a wrong figure."""
+a scratch database and key prefix, the command line, a no-op queue, worker processes
+started together, and the checks that make a benchmark fail loudly instead of printing a
+wrong figure."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -25,7 +27,7 @@ from jobstream.consumers.worker.handler import HandlerSpec, handler
 from jobstream.consumers.worker.runtime import connect, make_engine
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.migrate import apply_migrations
-from jobstream.streams import Job, Policy
+from jobstream.streams import Job, Keys, Policy
 from jobstream.streams.observe import NullObserver
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,13 +60,34 @@ def db_url(name: str) -> str:
     return f"{ADMIN_URL.rpartition('/')[0]}/{name}"
 
 
+def bench_parser(description: str | None) -> argparse.ArgumentParser:
+    """The benchmark's command line, with the hidden options its own worker processes are
+    started with (`--worker --db DB --prefix P`); the caller adds the rest."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--db", help=argparse.SUPPRESS)
+    ap.add_argument("--prefix", help=argparse.SUPPRESS)
+    return ap
+
+
+def new_prefix(tag: str) -> str:
+    """A key prefix of its own for one run: `tag`, eight random hex digits, a colon."""
+    return f"{tag}{uuid.uuid4().hex[:8]}:"
+
+
+def bench_keys(prefix: str) -> Keys:
+    """The stream and job-hash keys under `prefix`, as a worker of `bench_settings` names them."""
+    return Keys(f"{prefix}jobs:", f"{prefix}job:")
+
+
 def bench_settings(db: str, prefix: str, **changes: Any) -> Settings:
     """A worker's settings: the benchmark's Redis and database, its own key prefix."""
+    keys = bench_keys(prefix)
     fields: dict[str, Any] = {
         "redis_url": REDIS_URL,
         "database_url": db,
-        "stream_prefix": f"{prefix}jobs:",
-        "job_prefix": f"{prefix}job:",
+        "stream_prefix": keys.prefix,
+        "job_prefix": keys.job_prefix,
         "block_ms": 20,
         "log_level": "WARNING",
     }
@@ -144,6 +167,16 @@ async def drop_keys(prefix: str) -> None:
     for i in range(0, len(keys), 1000):
         await redis.delete(*keys[i : i + 1000])
     await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def scratch_prefix(tag: str) -> AsyncIterator[str]:
+    """A fresh key prefix (`new_prefix`) for one run; every key under it is deleted after."""
+    prefix = new_prefix(tag)
+    try:
+        yield prefix
+    finally:
+        await drop_keys(prefix)
 
 
 class Clock(NullObserver):

@@ -22,13 +22,12 @@ import socket
 import statistics
 import subprocess
 import time
-import uuid
 
 import asyncpg
 import httpx
 import redis.asyncio as aioredis
 
-from bench.common import REDIS_URL, scratch_database
+from bench import common
 from jobstream.streams import Keys
 from jobstream.streams.dead_letters import dead_fields
 
@@ -61,7 +60,7 @@ async def _fill(url: str, keys: Keys, jobs: int, dead: int) -> None:
         print(f"filled {jobs:,} jobs in {time.monotonic() - started:.1f} s")
     finally:
         await conn.close()
-    r = aioredis.Redis.from_url(REDIS_URL)
+    r = aioredis.Redis.from_url(common.REDIS_URL)
     async with r.pipeline(transaction=False) as pipe:
         for i in range(dead):
             fields = dead_fields(
@@ -75,7 +74,7 @@ async def _fill(url: str, keys: Keys, jobs: int, dead: int) -> None:
 
 
 async def _clean(prefix: str) -> None:
-    r = aioredis.Redis.from_url(REDIS_URL)
+    r = aioredis.Redis.from_url(common.REDIS_URL)
     found = [k async for k in r.scan_iter(match=f"{prefix}*", count=1000)]
     if found:
         await r.delete(*found)
@@ -139,15 +138,15 @@ async def main() -> None:
     p.add_argument("--dead", type=int, default=1000)
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
-    prefix = f"bench{uuid.uuid4().hex[:8]}:"
-    keys = Keys(f"{prefix}jobs:", f"{prefix}job:")
-    async with scratch_database() as url:
+    prefix = common.new_prefix("bench")
+    keys = common.bench_keys(prefix)
+    async with common.scratch_database() as url:
         try:
             await _fill(url, keys, args.jobs, args.dead)
             env = {
                 **os.environ,
                 "DATABASE_URL": url,
-                "REDIS_URL": REDIS_URL,
+                "REDIS_URL": common.REDIS_URL,
                 "JOBSTREAM_STREAM_PREFIX": keys.prefix,
                 "JOBSTREAM_JOB_PREFIX": keys.job_prefix,
                 "JOBSTREAM_DASHBOARD_TOKEN": TOKEN,

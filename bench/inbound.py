@@ -19,30 +19,22 @@ if __package__ in (None, ""):  # `python bench/inbound.py`: make `bench` importa
 
 import argparse
 import base64
-import contextlib
-import os
 import random
 import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from email.message import EmailMessage
 from typing import Any
 
-import asyncpg
 import msgspec
 
-from bench.common import check_servers, drop_keys, load_note, require_drained, run_main
+from bench import common
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.handler import HandlerSpec, handler
 from jobstream.consumers.worker.registry import HANDLERS
 from jobstream.consumers.worker.runtime import connect, make_engine
-from jobstream.consumers.worker.settings import Settings
-from jobstream.schema.migrate import apply_migrations
 from jobstream.schema.payloads import ProcessEmail
 from jobstream.streams import Job, NullObserver, Policy, Publisher
 
-ADMIN_URL = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 NOOP_QUEUE = "bench-inbound-noop"
 QUEUE = "email:processing"
 MIX = (("plain", 0.6), ("attachment", 0.3), ("bounce", 0.1))
@@ -149,25 +141,6 @@ def workload(n: int) -> tuple[list[ProcessEmail], int]:
     return payloads, sum(map(len, raws))
 
 
-@contextlib.asynccontextmanager
-async def scratch_database() -> AsyncIterator[str]:
-    """A freshly migrated database, dropped afterwards."""
-    name = f"bench_inbound_{uuid.uuid4().hex[:10]}"
-    url = f"{ADMIN_URL.rpartition('/')[0]}/{name}"
-    admin = await asyncpg.connect(ADMIN_URL)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        conn = await asyncpg.connect(url)
-        try:
-            await apply_migrations(conn)
-        finally:
-            await conn.close()
-        yield url
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-
-
 async def publish(publisher: Publisher, queue: str, payloads: Sequence[Any]) -> None:
     for i in range(0, len(payloads), PUBLISH_BATCH):
         await publisher.publish_many(queue, payloads[i : i + PUBLISH_BATCH])
@@ -189,34 +162,25 @@ def rate(clock: _Clock) -> float:
 
 
 async def main(n: int, noop_n: int) -> None:
-    await check_servers()
+    await common.check_servers()
     payloads, total_bytes = workload(n)
-    prefix = f"bin{uuid.uuid4().hex[:8]}:"
-    async with scratch_database() as db:
-        settings = Settings(
-            redis_url=REDIS_URL,
-            database_url=db,
-            stream_prefix=f"{prefix}jobs:",
-            job_prefix=f"{prefix}job:",
-            block_ms=20,
-            log_level="WARNING",
-        )
-        try:
-            async with connect(settings) as deps:
-                await publish(deps.publisher, QUEUE, payloads)
-                inbound = await drain(deps, n, [QUEUE], HANDLERS)
-                stored = await deps.pool.fetchval("SELECT count(*) FROM inbound_messages")
-                noop_publisher = Publisher(deps.redis, deps.keys, {NOOP_QUEUE: Noop})
-                await publish(noop_publisher, NOOP_QUEUE, [Noop(n=i) for i in range(noop_n)])
-                baseline = await drain(deps, noop_n, None, [noop])
-        finally:
-            await drop_keys(prefix)
-    require_drained(QUEUE, n, inbound.done)
-    require_drained("no-op queue", noop_n, baseline.done)
+    async with (
+        common.scratch_database() as db,
+        common.scratch_prefix("bin") as prefix,
+        connect(common.bench_settings(db, prefix)) as deps,
+    ):
+        await publish(deps.publisher, QUEUE, payloads)
+        inbound = await drain(deps, n, [QUEUE], HANDLERS)
+        stored = await deps.pool.fetchval("SELECT count(*) FROM inbound_messages")
+        noop_publisher = Publisher(deps.redis, deps.keys, {NOOP_QUEUE: Noop})
+        await publish(noop_publisher, NOOP_QUEUE, [Noop(n=i) for i in range(noop_n)])
+        baseline = await drain(deps, noop_n, None, [noop])
+    common.require_drained(QUEUE, n, inbound.done)
+    common.require_drained("no-op queue", noop_n, baseline.done)
     mix = ", ".join(f"{int(w * 100)}% {k}" for k, w in MIX)
     seconds = inbound.last - inbound.first
     print(f"N={n} messages ({mix}), {total_bytes / n / 1024:.1f} KiB average, 1 worker; "
-          f"{load_note()}")  # fmt: skip
+          f"{common.load_note()}")  # fmt: skip
     print(
         f"email:processing: {rate(inbound):>8,.0f} messages/s "
         f"({inbound.done} in {seconds:.2f}s, {total_bytes / seconds / 2**20:.1f} MiB/s, "
@@ -234,4 +198,4 @@ if __name__ == "__main__":
     parser.add_argument("--n", type=int, default=2000, help="inbound messages")
     parser.add_argument("--noop-n", type=int, default=None, help="no-op jobs (max(n, 10000))")
     args = parser.parse_args()
-    run_main(lambda: main(args.n, args.noop_n or max(args.n, 10_000)))
+    common.run_main(lambda: main(args.n, args.noop_n or max(args.n, 10_000)))

@@ -23,24 +23,12 @@ import asyncio
 import json
 import statistics
 import time
-import uuid
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
 
-from bench.common import (
-    REDIS_URL,
-    BenchError,
-    bench_settings,
-    check_servers,
-    drop_keys,
-    load_note,
-    require_drained,
-    run_main,
-    scratch_database,
-    worker_env,
-)
+from bench import common
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.handler import handler
 from jobstream.consumers.worker.runtime import connect, make_engine
@@ -69,7 +57,7 @@ async def ping(payload: Ping, job: Job, deps: Deps) -> None:
 
 async def engine_worker(db: str, prefix: str, n: int) -> None:
     """The engine side, in its own process: run until N jobs started, print the waits."""
-    settings = bench_settings(db, prefix, block_ms=1000)
+    settings = common.bench_settings(db, prefix, block_ms=1000)
     async with connect(settings) as deps:
         engine = make_engine(deps, None, None, handlers=[ping])
         run = asyncio.create_task(engine.run())
@@ -87,10 +75,15 @@ async def engine_worker(db: str, prefix: str, n: int) -> None:
     print(json.dumps(_seen), flush=True)
 
 
+def _bare_stream(prefix: str) -> str:
+    """The bare loop's stream: apart from the engine's, under the same run prefix."""
+    return Keys(f"{prefix}bare:", f"{prefix}bjob:").stream(QUEUE)
+
+
 async def bare_worker(prefix: str, n: int) -> None:
     """A bare redis-py consumer: read, note the wait, ack; nothing else."""
-    r = aioredis.Redis.from_url(REDIS_URL)
-    stream = Keys(f"{prefix}bare:", f"{prefix}bjob:").stream(QUEUE)
+    r = aioredis.Redis.from_url(common.REDIS_URL)
+    stream = _bare_stream(prefix)
     await r.xgroup_create(stream, GROUP, id="0", mkstream=True)
     decode = msgspec.json.Decoder(Ping).decode
     seen: list[float] = []
@@ -112,7 +105,7 @@ async def bare_worker(prefix: str, n: int) -> None:
 
 async def publish_steadily(stream: str, n: int, rate: float) -> float:
     """XADD one entry every 1/rate seconds on a fixed schedule; return the rate achieved."""
-    r = aioredis.Redis.from_url(REDIS_URL)
+    r = aioredis.Redis.from_url(common.REDIS_URL)
     encode = msgspec.json.encode
     started = time.monotonic()
     for i in range(n):
@@ -131,12 +124,12 @@ async def side(args: list[str], stream: str, n: int, rate: float) -> tuple[list[
     """Start one side's process, publish to it, and collect its waits (seconds)."""
     pipe = asyncio.subprocess.PIPE
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(SCRIPT), "--worker", *args, env=worker_env(), stdout=pipe
+        sys.executable, str(SCRIPT), "--worker", *args, env=common.worker_env(), stdout=pipe
     )
     try:
         assert proc.stdout is not None
         if (await asyncio.wait_for(proc.stdout.readline(), 120)).strip() != b"ready":
-            raise BenchError("a latency worker failed to start")
+            raise common.BenchError("a latency worker failed to start")
         achieved = await publish_steadily(stream, n, rate)
         out, _ = await asyncio.wait_for(proc.communicate(), n / rate + 120)
     finally:
@@ -144,7 +137,7 @@ async def side(args: list[str], stream: str, n: int, rate: float) -> tuple[list[
             proc.kill()
             await proc.wait()
     if proc.returncode:
-        raise BenchError("a latency worker failed")
+        raise common.BenchError("a latency worker failed")
     return json.loads(out.decode().strip().splitlines()[-1]), achieved
 
 
@@ -156,22 +149,19 @@ def summary(waits: list[float]) -> dict[str, float]:
 
 async def one_run(n: int, rate: float) -> dict[str, tuple[dict[str, float], float]]:
     """The engine, then the bare loop, each fed N jobs at `rate`: their summaries."""
-    prefix = f"l{uuid.uuid4().hex[:8]}:"
-    try:
-        async with scratch_database() as db:
-            stream = Keys(f"{prefix}jobs:", f"{prefix}job:").stream(QUEUE)
+    async with common.scratch_prefix("l") as prefix:
+        async with common.scratch_database() as db:
+            stream = common.bench_keys(prefix).stream(QUEUE)
             engine_waits, engine_rate = await side(
                 ["--side", "engine", "--db", db, "--prefix", prefix, "--jobs", str(n)],
                 stream, n, rate,
             )  # fmt: skip
-        require_drained("engine", n, len(engine_waits))
-        bare_stream = Keys(f"{prefix}bare:", f"{prefix}bjob:").stream(QUEUE)
+        common.require_drained("engine", n, len(engine_waits))
+        bare_stream = _bare_stream(prefix)
         bare_waits, bare_rate = await side(
             ["--side", "bare", "--prefix", prefix, "--jobs", str(n)], bare_stream, n, rate
         )
-        require_drained("bare loop", n, len(bare_waits))
-    finally:
-        await drop_keys(prefix)
+        common.require_drained("bare loop", n, len(bare_waits))
     return {
         "engine (full path)": (summary(engine_waits), engine_rate),
         "bare redis-py loop": (summary(bare_waits), bare_rate),
@@ -179,10 +169,10 @@ async def one_run(n: int, rate: float) -> dict[str, tuple[dict[str, float], floa
 
 
 async def main(n: int, rate: float, repeat: int) -> None:
-    await check_servers()
+    await common.check_servers()
     runs = [await one_run(n, rate) for _ in range(repeat)]
     print(f"publish-to-start latency, {n} jobs at {rate:,.0f}/s, each side in its own "
-          f"process, median of {repeat} interleaved runs; {load_note()}")  # fmt: skip
+          f"process, median of {repeat} interleaved runs; {common.load_note()}")  # fmt: skip
     p99s: dict[str, float] = {}
     for name in runs[0]:
         s = {k: statistics.median(r[name][0][k] for r in runs) for k in runs[0][name][0]}
@@ -197,18 +187,15 @@ async def main(n: int, rate: float, repeat: int) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = common.bench_parser(__doc__)
     ap.add_argument("--jobs", type=int, default=10_000, help="jobs published to each side")
     ap.add_argument("--rate", type=float, default=500.0, help="jobs published a second")
     ap.add_argument("--repeat", type=int, default=1, help="interleaved runs of both sides")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--side", choices=("engine", "bare"), help=argparse.SUPPRESS)
-    ap.add_argument("--db", help=argparse.SUPPRESS)
-    ap.add_argument("--prefix", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker and a.side == "engine":
-        run_main(lambda: engine_worker(a.db, a.prefix, a.jobs))
+        common.run_main(lambda: engine_worker(a.db, a.prefix, a.jobs))
     elif a.worker:
-        run_main(lambda: bare_worker(a.prefix, a.jobs))
+        common.run_main(lambda: bare_worker(a.prefix, a.jobs))
     else:
-        run_main(lambda: main(a.jobs, a.rate, a.repeat))
+        common.run_main(lambda: main(a.jobs, a.rate, a.repeat))

@@ -27,7 +27,7 @@ import uuid
 
 import asyncpg
 
-from bench.common import scratch_database
+from bench import common
 from jobstream.streams import PartitionPolicy, ensure_partitions
 from jobstream.streams.pg_store import ExecRow, JobRow, write_batch
 
@@ -65,7 +65,7 @@ async def writer(
 
 
 async def main(seconds: float, writers: int, batch: int, flushes: int) -> None:
-    async with scratch_database() as db:
+    async with common.scratch_database() as db:
         pool = await asyncpg.create_pool(db, min_size=writers, max_size=writers)
         try:
             async with pool.acquire() as conn:

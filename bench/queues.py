@@ -26,30 +26,13 @@ import base64
 import datetime as dt
 import random
 import statistics
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 
-from bench.common import (
-    NOOP,
-    NOOP_QUEUE,
-    ROOT,
-    BenchError,
-    Noop,
-    bench_settings,
-    burst_worker,
-    check_servers,
-    drop_keys,
-    load_note,
-    require_drained,
-    run_main,
-    run_workers,
-    scratch_database,
-    worker_env,
-)
+from bench import common
 from jobstream.consumers.demo.http_sink import http_sink
 from jobstream.consumers.demo.smtp_sink import smtp_sink
 from jobstream.consumers.store.mailboxes import add_mailbox
@@ -65,10 +48,10 @@ from jobstream.schema.payloads import (
     SendEmail,
     WebhookDelivery,
 )
-from jobstream.streams import Keys, Publisher
+from jobstream.streams import Publisher
 
 SCRIPT = Path(__file__).resolve()
-DATA = ROOT / "tests" / "data"
+DATA = common.ROOT / "tests" / "data"
 QUEUES = ("analytics", "email-sending", "webhook", "warmup", "bounce", "email:processing")
 EVENT_TYPES = ("sent", "delivered", "open", "click", "bounce", "reply", "unsubscribe")
 SEND_MAILBOX = "mb-bench-send"
@@ -156,15 +139,15 @@ WORKLOADS: dict[str, Callable[[int, random.Random, dict[str, str]], list[Any]]] 
 
 
 def _worker_settings(db: str, prefix: str) -> Settings:
-    return bench_settings(db, prefix, webhook_allow_private=True)
+    return common.bench_settings(db, prefix, webhook_allow_private=True)
 
 
 async def worker(db: str, prefix: str, queue: str) -> None:
     settings = _worker_settings(db, prefix)
-    if queue == NOOP_QUEUE:
-        await burst_worker(settings, None, [NOOP], None)
+    if queue == common.NOOP_QUEUE:
+        await common.burst_worker(settings, None, [common.NOOP], None)
     else:
-        await burst_worker(settings, [queue], HANDLERS, None)
+        await common.burst_worker(settings, [queue], HANDLERS, None)
 
 
 async def _setup(db: str, smtp_url: str, hook_url: str) -> dict[str, str]:
@@ -184,42 +167,41 @@ async def _setup(db: str, smtp_url: str, hook_url: str) -> dict[str, str]:
 
 async def drain(db: str, queue: str, payloads: Sequence[Any]) -> dict[str, float]:
     """Publish the payloads to `queue` under a fresh prefix, drain them, check the count."""
-    prefix = f"q{uuid.uuid4().hex[:8]}:"
-    settings = _worker_settings(db, prefix)
-    r = aioredis.Redis.from_url(settings.redis_url)
-    try:
-        keys = Keys(settings.stream_prefix, settings.job_prefix)
-        types = {NOOP_QUEUE: Noop} if queue == NOOP_QUEUE else PAYLOADS
-        pub = Publisher(r, keys, types, record_queued=False)
-        for i in range(0, len(payloads), PUBLISH_BATCH):
-            await pub.publish_many(queue, payloads[i : i + PUBLISH_BATCH])
-        got = await run_workers(SCRIPT, ["--db", db, "--prefix", prefix, "--queue", queue], 1,
-                                worker_env())  # fmt: skip
-    finally:
-        await r.aclose()
-        await drop_keys(prefix)
-    require_drained(queue, len(payloads), int(got["done"]))
+    async with common.scratch_prefix("q") as prefix:
+        settings = _worker_settings(db, prefix)
+        r = aioredis.Redis.from_url(settings.redis_url)
+        try:
+            keys = common.bench_keys(prefix)
+            types = {common.NOOP_QUEUE: common.Noop} if queue == common.NOOP_QUEUE else PAYLOADS
+            pub = Publisher(r, keys, types, record_queued=False)
+            for i in range(0, len(payloads), PUBLISH_BATCH):
+                await pub.publish_many(queue, payloads[i : i + PUBLISH_BATCH])
+            args = ["--db", db, "--prefix", prefix, "--queue", queue]
+            got = await common.run_workers(SCRIPT, args, 1, common.worker_env())
+        finally:
+            await r.aclose()
+    common.require_drained(queue, len(payloads), int(got["done"]))
     if got["failed"]:  # a real handler refused the workload: not the path to measure
-        raise BenchError(f"{queue}: {int(got['failed'])} of {len(payloads)} jobs failed")
+        raise common.BenchError(f"{queue}: {int(got['failed'])} of {len(payloads)} jobs failed")
     return got
 
 
 async def main(n: int, noop_n: int, only: Sequence[str]) -> None:
-    await check_servers()
+    await common.check_servers()
     rng = random.Random(12)
     results: dict[str, dict[str, float]] = {}
-    async with scratch_database() as db, smtp_sink() as sink, http_sink() as hooks:
+    async with common.scratch_database() as db, smtp_sink() as sink, http_sink() as hooks:
         ctx = await _setup(db, sink.url(), hooks.url())
-        noops = [Noop(n=i) for i in range(noop_n)]
-        first = await drain(db, NOOP_QUEUE, noops)
+        noops = [common.Noop(n=i) for i in range(noop_n)]
+        first = await drain(db, common.NOOP_QUEUE, noops)
         for queue in only:
             results[queue] = await drain(db, queue, WORKLOADS[queue](n, rng, ctx))
-        last = await drain(db, NOOP_QUEUE, noops)
+        last = await drain(db, common.NOOP_QUEUE, noops)
         sent, delivered = len(sink.messages), len(hooks.requests)
     noop_rates = [g["done"] / g["seconds"] for g in (first, last)]
     baseline = statistics.mean(noop_rates)
     print(f"N={n} jobs a queue, no-op {noop_n}, one worker process each, the queue's own "
-          f"policy; {load_note()}")  # fmt: skip
+          f"policy; {common.load_note()}")  # fmt: skip
     print(f"{'queue':<18} {'jobs/s':>9} {'ratio to no-op':>15} {'failed':>7}")
     print(f"{'no-op':<18} {baseline:>9,.0f} {1:>15.2f} {0:>7}   (first {noop_rates[0]:,.0f}, "
           f"last {noop_rates[1]:,.0f})")  # fmt: skip
@@ -230,17 +212,14 @@ async def main(n: int, noop_n: int, only: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = common.bench_parser(__doc__)
     ap.add_argument("--n", type=int, default=2000, help="jobs published to each queue")
     ap.add_argument("--noop-n", type=int, default=None, help="no-op jobs (max(n, 10000))")
     ap.add_argument("--queues", nargs="+", choices=QUEUES, default=list(QUEUES), metavar="Q",
                     help="the queues to measure (default: all six)")  # fmt: skip
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--db", help=argparse.SUPPRESS)
-    ap.add_argument("--prefix", help=argparse.SUPPRESS)
     ap.add_argument("--queue", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        run_main(lambda: worker(a.db, a.prefix, a.queue))
+        common.run_main(lambda: worker(a.db, a.prefix, a.queue))
     else:
-        run_main(lambda: main(a.n, a.noop_n or max(a.n, 10_000), a.queues))
+        common.run_main(lambda: main(a.n, a.noop_n or max(a.n, 10_000), a.queues))

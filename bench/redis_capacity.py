@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 from redis.asyncio.cluster import RedisCluster
 
-from bench.common import NOOP, NOOP_QUEUE, Noop, scratch_database
+from bench import common
 from jobstream.consumers.worker.runtime import connect, make_engine
 from jobstream.consumers.worker.settings import Settings
 from jobstream.streams import Publisher, trim
@@ -64,7 +64,7 @@ async def measure(n: int, concurrency: int, cluster: bool) -> dict[str, Any]:
             nodes = OwnCluster(pathlib.Path(folder))
             try:
                 await asyncio.to_thread(nodes.start)
-                async with scratch_database() as db:
+                async with common.scratch_database() as db:
                     settings = Settings(redis_url=nodes.url, redis_cluster=True, database_url=db)
                     async with connect(settings) as deps:
                         return await _run(deps, n, concurrency)
@@ -78,7 +78,7 @@ async def measure(n: int, concurrency: int, cluster: bool) -> dict[str, Any]:
         )  # fmt: skip
         try:
             await asyncio.sleep(0.5)
-            async with scratch_database() as db:
+            async with common.scratch_database() as db:
                 settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", database_url=db)
                 async with connect(settings) as deps:
                     return await _run(deps, n, concurrency)
@@ -89,21 +89,23 @@ async def measure(n: int, concurrency: int, cluster: bool) -> dict[str, Any]:
 
 async def _run(deps: Any, n: int, concurrency: int) -> dict[str, Any]:
     r, keys = deps.redis, deps.keys
-    pub = Publisher(r, keys, {NOOP_QUEUE: Noop})
+    pub = Publisher(r, keys, {common.NOOP_QUEUE: common.Noop})
     mem0, cpu0 = await _mem(r), await _cpu(r)
     for i in range(0, n, 1000):
-        await pub.publish_many(NOOP_QUEUE, [Noop(n=j) for j in range(i, min(i + 1000, n))])
+        await pub.publish_many(
+            common.NOOP_QUEUE, [common.Noop(n=j) for j in range(i, min(i + 1000, n))]
+        )
     cpu1, mem1 = await _cpu(r), await _mem(r)
-    stream = keys.stream(NOOP_QUEUE)
+    stream = keys.stream(common.NOOP_QUEUE)
     stream_bytes = int(await r.memory_usage(stream, samples=0))
     queued_hash = await _hash_bytes(r, keys, "queued")
-    engine = make_engine(deps, None, concurrency, handlers=[NOOP], burst=True)
+    engine = make_engine(deps, None, concurrency, handlers=[common.NOOP], burst=True)
     started = time.perf_counter()
     await engine.run()
     seconds = time.perf_counter() - started
     cpu2, mem2 = await _cpu(r), await _mem(r)
     done_hash = await _hash_bytes(r, keys, "completed")
-    await trim(r, keys, NOOP_QUEUE)
+    await trim(r, keys, common.NOOP_QUEUE)
     trimmed = int(await r.memory_usage(stream, samples=0))
     per_job_us = (cpu2 - cpu1) / n * 1e6
     publish_us = (cpu1 - cpu0) / n * 1e6

@@ -23,16 +23,15 @@ import asyncio
 import os
 import signal
 import time
-import uuid
 from dataclasses import dataclass
 
 import asyncpg
 import redis.asyncio as aioredis
 
-from bench.common import NOOP, NOOP_QUEUE, REDIS_URL, Noop, drop_keys, scratch_database
+from bench import common
 from jobstream.consumers.worker.runtime import connect, make_engine
 from jobstream.consumers.worker.settings import Settings
-from jobstream.streams import Keys, Publisher
+from jobstream.streams import Publisher
 
 SIZE_SQL = """
 SELECT coalesce(sum(pg_total_relation_size(i.inhrelid)), 0)::bigint AS bytes,
@@ -71,7 +70,7 @@ async def worker(db: str, prefix: str, width_s: int, retention_s: float, prune_s
         prune_interval_s=prune_s,
     )
     async with connect(settings) as deps:
-        engine = make_engine(deps, None, 64, handlers=[NOOP])
+        engine = make_engine(deps, None, 64, handlers=[common.NOOP])
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, engine.stop)
         await engine.run()
 
@@ -91,7 +90,7 @@ async def publish_steadily(pub: Publisher, rate: int, duration_s: float, count: 
     while (elapsed := time.perf_counter() - started) < duration_s:
         due = int(rate * elapsed) - count[0]
         if due > 0:
-            await pub.publish_many(NOOP_QUEUE, [Noop(n=i) for i in range(due)])
+            await pub.publish_many(common.NOOP_QUEUE, [common.Noop(n=i) for i in range(due)])
             count[0] += due
         tick += 1
         await asyncio.sleep(max(0.0, tick * 0.1 - (time.perf_counter() - started)))
@@ -119,11 +118,11 @@ def verdict(samples: list[Sample], args: argparse.Namespace, completed: int) -> 
 
 
 async def main(args: argparse.Namespace) -> int:
-    prefix = f"r{uuid.uuid4().hex[:8]}:"
-    keys = Keys(f"{prefix}jobs:", f"{prefix}job:")
-    r = aioredis.Redis.from_url(REDIS_URL)
+    prefix = common.new_prefix("r")
+    keys = common.bench_keys(prefix)
+    r = aioredis.Redis.from_url(common.REDIS_URL)
     samples: list[Sample] = []
-    async with scratch_database() as db:
+    async with common.scratch_database() as db:
         env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bench.retention", "--worker", "--db", db, "--prefix", prefix,
@@ -131,7 +130,7 @@ async def main(args: argparse.Namespace) -> int:
             "--prune-s", str(args.prune_s), env=env,
         )  # fmt: skip
         conn = await asyncpg.connect(db)
-        pub = Publisher(r, keys, {NOOP_QUEUE: Noop}, record_queued=False)
+        pub = Publisher(r, keys, {common.NOOP_QUEUE: common.Noop}, record_queued=False)
         try:
             await asyncio.sleep(2.0)
             started = time.perf_counter()
@@ -158,7 +157,7 @@ async def main(args: argparse.Namespace) -> int:
             await proc.wait()
             await conn.close()
             await r.aclose()
-            await drop_keys(prefix)
+            await common.drop_keys(prefix)
     return report(samples, args, completed, published)
 
 
@@ -181,16 +180,13 @@ def report(samples: list[Sample], args: argparse.Namespace, completed: int, publ
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = common.bench_parser(__doc__)
     ap.add_argument("--rate", type=int, default=400, help="jobs published per second")
     ap.add_argument("--retention-s", type=float, default=120.0)
     ap.add_argument("--width-s", type=int, default=30, help="partition width")
     ap.add_argument("--prune-s", type=float, default=10.0, help="prune this often")
     ap.add_argument("--duration-s", type=float, default=360.0)
     ap.add_argument("--sample-s", type=float, default=10.0)
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--db", help=argparse.SUPPRESS)
-    ap.add_argument("--prefix", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 

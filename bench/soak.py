@@ -15,33 +15,17 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/soak.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
 import asyncio
 import signal
 import time
-import uuid
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 
-from bench.common import (
-    NOOP,
-    NOOP_QUEUE,
-    REDIS_URL,
-    BenchError,
-    Noop,
-    bench_settings,
-    check_servers,
-    drop_keys,
-    load_note,
-    require_drained,
-    run_main,
-    scratch_database,
-    worker_env,
-)
+from bench import common
 from jobstream.consumers.worker.runtime import connect, make_engine
-from jobstream.streams import Keys, Publisher
+from jobstream.streams import Publisher
 
 SCRIPT = Path(__file__).resolve()
 
@@ -55,9 +39,9 @@ def rss_mb(pid: int) -> float:
 
 
 async def worker(db: str, prefix: str) -> None:
-    settings = bench_settings(db, prefix, block_ms=1000, trim_interval_s=1.0, hash_ttl_s=30)
+    settings = common.bench_settings(db, prefix, block_ms=1000, trim_interval_s=1.0, hash_ttl_s=30)
     async with connect(settings) as deps:
-        engine = make_engine(deps, None, 64, handlers=[NOOP])
+        engine = make_engine(deps, None, 64, handlers=[common.NOOP])
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, engine.stop)
         await engine.run()
 
@@ -79,29 +63,29 @@ async def lag(r: aioredis.Redis, stream: str) -> int:
 
 
 async def main(n: int, max_lag: int) -> None:
-    await check_servers()
-    prefix = f"s{uuid.uuid4().hex[:8]}:"
-    keys = Keys(f"{prefix}jobs:", f"{prefix}job:")
-    stream = keys.stream(NOOP_QUEUE)
-    r = aioredis.Redis.from_url(REDIS_URL)
-    async with scratch_database() as db:
+    await common.check_servers()
+    prefix = common.new_prefix("s")
+    keys = common.bench_keys(prefix)
+    stream = keys.stream(common.NOOP_QUEUE)
+    r = aioredis.Redis.from_url(common.REDIS_URL)
+    async with common.scratch_database() as db:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(SCRIPT), "--worker", "--db", db, "--prefix", prefix,
-            env=worker_env(),
+            env=common.worker_env(),
         )  # fmt: skip
-        pub = Publisher(r, keys, {NOOP_QUEUE: Noop}, record_queued=False)
+        pub = Publisher(r, keys, {common.NOOP_QUEUE: common.Noop}, record_queued=False)
         samples: list[tuple[int, int, float]] = []
         published, started = 0, time.perf_counter()
         try:
             await asyncio.sleep(1.0)
             while published < n:
                 if proc.returncode is not None:
-                    raise BenchError(f"the worker exited with {proc.returncode}")
+                    raise common.BenchError(f"the worker exited with {proc.returncode}")
                 if await lag(r, stream) > max_lag:
                     await asyncio.sleep(0.01)
                     continue
                 batch = min(2000, n - published)
-                await pub.publish_many(NOOP_QUEUE, [Noop(n=i) for i in range(batch)])
+                await pub.publish_many(common.NOOP_QUEUE, [common.Noop(n=i) for i in range(batch)])
                 published += batch
                 if published % 20_000 == 0:
                     samples.append((published, int(await r.xlen(stream)), rss_mb(proc.pid)))
@@ -118,10 +102,10 @@ async def main(n: int, max_lag: int) -> None:
                 proc.send_signal(signal.SIGTERM)
             await proc.wait()
             await r.aclose()
-            await drop_keys(prefix)
-    require_drained("soak", n, done)
+            await common.drop_keys(prefix)
+    common.require_drained("soak", n, done)
     print(f"{n} jobs in {seconds:.1f}s ({n / seconds:,.0f} jobs/s), publisher kept <= "
-          f"{max_lag} ahead; {load_note()}")  # fmt: skip
+          f"{max_lag} ahead; {common.load_note()}")  # fmt: skip
     print(f"{'published':>10} {'stream length':>14} {'worker RSS MB':>14}")
     for done, length, rss in samples:
         print(f"{done:>10} {length:>14} {rss:>14.1f}")
@@ -135,14 +119,11 @@ async def main(n: int, max_lag: int) -> None:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = common.bench_parser(__doc__)
     ap.add_argument("--n", type=int, default=200_000)
     ap.add_argument("--max-lag", type=int, default=10_000)
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--db", help=argparse.SUPPRESS)
-    ap.add_argument("--prefix", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        run_main(lambda: worker(a.db, a.prefix))
+        common.run_main(lambda: worker(a.db, a.prefix))
     else:
-        run_main(lambda: main(a.n, a.max_lag))
+        common.run_main(lambda: main(a.n, a.max_lag))

@@ -18,35 +18,18 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python bench/throughput.py`: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import argparse
 import os
 import signal
 import statistics
 import subprocess
 import time
-import uuid
 from typing import Any
 
 import asyncpg
 import msgspec
 import redis.asyncio as aioredis
 
-from bench.common import (
-    NOOP,
-    NOOP_QUEUE,
-    REDIS_URL,
-    Noop,
-    bench_settings,
-    burst_worker,
-    check_servers,
-    drop_keys,
-    load_note,
-    require_drained,
-    run_main,
-    run_workers,
-    scratch_database,
-    worker_env,
-)
+from bench import common
 from jobstream.otel.tracing import setup_tracing
 from jobstream.streams import Keys, Publisher
 
@@ -61,31 +44,35 @@ ON CONFLICT (id, created_at) DO UPDATE SET status = EXCLUDED.status, updated_at 
 
 
 async def publish(redis: aioredis.Redis, keys: Keys, n: int) -> float:
-    pub = Publisher(redis, keys, {NOOP_QUEUE: Noop}, record_queued=False)
+    pub = Publisher(redis, keys, {common.NOOP_QUEUE: common.Noop}, record_queued=False)
     started = time.perf_counter()
     for i in range(0, n, 1000):
-        await pub.publish_many(NOOP_QUEUE, [Noop(n=j) for j in range(i, min(i + 1000, n))])
+        await pub.publish_many(
+            common.NOOP_QUEUE, [common.Noop(n=j) for j in range(i, min(i + 1000, n))]
+        )
     return time.perf_counter() - started
 
 
 async def worker(db: str, prefix: str, concurrency: int) -> None:
     """The engine side, run in its own process: drain the queue, print JSON figures."""
     tracing = setup_tracing("bench", "bench-worker")  # only when OTEL_* says so
-    settings = bench_settings(db, prefix)
+    settings = common.bench_settings(db, prefix)
     # Exporting what was sampled is part of the cost.
-    await burst_worker(settings, None, [NOOP], concurrency, after=lambda: tracing.shutdown(30))
+    await common.burst_worker(
+        settings, None, [common.NOOP], concurrency, after=lambda: tracing.shutdown(30)
+    )
 
 
 async def plain_loop(db: str, prefix: str, n: int) -> tuple[int, float]:
     """The same work with no engine around it."""
-    redis = aioredis.Redis.from_url(REDIS_URL)
+    redis = aioredis.Redis.from_url(common.REDIS_URL)
     pool = await asyncpg.create_pool(db, min_size=1, max_size=2)
     keys = Keys(f"{prefix}plain:", f"{prefix}pjob:")
-    stream = keys.stream(NOOP_QUEUE)
+    stream = keys.stream(common.NOOP_QUEUE)
     await redis.xgroup_create(stream, "workers", id="0", mkstream=True)
     await publish(redis, keys, n)
     done = 0
-    decode = msgspec.json.Decoder(Noop).decode
+    decode = msgspec.json.Decoder(common.Noop).decode
     started = idle_since = time.perf_counter()
     while done < n and time.perf_counter() - idle_since < 30:
         reply: Any = await redis.xreadgroup("workers", "plain", {stream: ">"}, count=500, block=100)
@@ -99,10 +86,10 @@ async def plain_loop(db: str, prefix: str, n: int) -> tuple[int, float]:
             ids.append(fields[b"id"].decode())
             payloads.append(fields[b"payload"].decode())
             eids.append(eid.decode())
-        await pool.execute(PLAIN_UPSERT_SQL, ids, NOOP_QUEUE, payloads, eids)
+        await pool.execute(PLAIN_UPSERT_SQL, ids, common.NOOP_QUEUE, payloads, eids)
         pipe = redis.pipeline(transaction=False)
         for job_id in ids:
-            pipe.hset(keys.job(job_id), mapping={"status": "completed", "queue": NOOP_QUEUE})
+            pipe.hset(keys.job(job_id), mapping={"status": "completed", "queue": common.NOOP_QUEUE})
         pipe.xack(stream, "workers", *eids)
         await pipe.execute()
         done += len(entries)
@@ -116,18 +103,18 @@ async def engine_run(
     db: str, prefix: str, n: int, concurrency: int, env: dict[str, str], processes: int = 1
 ) -> dict[str, float]:
     """Publish N jobs, drain them with `processes` worker processes started together."""
-    redis = aioredis.Redis.from_url(REDIS_URL)
-    await publish(redis, Keys(f"{prefix}jobs:", f"{prefix}job:"), n)
+    redis = aioredis.Redis.from_url(common.REDIS_URL)
+    await publish(redis, common.bench_keys(prefix), n)
     await redis.aclose()
     args = ["--db", db, "--prefix", prefix, "--concurrency", str(concurrency)]
-    got = await run_workers(SCRIPT, args, processes, env)
-    require_drained(f"engine, {processes} process(es)", n, int(got["jobs"]))
+    got = await common.run_workers(SCRIPT, args, processes, env)
+    common.require_drained(f"engine, {processes} process(es)", n, int(got["jobs"]))
     return got
 
 
 def _sink(port: int) -> subprocess.Popen[str]:
     cmd = [sys.executable, str(SCRIPT.with_name("otlp_sink.py")), "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=worker_env())
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=common.worker_env())
     assert proc.stdout is not None
     proc.stdout.readline()  # "OTLP/HTTP sink on ...": it is listening
     return proc
@@ -166,11 +153,8 @@ async def traced_runs(
         # Interleaved repetitions: the tables grow as runs go, so no setting always runs first.
         for _ in range(repeat):
             for name, run_env in runs.items():
-                prefix = f"b{uuid.uuid4().hex[:8]}:"
-                try:
+                async with common.scratch_prefix("b") as prefix:
                     got = await engine_run(db, prefix, n, concurrency, run_env)
-                finally:
-                    await drop_keys(prefix)
                 samples[name].append(got["jobs"] / got["seconds"])
     finally:
         sink.send_signal(signal.SIGTERM)
@@ -201,33 +185,30 @@ def _cores(runs: list[dict[str, float]]) -> str:
 
 
 async def main(n: int, concurrency: int, tracing: bool, repeat: int, processes: int) -> None:
-    await check_servers()
-    env = worker_env()
+    await common.check_servers()
+    env = common.worker_env()
     rates: dict[str, list[float]] = {"engine": [], "plain": [], "many": []}
     figures: dict[str, list[dict[str, float]]] = {"engine": [], "many": []}
-    async with scratch_database() as db:
+    async with common.scratch_database() as db:
         # Interleaved repetitions: the tables grow as runs go, so neither side always runs
         # first on a cold database.
         for _ in range(repeat):
-            prefix = f"b{uuid.uuid4().hex[:8]}:"
-            try:
+            async with common.scratch_prefix("b") as prefix:
                 eng = await engine_run(db, prefix, n, concurrency, env)
                 plain_n, plain_s = await plain_loop(db, prefix, n)
-                require_drained("plain loop", n, plain_n)
+                common.require_drained("plain loop", n, plain_n)
                 if processes > 1:
                     many_prefix = f"{prefix}m:"
                     many = await engine_run(db, many_prefix, n, concurrency, env, processes)
                     rates["many"].append(many["jobs"] / many["seconds"])
                     figures["many"].append(many)
-            finally:
-                await drop_keys(prefix)
             rates["engine"].append(eng["jobs"] / eng["seconds"])
             figures["engine"].append(eng)
             rates["plain"].append(plain_n / plain_s)
         eng_rate = statistics.median(rates["engine"])
         plain_rate = statistics.median(rates["plain"])
         print(f"N={n} concurrency={concurrency}, median of {repeat} interleaved runs each; "
-              f"{load_note()}")  # fmt: skip
+              f"{common.load_note()}")  # fmt: skip
         print(f"engine (full path, 1 worker process): {eng_rate:>9,.0f} jobs/s "
               f"(runs: {_runs(rates['engine'])})")  # fmt: skip
         print(f"plain redis-py loop (same writes):    {plain_rate:>9,.0f} jobs/s "
@@ -246,17 +227,14 @@ async def main(n: int, concurrency: int, tracing: bool, repeat: int, processes: 
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = common.bench_parser(__doc__)
     ap.add_argument("--n", type=int, default=20_000)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--processes", type=int, default=1, help="also run this many processes")
     ap.add_argument("--tracing", action="store_true")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved runs per setting")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--db", help=argparse.SUPPRESS)
-    ap.add_argument("--prefix", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        run_main(lambda: worker(a.db, a.prefix, a.concurrency))
+        common.run_main(lambda: worker(a.db, a.prefix, a.concurrency))
     else:
-        run_main(lambda: main(a.n, a.concurrency, a.tracing, a.repeat, a.processes))
+        common.run_main(lambda: main(a.n, a.concurrency, a.tracing, a.repeat, a.processes))

@@ -21,14 +21,18 @@ from jobstream.otel import extract, presample
 from jobstream.otel.redact import exception_attributes, scrub
 from jobstream.schema.envelope import Envelope
 from jobstream.streams import semconv as sc
-from jobstream.streams.dispatch import BatchHandler, Handler, Route, conclude, execute
+from jobstream.streams.dispatch import (
+    BatchHandler,
+    Handler,
+    Route,
+    conclude,
+    consumer_span,
+    execute,
+)
 from jobstream.streams.errors import PermanentError
 from jobstream.streams.job import Delivery, Job, Outcome, Result
 
 __all__ = ["BatchError", "Item", "execute_batch", "execute_batch_traced", "single"]
-
-_tracer = trace.get_tracer("jobstream.worker")
-_ROOT = otel_context.Context()
 
 
 class BatchError(PermanentError):
@@ -151,15 +155,7 @@ async def execute_batch_traced(
             otel_context.detach(token)
     links = [link for it in items if (link := _link(attrs, it)) is not None]
     attributes = {**attrs, sc.BATCH_MESSAGE_COUNT: len(items)}
-    with _tracer.start_as_current_span(
-        name,
-        context=_ROOT,
-        kind=trace.SpanKind.CONSUMER,
-        attributes=attributes,
-        links=links,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
+    with consumer_span(name, None, attributes, links) as span:  # a root: one trace a batch
         around(None)
 
         def fell_back(exc: Exception) -> None:

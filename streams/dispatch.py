@@ -13,6 +13,7 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ __all__ = [
     "cancelled_result",
     "classify",
     "conclude",
+    "consumer_span",
     "invalid_result",
     "prepare",
     "retry_fields",
@@ -305,6 +307,26 @@ def _attributes(attrs: dict[str, Any], d: Delivery, job_id: str) -> dict[str, An
     }
 
 
+def consumer_span(
+    name: str,
+    context: otel_context.Context | None,
+    attributes: dict[str, Any],
+    links: Sequence[trace.Link],
+) -> AbstractContextManager[trace.Span]:
+    """A CONSUMER span, made current, in `context` (None: a new trace, whatever runs the
+    engine). It records no exception and sets no status by itself: the results say how
+    the jobs ended, and the caller marks the span from them."""
+    return _tracer.start_as_current_span(
+        name,
+        context=context or _ROOT,
+        kind=trace.SpanKind.CONSUMER,
+        attributes=attributes,
+        links=links,
+        record_exception=False,
+        set_status_on_exception=False,
+    )
+
+
 async def execute_traced(
     route: Route,
     env: Envelope,
@@ -339,15 +361,7 @@ async def execute_traced(
         if ctx.is_valid:
             links.append(trace.Link(ctx))
     attributes = {**_attributes(attrs, d, job.id), sc.JOB_ATTEMPT: job.attempt}
-    with _tracer.start_as_current_span(
-        name,
-        context=parent or _ROOT,  # no traceparent: a new trace, whatever runs the engine
-        kind=trace.SpanKind.CONSUMER,
-        attributes=attributes,
-        links=links,
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
+    with consumer_span(name, parent, attributes, links) as span:
         if job.reporter is not None:  # progress events go on this span
             job.reporter.span = span
         around(None)

@@ -21,7 +21,7 @@ from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.migrate import apply_migrations, load_migrations
 from jobstream.streams import PartitionPolicy, ensure_partitions
 from tests.cluster_servers import OwnCluster
-from tests.helpers import ADMIN_URL, REDIS_URL
+from tests.helpers import ADMIN_URL, REDIS_URL, quick_settings
 from tests.servers import OwnPostgres, OwnRedis
 
 
@@ -122,18 +122,7 @@ def redis_target(redis_kind: str, request: pytest.FixtureRequest) -> tuple[str, 
 
 @pytest.fixture
 def settings(database: str, prefix: str, redis_target: tuple[str, bool]) -> Settings:
-    return Settings(
-        redis_url=redis_target[0],
-        redis_cluster=redis_target[1],
-        database_url=database,
-        stream_prefix=f"{prefix}jobs:",
-        job_prefix=f"{prefix}job:",
-        block_ms=100,
-        reclaim_interval_s=0.5,
-        alive_ttl_ms=1500,
-        shutdown_grace_s=5,
-        pg_pool_size=10,
-    )
+    return quick_settings(redis_target[0], redis_target[1], database, prefix)
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.handler import HandlerSpec, handler
 from jobstream.consumers.worker.registry import HANDLERS
 from jobstream.consumers.worker.runtime import make_engine
+from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.payloads import AnalyticsEvent, WebhookDelivery
 from jobstream.streams import Job, Policy, Publisher, RetryableError
 from tests import handlers
@@ -291,6 +292,26 @@ def delivery(endpoint_id: str, message_id: str = "msg_1") -> WebhookDelivery:
 def work_publisher(deps: Deps) -> Publisher:
     """A publisher of the test queue (`tests.handlers`)."""
     return Publisher(deps.redis, deps.keys, handlers.PAYLOADS)
+
+
+def quick_settings(
+    redis_url: str, redis_cluster: bool, database: str, prefix: str, **changes: Any
+) -> Settings:
+    """A test worker's settings: its Redis and database, its own key prefix, and quick
+    timings (blocking reads, reclaims, liveness, shutdown) so that tests do not wait."""
+    return Settings(
+        redis_url=redis_url,
+        redis_cluster=redis_cluster,
+        database_url=database,
+        stream_prefix=f"{prefix}jobs:",
+        job_prefix=f"{prefix}job:",
+        block_ms=100,
+        reclaim_interval_s=0.5,
+        alive_ttl_ms=1500,
+        shutdown_grace_s=5,
+        pg_pool_size=10,
+        **changes,
+    )
 
 
 def with_settings(deps: Deps, **settings: Any) -> Deps:

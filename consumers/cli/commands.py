@@ -31,7 +31,12 @@ from jobstream.consumers.worker.runtime import (
     service_version,
 )
 from jobstream.consumers.worker.settings import Settings
-from jobstream.consumers.worker.supervisor import for_slot, run_processes, usable_cores
+from jobstream.consumers.worker.supervisor import (
+    ChildOptions,
+    for_slot,
+    run_processes,
+    usable_cores,
+)
 from jobstream.consumers.worker.tls import database_dsn
 from jobstream.otel.redact import scrub
 from jobstream.otel.tracing import setup_tracing
@@ -96,9 +101,7 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
     metrics_port = args.metrics_port if args.metrics_port is not None else settings.metrics_port
     if processes > 1 and args.slot is None:
         check_selection(settings, args.queues)  # a bad selection fails here, not N times
-        return await run_processes(
-            settings,
-            processes,
+        options = ChildOptions(
             queues=args.queues,
             concurrency=args.concurrency,
             burst=args.burst,
@@ -107,6 +110,7 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
             log_level=args.log_level,
             log_format=args.log_format,
         )
+        return await run_processes(settings, processes, options)
     if args.slot is not None:
         settings = for_slot(settings, args.slot, processes)
     return await run_worker(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import pathlib
@@ -23,6 +24,7 @@ from jobstream.streams import ConfigError
 
 __all__ = [
     "EXIT_UNDRAINED",
+    "ChildOptions",
     "RestartBackoff",
     "Supervisor",
     "check_bindable",
@@ -77,34 +79,37 @@ def for_slot(settings: Settings, slot: int, processes: int) -> Settings:
     return msgspec.structs.replace(settings, **changes)
 
 
-def child_command(
-    slot: int,
-    *,
-    processes: int,
-    queues: Sequence[str] | None,
-    concurrency: int | None,
-    burst: bool,
-    metrics_port: int | None,
-    log_level: str | None,
-    log_format: str,
-    metrics_host: str | None = None,
-) -> list[str]:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChildOptions:
+    """The `jobstream worker` options the supervisor passes on to every engine process;
+    `metrics_port` is the first process's, each next one serves on the port after."""
+
+    queues: Sequence[str] | None
+    concurrency: int | None
+    burst: bool
+    metrics_port: int | None
+    log_level: str | None
+    log_format: str
+    metrics_host: str | None = None
+
+
+def child_command(slot: int, processes: int, options: ChildOptions) -> list[str]:
     """The command line of the engine process in `slot` (a metrics port of its own)."""
     cmd = [sys.executable, "-m", _CLI_MODULE]
-    if log_level:
-        cmd += ["--log-level", log_level]
+    if options.log_level:
+        cmd += ["--log-level", options.log_level]
     cmd += ["worker", "--processes", str(processes), "--slot", str(slot)]
-    cmd += ["--log-format", log_format]
-    if queues:
-        cmd += ["--queues", *queues]
-    if concurrency is not None:
-        cmd += ["--concurrency", str(concurrency)]
-    if burst:
+    cmd += ["--log-format", options.log_format]
+    if options.queues:
+        cmd += ["--queues", *options.queues]
+    if options.concurrency is not None:
+        cmd += ["--concurrency", str(options.concurrency)]
+    if options.burst:
         cmd.append("--burst")
-    if metrics_port is not None:
-        cmd += ["--metrics-port", str(metrics_port + slot)]
-    if metrics_host is not None:
-        cmd += ["--metrics-host", metrics_host]
+    if options.metrics_port is not None:
+        cmd += ["--metrics-port", str(options.metrics_port + slot)]
+    if options.metrics_host is not None:
+        cmd += ["--metrics-host", options.metrics_host]
     return cmd
 
 
@@ -278,47 +283,23 @@ def check_bindable(host: str, port: int) -> None:
         raise ConfigError(f"{where}: {exc.strerror or exc}") from None
 
 
-async def run_processes(
-    settings: Settings,
-    processes: int,
-    *,
-    queues: Sequence[str] | None,
-    concurrency: int | None,
-    burst: bool,
-    metrics_port: int | None,
-    log_level: str | None,
-    log_format: str,
-    metrics_host: str | None = None,
-) -> int:
+async def run_processes(settings: Settings, processes: int, options: ChildOptions) -> int:
     """`jobstream worker --processes N` with N > 1: supervise N engine processes.
 
     Each process serves `/metrics` on a port of its own, from the given one (or the
     settings') up; one that cannot be bound fails the command here, in one line.
     """
-    if metrics_port is None:
-        metrics_port = settings.metrics_port
-    if metrics_port is not None:
-        host = metrics_host or settings.metrics_host
+    if options.metrics_port is None:
+        options = dataclasses.replace(options, metrics_port=settings.metrics_port)
+    if options.metrics_port is not None:
+        host = options.metrics_host or settings.metrics_host
         for slot in range(processes):
-            check_bindable(host, metrics_port + slot)
-    commands = [
-        child_command(
-            slot,
-            processes=processes,
-            queues=queues,
-            concurrency=concurrency,
-            burst=burst,
-            metrics_port=metrics_port,
-            metrics_host=metrics_host,
-            log_level=log_level,
-            log_format=log_format,
-        )
-        for slot in range(processes)
-    ]
+            check_bindable(host, options.metrics_port + slot)
+    commands = [child_command(slot, processes, options) for slot in range(processes)]
     supervisor = Supervisor(
         commands,
         grace_s=settings.shutdown_grace_s,
-        burst=burst,
+        burst=options.burst,
         health_file=settings.health_file,
         health_every_s=settings.alive_ttl_ms / 3000,
     )

@@ -13,12 +13,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from jobstream.consumers.worker.runtime import connect, make_engine
-from jobstream.consumers.worker.settings import Settings
 from jobstream.streams import Keys, Publisher, PublishError
 from jobstream.streams.redis_client import REDIS_ERRORS, connect_redis
 from tests import handlers
 from tests.cluster_servers import OwnCluster
-from tests.helpers import eventually, running
+from tests.helpers import eventually, quick_settings, running
 from tests.servers import OwnRedis
 
 Q = handlers.QUEUE
@@ -56,17 +55,11 @@ async def produce(
 async def test_master_killed_mid_flow_loses_nothing_confirmed(
     own_cluster: OwnCluster, database: str, prefix: str, capsys: pytest.CaptureFixture[str]
 ):
-    settings = Settings(
-        redis_url=own_cluster.url,
-        redis_cluster=True,
-        database_url=database,
-        stream_prefix=f"{prefix}jobs:",
-        job_prefix=f"{prefix}job:",
-        block_ms=100,
-        reclaim_interval_s=0.5,
-        alive_ttl_ms=1500,
-        shutdown_grace_s=5,
-        pg_pool_size=10,
+    settings = quick_settings(
+        own_cluster.url,
+        True,
+        database,
+        prefix,
         publish_wait_replicas=1,
         publish_wait_timeout_ms=2000,
     )

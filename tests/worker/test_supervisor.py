@@ -18,7 +18,12 @@ import pytest
 from jobstream.consumers.store.webhooks import add_endpoint
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.settings import Settings
-from jobstream.consumers.worker.supervisor import RestartBackoff, child_command, for_slot
+from jobstream.consumers.worker.supervisor import (
+    ChildOptions,
+    RestartBackoff,
+    child_command,
+    for_slot,
+)
 from jobstream.schema.payloads import WebhookDelivery
 from tests.helpers import event, eventually, jobstream
 
@@ -94,11 +99,27 @@ async def executions(deps: Deps, ids: list[str]) -> dict[str, Any]:
     return {r["job_id"]: r for r in await deps.pool.fetch(EXECUTIONS_SQL, ids)}
 
 
-async def supervisor(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+@contextlib.asynccontextmanager
+async def supervisor(env: dict[str, str], *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`jobstream worker --processes 2 ARGS`, its log on stdout; killed at the end if the
+    test left it running."""
+    proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "jobstream.consumers.cli", "worker", "--processes", "2", *args,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def sigterm(proc: asyncio.subprocess.Process, timeout_s: float) -> str:
+    """Send SIGTERM to the supervisor, wait for it to exit; its log."""
+    proc.send_signal(signal.SIGTERM)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout_s)
+    return out.decode()
 
 
 def children_of(pid: int) -> list[int]:
@@ -127,10 +148,11 @@ def test_each_process_gets_its_own_name_health_file_metrics_port_and_parsers():
     assert (one.consumer_name, one.health_file) == ("w-1", "/tmp/h.json.1")
     assert one.parse_processes == max(1, len(os.sched_getaffinity(0)) // 2)
     assert for_slot(Settings(), 0, 2).consumer_name is None  # `<host>-<pid>-<random>` each
-    cmd = child_command(
-        1, processes=2, queues=["analytics"], concurrency=4, burst=True, metrics_port=9464,
+    options = ChildOptions(
+        queues=["analytics"], concurrency=4, burst=True, metrics_port=9464,
         log_level="DEBUG", log_format="json",
     )  # fmt: skip
+    cmd = child_command(1, 2, options)
     assert cmd[cmd.index("--metrics-port") + 1] == "9465"
     assert cmd[cmd.index("--slot") + 1] == "1"
     assert cmd[cmd.index("--log-level") + 1] == "DEBUG"
@@ -156,8 +178,7 @@ async def test_processes_share_the_work_and_sigterm_drains_them_all(
     env = webhook_env(JOBSTREAM_HEALTH_FILE=health)
     async with slow_receiver(delay_s=3.0) as receiver:
         ids = await publish_deliveries(deps, f"http://127.0.0.1:{receiver.port}/h", 6, "d")
-        proc = await supervisor(env, "--queues", "webhook", "--concurrency", "3")
-        try:
+        async with supervisor(env, "--queues", "webhook", "--concurrency", "3") as proc:
 
             async def all_in_flight() -> bool:
                 return list((await statuses(deps, ids)).values()).count("running") == 6
@@ -167,13 +188,7 @@ async def test_processes_share_the_work_and_sigterm_drains_them_all(
             assert (await jobstream(env, "health")).stdout.strip() == "ok"
             files = sorted(f for f in os.listdir(tmp_path) if not f.startswith("."))
             assert files == ["health.json", "health.json.0", "health.json.1"]
-            proc.send_signal(signal.SIGTERM)
-            out, _ = await asyncio.wait_for(proc.communicate(), 60)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    log = out.decode()
+            log = await sigterm(proc, 60)
     assert proc.returncode == 0, log
     assert "every worker process drained" in log
     assert set((await statuses(deps, ids)).values()) == {"completed"}
@@ -188,8 +203,7 @@ async def test_processes_share_the_work_and_sigterm_drains_them_all(
 async def test_a_killed_process_is_restarted_and_its_jobs_complete(deps: Deps, webhook_env):
     async with slow_receiver(delay_s=1.0) as receiver:
         ids = await publish_deliveries(deps, f"http://127.0.0.1:{receiver.port}/h", 8, "k")
-        proc = await supervisor(webhook_env(), "--queues", "webhook", "--concurrency", "2")
-        try:
+        async with supervisor(webhook_env(), "--queues", "webhook", "--concurrency", "2") as proc:
 
             async def some_running() -> list[str]:
                 rows = await deps.pool.fetch(
@@ -213,13 +227,7 @@ async def test_a_killed_process_is_restarted_and_its_jobs_complete(deps: Deps, w
                 return set((await statuses(deps, ids)).values()) == {"completed"}
 
             await eventually(all_done, timeout_s=60)
-            proc.send_signal(signal.SIGTERM)
-            out, _ = await asyncio.wait_for(proc.communicate(), 60)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    log = out.decode()
+            log = await sigterm(proc, 60)
     assert proc.returncode == 0, log
     assert f"(pid {victim_pid}) exited with signal SIGKILL" in log
     assert "restarting in 0.5s" in log
@@ -237,21 +245,14 @@ async def test_a_process_that_cannot_drain_makes_the_supervisor_exit_non_zero(
     async with slow_receiver(delay_s=8.0) as receiver:
         ids = await publish_deliveries(deps, f"http://127.0.0.1:{receiver.port}/h", 2, "g")
         env = webhook_env(JOBSTREAM_SHUTDOWN_GRACE_S="0.5")
-        proc = await supervisor(env, "--queues", "webhook", "--concurrency", "1")
-        try:
+        async with supervisor(env, "--queues", "webhook", "--concurrency", "1") as proc:
 
             async def both_running() -> bool:
                 return list((await statuses(deps, ids)).values()).count("running") == 2
 
             await eventually(both_running, timeout_s=40)
             started = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            out, _ = await asyncio.wait_for(proc.communicate(), 30)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    log = out.decode()
+            log = await sigterm(proc, 30)
     assert proc.returncode == 1, log
     assert "did not drain cleanly" in log
     assert time.monotonic() - started < 8  # the grace period, not the jobs, set the pace
