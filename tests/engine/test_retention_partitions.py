@@ -257,11 +257,10 @@ async def test_an_id_published_twice_ends_both_of_its_rows(deps: Deps, conn):
     await ensure_partitions(conn, MINUTE)
     now_ms = int(time.time() * 1000)
     for ms in (now_ms - 2000, now_ms - 1000):
-        fields: dict[str, str | bytes] = {
-            "id": "twice",
-            "payload": msgspec.json.encode(handlers.Work()),
-        }
-        await deps.redis.xadd(deps.keys.stream(Q), fields, id=f"{ms}-0")
+        payload = msgspec.json.encode(handlers.Work())
+        await deps.redis.xadd(
+            deps.keys.stream(Q), {"id": "twice", "payload": payload}, id=f"{ms}-0"
+        )
     async with running(make_engine(deps, None, None, handlers=handlers.SPECS)):
 
         async def both_over() -> bool:
