@@ -121,6 +121,7 @@ async def _worker(args: argparse.Namespace, settings: Settings) -> int:
         metrics_port=metrics_port,
         metrics_host=args.metrics_host,
         supervised=args.slot is not None,
+        supervisor=args.supervisor,
     )
 
 

@@ -122,6 +122,7 @@ def _add_commands(sub: Any) -> None:
         help="engine processes under one supervisor (default: the usable cores; 1: no supervisor)",
     )
     w.add_argument("--slot", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+    w.add_argument("--supervisor", type=int, help=argparse.SUPPRESS)  # its pid, likewise
 
     sub.add_parser("migrate", help="apply the SQL migrations (idempotent)")
 

@@ -22,7 +22,7 @@ from jobstream.consumers.worker.health import write_reports
 from jobstream.consumers.worker.parsepool import ParsePool, default_processes
 from jobstream.consumers.worker.registry import HANDLERS, by_queue, payloads_of, select
 from jobstream.consumers.worker.settings import Settings, redact_url
-from jobstream.consumers.worker.supervisor import EXIT_UNDRAINED
+from jobstream.consumers.worker.supervisor import EXIT_UNDRAINED, watch_supervisor
 from jobstream.consumers.worker.tls import client_context, database_dsn, redis_tls_options
 from jobstream.otel.metrics import MetricsError, MetricsHandle, setup_metrics
 from jobstream.otel.redact import remember_secrets
@@ -233,6 +233,7 @@ async def run_worker(
     metrics_port: int | None = None,
     metrics_host: str | None = None,
     supervised: bool = False,
+    supervisor: int | None = None,
 ) -> int:
     """Run a worker serving `queues` (all by default) among `handlers` (see `make_engine`)
     until SIGTERM/SIGINT (or drained, in burst mode); return the exit code.
@@ -241,7 +242,8 @@ async def run_worker(
     that cannot be bound fails here, before anything connects. The worker's own commands
     run with auto-instrumentation suppressed: only jobs make spans. `supervised` (a process
     of `--processes N`): exit with EXIT_UNDRAINED when the grace period left entries
-    pending, so that the supervisor can say so in its own exit code.
+    pending, so that the supervisor can say so in its own exit code; and drain once the
+    supervisor (pid `supervisor`, by default the parent) is gone.
     """
     select(handlers, queues)  # fail on an unknown queue before connecting anywhere
     consumer = consumer_name(settings)
@@ -266,7 +268,8 @@ async def run_worker(
                     observer=metrics.observer,
                     consumer=consumer,
                 )
-                await _run(engine, settings)
+                parent = (supervisor or os.getppid()) if supervised else None
+                await _run(engine, settings, supervisor=parent)
                 left = sum(len(lane.held) for lane in engine.lanes.values())
     finally:
         await metrics.aclose()
@@ -274,7 +277,7 @@ async def run_worker(
     return EXIT_UNDRAINED if supervised and left else 0
 
 
-async def _run(engine: Engine, settings: Settings) -> None:
+async def _run(engine: Engine, settings: Settings, *, supervisor: int | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, engine.stop)
@@ -301,10 +304,13 @@ async def _run(engine: Engine, settings: Settings) -> None:
     if settings.health_file:
         every = settings.alive_ttl_ms / 3000
         reporter = asyncio.create_task(write_reports(engine, settings.health_file, every))
+    orphan = None
+    if supervisor is not None:
+        orphan = asyncio.create_task(watch_supervisor(engine.stop, supervisor))
     try:
         await engine.run()
     finally:
-        for task in (reporter, scheduler):
+        for task in (reporter, scheduler, orphan):
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

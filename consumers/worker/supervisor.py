@@ -13,7 +13,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -32,6 +32,7 @@ __all__ = [
     "for_slot",
     "run_processes",
     "usable_cores",
+    "watch_supervisor",
 ]
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,27 @@ EXIT_UNDRAINED = 3
 """A child's exit code when it stopped with entries it could not finish (left pending)."""
 _EXIT_CONFIG = 2  # the CLI's exit code for bad configuration: restarting cannot help
 _CLI_MODULE = "jobstream.consumers.cli"  # `python -m` it: the `jobstream` command
+
+
+async def watch_supervisor(stop: Callable[[], None], parent: int) -> None:
+    """In a worker process of `--processes N`: drain (`stop()`) once the supervisor that
+    started it (`parent`) is gone, e.g. SIGKILLed, so that no worker outlives it unwatched.
+    Waits on a process file descriptor (Linux), readable when that process has exited."""
+    try:
+        fd = os.pidfd_open(parent)
+    except ProcessLookupError:
+        fd = None  # gone before this process looked
+    if fd is not None:
+        loop = asyncio.get_running_loop()
+        gone = asyncio.Event()
+        loop.add_reader(fd, gone.set)
+        try:
+            await gone.wait()
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
+    logger.error("supervisor %d is gone: draining and exiting", parent)
+    stop()
 
 
 def usable_cores() -> int:
@@ -99,6 +121,7 @@ def child_command(slot: int, processes: int, options: ChildOptions) -> list[str]
     if options.log_level:
         cmd += ["--log-level", options.log_level]
     cmd += ["worker", "--processes", str(processes), "--slot", str(slot)]
+    cmd += ["--supervisor", str(os.getpid())]  # the child drains once this process is gone
     cmd += ["--log-format", options.log_format]
     if options.queues:
         cmd += ["--queues", *options.queues]
@@ -244,6 +267,9 @@ class Supervisor:
         problems, consumer = [], ""
         for child in self.children:
             if child.done:
+                continue
+            if child.proc is None and child.last_exit is None:
+                problems.append(f"worker process {child.slot} starting")
                 continue
             running = child.proc is not None and child.proc.returncode is None
             if not running:

@@ -17,10 +17,12 @@ import pytest
 
 from jobstream.consumers.store.webhooks import add_endpoint
 from jobstream.consumers.worker.deps import Deps
+from jobstream.consumers.worker.health import read_report
 from jobstream.consumers.worker.settings import Settings
 from jobstream.consumers.worker.supervisor import (
     ChildOptions,
     RestartBackoff,
+    Supervisor,
     child_command,
     for_slot,
 )
@@ -101,8 +103,8 @@ async def executions(deps: Deps, ids: list[str]) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def supervisor(env: dict[str, str], *args: str) -> AsyncIterator[asyncio.subprocess.Process]:
-    """`jobstream worker --processes 2 ARGS`, its log on stdout; killed at the end if the
-    test left it running."""
+    """`jobstream worker --processes 2 ARGS`, its log on stdout; killed at the end, with its
+    processes, if the test left it running."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "jobstream.consumers.cli", "worker", "--processes", "2", *args,
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
@@ -110,7 +112,10 @@ async def supervisor(env: dict[str, str], *args: str) -> AsyncIterator[asyncio.s
     try:
         yield proc
     finally:
-        if proc.returncode is None:
+        if proc.returncode is None:  # its processes first: none may outlive the test
+            for pid in children_of(proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.kill()
             await proc.wait()
 
@@ -175,7 +180,13 @@ async def test_processes_share_the_work_and_sigterm_drains_them_all(
     deps: Deps, webhook_env, tmp_path
 ):
     health = str(tmp_path / "health.json")
-    env = webhook_env(JOBSTREAM_HEALTH_FILE=health)
+    # A loaded machine must neither make a live process look dead (liveness 1.5 s in tests)
+    # nor cut its drain short: either would hand its jobs to the other process.
+    env = webhook_env(
+        JOBSTREAM_HEALTH_FILE=health,
+        JOBSTREAM_ALIVE_TTL_MS="15000",
+        JOBSTREAM_SHUTDOWN_GRACE_S="30",
+    )
     async with slow_receiver(delay_s=3.0) as receiver:
         ids = await publish_deliveries(deps, f"http://127.0.0.1:{receiver.port}/h", 6, "d")
         async with supervisor(env, "--queues", "webhook", "--concurrency", "3") as proc:
@@ -184,8 +195,16 @@ async def test_processes_share_the_work_and_sigterm_drains_them_all(
                 return list((await statuses(deps, ids)).values()).count("running") == 6
 
             await eventually(all_in_flight, timeout_s=40)
-            # The container's health check sees the supervisor's file: fine while both are.
-            assert (await jobstream(env, "health")).stdout.strip() == "ok"
+
+            said: list[str] = []
+
+            async def healthy() -> bool:
+                said.append((await jobstream(env, "health")).stdout.strip())
+                return said[-1] == "ok"
+
+            # The container's health check sees the supervisor's file (rewritten every 3 s):
+            # fine once both processes have reported.
+            await eventually(healthy, timeout_s=20, interval_s=0.5)
             files = sorted(f for f in os.listdir(tmp_path) if not f.startswith("."))
             assert files == ["health.json", "health.json.0", "health.json.1"]
             log = await sigterm(proc, 60)
@@ -237,6 +256,63 @@ async def test_a_killed_process_is_restarted_and_its_jobs_complete(deps: Deps, w
     # The killed process's jobs ran again elsewhere; no job ran more than twice.
     assert all(1 <= r["n"] <= 2 for r in runs.values())
     assert set(receiver.received) == {f"msg_k_{i}" for i in range(8)}
+
+
+async def test_a_sigkilled_supervisor_leaves_no_process_behind(deps: Deps, webhook_env):
+    """Its processes notice at once, finish what they run (no job runs twice) and exit."""
+    async with slow_receiver(delay_s=2.0) as receiver:
+        ids = await publish_deliveries(deps, f"http://127.0.0.1:{receiver.port}/h", 4, "o")
+        env = webhook_env(JOBSTREAM_SHUTDOWN_GRACE_S="30")
+        async with supervisor(env, "--queues", "webhook", "--concurrency", "2") as proc:
+
+            async def all_running() -> bool:
+                return list((await statuses(deps, ids)).values()).count("running") == 4
+
+            await eventually(all_running, timeout_s=40)
+            kids = children_of(proc.pid)
+            assert len(kids) == 2
+            proc.kill()
+            await proc.wait()
+
+            async def all_gone() -> bool:
+                return not any(alive(pid) for pid in kids)
+
+            await eventually(all_gone, timeout_s=40)
+    assert set((await statuses(deps, ids)).values()) == {"completed"}
+    runs = await executions(deps, ids)
+    assert {job_id: r["n"] for job_id, r in runs.items()} == {i: 1 for i in ids}
+    assert sorted(receiver.received) == sorted(f"msg_o_{i}" for i in range(4))
+
+
+def test_a_supervisor_says_its_processes_are_starting_before_they_report(tmp_path):
+    health = tmp_path / "health.json"
+    sleeper = [sys.executable, "-c", "import time; time.sleep(30)"]
+    sup = Supervisor([sleeper, sleeper], grace_s=1, health_file=str(health))
+
+    async def first_report() -> tuple[object, str | None]:
+        run = asyncio.create_task(sup.run())
+
+        async def written() -> bool:
+            return await asyncio.to_thread(health.exists)
+
+        try:
+            await eventually(written)
+            return read_report(str(health), 60)
+        finally:
+            sup.stop()
+            await run
+
+    _, problem = asyncio.run(first_report())
+    assert problem == "worker process 0 starting; worker process 1 starting"
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its new parent to reap it does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 async def test_a_process_that_cannot_drain_makes_the_supervisor_exit_non_zero(
