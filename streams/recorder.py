@@ -155,6 +155,7 @@ class Recorder:
         self._task: asyncio.Task[None] | None = None
         self._down: set[str] = set()  # stores known to be unavailable
         self.settled = 0
+        self._resends = 0  # round trips sent again (replicas did not confirm, scripts missing)
         self._flushing = 0
         self._batch: list[Start | Result] = []
         self._progress_at = time.time()
@@ -487,7 +488,9 @@ class Recorder:
         cmds += progress
         if not cmds:
             return
+        resends = self._resends
         replies = await self._send_scripts(cmds, wait=self._cfg.wait_replicas > 0)
+        resent = resent or self._resends > resends  # sent again within (no replica, no script)
         replies = _without_progress(replies, len(progress))
         failed = [x for x in replies[:hashes] if isinstance(x, Exception)]
         if failed:  # inv. 2: a view; fails no job
@@ -603,6 +606,7 @@ class Recorder:
         if any(isinstance(x, redis.exceptions.NoScriptError) for x in replies):
             scripts = (_SETTLE, _SETHASH, _OWNED, _PROGRESS)
             await load_scripts(self._redis, [body for body, _ in scripts])
+            self._resends += 1
             replies = await self._send(cmds, wait)
         return replies
 
@@ -620,6 +624,7 @@ class Recorder:
             return await self._send_once(cmds, n)
         except NotReplicated as exc:
             logger.warning("settlement not confirmed by replicas (%s); sending it again", exc)
+            self._resends += 1
             await asyncio.sleep(1.0)
             return await self._send_once(cmds, 0)
 

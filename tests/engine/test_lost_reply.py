@@ -272,3 +272,21 @@ async def test_a_lost_promotion_reply_moves_no_entry_twice(deps: Deps, settings:
     assert await recorded_runs(deps, [job_id]) == {job_id: [(1, "completed")]}
     assert await deps.redis.xlen(deps.keys.stream(Q)) == 1
     assert await deps.redis.zcard(deps.keys.delayed(Q)) == 0
+
+
+async def test_a_settlement_sent_again_for_want_of_replicas_is_no_stale_attempt(
+    deps: Deps, settings: Settings
+):
+    """With `JOBSTREAM_PUBLISH_WAIT_REPLICAS=1` on a server without replicas, every
+    settlement is unconfirmed and sent again a second later: the second finds its entries
+    acked by the first, which is no attempt taken over."""
+    s = msgspec.structs.replace(settings, publish_wait_replicas=1, publish_wait_timeout_ms=20)
+    ids = await publisher(deps).publish_many(Q, [Step() for _ in range(5)])
+    async with (
+        connect(s) as wdeps,
+        running(make_engine(wdeps, None, None, handlers=(step,))) as engine,
+    ):
+        await eventually(lambda: settled(deps, ids), timeout_s=15)
+    assert engine.recorder.stale == 0
+    await assert_ends_once(deps, dict.fromkeys(ids, "completed"))
+    assert runs(deps, ids) == dict.fromkeys(ids, 1)
