@@ -41,6 +41,8 @@ async def _query(client: httpx.AsyncClient, api: str, promql: str) -> list[dict[
         reply = await client.get(f"{api}/api/v1/query", params={"query": promql})
     except httpx.TransportError:
         return []
+    if reply.status_code == 503:  # listening, but its storage is not ready yet
+        return []
     body = reply.json()
     assert body["status"] == "success", body
     result: list[dict[str, Any]] = body["data"]["result"]
