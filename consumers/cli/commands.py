@@ -21,7 +21,7 @@ from jobstream.consumers.cli.render import (
     render_rows,
     render_table,
 )
-from jobstream.consumers.queues.warmup_schedule import WARMUP_SCHEDULE, ensure_warmup_schedule
+from jobstream.consumers.queues.warmup import WARMUP_SCHEDULE, ensure_warmup_schedule
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.runtime import (
     check_selection,

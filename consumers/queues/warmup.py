@@ -14,7 +14,6 @@ from typing import Any
 import asyncpg
 
 from jobstream.consumers.mail.inbound import WARMUP_HEADER
-from jobstream.consumers.queues import warmup_schedule
 from jobstream.consumers.store.mailboxes import Mailbox, get_mailbox
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.events import emit
@@ -22,8 +21,17 @@ from jobstream.consumers.worker.handler import handler
 from jobstream.consumers.worker.settings import Settings
 from jobstream.schema.payloads import RunWarmup, SendEmail
 from jobstream.streams import Job, PermanentError, Policy
+from jobstream.streams.schedules import CatchUp, Schedule, add_schedule, occurrence_of
 
-__all__ = ["daily_target", "run_warmup", "warmup_job_id"]
+__all__ = [
+    "ALL_MAILBOXES",
+    "WARMUP_SCHEDULE",
+    "daily_target",
+    "ensure_warmup_schedule",
+    "publish_day",
+    "run_warmup",
+    "warmup_job_id",
+]
 
 START_SQL = """
 UPDATE mailboxes SET warmup_started_on = coalesce(warmup_started_on, $2::date)
@@ -141,9 +149,9 @@ async def run_warmup(msg: RunWarmup, job: Job, deps: Deps) -> dict[str, Any]:
     only publishes what a crashed run left unpublished. The mailbox `*` (the daily
     schedule's job) publishes this job for every enabled mailbox instead.
     """
-    if msg.mailbox_id == warmup_schedule.ALL_MAILBOXES:
-        day = warmup_schedule.day_of(msg, job)
-        ids = await warmup_schedule.publish_day(deps, day)
+    if msg.mailbox_id == ALL_MAILBOXES:
+        day = day_of(msg, job)
+        ids = await publish_day(deps, day)
         return {"status": "published", "day": day.isoformat(), "mailboxes": len(ids)}
     day = msg.day or dt.datetime.now(dt.UTC).date()
     mailbox = await get_mailbox(deps.pool, msg.mailbox_id)
@@ -230,3 +238,49 @@ async def _publish(deps: Deps, mailbox: Mailbox, day: dt.date) -> int:
         await deps.publisher.publish("email-sending", payload, row["job_id"], delay_s=delay)
     await deps.pool.execute(PUBLISHED_SQL, mailbox.id, day, [r["n"] for r in rows])
     return len(rows)
+
+
+# ---- the daily run: one schedule, created by `jobstream migrate`, whose job publishes the
+# day's `warmup` job of every enabled mailbox (`jobstream warmup schedule` does it by hand)
+
+ALL_MAILBOXES = "*"
+"""The `mailbox_id` of a `warmup` job that publishes one job per enabled mailbox."""
+WARMUP_SCHEDULE = "warmup-daily"
+ENABLED_SQL = "SELECT id FROM mailboxes WHERE warmup_enabled AND status = 'active' ORDER BY id"
+
+
+async def ensure_warmup_schedule(conn: asyncpg.Connection) -> bool:
+    """Create the daily warmup schedule (00:00 UTC) unless it exists; True if created.
+
+    Mailboxes carry no time zone, so the day is the UTC day for all of them. Pause it
+    (`jobstream schedule pause warmup-daily`) to stop it: a removed one comes back with
+    the next `migrate`.
+    """
+    schedule = Schedule(
+        name=WARMUP_SCHEDULE,
+        queue="warmup",
+        payload=f'{{"mailbox_id":"{ALL_MAILBOXES}"}}',
+        cron="0 0 * * *",
+        tz="UTC",
+        catch_up=CatchUp.LATEST,
+    )
+    return await add_schedule(conn, schedule)
+
+
+async def publish_day(deps: Deps, day: dt.date | None = None) -> list[str]:
+    """Publish one `warmup` job per enabled mailbox for `day` (default: today, UTC); the
+    job ids are per mailbox and day, so a day published twice plans nothing twice."""
+    when = day or dt.datetime.now(dt.UTC).date()
+    ids = [r["id"] for r in await deps.pool.fetch(ENABLED_SQL)]
+    jobs = [RunWarmup(mailbox_id=i, day=when) for i in ids]
+    job_ids = [f"warmup-day:{i[:150]}:{when.isoformat()}" for i in ids]
+    return await deps.publisher.publish_many("warmup", jobs, job_ids) if jobs else []
+
+
+def day_of(msg: RunWarmup, job: Job) -> dt.date:
+    """The day a fan-out job is for: its payload's, else its schedule occurrence's, else
+    today (UTC)."""
+    if msg.day is not None:
+        return msg.day
+    occurrence = occurrence_of(job.id)
+    return (occurrence or dt.datetime.now(dt.UTC)).date()

@@ -130,6 +130,16 @@ def test_registry_has_each_queue_once_with_its_payload():
         assert PAYLOADS[spec.queue] is spec.payload
 
 
+def test_queues_holds_one_module_per_queue_and_nothing_else():
+    """Each module of consumers/queues defines the handler of one queue; every queue's
+    handler lives in one of them."""
+    modules = sorted(p.stem for p in (ROOT / "consumers" / "queues").glob("*.py"))
+    modules.remove("__init__")
+    defined = [spec.fn if spec.batch_fn is None else spec.batch_fn for spec in HANDLERS]
+    assert {fn.__module__.rsplit(".", 1)[0] for fn in defined} == {"jobstream.consumers.queues"}
+    assert sorted(fn.__module__.rsplit(".", 1)[1] for fn in defined) == modules
+
+
 # settings.py reads the configuration; the demo passes its environment on to the workers
 # it spawns; otel/ reads only the standard OTEL_* variables of the OpenTelemetry SDK.
 ENV_READERS = {"consumers/worker/settings.py", "consumers/demo/main.py"}
