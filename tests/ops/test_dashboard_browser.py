@@ -57,7 +57,8 @@ def browser() -> Iterator[WebDriver]:
 
 
 class _Sink(http.server.BaseHTTPRequestHandler):
-    """A webhook endpoint that accepts everything and counts what it got."""
+    """A webhook endpoint that accepts everything and counts what it got. In a thread, not
+    the demo's asyncio sink: the browser calls block this test's event loop."""
 
     received: list[bytes] = []  # noqa: RUF012 (one per test process)
 
@@ -120,9 +121,16 @@ async def test_an_operator_replays_a_failed_job_and_sees_it_complete(
     b, shots = browser, tmp_path / "screens"
     shots.mkdir()
     await deps.redis.xadd(deps.keys.stream("webhook"), _webhook("hook-1", "ep-dash"))
-    env = env_for(JOBSTREAM_WEBHOOK_ALLOW_PRIVATE="true", JOBSTREAM_TRACE_URL=TRACE_URL)
+    # One process, whose liveness a loaded machine cannot outlast (1.5 s in tests): the
+    # replayed job must be delivered exactly once, never taken over while it runs.
+    env = env_for(
+        JOBSTREAM_WEBHOOK_ALLOW_PRIVATE="true",
+        JOBSTREAM_TRACE_URL=TRACE_URL,
+        JOBSTREAM_ALIVE_TTL_MS="15000",
+    )
     worker = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "jobstream.consumers.cli", "worker", "--queues", "webhook", env=env,
+        sys.executable, "-m", "jobstream.consumers.cli", "worker", "--processes", "1",
+        "--queues", "webhook", env=env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
