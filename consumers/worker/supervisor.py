@@ -214,6 +214,11 @@ class Supervisor:
             ran_s = time.monotonic() - child.started_at
             if self.stopping.is_set() or (self.burst and rc == 0):
                 child.done = True
+                if self.stopping.is_set() and rc == -signal.SIGTERM:
+                    # Our SIGTERM reached it before it had set its handler, i.e. while it
+                    # was starting: it had read nothing, so it left nothing behind.
+                    logger.info("worker process %d stopped while starting", child.slot)
+                    return 0
                 return rc
             if rc == _EXIT_CONFIG:  # bad configuration: every restart would fail the same way
                 logger.error("worker process %d: configuration error; stopping all", child.slot)
