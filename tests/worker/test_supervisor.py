@@ -72,6 +72,17 @@ async def slow_receiver(delay_s: float) -> AsyncIterator[SlowReceiver]:
         server.close()
 
 
+async def both_up(deps: Deps) -> None:
+    """Wait until both processes have joined and beat (before reading anything): jobs
+    published then are shared, however long one of them took to start."""
+
+    async def two() -> bool:
+        alive = [k async for k in deps.redis.scan_iter(match=deps.keys.alive("*"))]
+        return len(alive) == 2
+
+    await eventually(two, timeout_s=60, interval_s=0.2)
+
+
 async def publish_deliveries(deps: Deps, url: str, n: int, tag: str) -> list[str]:
     endpoint, _ = await add_endpoint(deps.pool, url)
     now = dt.datetime.now(dt.UTC)
@@ -187,27 +198,30 @@ async def test_processes_share_the_work_and_sigterm_drains_them_all(
         JOBSTREAM_ALIVE_TTL_MS="15000",
         JOBSTREAM_SHUTDOWN_GRACE_S="30",
     )
-    async with slow_receiver(delay_s=3.0) as receiver:
+    async with (
+        slow_receiver(delay_s=3.0) as receiver,
+        supervisor(env, "--queues", "webhook", "--concurrency", "3") as proc,
+    ):
+        await both_up(deps)
         ids = await publish_deliveries(deps, f"http://127.0.0.1:{receiver.port}/h", 6, "d")
-        async with supervisor(env, "--queues", "webhook", "--concurrency", "3") as proc:
 
-            async def all_in_flight() -> bool:
-                return list((await statuses(deps, ids)).values()).count("running") == 6
+        async def all_in_flight() -> bool:
+            return list((await statuses(deps, ids)).values()).count("running") == 6
 
-            await eventually(all_in_flight, timeout_s=40)
+        await eventually(all_in_flight, timeout_s=40)
 
-            said: list[str] = []
+        said: list[str] = []
 
-            async def healthy() -> bool:
-                said.append((await jobstream(env, "health")).stdout.strip())
-                return said[-1] == "ok"
+        async def healthy() -> bool:
+            said.append((await jobstream(env, "health")).stdout.strip())
+            return said[-1] == "ok"
 
-            # The container's health check sees the supervisor's file (rewritten every 3 s):
-            # fine once both processes have reported.
-            await eventually(healthy, timeout_s=20, interval_s=0.5)
-            files = sorted(f for f in os.listdir(tmp_path) if not f.startswith("."))
-            assert files == ["health.json", "health.json.0", "health.json.1"]
-            log = await sigterm(proc, 60)
+        # The container's health check sees the supervisor's file (rewritten every 3 s):
+        # fine once both processes have reported.
+        await eventually(healthy, timeout_s=20, interval_s=0.5)
+        files = sorted(f for f in os.listdir(tmp_path) if not f.startswith("."))
+        assert files == ["health.json", "health.json.0", "health.json.1"]
+        log = await sigterm(proc, 60)
     assert proc.returncode == 0, log
     assert "every worker process drained" in log
     assert set((await statuses(deps, ids)).values()) == {"completed"}
@@ -260,24 +274,28 @@ async def test_a_killed_process_is_restarted_and_its_jobs_complete(deps: Deps, w
 
 async def test_a_sigkilled_supervisor_leaves_no_process_behind(deps: Deps, webhook_env):
     """Its processes notice at once, finish what they run (no job runs twice) and exit."""
-    async with slow_receiver(delay_s=2.0) as receiver:
+    # A liveness no load outlasts: only the supervisor's death may stop a process here.
+    env = webhook_env(JOBSTREAM_SHUTDOWN_GRACE_S="30", JOBSTREAM_ALIVE_TTL_MS="15000")
+    async with (
+        slow_receiver(delay_s=2.0) as receiver,
+        supervisor(env, "--queues", "webhook", "--concurrency", "2") as proc,
+    ):
+        await both_up(deps)
         ids = await publish_deliveries(deps, f"http://127.0.0.1:{receiver.port}/h", 4, "o")
-        env = webhook_env(JOBSTREAM_SHUTDOWN_GRACE_S="30")
-        async with supervisor(env, "--queues", "webhook", "--concurrency", "2") as proc:
 
-            async def all_running() -> bool:
-                return list((await statuses(deps, ids)).values()).count("running") == 4
+        async def all_running() -> bool:
+            return list((await statuses(deps, ids)).values()).count("running") == 4
 
-            await eventually(all_running, timeout_s=40)
-            kids = children_of(proc.pid)
-            assert len(kids) == 2
-            proc.kill()
-            await proc.wait()
+        await eventually(all_running, timeout_s=40)
+        kids = children_of(proc.pid)
+        assert len(kids) == 2
+        proc.kill()
+        await proc.wait()
 
-            async def all_gone() -> bool:
-                return not any(alive(pid) for pid in kids)
+        async def all_gone() -> bool:
+            return not any(alive(pid) for pid in kids)
 
-            await eventually(all_gone, timeout_s=40)
+        await eventually(all_gone, timeout_s=40)
     assert set((await statuses(deps, ids)).values()) == {"completed"}
     runs = await executions(deps, ids)
     assert {job_id: r["n"] for job_id, r in runs.items()} == {i: 1 for i in ids}
