@@ -27,7 +27,7 @@ from jobstream.consumers.worker.supervisor import (
     for_slot,
 )
 from jobstream.schema.payloads import WebhookDelivery
-from tests.helpers import event, eventually, jobstream
+from tests.helpers import alive, event, eventually, jobstream
 
 STATUS_SQL = "SELECT id, status FROM jobs WHERE id = ANY($1::text[])"
 EXECUTIONS_SQL = """
@@ -325,15 +325,6 @@ def test_a_supervisor_says_its_processes_are_starting_before_they_report(tmp_pat
     # Processes stopped while starting (they die of the SIGTERM: no handler yet) held
     # nothing: a clean stop.
     assert code == 0
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie waiting for its new parent to reap it does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 async def test_a_process_that_cannot_drain_makes_the_supervisor_exit_non_zero(
