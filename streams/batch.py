@@ -106,7 +106,7 @@ async def execute_batch(
     return results
 
 
-def _link(attrs: dict[str, Any], it: Item) -> trace.Link | None:
+def _link(it: Item) -> trace.Link | None:
     """A link to the job's producer context, carrying the job's own attributes."""
     parent = extract(it.env.traceparent, it.env.tracestate)
     if parent is None:
@@ -153,7 +153,7 @@ async def execute_batch_traced(
             return results
         finally:
             otel_context.detach(token)
-    links = [link for it in items if (link := _link(attrs, it)) is not None]
+    links = [link for it in items if (link := _link(it)) is not None]
     attributes = {**attrs, sc.BATCH_MESSAGE_COUNT: len(items)}
     with consumer_span(name, None, attributes, links) as span:  # a root: one trace a batch
         around(None)

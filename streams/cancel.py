@@ -22,6 +22,7 @@ import asyncpg
 import msgspec
 
 from jobstream.schema.envelope import created_ms
+from jobstream.schema.text import as_text
 from jobstream.schema.times import utc_iso
 from jobstream.streams.keys import Keys
 from jobstream.streams.queue_partitions import parts_of
@@ -82,7 +83,7 @@ async def _queue_of(
     if row is not None:
         return row["queue"], row["status"]
     raw: Any = await r.hmget(keys.job(job_id), "queue", "status")
-    queue, status = (v.decode(errors="replace") if v else None for v in raw)
+    queue, status = (as_text(v) if v else None for v in raw)
     return queue, status
 
 
@@ -96,7 +97,7 @@ async def _entries(r: AnyRedis, stream: str, job_id: str) -> list[tuple[str, int
         if not page:
             break
         for entry_id, fields in page:
-            if fields.get(b"id", b"").decode(errors="replace") == job_id:
+            if as_text(fields.get(b"id", b"")) == job_id:
                 found.append((entry_id.decode(), created_ms(entry_id.decode(), fields)))
         seen += len(page)
         end = "(" + page[-1][0].decode()
@@ -192,7 +193,7 @@ async def cancel_job(
     )
     created = [row["created"]] if row is not None else []
     removed, holder = await _take_out(r, keys, group, job_id, slots, created)
-    consumer = holder.decode(errors="replace") if holder else None
+    consumer = as_text(holder) if holder else None
     if consumer is not None or (status == Status.RUNNING and not removed):
         return CancelAnswer(Cancelled.REQUESTED, queue, status, consumer)
     # The row the job's entry would have had: its creation time names the partition.
@@ -210,7 +211,7 @@ async def cancel_job(
 async def _hash_created(r: AnyRedis, keys: Keys, job_id: str) -> float:
     """The job's creation time (epoch seconds) from its hash, else now."""
     raw: Any = await r.hget(keys.job(job_id), "created_ms")
-    text = raw.decode() if isinstance(raw, bytes) else str(raw or "")
+    text = as_text(raw or "")
     return int(text) / 1000 if text.isdigit() else time.time()
 
 
@@ -245,7 +246,7 @@ class CancelWatch:
             self._last[key] = entries[-1][0].decode()  # by key: a queue's levels share it
             now = time.time()
             for _, fields in entries:
-                job_id = fields.get(b"id", b"").decode(errors="replace")
+                job_id = as_text(fields.get(b"id", b""))
                 if job_id and job_id not in self.requested:
                     fresh.append(job_id)
                 self.requested[job_id] = now

@@ -4,7 +4,6 @@ flush (no round trip per call), and each call as an event on the job's span."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import math
 import re
 import time
@@ -13,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from opentelemetry import trace
 
+from jobstream.schema.times import utc_iso
 from jobstream.streams.keys import Keys
 
 if TYPE_CHECKING:
@@ -80,7 +80,7 @@ class ProgressBuffer:
         args: list[Any] = []
         cmds: list[tuple[Any, ...]] = []
         for job_id, (fence, fraction, note, at) in latest.items():
-            one = (fence, f"{fraction:.4g}", note, _iso(at))
+            one = (fence, f"{fraction:.4g}", note, utc_iso(at))
             if per_job:
                 cmds.append(("EVALSHA", script_sha, 1, self._keys.job(job_id), *one))
             else:
@@ -108,7 +108,3 @@ class Reporter:
         if span is not None and span.is_recording():
             span.add_event("progress", {"jobstream.progress": value, "jobstream.note": text})
         self._buffer.put(self.job_id, self.delivery.fence, value, text, time.time())
-
-
-def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"

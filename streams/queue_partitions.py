@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import zlib
 
+from jobstream.schema.text import as_text
 from jobstream.streams.keys import Keys
 from jobstream.streams.redis_client import AnyRedis
 
@@ -44,7 +45,7 @@ async def parts_of(r: AnyRedis, keys: Keys, queue: str, count: int = 1) -> list[
     other one ever used."""
     used: set[int] = set(range(count))
     for raw in await r.smembers(keys.partitions(queue)):
-        text = raw.decode() if isinstance(raw, bytes) else str(raw)
+        text = as_text(raw)
         if text.isdigit():
             used.add(int(text))
     return [keys.part(queue, n) for n in sorted(used)]

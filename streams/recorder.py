@@ -62,7 +62,6 @@ _DATA_ERRORS = (
 )
 _MAX_TIME_S = MAX_TIME_MS / 1000
 _PG_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
-_REDIS_ERRORS = REDIS_ERRORS
 _MAX_DEAD_FIELDS = 1000  # a dead letter keeps at most this many of an entry's fields
 
 
@@ -408,7 +407,7 @@ class Recorder:
             nonlocal replies
             replies = await self._send_scripts(cmds)
 
-        await retry_until_done(ask, errors=_REDIS_ERRORS, what="Redis", down=self._down, log=logger)
+        await retry_until_done(ask, errors=REDIS_ERRORS, what="Redis", down=self._down, log=logger)
         gone: set[int] = set()
         for items, reply in zip(by_queue.values(), replies, strict=True):
             if isinstance(reply, Exception):  # cannot tell: keep them, settlement re-checks
@@ -464,9 +463,7 @@ class Recorder:
             sends += 1
             await self._pipeline(jobs, results, resent=sends > 1)
 
-        await retry_until_done(
-            send, errors=_REDIS_ERRORS, what="Redis", down=self._down, log=logger
-        )
+        await retry_until_done(send, errors=REDIS_ERRORS, what="Redis", down=self._down, log=logger)
 
     async def _pipeline(
         self, jobs: list[JobRow], results: list[Result], *, resent: bool = False
@@ -630,7 +627,7 @@ class Recorder:
 
     async def _send_once(self, cmds: list[tuple[Any, ...]], replicas: int) -> list[object]:
         wait = (replicas, self._cfg.wait_timeout_ms)
-        if isinstance(self._redis, RedisCluster):
+        if isinstance(self._redis, RedisCluster):  # (narrows the type too)
             keys = [str(c[3]) for c in cmds if c[0] == "EVALSHA" and int(c[2]) > 0]
             async with asyncio.timeout(self._cfg.redis_timeout_s):
                 return await send_many(self._redis, cmds, keys, wait)

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from jobstream.streams.lookup import Waiting
+
 __all__ = [
     "CURSOR_PATTERN",
     "DEAD_ID_PATTERN",
@@ -128,15 +130,6 @@ class Execution(msgspec.Struct, frozen=True, kw_only=True):
     worker_id: str
     started_at: dt.datetime
     finished_at: dt.datetime
-
-
-class Waiting(msgspec.Struct, frozen=True, kw_only=True):
-    queue: str
-    where: str
-    entry_id: str | None = None
-    due_at: str | None = None
-    attempt: str | None = None
-    traceparent: str | None = None
 
 
 class JobDetail(msgspec.Struct, frozen=True, kw_only=True):

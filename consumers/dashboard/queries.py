@@ -298,9 +298,11 @@ async def dead_page(
         _check_dead_ids([before])
     if not 1 <= limit <= 500:
         raise ListError("limit must be from 1 to 500")
-    counts = [
-        m.DeadQueue(queue=q, count=int(await deps.redis.xlen(deps.keys.dead(q)))) for q in queues
-    ]
+    pipe: Any = deps.redis.pipeline(transaction=False)  # one round trip for every queue
+    for q in queues:
+        pipe.xlen(deps.keys.dead(q))
+    lengths: list[Any] = await pipe.execute() if queues else []
+    counts = [m.DeadQueue(queue=q, count=int(n)) for q, n in zip(queues, lengths, strict=True)]
     if queue is None:
         queue = next((c.queue for c in counts if c.count), None)
     letters = []

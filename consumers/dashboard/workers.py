@@ -11,14 +11,11 @@ import redis.exceptions
 from jobstream.consumers.cli import ops
 from jobstream.consumers.dashboard import models as m
 from jobstream.consumers.worker.deps import Deps
+from jobstream.schema.text import as_text
 
 __all__ = ["HELD_SHOWN", "workers_page"]
 
 HELD_SHOWN = 20  # entries shown per worker and queue
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 async def _held(deps: Deps, queue: str, consumer: str) -> list[m.Held]:
@@ -30,16 +27,19 @@ async def _held(deps: Deps, queue: str, consumer: str) -> list[m.Held]:
         )
     except redis.exceptions.ResponseError:  # no stream or no group (yet)
         return []
+    ids = [as_text(p["message_id"]) for p in pending]
+    pipe: Any = r.pipeline(transaction=False)  # one round trip for every held entry
+    for entry_id in ids:
+        pipe.xrange(stream, min=entry_id, max=entry_id, count=1)
+    found: list[Any] = await pipe.execute() if ids else []
     held = []
-    for p in pending:
-        entry_id = _text(p["message_id"])
-        entries: Any = await r.xrange(stream, min=entry_id, max=entry_id, count=1)
+    for p, entry_id, entries in zip(pending, ids, found, strict=True):
         raw_id = entries[0][1].get(b"id") if entries else None
         held.append(
             m.Held(
                 queue=queue,
                 entry_id=entry_id,
-                job_id=_text(raw_id) if raw_id else (entry_id if entries else None),
+                job_id=as_text(raw_id) if raw_id else (entry_id if entries else None),
                 idle_ms=int(p["time_since_delivered"]),
                 deliveries=int(p["times_delivered"]),
             )
