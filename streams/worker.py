@@ -401,7 +401,9 @@ class Engine:
         for queue in self.lanes:
             await self._join(queue)
         await self._heartbeat()
-        for queue in self.lanes:  # cancellations requested before it started: none may run
+        # Cancellations requested before it started: none may run (one stream per queue,
+        # whatever its levels or partitions).
+        for queue in dict.fromkeys(base_queue(q) for q in self.lanes):
             await self.cancels.poll(queue)
         for lane in self.lanes.values():  # a restarted worker resumes its own first
             await self._resume_own(lane)
@@ -1099,8 +1101,12 @@ class Engine:
 
     async def _promote(self, queue: str) -> None:
         await self.promoter.promote(queue)
-        for job_id in await self.cancels.poll(queue):
-            self._cancel_running(job_id)
+        base = base_queue(queue)
+        # A queue's levels and partitions share its one cancellation stream: read it once a
+        # round, with the queue's first lane.
+        if queue == next(q for q in self.lanes if base_queue(q) == base):
+            for job_id in await self.cancels.poll(base):
+                self._cancel_running(job_id)
 
     def _cancel_running(self, job_id: str) -> None:
         """Cancel the handler running `job_id` in this process, if one is: cooperatively,
