@@ -8,16 +8,15 @@ import sys
 from typing import Any
 
 from jobstream.consumers.cli.render import Progress, render_json, render_rows
+from jobstream.consumers.queues.warmup import publish_day
 from jobstream.consumers.store import mailboxes, webhooks
 from jobstream.consumers.worker.deps import Deps
 from jobstream.consumers.worker.settings import redact_url
-from jobstream.schema.payloads import RunWarmup
 from jobstream.streams import ConfigError
 
 __all__ = ["COMMANDS", "add_parsers", "run", "schedule_warmup"]
 
 COMMANDS = frozenset({"mailbox", "webhook", "warmup"})
-ENABLED_SQL = "SELECT id FROM mailboxes WHERE warmup_enabled AND status = 'active' ORDER BY id"
 
 
 def add_parsers(sub: Any) -> None:
@@ -83,19 +82,17 @@ async def schedule_warmup(
     """Publish one `warmup` job per enabled mailbox for `day`, `chunk` per round trip
     (`progress`: say how far on stderr); the job ids are per mailbox and day, so a cron
     entry that fires twice plans nothing twice."""
-    when = day or dt.datetime.now(dt.UTC).date()
-    ids = [r["id"] for r in await deps.pool.fetch(ENABLED_SQL)]
-    shown = Progress("publishing warmup jobs", len(ids)) if progress else None
-    published: list[str] = []
-    for i in range(0, len(ids), chunk):
-        part = ids[i : i + chunk]
-        jobs = [RunWarmup(mailbox_id=m, day=when) for m in part]
-        job_ids = [f"warmup-day:{m[:150]}:{when.isoformat()}" for m in part]
-        published += await deps.publisher.publish_many("warmup", jobs, job_ids)
-        if shown is not None:
-            shown.update(len(published))
-    if shown is not None:
-        shown.finish()
+    shown: list[Progress] = []
+
+    def show(done: int, total: int) -> None:
+        if not shown:
+            shown.append(Progress("publishing warmup jobs", total))
+        if done:
+            shown[0].update(done)
+
+    published = await publish_day(deps, day, chunk=chunk, progress=show if progress else None)
+    for bar in shown:
+        bar.finish()
     return published
 
 

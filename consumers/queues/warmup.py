@@ -9,6 +9,7 @@ import datetime as dt
 import hashlib
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -267,14 +268,30 @@ async def ensure_warmup_schedule(conn: asyncpg.Connection) -> bool:
     return await add_schedule(conn, schedule)
 
 
-async def publish_day(deps: Deps, day: dt.date | None = None) -> list[str]:
-    """Publish one `warmup` job per enabled mailbox for `day` (default: today, UTC); the
-    job ids are per mailbox and day, so a day published twice plans nothing twice."""
+async def publish_day(
+    deps: Deps,
+    day: dt.date | None = None,
+    *,
+    chunk: int = 500,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[str]:
+    """Publish one `warmup` job per enabled mailbox for `day` (default: today, UTC),
+    `chunk` per round trip, telling `progress(published, total)` before the first and
+    after each; the job ids are per mailbox and day, so a day published twice plans
+    nothing twice."""
     when = day or dt.datetime.now(dt.UTC).date()
     ids = [r["id"] for r in await deps.pool.fetch(ENABLED_SQL)]
-    jobs = [RunWarmup(mailbox_id=i, day=when) for i in ids]
-    job_ids = [f"warmup-day:{i[:150]}:{when.isoformat()}" for i in ids]
-    return await deps.publisher.publish_many("warmup", jobs, job_ids) if jobs else []
+    published: list[str] = []
+    if progress is not None:
+        progress(0, len(ids))
+    for i in range(0, len(ids), chunk):
+        part = ids[i : i + chunk]
+        jobs = [RunWarmup(mailbox_id=m, day=when) for m in part]
+        job_ids = [f"warmup-day:{m[:150]}:{when.isoformat()}" for m in part]
+        published += await deps.publisher.publish_many("warmup", jobs, job_ids)
+        if progress is not None:
+            progress(len(published), len(ids))
+    return published
 
 
 def day_of(msg: RunWarmup, job: Job) -> dt.date:
